@@ -1,0 +1,239 @@
+"""Configuration and input checks shared by every backend (framework-free).
+
+Every error of DESIGN.md's "Errors" section is raised here, once, so that the
+NumPy oracle, the TensorFlow layer and the Flax modules reject the same
+things with the same words. Each message names the argument and echoes the
+value received. Values that are wrong raise ``ValueError``; values of the
+wrong kind (a string for ``rmax``, an integer input) raise ``TypeError``.
+
+Backends that only know a size when the graph runs (TensorFlow with an
+unknown batch size at trace time) build their run-time assertion from the
+same message functions (:func:`batch_not_divisible_message`,
+:func:`too_few_values_message`).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence
+
+__all__ = [
+    "check_schedule",
+    "check_config",
+    "check_pooling",
+    "normalize_axis",
+    "check_input",
+    "InputInfo",
+    "batch_not_divisible_message",
+    "too_few_values_message",
+]
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _real(name: str, value) -> float:
+    if not _is_real(value):
+        raise TypeError(f"`{name}` must be a real number, got {name}={value!r} ({type(value).__name__}).")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"`{name}` must not be NaN, got {name}={value!r}.")
+    return value
+
+
+def _int(name: str, value) -> int:
+    if not _is_int(value):
+        raise TypeError(f"`{name}` must be an integer, got {name}={value!r} ({type(value).__name__}).")
+    return int(value)
+
+
+def check_schedule(*, rmax, dmax, warmup_steps=0, rmax_steps=0, dmax_steps=0) -> None:
+    """Validate the clipping limits and schedule steps (DESIGN.md, Clipping schedule).
+
+    - ``rmax >= 1`` (``r`` is clipped to ``[1/rmax, rmax]``) and finite;
+    - ``dmax >= 0`` and finite;
+    - every step count is a non-negative integer;
+    - a ramp end is either "no ramp" (``0``, or equal to ``warmup_steps``) or
+      after the warm-up: ``0 < rmax_steps < warmup_steps`` is inconsistent (the
+      ramp would end before it starts), and so for ``dmax_steps``.
+    """
+    rmax = _real("rmax", rmax)
+    dmax = _real("dmax", dmax)
+    if not (rmax >= 1.0 and math.isfinite(rmax)):
+        raise ValueError(f"`rmax` must be a finite number >= 1 (r is clipped to [1/rmax, rmax]), got rmax={rmax!r}.")
+    if not (dmax >= 0.0 and math.isfinite(dmax)):
+        raise ValueError(f"`dmax` must be a finite number >= 0 (d is clipped to [-dmax, dmax]), got dmax={dmax!r}.")
+    steps = {
+        "warmup_steps": _int("warmup_steps", warmup_steps),
+        "rmax_steps": _int("rmax_steps", rmax_steps),
+        "dmax_steps": _int("dmax_steps", dmax_steps),
+    }
+    for name, value in steps.items():
+        if value < 0:
+            raise ValueError(f"`{name}` must be >= 0, got {name}={value!r}.")
+    warm = steps["warmup_steps"]
+    for name in ("rmax_steps", "dmax_steps"):
+        end = steps[name]
+        if 0 < end < warm:
+            raise ValueError(
+                f"`{name}` must be 0 (no ramp) or >= warmup_steps={warm} (the ramp starts when the "
+                f"warm-up ends), got {name}={end!r}."
+            )
+
+
+def check_config(
+    *,
+    momentum,
+    epsilon,
+    microbatch_size=None,
+    rmax=3.0,
+    dmax=5.0,
+    warmup_steps=0,
+    rmax_steps=0,
+    dmax_steps=0,
+) -> None:
+    """Validate a layer's whole configuration (DESIGN.md, Errors: Configuration).
+
+    ``momentum`` in ``[0, 1)``, ``epsilon > 0``, ``microbatch_size`` ``None`` or
+    an integer ``>= 1``, and the schedule (:func:`check_schedule`).
+    """
+    momentum_v = _real("momentum", momentum)
+    if not 0.0 <= momentum_v < 1.0:
+        raise ValueError(
+            f"`momentum` must be in [0, 1) (the moving statistics move by 1 - momentum each step), "
+            f"got momentum={momentum!r}."
+        )
+    epsilon_v = _real("epsilon", epsilon)
+    if not (epsilon_v > 0.0 and math.isfinite(epsilon_v)):
+        raise ValueError(f"`epsilon` must be a finite number > 0, got epsilon={epsilon!r}.")
+    if microbatch_size is not None:
+        k = _int("microbatch_size", microbatch_size)
+        if k < 1:
+            raise ValueError(f"`microbatch_size` must be None or an integer >= 1, got microbatch_size={k!r}.")
+    check_schedule(rmax=rmax, dmax=dmax, warmup_steps=warmup_steps, rmax_steps=rmax_steps, dmax_steps=dmax_steps)
+
+
+def check_pooling(pooled_by: Optional[str], microbatch_size) -> None:
+    """Pooling moments across replicas is per whole batch (DESIGN.md).
+
+    ``pooled_by`` names the option that turned pooling on (``"synchronized"``,
+    ``"axis_name"``) or is ``None`` when pooling is off.
+    """
+    if pooled_by is not None and microbatch_size is not None:
+        raise ValueError(
+            f"`{pooled_by}` pools the batch statistics over replicas, which is defined for whole batches "
+            f"only; it cannot be combined with microbatch_size={microbatch_size!r}. Use one or the other."
+        )
+
+
+def normalize_axis(axis, ndim: int) -> int:
+    """The non-negative feature axis for an input of rank ``ndim``.
+
+    Axis 0 is the batch and cannot be the feature axis.
+    """
+    if not _is_int(axis):
+        raise TypeError(f"`axis` must be a single integer (the feature axis), got axis={axis!r}.")
+    axis = int(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"`axis` is out of range for an input of rank {ndim}: got axis={axis}.")
+    if axis % ndim == 0:
+        raise ValueError(
+            f"`axis` must not be the batch axis 0 (statistics are per feature, over the batch): got axis={axis} "
+            f"for an input of rank {ndim}."
+        )
+    return axis % ndim
+
+
+def batch_not_divisible_message(batch, microbatch_size) -> str:
+    return (
+        f"The batch size must be divisible by `microbatch_size`: got a batch of {batch} examples "
+        f"and microbatch_size={microbatch_size}."
+    )
+
+
+def too_few_values_message(count, group) -> str:
+    return (
+        f"Each normalization group must hold at least 2 values per feature (its variance is 0 otherwise): "
+        f"a {group} holds {count}. Use a larger `microbatch_size` or batch."
+    )
+
+
+class InputInfo(tuple):
+    """``(axis, num_groups, group_count, num_features)`` of a checked input.
+
+    ``num_groups`` and ``group_count`` (values per feature in one group) are
+    ``None`` where the batch size is unknown.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, axis, num_groups, group_count, num_features):
+        return super().__new__(cls, (axis, num_groups, group_count, num_features))
+
+    axis = property(lambda self: self[0])
+    num_groups = property(lambda self: self[1])
+    group_count = property(lambda self: self[2])
+    num_features = property(lambda self: self[3])
+
+
+def check_input(
+    shape: Sequence[Optional[int]],
+    *,
+    dtype_name: str,
+    is_floating: bool,
+    axis,
+    microbatch_size=None,
+    num_features: Optional[int] = None,
+    training: bool = True,
+) -> InputInfo:
+    """Validate an input against the layer (DESIGN.md, Errors: Input).
+
+    Args:
+      shape: the input's shape; an entry may be ``None`` (unknown at trace time),
+        in which case the checks that need it are left to the caller's run-time
+        assertion, built from the message functions of this module.
+      dtype_name, is_floating: the input's dtype, as the backend names it, and
+        whether it is a floating type.
+      axis: the feature axis.
+      microbatch_size: ``None`` (one group: the whole batch) or ``k``.
+      num_features: the feature size the layer was built for, if built.
+      training: group checks only apply to training (batch statistics).
+    """
+    if not is_floating:
+        raise TypeError(
+            f"Batch renormalization needs a floating-point input, got an input of dtype {dtype_name}."
+        )
+    ndim = len(shape)
+    if ndim < 2:
+        raise ValueError(
+            f"The input must have rank >= 2 (batch on axis 0, features on `axis`), got shape {tuple(shape)} "
+            f"of rank {ndim}."
+        )
+    ax = normalize_axis(axis, ndim)
+    features = shape[ax]
+    if num_features is not None and features is not None and features != num_features:
+        raise ValueError(
+            f"The input has {features} features on axis {axis} but the layer was built for {num_features} "
+            f"(input shape {tuple(shape)})."
+        )
+    batch = shape[0]
+    others = [s for i, s in enumerate(shape) if i not in (0, ax)]
+    per_example = None if any(s is None for s in others) else math.prod(others)
+    num_groups = group_count = None
+    if training:
+        if microbatch_size is not None and batch is not None and batch % microbatch_size != 0:
+            raise ValueError(batch_not_divisible_message(batch, microbatch_size))
+        group = batch if microbatch_size is None else microbatch_size
+        if group is not None and per_example is not None:
+            group_count = group * per_example
+            if group_count < 2:
+                what = "batch" if microbatch_size is None else f"micro-batch of {microbatch_size}"
+                raise ValueError(too_few_values_message(group_count, what))
+            num_groups = 1 if microbatch_size is None else (None if batch is None else batch // microbatch_size)
+    return InputInfo(ax, num_groups, group_count, features)

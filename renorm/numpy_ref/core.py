@@ -1,0 +1,269 @@
+"""The NumPy oracle: Batch Renormalization forward, explicit backward, inference.
+
+Pure functions of arrays; no state is mutated. Everything follows
+``shared/DESIGN.md`` (Ioffe, 2017, arXiv:1702.03275, Algorithm 1, extended with
+micro-batches). Notation, per normalization group ``g`` (``G`` groups of ``k``
+consecutive examples; the whole batch when ``microbatch_size is None``) and
+feature ``c``, with ``m`` values per feature in a group::
+
+    mu_g    = mean(x)                                 over the group
+    sigma_g = sqrt(mean((x - mu_g)**2) + epsilon)     biased, two-pass
+    r_g     = clip(sigma_g / stddev, 1/rmax, rmax)    constant for the gradient
+    d_g     = clip((mu_g - mean) / stddev, -dmax, dmax)   constant for the gradient
+    xhat    = (x - mu_g) / sigma_g * r_g + d_g
+    y       = gamma * xhat + beta
+
+Precision: statistics and normalization run in float64 for float64 input and
+in float32 for every narrower float (float32, float16, bfloat16); the output
+has the input's dtype, the returned state the dtype of the state passed in.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from renorm.config import check_config, check_input
+
+__all__ = [
+    "TrainCache",
+    "TrainResult",
+    "group_view",
+    "moments",
+    "corrections",
+    "train_forward",
+    "train_backward",
+    "inference_forward",
+    "compute_dtype",
+    "is_floating_dtype",
+]
+
+
+def is_floating_dtype(dtype) -> bool:
+    """True for NumPy floats and the ml_dtypes ones (bfloat16, ...)."""
+    dtype = np.dtype(dtype)
+    return bool(np.issubdtype(dtype, np.floating) or dtype.name.startswith(("bfloat", "float")))
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """float64 stays float64; every narrower float is computed in float32."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.floating) and dtype.itemsize >= 8:
+        return dtype
+    return np.dtype(np.float32)
+
+
+def group_view(x: np.ndarray, axis: int, microbatch_size: Optional[int]) -> np.ndarray:
+    """``x`` as ``(G, m, C)``: groups, values per feature in a group, features.
+
+    ``axis`` is the non-negative feature axis (not 0). The feature axis moves
+    last; examples ``[g*k, (g+1)*k)`` and all their other positions form row
+    ``g``. :func:`ungroup` is the inverse.
+    """
+    xt = np.moveaxis(x, axis, -1)
+    groups = 1 if microbatch_size is None else x.shape[0] // microbatch_size
+    return xt.reshape(groups, -1, xt.shape[-1])
+
+
+def ungroup(xg: np.ndarray, shape, axis: int) -> np.ndarray:
+    """Inverse of :func:`group_view` for an input of shape ``shape``."""
+    moved = list(shape)
+    moved.append(moved.pop(axis))
+    return np.moveaxis(xg.reshape(moved), -1, axis)
+
+
+def moments(xg: np.ndarray):
+    """Per-group mean and biased variance of ``xg`` (``(G, m, C)``), two-pass.
+
+    The variance is ``mean((x - mu)**2)``, never ``E[x^2] - E[x]^2``, which
+    cancels to 0 on offset data such as ``1000 + 0.01 * noise`` in float32.
+    Returns ``mu`` and ``var`` of shape ``(G, C)``.
+    """
+    mu = xg.mean(axis=1)
+    var = np.square(xg - mu[:, None, :]).mean(axis=1)
+    return mu, var
+
+
+def corrections(mu_g, sigma_g, mean, stddev, rmax, dmax):
+    """The clipped corrections and the fraction of entries the clip changed.
+
+    ``r = clip(sigma_g / stddev, 1/rmax, rmax)``,
+    ``d = clip((mu_g - mean) / stddev, -dmax, dmax)``, for ``(G, C)`` batch
+    statistics and ``(C,)`` moving ones. Returns ``r, d, r_clipped, d_clipped``
+    where the last two are the fractions (over groups and features) of entries
+    strictly outside the clip interval.
+    """
+    r_raw = sigma_g / stddev
+    d_raw = (mu_g - mean) / stddev
+    r = np.clip(r_raw, 1.0 / rmax, rmax)
+    d = np.clip(d_raw, -dmax, dmax)
+    r_clipped = float(np.mean((r_raw < 1.0 / rmax) | (r_raw > rmax)))
+    d_clipped = float(np.mean((d_raw < -dmax) | (d_raw > dmax)))
+    return r, d, r_clipped, d_clipped
+
+
+class TrainCache(NamedTuple):
+    """What :func:`train_backward` needs from :func:`train_forward`."""
+
+    xc: np.ndarray  # (G, m, C) x - mu_g
+    sigma_g: np.ndarray  # (G, C)
+    r: np.ndarray  # (G, C)
+    xhat: np.ndarray  # (G, m, C)
+    gamma: np.ndarray  # (C,)
+    shape: tuple
+    axis: int
+    microbatch_size: Optional[int]
+    dtype: np.dtype  # the input's dtype
+
+
+class TrainResult(NamedTuple):
+    """Output of :func:`train_forward`."""
+
+    y: np.ndarray
+    mean: np.ndarray  # updated moving mean
+    stddev: np.ndarray  # updated moving stddev
+    cache: TrainCache
+    mu_g: np.ndarray  # (G, C) batch means
+    sigma_g: np.ndarray  # (G, C) batch stddevs
+    r: np.ndarray  # (G, C)
+    d: np.ndarray  # (G, C)
+    r_clipped: float  # fraction of r entries changed by the clip
+    d_clipped: float  # fraction of d entries changed by the clip
+    finite: bool  # False if a batch statistic was NaN/Inf (state then unchanged)
+
+
+def _params(gamma, beta, num_features, dtype):
+    gamma = np.ones(num_features, dtype) if gamma is None else np.asarray(gamma, dtype)
+    beta = np.zeros(num_features, dtype) if beta is None else np.asarray(beta, dtype)
+    return gamma, beta
+
+
+def train_forward(
+    x,
+    gamma,
+    beta,
+    mean,
+    stddev,
+    *,
+    rmax: float,
+    dmax: float,
+    momentum: float,
+    epsilon: float,
+    axis: int = -1,
+    microbatch_size: Optional[int] = None,
+) -> TrainResult:
+    """One training step: output, updated moving statistics, backward cache.
+
+    ``gamma``/``beta`` of ``None`` mean ``scale=False``/``center=False`` (ones,
+    zeros). ``rmax``/``dmax`` are the limits *at this step* (see
+    :class:`renorm.ClipSchedule`). ``mean``/``stddev`` are the moving
+    statistics before the step; the update, after ``y`` is computed, is::
+
+        mean   <- mean   + (1 - momentum) * (mean over groups of mu_g    - mean)
+        stddev <- stddev + (1 - momentum) * (mean over groups of sigma_g - stddev)
+
+    and is skipped (state returned unchanged, ``finite=False``) when any batch
+    statistic is NaN or Inf.
+    """
+    x = np.asarray(x)
+    check_config(momentum=momentum, epsilon=epsilon, microbatch_size=microbatch_size, rmax=rmax, dmax=dmax)
+    info = check_input(
+        x.shape,
+        dtype_name=str(x.dtype),
+        is_floating=is_floating_dtype(x.dtype),
+        axis=axis,
+        microbatch_size=microbatch_size,
+        num_features=np.shape(mean)[0],
+    )
+    ax = info.axis
+    cdt = compute_dtype(x.dtype)
+    state_dtype = np.asarray(mean).dtype
+    mean_c = np.asarray(mean, cdt)
+    std_c = np.asarray(stddev, cdt)
+    gamma_c, beta_c = _params(gamma, beta, info.num_features, cdt)
+
+    xg = group_view(x.astype(cdt), ax, microbatch_size)
+    mu_g, var_g = moments(xg)
+    sigma_g = np.sqrt(var_g + cdt.type(epsilon))
+    r, d, r_clipped, d_clipped = corrections(mu_g, sigma_g, mean_c, std_c, cdt.type(rmax), cdt.type(dmax))
+    xc = xg - mu_g[:, None, :]
+    xhat = xc / sigma_g[:, None, :] * r[:, None, :] + d[:, None, :]
+    yg = gamma_c * xhat + beta_c
+    y = ungroup(yg, x.shape, ax).astype(x.dtype)
+
+    finite = bool(np.all(np.isfinite(mu_g)) and np.all(np.isfinite(sigma_g)))
+    alpha = cdt.type(1.0 - momentum)
+    if finite:
+        new_mean = mean_c + alpha * (mu_g.mean(axis=0) - mean_c)
+        new_std = std_c + alpha * (sigma_g.mean(axis=0) - std_c)
+    else:
+        new_mean, new_std = mean_c, std_c
+    cache = TrainCache(xc, sigma_g, r, xhat, gamma_c, x.shape, ax, microbatch_size, x.dtype)
+    return TrainResult(
+        y,
+        new_mean.astype(state_dtype),
+        new_std.astype(state_dtype),
+        cache,
+        mu_g,
+        sigma_g,
+        r,
+        d,
+        r_clipped,
+        d_clipped,
+        finite,
+    )
+
+
+def train_backward(dy, cache: TrainCache):
+    """The paper's explicit backward pass (not autodiff).
+
+    Per group, with ``m`` values per feature and ``g = dL/dy * gamma``::
+
+        dL/dsigma_g = sum(g * (x - mu_g)) * (-r_g / sigma_g**2)
+        dL/dmu_g    = sum(g) * (-r_g / sigma_g)
+        dL/dx       = g * r_g / sigma_g + dL/dsigma_g * (x - mu_g) / (m * sigma_g) + dL/dmu_g / m
+        dL/dgamma   = sum over everything of dL/dy * xhat
+        dL/dbeta    = sum over everything of dL/dy
+
+    ``r_g`` and ``d_g`` are constants (stop-gradient), as in the paper.
+    Returns ``(dx, dgamma, dbeta)``; ``dx`` has the input's shape and dtype.
+    """
+    xc, sigma_g, r, xhat = cache.xc, cache.sigma_g, cache.r, cache.xhat
+    cdt = xc.dtype
+    dyg = group_view(np.asarray(dy).astype(cdt), cache.axis, cache.microbatch_size)
+    m = xc.shape[1]
+    g = dyg * cache.gamma
+    dsigma = np.sum(g * xc, axis=1) * (-r / sigma_g**2)
+    dmu = np.sum(g, axis=1) * (-r / sigma_g)
+    dxg = (
+        g * (r / sigma_g)[:, None, :]
+        + (dsigma / (m * sigma_g))[:, None, :] * xc
+        + (dmu / m)[:, None, :]
+    )
+    dgamma = np.sum(dyg * xhat, axis=(0, 1))
+    dbeta = np.sum(dyg, axis=(0, 1))
+    dx = ungroup(dxg, cache.shape, cache.axis).astype(cache.dtype)
+    return dx, dgamma, dbeta
+
+
+def inference_forward(x, gamma, beta, mean, stddev, *, axis: int = -1):
+    """Inference: ``y = gamma * (x - mean) / stddev + beta``.
+
+    Only the moving statistics are used (``stddev`` already includes epsilon),
+    so each example's output is independent of the rest of the batch.
+    """
+    x = np.asarray(x)
+    info = check_input(
+        x.shape,
+        dtype_name=str(x.dtype),
+        is_floating=is_floating_dtype(x.dtype),
+        axis=axis,
+        num_features=np.shape(mean)[0],
+        training=False,
+    )
+    cdt = compute_dtype(x.dtype)
+    gamma_c, beta_c = _params(gamma, beta, info.num_features, cdt)
+    xt = np.moveaxis(x.astype(cdt), info.axis, -1)
+    y = gamma_c * (xt - np.asarray(mean, cdt)) / np.asarray(stddev, cdt) + beta_c
+    return np.moveaxis(y, -1, info.axis).astype(x.dtype)

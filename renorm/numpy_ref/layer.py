@@ -1,0 +1,116 @@
+"""A small stateful wrapper around the oracle, for comparing ports over many steps."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from renorm.config import check_config
+from renorm.numpy_ref.core import inference_forward, train_backward, train_forward
+from renorm.schedule import ClipSchedule
+
+__all__ = ["BatchRenormReference"]
+
+
+class BatchRenormReference:
+    """The oracle as a layer: parameters, moving statistics, step counter, schedule.
+
+    ``train(x)`` runs one training step at the limits ``schedule.limits(step)``,
+    updates ``mean``, ``stddev`` and ``step`` and keeps what ``backward(dy)``
+    needs; ``infer(x)`` uses the moving statistics only. Every argument is
+    explicit (the ports' defaults differ: Keras ``epsilon=1e-3``, Flax
+    ``1e-5``). The state starts at ``mean = 0``, ``stddev = 1``, ``step = 0``
+    unless given; ``gamma``/``beta`` start at 1/0 and are ``None`` when
+    ``scale``/``center`` is off.
+
+    Attributes after a training step: ``last`` (the :class:`TrainResult`),
+    ``r_clipped`` and ``d_clipped`` (fractions changed by the clip).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        momentum: float,
+        epsilon: float,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        warmup_steps: int = 0,
+        rmax_steps: int = 0,
+        dmax_steps: int = 0,
+        axis: int = -1,
+        microbatch_size: Optional[int] = None,
+        center: bool = True,
+        scale: bool = True,
+        dtype=np.float64,
+        gamma=None,
+        beta=None,
+        mean=None,
+        stddev=None,
+        step: int = 0,
+    ):
+        check_config(momentum=momentum, epsilon=epsilon, microbatch_size=microbatch_size)
+        self.schedule = ClipSchedule(rmax, dmax, warmup_steps, rmax_steps, dmax_steps)
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.axis = axis
+        self.microbatch_size = microbatch_size
+        self.dtype = np.dtype(dtype)
+        c = num_features
+
+        def init(value, default):
+            return np.full(c, default, self.dtype) if value is None else np.array(value, self.dtype).reshape(c)
+
+        self.gamma = init(gamma, 1.0) if scale else None
+        self.beta = init(beta, 0.0) if center else None
+        self.mean = init(mean, 0.0)
+        self.stddev = init(stddev, 1.0)
+        self.step = int(step)
+        self.last = None
+        self.r_clipped = self.d_clipped = 0.0
+
+    def limits(self):
+        """``(rmax, dmax)`` for the next training step."""
+        rmax, dmax = self.schedule.limits(float(self.step))
+        return float(rmax), float(dmax)
+
+    def train(self, x):
+        """One training step; returns ``y``."""
+        rmax, dmax = self.limits()
+        res = train_forward(
+            x,
+            self.gamma,
+            self.beta,
+            self.mean,
+            self.stddev,
+            rmax=rmax,
+            dmax=dmax,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            axis=self.axis,
+            microbatch_size=self.microbatch_size,
+        )
+        self.mean, self.stddev = res.mean, res.stddev
+        self.step += 1
+        self.last = res
+        self.r_clipped, self.d_clipped = res.r_clipped, res.d_clipped
+        return res.y
+
+    def backward(self, dy):
+        """Gradients of the last training step: ``(dx, dgamma, dbeta)``.
+
+        ``dgamma``/``dbeta`` are ``None`` when ``scale``/``center`` is off.
+        """
+        if self.last is None:
+            raise RuntimeError("backward() needs a training step first: call train(x).")
+        dx, dgamma, dbeta = train_backward(dy, self.last.cache)
+        return dx, (None if self.gamma is None else dgamma), (None if self.beta is None else dbeta)
+
+    def infer(self, x):
+        """Inference with the moving statistics; returns ``y``."""
+        return inference_forward(x, self.gamma, self.beta, self.mean, self.stddev, axis=self.axis)
+
+    @property
+    def state(self) -> dict:
+        return {"mean": self.mean.copy(), "stddev": self.stddev.copy(), "step": self.step}
