@@ -1,0 +1,133 @@
+"""One case registry, one tolerance table and one comparison helper for every port.
+
+Every parity test (NumPy identities, TensorFlow, JAX) draws its inputs from
+:func:`make_steps` and compares with :func:`assert_close` at the tolerances of
+``shared/DESIGN.md``, always against the oracle (``renorm.numpy_ref``), never
+against the port itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+# DESIGN.md, "Tolerances for parity with the oracle", relative to the norm of the reference.
+TOL = {
+    "float64": {"value": 1e-10, "grad": 1e-9},
+    "float32": {"value": 1e-5, "grad": 1e-4},
+    "float16": {"value": 2e-2, "grad": 5e-2},
+    "bfloat16": {"value": 2e-2, "grad": 5e-2},
+}
+
+
+def rel_err(actual, expected) -> float:
+    """``||actual - expected|| / ||expected||`` in float64 (absolute if the norm is 0)."""
+    a = np.asarray(actual, np.float64)
+    e = np.asarray(expected, np.float64)
+    if a.shape != e.shape:
+        raise AssertionError(f"shape mismatch: {a.shape} vs expected {e.shape}")
+    num = np.linalg.norm((a - e).ravel())
+    den = np.linalg.norm(e.ravel())
+    return float(num / den) if den > 0 else float(num)
+
+
+def assert_close(actual, expected, dtype: str = "float64", kind: str = "value", what: str = "") -> None:
+    """Relative-norm comparison at DESIGN.md's tolerance for ``dtype`` and ``kind``."""
+    tol = TOL[str(dtype)][kind]
+    err = rel_err(actual, expected)
+    if not np.isfinite(err) or err > tol:
+        raise AssertionError(f"{what or kind}: relative error {err:.3e} > {tol:.0e} ({dtype})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One configuration of the parity registry."""
+
+    name: str
+    shape: tuple
+    axis: int = -1
+    microbatch_size: Optional[int] = None
+    rmax: float = 3.0
+    dmax: float = 5.0
+    warmup_steps: int = 0
+    rmax_steps: int = 0
+    dmax_steps: int = 0
+    center: bool = True
+    scale: bool = True
+    steps: int = 5
+
+    @property
+    def num_features(self) -> int:
+        return self.shape[self.axis]
+
+    @property
+    def schedule_kwargs(self) -> dict:
+        return dict(
+            rmax=self.rmax,
+            dmax=self.dmax,
+            warmup_steps=self.warmup_steps,
+            rmax_steps=self.rmax_steps,
+            dmax_steps=self.dmax_steps,
+        )
+
+    def layer_kwargs(self) -> dict:
+        """Keyword arguments spelled identically in every port."""
+        return dict(axis=self.axis, microbatch_size=self.microbatch_size, **self.schedule_kwargs)
+
+
+# Shapes: dense 2-D, NHWC 4-D, NCHW with axis 1, a 3-D sequence; micro-batches
+# None / 2 / 4; clipping tight (active), loose (inactive), batch norm; the
+# schedule crossing its breakpoints within the steps run.
+CASES = [
+    Case("dense", (8, 5)),
+    Case("dense_mb2", (8, 5), microbatch_size=2),
+    Case("dense_mb4_tight", (8, 3), microbatch_size=4, rmax=1.1, dmax=0.1),
+    Case("nhwc", (4, 3, 3, 4)),
+    Case("nhwc_mb2_tight", (4, 2, 3, 3), microbatch_size=2, rmax=1.2, dmax=0.2),
+    Case("nchw_axis1", (4, 3, 2, 2), axis=1),
+    Case("nchw_axis1_mb2", (4, 3, 2, 2), axis=1, microbatch_size=2, rmax=1.3, dmax=0.3),
+    Case("seq_axis1", (6, 4, 3), axis=1, microbatch_size=3),
+    Case("loose", (8, 4), rmax=1e3, dmax=1e3),
+    Case("batchnorm", (8, 4), microbatch_size=4, rmax=1.0, dmax=0.0),
+    Case("schedule", (8, 3), microbatch_size=2, rmax=2.0, dmax=1.0, warmup_steps=2, rmax_steps=5, dmax_steps=4, steps=7),
+    Case("schedule_step", (6, 3), rmax=1.5, dmax=0.5, warmup_steps=3, steps=5),
+    Case("no_center_scale", (8, 4), microbatch_size=2, center=False, scale=False),
+    Case("no_center", (8, 4), center=False, rmax=1.2, dmax=0.2),
+]
+
+CASE_IDS = [c.name for c in CASES]
+
+
+def make_steps(case: Case, seed: int, dtype=np.float64):
+    """Random inputs for ``case.steps`` training steps plus one inference batch.
+
+    Each step has its own offset and scale per feature, drifting over the
+    steps, so that ``r`` and ``d`` move away from 1 and 0 and tight limits
+    clip. Returns ``(xs, x_eval, dys)`` with ``dys`` the upstream gradients.
+    """
+    rng = np.random.default_rng(seed)
+    c = case.num_features
+    fshape = [1] * len(case.shape)
+    fshape[case.axis] = c
+    xs, dys = [], []
+    for _ in range(case.steps):
+        loc = rng.normal(0.0, 2.0, c).reshape(fshape)
+        scale = np.exp(rng.normal(0.0, 0.7, c)).reshape(fshape)
+        xs.append((loc + scale * rng.standard_normal(case.shape)).astype(dtype))
+        dys.append(rng.standard_normal(case.shape).astype(dtype))
+    x_eval = (rng.normal(0.0, 2.0, c).reshape(fshape) + rng.standard_normal(case.shape)).astype(dtype)
+    return xs, x_eval, dys
+
+
+def make_params(case: Case, seed: int):
+    """Random non-trivial gamma, beta, moving mean and stddev (float64)."""
+    rng = np.random.default_rng(seed + 1000)
+    c = case.num_features
+    return dict(
+        gamma=rng.uniform(0.5, 1.5, c) if case.scale else None,
+        beta=rng.normal(0.0, 0.5, c) if case.center else None,
+        mean=rng.normal(0.0, 1.0, c),
+        stddev=rng.uniform(0.5, 2.0, c),
+    )
