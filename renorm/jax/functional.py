@@ -1,0 +1,306 @@
+"""Batch Renormalization as pure JAX functions (the core of the Flax modules).
+
+Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
+Batch-Normalized Models", NeurIPS 2017, arXiv:1702.03275, Algorithm 1,
+extended with micro-batches (``shared/DESIGN.md``). Per normalization group
+``g`` (``G = B / k`` groups of ``k`` consecutive examples, or the whole batch)
+and feature ``c``::
+
+    mu_g    = mean(x)                                 over the group
+    sigma_g = sqrt(mean((x - mu_g)**2) + epsilon)     biased, two-pass
+    r_g     = stop_gradient(clip(sigma_g / stddev, 1/rmax(t), rmax(t)))
+    d_g     = stop_gradient(clip((mu_g - mean) / stddev, -dmax(t), dmax(t)))
+    y       = scale * ((x - mu_g) / sigma_g * r_g + d_g) + bias
+
+then ``mean``/``stddev`` move by ``1 - momentum`` towards the mean over groups
+of ``mu_g``/``sigma_g``, and ``step`` advances. Inference is
+``y = scale * (x - mean) / stddev + bias``.
+
+Numerics, written once here:
+
+- Reductions run in at least float32 (float64 stays float64): bfloat16 and
+  float16 inputs are upcast for the statistics and the normalization, and
+  the output is cast back to the input dtype (or ``dtype`` when given).
+- The variance is two-pass, ``mean((x - mu)**2)``. ``use_fast_variance=True``
+  uses ``E[x^2] - E[x]^2`` instead (one pass, one collective), which cancels
+  to 0 on offset data such as ``1000 + 0.01 * noise`` in float32 and then
+  gives a wrong ``r``; it is off by default (Flax's ``BatchNorm`` has it on).
+- The per-feature affine map is folded once: ``y = (x - mu_g) * a + b`` with
+  ``a = scale * r / sigma_g`` and ``b = bias + scale * d``, one elementwise
+  pass over ``x`` (subtracting ``mu_g`` first keeps offset data exact).
+- Micro-batches are a free reshape ``(B, ...) -> (G, k, ...)``: no transpose,
+  no Python loop. The feature axis stays where it is.
+- With ``axis_name`` the per-device moments are averaged with ``lax.pmean``
+  (over ``axis_index_groups`` when given), so the statistics are those of the
+  concatenated global batch (equal per-device batch sizes).
+- If a batch statistic is NaN or Inf the moving statistics are kept (the step
+  counter still advances), so one bad batch cannot poison the state.
+
+Gradients come from autodiff; ``r`` and ``d`` are constants for it, as in the
+paper, and the state update carries no gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from renorm.config import check_config, check_input, check_pooling
+from renorm.schedule import ClipSchedule
+
+__all__ = [
+    "BatchRenormConfig",
+    "BatchRenormState",
+    "Diagnostics",
+    "init_state",
+    "train",
+    "inference",
+    "compute_dtype",
+]
+
+
+class BatchRenormState(NamedTuple):
+    """Moving statistics and step counter (an ordinary pytree)."""
+
+    mean: jax.Array  # (C,) moving mean
+    stddev: jax.Array  # (C,) moving standard deviation (includes epsilon)
+    step: jax.Array  # () int32, training steps taken
+
+
+class Diagnostics(NamedTuple):
+    """What one training step reports besides the output.
+
+    ``r_clipped``/``d_clipped``: fraction of the ``r``/``d`` entries (over
+    groups and features) that the clip changed; ``rmax``/``dmax``: the limits
+    used at this step; ``finite``: False when a batch statistic was NaN/Inf
+    (the moving statistics were then left unchanged).
+    """
+
+    r_clipped: jax.Array
+    d_clipped: jax.Array
+    rmax: jax.Array
+    dmax: jax.Array
+    finite: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRenormConfig:
+    """Static configuration of :func:`train` and :func:`inference` (hashable).
+
+    Validated at construction through :mod:`renorm.config`, so that every
+    backend rejects the same values with the same words.
+    """
+
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    rmax: float = 3.0
+    dmax: float = 5.0
+    warmup_steps: int = 0
+    rmax_steps: int = 0
+    dmax_steps: int = 0
+    axis: int = -1
+    microbatch_size: Optional[int] = None
+    axis_name: Optional[Any] = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = False
+
+    def __post_init__(self):
+        check_config(
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            microbatch_size=self.microbatch_size,
+            rmax=self.rmax,
+            dmax=self.dmax,
+            warmup_steps=self.warmup_steps,
+            rmax_steps=self.rmax_steps,
+            dmax_steps=self.dmax_steps,
+        )
+        check_pooling("axis_name" if self.axis_name is not None else None, self.microbatch_size)
+        if self.axis_index_groups is not None:
+            # Hashable, so that the config can be a static argument of jit.
+            object.__setattr__(
+                self, "axis_index_groups", tuple(tuple(int(i) for i in g) for g in self.axis_index_groups)
+            )
+
+    @property
+    def schedule(self) -> ClipSchedule:
+        return ClipSchedule(self.rmax, self.dmax, self.warmup_steps, self.rmax_steps, self.dmax_steps)
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """At least float32: float16/bfloat16/float32 -> float32, float64 stays."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def init_state(num_features: int, dtype=jnp.float32) -> BatchRenormState:
+    """``mean = 0``, ``stddev = 1``, ``step = 0``."""
+    return BatchRenormState(
+        jnp.zeros((num_features,), dtype), jnp.ones((num_features,), dtype), jnp.zeros((), jnp.int32)
+    )
+
+
+def _checked(x, state, config: BatchRenormConfig, training: bool):
+    x = jnp.asarray(x)
+    info = check_input(
+        x.shape,
+        dtype_name=str(x.dtype),
+        is_floating=bool(jnp.issubdtype(x.dtype, jnp.floating)),
+        axis=config.axis,
+        microbatch_size=config.microbatch_size,
+        num_features=state.mean.shape[0],
+        training=training,
+    )
+    return x, info
+
+
+def _param(params: Optional[Mapping], name: str):
+    if params is None:
+        return None
+    return params.get(name)
+
+
+def _feature_shape(ndim: int, axis: int, size: int):
+    shape = [1] * ndim
+    shape[axis] = size
+    return tuple(shape)
+
+
+def _pmean(values, config: BatchRenormConfig):
+    if config.axis_name is None:
+        return values
+    groups = None if config.axis_index_groups is None else [list(g) for g in config.axis_index_groups]
+    return lax.pmean(values, config.axis_name, axis_index_groups=groups)
+
+
+def _moments(xg, axes, config: BatchRenormConfig):
+    """Per-group mean and biased variance of the grouped view, keepdims.
+
+    Two-pass (``mean((x - mu)**2)``) unless ``use_fast_variance``; pooled over
+    ``axis_name`` with ``lax.pmean`` (one collective per pass).
+    """
+    mu = jnp.mean(xg, axes, keepdims=True)
+    if config.use_fast_variance:
+        mu2 = jnp.mean(jnp.square(xg), axes, keepdims=True)
+        mu, mu2 = _pmean(jnp.stack([mu, mu2]), config)
+        return mu, jnp.maximum(mu2 - jnp.square(mu), 0.0)
+    mu = _pmean(mu, config)
+    var = _pmean(jnp.mean(jnp.square(xg - mu), axes, keepdims=True), config)
+    return mu, var
+
+
+def train(
+    x,
+    params: Optional[Mapping[str, jax.Array]],
+    state: BatchRenormState,
+    config: BatchRenormConfig = BatchRenormConfig(),
+    *,
+    dtype=None,
+):
+    """One training step of Batch Renormalization.
+
+    Args:
+      x: input, batch on axis 0 and features on ``config.axis``.
+      params: mapping with optional ``"scale"`` and ``"bias"`` (shape ``(C,)``);
+        a missing entry (or ``None``) means no scale / no bias.
+      state: :class:`BatchRenormState` before this step; the limits are
+        ``config.schedule.limits(state.step)``.
+      config: :class:`BatchRenormConfig` (static).
+      dtype: output dtype (default: ``x.dtype``).
+
+    Returns:
+      ``(y, new_state, diagnostics)``. The new state keeps the dtypes of
+      ``state`` and carries no gradient.
+    """
+    x, info = _checked(x, state, config, training=True)
+    ax, num_features = info.axis, info.num_features
+    cdt = compute_dtype(x.dtype)
+    out_dtype = x.dtype if dtype is None else dtype
+    batch = x.shape[0]
+    groups = 1 if config.microbatch_size is None else batch // config.microbatch_size
+
+    # (B, ...) -> (G, k, ...): the feature axis moves one to the right.
+    xg = x.reshape((groups, batch // groups) + x.shape[1:]).astype(cdt)
+    fax = ax + 1
+    axes = tuple(i for i in range(1, xg.ndim) if i != fax)
+    fshape = _feature_shape(xg.ndim, fax, num_features)
+
+    mu, var = _moments(xg, axes, config)  # (G, 1.., C, 1..)
+    sigma = jnp.sqrt(var + jnp.asarray(config.epsilon, cdt))
+
+    mean = lax.stop_gradient(state.mean).astype(cdt).reshape(fshape)
+    stddev = lax.stop_gradient(state.stddev).astype(cdt).reshape(fshape)
+    rmax, dmax = config.schedule.limits(state.step.astype(cdt), clip=jnp.clip)
+    r_raw = lax.stop_gradient(sigma) / stddev
+    d_raw = (lax.stop_gradient(mu) - mean) / stddev
+    r = lax.stop_gradient(jnp.clip(r_raw, 1.0 / rmax, rmax))
+    d = lax.stop_gradient(jnp.clip(d_raw, -dmax, dmax))
+
+    # y = scale * ((x - mu) / sigma * r + d) + bias = (x - mu) * a + b
+    scale = _param(params, "scale")
+    bias = _param(params, "bias")
+    a = r / sigma
+    b = d
+    if scale is not None:
+        scale = jnp.asarray(scale).astype(cdt).reshape(fshape)
+        a = a * scale
+        b = b * scale
+    if bias is not None:
+        b = b + jnp.asarray(bias).astype(cdt).reshape(fshape)
+    y = ((xg - mu) * a + b).astype(out_dtype).reshape(x.shape)
+
+    # Moving statistics: after y, mean over groups, skipped when not finite.
+    mu_s = lax.stop_gradient(mu).reshape(groups, num_features)
+    sigma_s = lax.stop_gradient(sigma).reshape(groups, num_features)
+    finite = jnp.all(jnp.isfinite(mu_s)) & jnp.all(jnp.isfinite(sigma_s))
+    alpha = jnp.asarray(1.0 - config.momentum, cdt)
+    mean_v = state.mean.astype(cdt)
+    std_v = state.stddev.astype(cdt)
+    new_mean = jnp.where(finite, mean_v + alpha * (jnp.mean(mu_s, 0) - mean_v), mean_v)
+    new_std = jnp.where(finite, std_v + alpha * (jnp.mean(sigma_s, 0) - std_v), std_v)
+    new_state = BatchRenormState(
+        lax.stop_gradient(new_mean.astype(state.mean.dtype)),
+        lax.stop_gradient(new_std.astype(state.stddev.dtype)),
+        state.step + jnp.ones((), state.step.dtype),
+    )
+    diagnostics = Diagnostics(
+        r_clipped=jnp.mean((r_raw < 1.0 / rmax) | (r_raw > rmax), dtype=jnp.float32),
+        d_clipped=jnp.mean((d_raw < -dmax) | (d_raw > dmax), dtype=jnp.float32),
+        rmax=rmax,
+        dmax=dmax,
+        finite=finite,
+    )
+    return y, new_state, diagnostics
+
+
+def inference(
+    x,
+    params: Optional[Mapping[str, jax.Array]],
+    state: BatchRenormState,
+    config: BatchRenormConfig = BatchRenormConfig(),
+    *,
+    dtype=None,
+):
+    """``y = scale * (x - mean) / stddev + bias`` with the moving statistics only.
+
+    Each example's output is independent of the rest of the batch; ``stddev``
+    already includes epsilon. Returns ``y`` (dtype ``dtype`` or ``x.dtype``).
+    """
+    x, info = _checked(x, state, config, training=False)
+    ax, num_features = info.axis, info.num_features
+    cdt = compute_dtype(x.dtype)
+    out_dtype = x.dtype if dtype is None else dtype
+    fshape = _feature_shape(x.ndim, ax, num_features)
+    mean = state.mean.astype(cdt).reshape(fshape)
+    a = 1.0 / state.stddev.astype(cdt).reshape(fshape)
+    scale = _param(params, "scale")
+    bias = _param(params, "bias")
+    if scale is not None:
+        a = a * jnp.asarray(scale).astype(cdt).reshape(fshape)
+    y = (x.astype(cdt) - mean) * a
+    if bias is not None:
+        y = y + jnp.asarray(bias).astype(cdt).reshape(fshape)
+    return y.astype(out_dtype)

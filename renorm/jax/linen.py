@@ -1,0 +1,147 @@
+"""``BatchRenorm`` for ``flax.linen``: a drop-in for ``flax.linen.BatchNorm``."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.nn import initializers
+
+from renorm.config import check_input
+from renorm.jax import functional as F
+
+__all__ = ["BatchRenorm"]
+
+
+class BatchRenorm(nn.Module):
+    """Batch Renormalization (Ioffe, 2017, arXiv:1702.03275) as a linen module.
+
+    A drop-in for :class:`flax.linen.BatchNorm`: the same fields and defaults
+    (``use_running_average`` with the same merge semantics, ``axis=-1``,
+    ``momentum=0.99``, ``epsilon=1e-5``, ``dtype``, ``param_dtype``,
+    ``use_bias``, ``use_scale``, ``bias_init``, ``scale_init``, ``axis_name``,
+    ``axis_index_groups``, ``use_fast_variance``) plus the renorm fields.
+    In training (``use_running_average=False``)::
+
+        mu_g, sigma_g = batch (or micro-batch) mean and sqrt(var + epsilon)
+        r = stop_gradient(clip(sigma_g / stddev, 1/rmax(t), rmax(t)))
+        d = stop_gradient(clip((mu_g - mean) / stddev, -dmax(t), dmax(t)))
+        y = scale * ((x - mu_g) / sigma_g * r + d) + bias
+
+    and at inference ``y = scale * (x - mean) / stddev + bias``. See
+    :mod:`renorm.jax.functional` for the numerics.
+
+    Variables: params ``scale``, ``bias`` (shape ``(C,)``, ``param_dtype``);
+    ``batch_stats`` ``mean`` (zeros), ``stddev`` (ones; the moving standard
+    deviation, epsilon included, not a variance) in
+    ``promote_types(param_dtype, float32)``, and ``step`` (int32, the number of
+    training steps taken, which drives the clipping schedule). As with
+    ``BatchNorm``, the statistics are not updated while initializing.
+
+    Diagnostics: each training call (not at init) sows the fraction of ``r``
+    and ``d`` entries that the clip changed as ``r_clipped`` and ``d_clipped``
+    into the ``'intermediates'`` collection; pass
+    ``mutable=['batch_stats', 'intermediates']`` to read them (a no-op
+    otherwise).
+
+    Differences from ``BatchNorm``: ``use_fast_variance`` defaults to False
+    (``E[x^2] - E[x]^2`` cancels to 0 on offset data such as
+    ``1000 + 0.01 * noise`` in float32, which gives a wrong ``r``); with
+    ``dtype=None`` the output has the input's dtype (statistics and
+    normalization still run in at least float32); no ``mask``.
+
+    Attributes:
+      rmax: final upper limit on ``r`` (lower limit ``1/rmax``), >= 1.
+      dmax: final limit on ``|d|``, >= 0.
+      warmup_steps, rmax_steps, dmax_steps: the clipping schedule
+        (:class:`renorm.ClipSchedule`); defaults: constant limits.
+      microbatch_size: normalize groups of this many consecutive examples
+        with their own statistics (``None``: the whole batch). Cannot be
+        combined with ``axis_name``.
+    """
+
+    use_running_average: Optional[bool] = None
+    axis: int = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Any = initializers.zeros
+    scale_init: Any = initializers.ones
+    axis_name: Optional[str] = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = False
+    rmax: float = 3.0
+    dmax: float = 5.0
+    warmup_steps: int = 0
+    rmax_steps: int = 0
+    dmax_steps: int = 0
+    microbatch_size: Optional[int] = None
+
+    def __post_init__(self):
+        self.config()  # validate at construction: a clear error, never a wrong result
+        super().__post_init__()
+
+    def config(self, pooled: bool = True) -> F.BatchRenormConfig:
+        """The functional configuration (``pooled=False`` drops ``axis_name``)."""
+        return F.BatchRenormConfig(
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            rmax=self.rmax,
+            dmax=self.dmax,
+            warmup_steps=self.warmup_steps,
+            rmax_steps=self.rmax_steps,
+            dmax_steps=self.dmax_steps,
+            axis=self.axis,
+            microbatch_size=self.microbatch_size,
+            axis_name=self.axis_name if pooled else None,
+            axis_index_groups=self.axis_index_groups if pooled else None,
+            use_fast_variance=self.use_fast_variance,
+        )
+
+    @nn.compact
+    def __call__(self, x, use_running_average: Optional[bool] = None):
+        """Normalizes ``x``; training updates ``batch_stats`` unless initializing.
+
+        Args:
+          x: the input, batch on axis 0, features on ``axis``.
+          use_running_average: if True, use the moving statistics (inference);
+            if False, batch statistics with the renorm correction (training).
+            Overrides the field; one of the two must be given.
+        """
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        x = jnp.asarray(x)
+        info = check_input(
+            x.shape,
+            dtype_name=str(x.dtype),
+            is_floating=bool(jnp.issubdtype(x.dtype, jnp.floating)),
+            axis=self.axis,
+            microbatch_size=self.microbatch_size,
+            training=not use_running_average,
+        )
+        shape = (info.num_features,)
+        state_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
+        mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, state_dtype), shape)
+        stddev = self.variable("batch_stats", "stddev", lambda s: jnp.ones(s, state_dtype), shape)
+        step = self.variable("batch_stats", "step", lambda: jnp.zeros((), jnp.int32))
+        params = {}
+        if self.use_scale:
+            params["scale"] = self.param("scale", self.scale_init, shape, self.param_dtype)
+        if self.use_bias:
+            params["bias"] = self.param("bias", self.bias_init, shape, self.param_dtype)
+        state = F.BatchRenormState(mean.value, stddev.value, step.value)
+
+        if use_running_average:
+            return F.inference(x, params, state, self.config(pooled=False), dtype=self.dtype)
+
+        initializing = self.is_initializing()
+        # Like BatchNorm: at init the pooling axis need not exist.
+        y, new_state, diag = F.train(x, params, state, self.config(pooled=not initializing), dtype=self.dtype)
+        if not initializing:
+            mean.value, stddev.value, step.value = new_state
+            self.sow("intermediates", "r_clipped", diag.r_clipped)
+            self.sow("intermediates", "d_clipped", diag.d_clipped)
+        return y
