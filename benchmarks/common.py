@@ -80,10 +80,17 @@ def parse_args(description: str, default_out: str, argv=None, extra: Callable | 
     p.add_argument("--out", default=default_out, help="JSON file for the results (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds per group (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per candidate first (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="small shapes and few rounds: a check that the suite runs")
+    p.add_argument("--quick", action="store_true", help="small shapes: a check that the suite runs")
+    p.add_argument("--shapes", default=None,
+                   help="only these shapes, e.g. '1600,8,8,256;4096,1024' (default: the suite's list)")
     if extra:
         extra(p)
     args = p.parse_args(argv)
+    if args.shapes:
+        try:
+            args.shapes = [tuple(int(d) for d in part.split(",")) for part in args.shapes.split(";") if part]
+        except ValueError:
+            p.error(f"--shapes must look like '1600,8,8,256;4096,1024', got --shapes {args.shapes!r}")
     if args.rounds < 1 or args.warmup < 0:
         p.error(f"--rounds must be >= 1 and --warmup >= 0, got --rounds {args.rounds} --warmup {args.warmup}")
     return args

@@ -46,7 +46,7 @@ def _infer_fn(module, x):
 
 
 def run(args):
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     rows, raw = [], {}
     floor_fn = jax.jit(lambda x, a, b: x * a + b)
     for shape in shapes:

@@ -78,7 +78,7 @@ class _Fused:
 
 
 def run(args):
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     jits = [False] if args.no_xla else [False, True]
     rows, raw = [], {}
     for shape in shapes:
