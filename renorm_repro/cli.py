@@ -1,5 +1,110 @@
-"""Command-line entry point ``renorm-repro`` (placeholder until the reproduction lands)."""
+"""``renorm-repro``: run the paper's experiments and plot them.
+
+Usage::
+
+    renorm-repro run  --preset quick --out runs/quick [--experiment microbatch] [--resume] [--key value ...]
+    renorm-repro plot --out runs/quick
+    renorm-repro show --preset seed [--key value ...]     # print the config and derived values
+
+``run`` trains every arm x seed of the experiment (each into its own
+directory), then aggregates and plots. ``plot`` reads only the logs in
+``--out``. Any config field is an override: ``--steps 100``, ``--seeds 0,1``,
+``--arms bn_micro,brn_micro``, ``--dataset cifar100 --data-dir PATH``; unknown
+keys and wrong types are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from renorm_repro.config import EXPERIMENTS, PRESETS, ConfigError, dumps, get_config, parse_override_tokens
+
+__all__ = ["main", "run_experiment"]
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="renorm-repro", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train every arm x seed, then aggregate and plot")
+    run.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    run.add_argument("--experiment", default="microbatch", choices=sorted(EXPERIMENTS))
+    run.add_argument("--out", required=True, help="output folder (new, or the same one with --resume)")
+    run.add_argument("--resume", action="store_true", help="continue the runs in --out from their checkpoints")
+    run.add_argument("--stop-after", type=int, default=None,
+                     help="stop each run after this many steps, without a final checkpoint (simulates a kill)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    plot = sub.add_parser("plot", help="aggregate the logs in --out and write the figure and tables")
+    plot.add_argument("--out", required=True)
+    show = sub.add_parser("show", help="print a preset's config and derived values (JSON)")
+    show.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    show.add_argument("--experiment", default="microbatch", choices=sorted(EXPERIMENTS))
+    return p
+
+
+def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, log=print):
+    """Train every (arm, seed) of ``cfg`` into ``out``, then write the report. Returns the report."""
+    from renorm_repro.data import load_dataset
+    from renorm_repro.report import write_report
+    from renorm_repro.runs import prepare_experiment_dir, run_dir
+    from renorm_repro.train import train_run
+
+    out = prepare_experiment_dir(out, cfg, resume=resume)
+    synth = dict(num_train=cfg.synthetic_train, num_test=cfg.synthetic_test, num_classes=cfg.synthetic_classes) \
+        if cfg.dataset == "synthetic" else {}
+    dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, **synth)
+    log(f"dataset {dataset.summary()}")
+    t0 = time.perf_counter()
+    stopped = False
+    for seed in cfg.seeds:
+        for arm in cfg.arms:
+            res = train_run(cfg, arm, seed, run_dir(out, arm, seed), dataset, resume=resume,
+                            stop_after=stop_after, progress=progress, log=log)
+            stopped |= bool(res.get("stopped"))
+    log(f"trained {len(cfg.arms)} arms x {len(cfg.seeds)} seeds in {time.perf_counter() - t0:.1f} s")
+    report = write_report(out)
+    log(report["summary"])
+    log("figures: " + ", ".join(str(p) for p in report["figures"]))
+    if stopped:
+        log("stopped early (--stop-after); continue with --resume")
+    return report
 
 
 def main(argv=None):
-    raise SystemExit("renorm-repro: the reproduction pipeline is not implemented yet")
+    args, rest = _parser().parse_known_args(argv)
+    try:
+        if args.command == "plot":
+            if rest:
+                raise ConfigError(f"`plot` takes only --out, got {rest}.")
+            from renorm_repro.report import write_report
+
+            report = write_report(args.out)
+            print(report["summary"])
+            print("figures: " + ", ".join(str(p) for p in report["figures"]))
+            return 0
+        cfg = get_config(args.preset, args.experiment, parse_override_tokens(rest))
+        if args.command == "show":
+            print(dumps(cfg))
+            return 0
+        if args.stop_after is not None and args.stop_after < 1:
+            raise ConfigError(f"--stop-after must be >= 1, got {args.stop_after}.")
+        run_experiment(cfg, args.out, resume=args.resume, stop_after=args.stop_after,
+                       progress=not args.no_progress)
+        return 0
+    except ConfigError as e:
+        print(f"renorm-repro: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - user-facing errors from data and run folders
+        from renorm_repro.data import DataError
+        from renorm_repro.runs import RunDirError
+
+        if isinstance(e, (DataError, RunDirError)):
+            print(f"renorm-repro: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""The model and the training loop, in TensorFlow with :class:`renorm.tf.BatchRenormalization`.
+
+One call of :func:`train_run` trains one (arm, seed) into its own run directory:
+
+- data: ``uint8`` arrays in memory; the batch of step ``t`` is
+  :func:`renorm_repro.data.batch_indices` ``(seed, t)`` (a pure function, so a
+  resumed run sees the same batches), fed by ``tf.data`` with prefetch; the
+  conversion to float and the per-channel normalization run on the device,
+  inside the compiled step;
+- the step is a ``tf.function`` (``jit_compile`` optional), under a
+  ``tf.distribute`` strategy (``mirrored`` splits each batch into consecutive
+  per-replica slices; each replica normalizes its own micro-batches);
+- Adam (default) or RMSProp; optional EMA of the trainable weights, used for
+  evaluation; optional mixed precision (``mixed_float16`` with loss scaling, or
+  ``mixed_bfloat16``);
+- every ``eval_every`` steps: validation loss/accuracy in inference mode, one
+  row in ``metrics.csv``, one log line; every ``checkpoint_every`` steps a
+  ``tf.train.CheckpointManager`` checkpoint of the model, optimizer, step, EMA
+  and the running training metrics (the data order needs only the step).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from renorm_repro.data import Dataset, batch_indices
+from renorm_repro.runs import MetricsLog, RunDirError, _write_json, config_to_dict, versions
+
+__all__ = ["make_norm_layer", "build_model", "train_run", "TrainResult"]
+
+
+def make_norm_layer(cfg, arm: str, name: Optional[str] = None):
+    """The normalization layer of ``arm``: ``renorm.tf.BatchRenormalization`` for every arm.
+
+    Batch-norm arms are the same layer with ``rmax=1, dmax=0`` (exactly batch
+    norm, DESIGN.md), so the arms differ only in the clipping limits and
+    the group size.
+    """
+    from renorm.tf import BatchRenormalization
+
+    spec = cfg.arm_spec(arm)
+    s = spec["schedule"]
+    return BatchRenormalization(
+        momentum=cfg.momentum,
+        epsilon=cfg.epsilon,
+        rmax=s.rmax,
+        dmax=s.dmax,
+        warmup_steps=s.warmup_steps,
+        rmax_steps=s.rmax_steps,
+        dmax_steps=s.dmax_steps,
+        microbatch_size=spec["microbatch_size"],
+        name=name,
+    )
+
+
+def build_model(image_shape, num_classes: int, width: int, norm: Callable):
+    """The plain 4-layer convnet; ``norm(name=...)`` makes each normalization layer."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=tuple(image_shape), name="image")
+    x = inputs
+    for i, ch in enumerate((width, 2 * width, 4 * width, 8 * width)):
+        x = layers.Conv2D(ch, 3, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
+        x = norm(name=f"norm{i + 1}")(x)
+        x = layers.ReLU(name=f"relu{i + 1}")(x)
+        if i in (1, 2):
+            x = layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = layers.Dense(num_classes, dtype="float32", name="classifier")(x)
+    return keras.Model(inputs, outputs, name="convnet")
+
+
+class TrainResult(dict):
+    """``{"final_step", "stopped", "rows"}`` of a :func:`train_run` call."""
+
+
+def _optimizer(cfg):
+    import keras
+
+    if cfg.optimizer == "adam":
+        opt = keras.optimizers.Adam(learning_rate=cfg.learning_rate)
+    else:
+        opt = keras.optimizers.RMSprop(learning_rate=cfg.learning_rate, rho=0.9, momentum=0.9)
+    if cfg.precision == "mixed_float16":
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    return opt
+
+
+def train_run(
+    cfg,
+    arm: str,
+    seed: int,
+    rdir,
+    dataset: Dataset,
+    *,
+    resume: bool = False,
+    stop_after: Optional[int] = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train ``arm`` with ``seed`` into ``rdir``; see the module docstring.
+
+    ``resume`` continues from the last checkpoint in ``rdir`` (dropping log
+    rows written after it). ``stop_after`` stops after that many steps of this
+    call without a final checkpoint, as if the process had been killed (used
+    to test ``resume``).
+    """
+    import keras
+    import tensorflow as tf
+    from tqdm.auto import tqdm
+
+    rdir = Path(rdir)
+    done = rdir / "done.json"
+    if rdir.exists() and any(rdir.iterdir()) and not resume:
+        raise RunDirError(f"Run directory {rdir} is not empty; pass --resume to continue it.")
+    if done.is_file():
+        log(f"[{arm} seed{seed}] already complete ({done}); skipping.")
+        return TrainResult(final_step=json.loads(done.read_text())["final_step"], stopped=False)
+    rdir.mkdir(parents=True, exist_ok=True)
+    (rdir / "checkpoints").mkdir(exist_ok=True)
+
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(seed)
+    keras.mixed_precision.set_global_policy(cfg.precision)
+    try:
+        strategy = tf.distribute.MirroredStrategy() if cfg.strategy == "mirrored" else tf.distribute.get_strategy()
+        replicas = strategy.num_replicas_in_sync
+        if cfg.batch_size % replicas or (cfg.batch_size // replicas) % cfg.arm_spec(arm)["microbatch_size"]:
+            raise RunDirError(
+                f"batch_size={cfg.batch_size} over {replicas} replicas is not a multiple of the "
+                f"{arm} group size {cfg.arm_spec(arm)['microbatch_size']} per replica."
+            )
+        with strategy.scope():
+            model = build_model(dataset.image_shape, dataset.num_classes, cfg.width,
+                                lambda name: make_norm_layer(cfg, arm, name))
+            optimizer = _optimizer(cfg)
+            optimizer.build(model.trainable_variables)
+            step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+            acc_vars = [tf.Variable(0.0, dtype=tf.float64, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                                    aggregation=tf.VariableAggregation.SUM) for _ in range(3)]
+            ema = [tf.Variable(v, trainable=False, name="ema") for v in model.trainable_variables] \
+                if cfg.ema_decay > 0 else []
+        loss_sum, correct_sum, count_sum = acc_vars
+        norm_layers = [l for l in model.layers if l.name.startswith("norm")]
+        mean = tf.constant(dataset.mean / 255.0, tf.float32)
+        std = tf.constant(dataset.std / 255.0, tf.float32)
+
+        ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, loss_sum=loss_sum,
+                                   correct_sum=correct_sum, count_sum=count_sum,
+                                   ema=dict(enumerate(ema)))
+        manager = tf.train.CheckpointManager(ckpt, str(rdir / "checkpoints"), max_to_keep=2)
+        start = 0
+        if resume and manager.latest_checkpoint:
+            ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+            start = int(step.numpy())
+            log(f"[{arm} seed{seed}] resumed from {manager.latest_checkpoint} at step {start}")
+        elif resume and (rdir / "metrics.csv").exists():
+            log(f"[{arm} seed{seed}] no checkpoint in {rdir}; starting over")
+        metrics = MetricsLog(rdir / "metrics.csv")
+        metrics.start(start)
+        record = {"config": config_to_dict(cfg), "arm": arm, "seed": seed,
+                  "normalization": {k: (v.to_dict() if hasattr(v, "to_dict") else v)
+                                    for k, v in cfg.arm_spec(arm).items()},
+                  "dataset": dataset.summary(), "replicas": replicas}
+        _write_json(rdir / "config.json", record)
+        _write_json(rdir / "versions.json", versions())
+
+        x_train, y_train = dataset.x_train, dataset.y_train
+        n = len(y_train)
+
+        def batches():
+            for t in range(start, cfg.steps):
+                idx = batch_indices(n, cfg.batch_size, seed, t)
+                yield x_train[idx], y_train[idx]
+
+        sig = (tf.TensorSpec((cfg.batch_size,) + dataset.image_shape, tf.uint8),
+               tf.TensorSpec((cfg.batch_size,), tf.int64))
+        ds = tf.data.Dataset.from_generator(batches, output_signature=sig).prefetch(tf.data.AUTOTUNE)
+        opts = tf.data.Options()
+        opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        opts.deterministic = True
+        ds = ds.with_options(opts)
+        dist_ds = strategy.experimental_distribute_dataset(ds) if cfg.strategy == "mirrored" else ds
+
+        def prep(x):
+            return (tf.cast(x, tf.float32) / 255.0 - mean) / std
+
+        def replica_step(x, y):
+            x = prep(x)
+            with tf.GradientTape() as tape:
+                logits = model(x, training=True)
+                per_ex = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+                loss = tf.reduce_sum(per_ex) / cfg.batch_size  # global batch: sums over replicas
+                scaled = optimizer.scale_loss(loss) if cfg.precision == "mixed_float16" else loss
+            grads = tape.gradient(scaled, model.trainable_variables)
+            optimizer.apply(grads, model.trainable_variables)
+            if ema:
+                t = tf.cast(step, tf.float32) + 1.0
+                decay = tf.minimum(cfg.ema_decay, (1.0 + t) / (10.0 + t))  # tf.train.ExponentialMovingAverage's
+                for e, v in zip(ema, model.trainable_variables):
+                    e.assign(decay * e + (1.0 - decay) * tf.cast(v, e.dtype))
+            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float64))
+            loss_sum.assign_add(tf.cast(tf.reduce_sum(per_ex), tf.float64))
+            correct_sum.assign_add(correct)
+            count_sum.assign_add(tf.cast(tf.shape(y)[0], tf.float64))
+
+        @tf.function(jit_compile=cfg.jit_compile)
+        def _step_fn(x, y):
+            replica_step(x, y)
+
+        @tf.function
+        def train_step(x, y):
+            if cfg.strategy == "mirrored":
+                strategy.run(_step_fn, args=(x, y))
+            else:
+                _step_fn(x, y)
+            step.assign_add(1)
+
+        @tf.function(jit_compile=cfg.jit_compile)
+        def eval_batch(x, y):
+            logits = model(prep(x), training=False)
+            per_ex = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+            return tf.reduce_sum(per_ex), tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float32))
+
+        def evaluate():
+            backup = None
+            if ema:
+                backup = [v.numpy() for v in model.trainable_variables]
+                for v, e in zip(model.trainable_variables, ema):
+                    v.assign(tf.cast(e, v.dtype))
+            total_loss = total_correct = 0.0
+            for i in range(0, len(dataset.y_test), cfg.eval_batch_size):
+                l, c = eval_batch(dataset.x_test[i:i + cfg.eval_batch_size], dataset.y_test[i:i + cfg.eval_batch_size])
+                total_loss += float(l)
+                total_correct += float(c)
+            if backup is not None:
+                for v, b in zip(model.trainable_variables, backup):
+                    v.assign(b)
+            m = len(dataset.y_test)
+            return total_loss / m, total_correct / m
+
+        schedule = cfg.arm_spec(arm)["schedule"]
+        t0 = time.perf_counter()
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"{arm} seed{seed}", disable=not progress,
+                   dynamic_ncols=True, leave=False)
+        cur = start
+        stopped = False
+        for x, y in dist_ds:
+            train_step(x, y)
+            cur += 1
+            bar.update(1)
+            if cur % cfg.eval_every == 0 or cur == cfg.steps:
+                val_loss, val_acc = evaluate()
+                cnt = max(count_sum.numpy(), 1.0)
+                rmax_t, dmax_t = schedule.limits(cur - 1)
+                row = {
+                    "step": cur,
+                    "train_loss": loss_sum.numpy() / cnt,
+                    "train_accuracy": correct_sum.numpy() / cnt,
+                    "val_loss": val_loss,
+                    "val_accuracy": val_acc,
+                    "rmax": float(rmax_t),
+                    "dmax": float(dmax_t),
+                    "r_clipped": float(np.mean([l.r_clipped_fraction.numpy() for l in norm_layers])),
+                    "d_clipped": float(np.mean([l.d_clipped_fraction.numpy() for l in norm_layers])),
+                    "elapsed_s": time.perf_counter() - t0,
+                }
+                for v in acc_vars:
+                    v.assign(0.0)
+                metrics.append(row)
+                msg = (f"[{arm} seed{seed}] step {cur}/{cfg.steps} train_loss {row['train_loss']:.4f} "
+                       f"train_acc {row['train_accuracy']:.4f} val_loss {val_loss:.4f} val_acc {val_acc:.4f} "
+                       f"rmax {row['rmax']:.2f} dmax {row['dmax']:.2f} r_clip {row['r_clipped']:.3f} "
+                       f"d_clip {row['d_clipped']:.3f}")
+                bar.write(msg) if progress else log(msg)
+                bar.set_postfix(val_acc=f"{val_acc:.3f}")
+            if cur % cfg.checkpoint_every == 0 or cur == cfg.steps:
+                manager.save(checkpoint_number=cur)
+            if stop_after is not None and cur - start >= stop_after and cur < cfg.steps:
+                stopped = True
+                break
+        bar.close()
+        if not stopped:
+            _write_json(done, {"final_step": cur, "wall_s": time.perf_counter() - t0})
+        return TrainResult(final_step=cur, stopped=stopped)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
