@@ -1,0 +1,83 @@
+"""Helpers shared by the JAX test files: running the linen module and the oracle side by side."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from renorm.numpy_ref import BatchRenormReference
+from renorm.jax import BatchRenorm
+
+
+def linen_module(case, momentum, epsilon=1e-5, param_dtype=jnp.float32, **kw):
+    return BatchRenorm(
+        momentum=momentum,
+        epsilon=epsilon,
+        use_bias=case.center,
+        use_scale=case.scale,
+        param_dtype=param_dtype,
+        **case.layer_kwargs(),
+        **kw,
+    )
+
+
+def oracle(case, momentum, p, epsilon=1e-5, dtype=np.float64):
+    return BatchRenormReference(
+        case.num_features, momentum=momentum, epsilon=epsilon, center=case.center, scale=case.scale,
+        dtype=dtype, **case.layer_kwargs(), **p,
+    )
+
+
+def variables(case, p, param_dtype):
+    params = {}
+    if case.scale:
+        params["scale"] = jnp.asarray(p["gamma"], param_dtype)
+    if case.center:
+        params["bias"] = jnp.asarray(p["beta"], param_dtype)
+    stats = {
+        "mean": jnp.asarray(p["mean"], param_dtype),
+        "stddev": jnp.asarray(p["stddev"], param_dtype),
+        "step": jnp.zeros((), jnp.int32),
+    }
+    return params, stats
+
+
+@functools.lru_cache(maxsize=None)
+def train_step_fn(module):
+    """Jitted ``(params, stats, x, dy) -> (y, dparams, dx, new_stats, intermediates)``.
+
+    The gradients are the VJP of the output with cotangent ``dy``, i.e. the
+    gradient of ``sum(y * dy)``. Cached per (hashable) module so that tests
+    share one compilation per configuration.
+    """
+
+    @jax.jit
+    def step(params, stats, x, dy):
+        def fwd(params, x):
+            y, upd = module.apply(
+                {"params": params, "batch_stats": stats}, x, use_running_average=False,
+                mutable=["batch_stats", "intermediates"],
+            )
+            return y, upd
+
+        y, vjp, upd = jax.vjp(fwd, params, x, has_aux=True)
+        dparams, dx = vjp(dy.astype(y.dtype))
+        return y, dparams, dx, upd["batch_stats"], upd["intermediates"]
+
+    return step
+
+
+@functools.lru_cache(maxsize=None)
+def infer_fn(module):
+    @jax.jit
+    def infer(params, stats, x):
+        return module.apply({"params": params, "batch_stats": stats}, x, use_running_average=True)
+
+    return infer
+
+
+def to_np(a):
+    return np.asarray(jnp.asarray(a, jnp.float64) if a.dtype == jnp.float64 else jnp.asarray(a, jnp.float32))
