@@ -1,0 +1,79 @@
+"""renorm_repro.config: presets, typed overrides that refuse typos, derived values; the CLI's error path."""
+
+import json
+
+import pytest
+
+from renorm import ClipSchedule
+from renorm_repro import config as C
+from renorm_repro.cli import main
+
+
+def test_presets_build_and_derive_the_scaled_paper_schedule():
+    for name in C.PRESETS:
+        cfg = C.get_config(name)
+        d = cfg.derived()
+        assert d["schedule"] == ClipSchedule.paper(cfg.steps).to_dict()
+        assert d["arms"]["bn_micro"]["schedule"] == ClipSchedule.batch_norm().to_dict()
+        assert d["arms"]["bn_32"]["microbatch_size"] == cfg.bn_group
+        assert d["train_flops_per_step"] == 3 * d["forward_flops_per_example"] * cfg.batch_size
+    seed = C.get_config("seed")
+    assert (seed.dataset, seed.microbatch_size, seed.batch_size, seed.steps, len(seed.seeds)) == \
+        ("cifar100", 2, 1600, 8000, 5)
+    assert seed.momentum == 0.99 and seed.epsilon > 0
+    assert seed.derived()["schedule"] == dict(rmax=3.0, dmax=5.0, warmup_steps=250, rmax_steps=2000,
+                                              dmax_steps=1250)
+    assert C.get_config("paper").microbatch_size == 4
+    assert C.get_config("quick").dataset == "digits"
+
+
+def test_overrides_parse_types():
+    cfg = C.get_config("smoke", overrides=C.parse_override_tokens(
+        ["--steps", "7", "--seeds=1,2", "--arms", "bn_micro", "--learning-rate", "1e-2", "--jit-compile", "true",
+         "--data-dir", "none", "--rmax", "2"]))
+    assert (cfg.steps, cfg.seeds, cfg.arms, cfg.learning_rate, cfg.jit_compile, cfg.data_dir, cfg.rmax) == \
+        (7, (1, 2), ("bn_micro",), 1e-2, True, None, 2.0)
+    assert cfg.derived()["arms"]["bn_micro"]["schedule"]["rmax"] == 1.0
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"stpes": "3"}, r"Unknown config key --stpes .*Did you mean --steps"),
+    ({"steps": "3.5"}, r"--steps expects an integer, got '3.5'"),
+    ({"jit_compile": "maybe"}, r"--jit_compile expects a boolean .*'maybe'"),
+    ({"learning_rate": "fast"}, r"--learning_rate expects a number, got 'fast'"),
+    ({"seeds": "0,x"}, r"--seeds expects an integer, got 'x'"),
+    ({"optimizer": "sgd"}, r"`optimizer` must be one of .*got optimizer='sgd'"),
+    ({"arms": "bn_micro,typo"}, r"`arms` must be distinct names .*'typo'"),
+    ({"microbatch_size": "3"}, r"`microbatch_size` must divide batch_size=64, got microbatch_size=3"),
+    ({"momentum": "1.0"}, r"`momentum` must be in \[0, 1\)"),
+    ({"rmax": "0.5"}, r"rmax=0.5.*`rmax` must be a finite number >= 1"),
+    ({"experiment": "x"}, r"Unknown config key --experiment"),
+])
+def test_bad_overrides_are_refused_with_the_key_and_value(overrides, match):
+    with pytest.raises(C.ConfigError, match=match):
+        C.get_config("smoke", overrides=overrides)
+
+
+def test_override_token_errors():
+    with pytest.raises(C.ConfigError, match="--steps has no value"):
+        C.parse_override_tokens(["--steps"])
+    with pytest.raises(C.ConfigError, match="Expected an override --key value, got 'steps'"):
+        C.parse_override_tokens(["steps", "3"])
+    with pytest.raises(C.ConfigError, match="given twice"):
+        C.parse_override_tokens(["--steps", "3", "--steps=4"])
+    assert C.parse_override_tokens(["--rmax", "-1"]) == {"rmax": "-1"}  # negative numbers are values
+
+
+def test_config_round_trips_through_json():
+    cfg = C.get_config("quick", overrides={"seeds": "4,5"})
+    assert C.config_from_dict(json.loads(json.dumps(C.config_to_dict(cfg)))) == cfg
+
+
+def test_cli_reports_bad_overrides_and_shows_configs(capsys):
+    assert main(["run", "--preset", "smoke", "--out", "/tmp/never-written", "--stpes", "3"]) == 2
+    assert "Unknown config key --stpes" in capsys.readouterr().err
+    assert main(["show", "--preset", "seed", "--steps", "16000"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["config"]["steps"] == 16000 and shown["derived"]["schedule"]["warmup_steps"] == 500
+    with pytest.raises(SystemExit):
+        main(["run", "--preset", "nonsense", "--out", "x"])
