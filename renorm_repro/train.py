@@ -154,7 +154,7 @@ def train_run(
 
         ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, loss_sum=loss_sum,
                                    correct_sum=correct_sum, count_sum=count_sum,
-                                   ema=dict(enumerate(ema)))
+                                   ema={f"v{i}": e for i, e in enumerate(ema)})
         manager = tf.train.CheckpointManager(ckpt, str(rdir / "checkpoints"), max_to_keep=2)
         start = 0
         if resume and manager.latest_checkpoint:
