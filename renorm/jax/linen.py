@@ -127,6 +127,11 @@ class BatchRenorm(nn.Module):
         mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, state_dtype), shape)
         stddev = self.variable("batch_stats", "stddev", lambda s: jnp.ones(s, state_dtype), shape)
         step = self.variable("batch_stats", "step", lambda: jnp.zeros((), jnp.int32))
+        if mean.value.shape != shape:  # built for another feature size: say so before flax's shape error
+            check_input(
+                x.shape, dtype_name=str(x.dtype), is_floating=True, axis=self.axis,
+                num_features=mean.value.shape[0], training=False,
+            )
         params = {}
         if self.use_scale:
             params["scale"] = self.param("scale", self.scale_init, shape, self.param_dtype)
