@@ -1,0 +1,273 @@
+"""``BatchRenormalization``: a Keras 3 layer, drop-in for ``keras.layers.BatchNormalization``."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import constraints, initializers, regularizers
+
+from renorm.config import check_config, check_input, check_pooling
+from renorm.schedule import ClipSchedule
+from renorm.tf.ops import batch_renorm
+
+__all__ = ["BatchRenormalization"]
+
+
+@keras.saving.register_keras_serializable(package="renorm")
+class BatchRenormalization(keras.layers.Layer):
+    """Batch Renormalization (Ioffe, 2017, arXiv:1702.03275), Algorithm 1.
+
+    A drop-in for ``keras.layers.BatchNormalization``: same arguments and
+    defaults where the concept is the same (``axis``, ``momentum=0.99``,
+    ``epsilon=1e-3``, ``center``, ``scale``, initializers, regularizers,
+    constraints, ``synchronized``), and the same rule: batch statistics and a
+    state update only when ``training`` is true *and* the layer is trainable.
+
+    In training, per normalization group ``g`` and feature::
+
+        mu_g, sigma_g = batch mean, sqrt(biased batch variance + epsilon)
+        r = stop_gradient(clip(sigma_g / moving_stddev, 1/rmax(t), rmax(t)))
+        d = stop_gradient(clip((mu_g - moving_mean) / moving_stddev, -dmax(t), dmax(t)))
+        y = gamma * ((x - mu_g) / sigma_g * r + d) + beta
+
+    then ``moving_mean``/``moving_stddev`` move by ``1 - momentum`` towards the
+    mean over groups of ``mu_g``/``sigma_g`` (unless a statistic is NaN/Inf)
+    and ``step`` advances. In inference
+    ``y = gamma * (x - moving_mean) / moving_stddev + beta``.
+
+    Unlike Keras' batch norm the moving statistic is the standard deviation
+    (``epsilon`` included), as in the paper, not the variance.
+
+    Args:
+      axis: the feature axis (an integer, not 0).
+      momentum, epsilon, center, scale: as in ``BatchNormalization``.
+      beta_initializer, gamma_initializer, moving_mean_initializer,
+        moving_stddev_initializer: initializers (``"zeros"``, ``"ones"``,
+        ``"zeros"``, ``"ones"``).
+      beta_regularizer, gamma_regularizer, beta_constraint, gamma_constraint:
+        as in ``BatchNormalization``.
+      rmax, dmax: final clipping limits on ``r`` (to ``[1/rmax, rmax]``) and
+        ``|d|``; ``rmax=1, dmax=0`` is batch norm.
+      warmup_steps, rmax_steps, dmax_steps: the schedule of
+        :class:`renorm.ClipSchedule`, driven by the layer's ``step`` weight.
+      microbatch_size: ``None`` (whole batch) or ``k``: the batch is split into
+        groups of ``k`` consecutive examples, each normalized by its own
+        statistics; the batch must be divisible by ``k``.
+      synchronized: pool the batch moments over all replicas of a
+        ``tf.distribute`` strategy (whole batches only).
+      explicit_gradient: backward by the paper's explicit formula (default,
+        two reductions and one element-wise pass) or by autodiff (``False``).
+
+    Weights, in this order: ``gamma`` (if ``scale``), ``beta`` (if ``center``),
+    then non-trainable ``moving_mean``, ``moving_stddev``, ``step`` (int64),
+    ``r_clipped_fraction`` and ``d_clipped_fraction`` (the diagnostics: the
+    fraction of ``r`` and ``d`` values the clip changed in the last training
+    step, over groups and features; the paper tunes ``rmax``/``dmax`` by them).
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_stddev_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        rmax=3.0,
+        dmax=5.0,
+        warmup_steps=0,
+        rmax_steps=0,
+        dmax_steps=0,
+        microbatch_size=None,
+        synchronized=False,
+        explicit_gradient=True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        check_config(
+            momentum=momentum,
+            epsilon=epsilon,
+            microbatch_size=microbatch_size,
+            rmax=rmax,
+            dmax=dmax,
+            warmup_steps=warmup_steps,
+            rmax_steps=rmax_steps,
+            dmax_steps=dmax_steps,
+        )
+        check_pooling("synchronized" if synchronized else None, microbatch_size)
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"`axis` must be a single integer (the feature axis), got axis={axis!r}.")
+        self.axis = int(axis)
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_stddev_initializer = initializers.get(moving_stddev_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.schedule = ClipSchedule(rmax, dmax, warmup_steps, rmax_steps, dmax_steps)
+        self.microbatch_size = None if microbatch_size is None else int(microbatch_size)
+        self.synchronized = bool(synchronized)
+        self.explicit_gradient = bool(explicit_gradient)
+        self.supports_masking = True
+        self.gamma = self.beta = None
+        self.moving_mean = self.moving_stddev = self.step = None
+        self._r_clipped = self._d_clipped = None
+        self._num_features = None
+
+    # ------------------------------------------------------------ properties
+    rmax = property(lambda self: self.schedule.rmax)
+    dmax = property(lambda self: self.schedule.dmax)
+    warmup_steps = property(lambda self: self.schedule.warmup_steps)
+    rmax_steps = property(lambda self: self.schedule.rmax_steps)
+    dmax_steps = property(lambda self: self.schedule.dmax_steps)
+
+    @property
+    def r_clipped_fraction(self):
+        """Fraction of ``r`` values the clip changed in the last training step (a variable)."""
+        return self._r_clipped
+
+    @property
+    def d_clipped_fraction(self):
+        """Fraction of ``d`` values the clip changed in the last training step (a variable)."""
+        return self._d_clipped
+
+    # ----------------------------------------------------------------- build
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        info = check_input(input_shape, dtype_name="float32", is_floating=True, axis=self.axis, training=False)
+        c = info.num_features
+        if c is None:
+            raise ValueError(
+                f"The feature axis {self.axis} of the input must have a known size, got input shape {input_shape}."
+            )
+        self._num_features = int(c)
+        shape = (self._num_features,)
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape,
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape,
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        # Replicas that saw different batches (synchronized=False) average
+        # their updates, so the state stays the same on every replica.
+        stat = dict(trainable=False, autocast=False, aggregation="mean")
+        self.moving_mean = self.add_weight(
+            shape=shape, name="moving_mean", initializer=self.moving_mean_initializer, **stat
+        )
+        self.moving_stddev = self.add_weight(
+            shape=shape, name="moving_stddev", initializer=self.moving_stddev_initializer, **stat
+        )
+        self.step = self.add_weight(
+            shape=(),
+            name="step",
+            dtype="int64",
+            initializer="zeros",
+            trainable=False,
+            autocast=False,
+            aggregation="only_first_replica",
+        )
+        self._r_clipped = self.add_weight(shape=(), name="r_clipped_fraction", initializer="zeros", **stat)
+        self._d_clipped = self.add_weight(shape=(), name="d_clipped_fraction", initializer="zeros", **stat)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    # ------------------------------------------------------------------ call
+    def limits(self):
+        """``(rmax(t), dmax(t))`` for the next training step, from the ``step`` weight."""
+        s = self.schedule
+        if s.warmup_steps == 0 and s.rmax_steps == 0 and s.dmax_steps == 0:
+            return s.rmax, s.dmax  # constant: no need to read the step
+        t = tf.cast(tf.convert_to_tensor(self.step), tf.float64)
+        return s.limits(t, clip=tf.clip_by_value)
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None:
+            raise NotImplementedError("BatchRenormalization does not support masks; pass mask=None.")
+        training = bool(training) and self.trainable
+        x = tf.convert_to_tensor(inputs)
+        # Raises the DESIGN.md input errors with the shared messages (dtype,
+        # rank, axis, features, divisibility, group size) before any op runs.
+        check_input(
+            x.shape.as_list(),
+            dtype_name=x.dtype.name,
+            is_floating=x.dtype.is_floating,
+            axis=self.axis,
+            microbatch_size=self.microbatch_size,
+            num_features=self._num_features,
+            training=training,
+        )
+        rmax, dmax = self.limits() if training else (self.rmax, self.dmax)
+        out = batch_renorm(
+            x,
+            None if self.gamma is None else tf.convert_to_tensor(self.gamma),
+            None if self.beta is None else tf.convert_to_tensor(self.beta),
+            tf.convert_to_tensor(self.moving_mean),
+            tf.convert_to_tensor(self.moving_stddev),
+            training=training,
+            rmax=rmax,
+            dmax=dmax,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            axis=self.axis,
+            microbatch_size=self.microbatch_size,
+            synchronized=self.synchronized,
+            explicit_gradient=self.explicit_gradient,
+        )
+        if training:
+            self.moving_mean.assign(out.moving_mean)
+            self.moving_stddev.assign(out.moving_stddev)
+            self._r_clipped.assign(tf.cast(out.r_clipped_fraction, self._r_clipped.dtype))
+            self._d_clipped.assign(tf.cast(out.d_clipped_fraction, self._d_clipped.dtype))
+            self.step.assign_add(tf.constant(1, "int64"))
+        return tf.cast(out.y, self.compute_dtype)
+
+    # ---------------------------------------------------------------- config
+    def get_config(self):
+        config = {
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
+            "moving_stddev_initializer": initializers.serialize(self.moving_stddev_initializer),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "microbatch_size": self.microbatch_size,
+            "synchronized": self.synchronized,
+            "explicit_gradient": self.explicit_gradient,
+            **self.schedule.to_dict(),
+        }
+        return {**super().get_config(), **config}

@@ -1,0 +1,328 @@
+"""Batch Renormalization as a TensorFlow function (the core of the Keras layer).
+
+Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
+Batch-Normalized Models", NeurIPS 2017, arXiv:1702.03275, Algorithm 1,
+extended with micro-batches (``shared/DESIGN.md``). Per normalization group
+``g`` (``G = B / k`` groups of ``k`` consecutive examples, or the whole batch)
+and feature ``c``::
+
+    mu_g    = mean(x)                                 over the group
+    sigma_g = sqrt(mean((x - mu_g)**2) + epsilon)     biased, two-pass
+    r_g     = stop_gradient(clip(sigma_g / stddev, 1/rmax, rmax))
+    d_g     = stop_gradient(clip((mu_g - mean) / stddev, -dmax, dmax))
+    y       = gamma * ((x - mu_g) / sigma_g * r_g + d_g) + beta
+
+then ``mean``/``stddev`` move by ``1 - momentum`` towards the mean over groups
+of ``mu_g``/``sigma_g``. Inference is ``y = gamma * (x - mean) / stddev + beta``.
+
+Numerics and speed, written once here:
+
+- Statistics and normalization run in float32 for float32, float16 and
+  bfloat16 inputs and in float64 for float64; the output has the input's
+  dtype, the new state the dtype of the state passed in.
+- The variance is two-pass, ``mean((x - mu)**2)`` (never ``E[x^2] - E[x]^2``,
+  which cancels to 0 on offset data such as ``1000 + 0.01 * noise``); this
+  holds for the cross-replica (``synchronized``) statistics too.
+- The affine map is folded into per-feature vectors once:
+  ``y = (x - mu_g) * a + b`` with ``a = gamma * r / sigma_g`` and
+  ``b = beta + gamma * d``; subtracting ``mu_g`` first keeps offset data exact.
+- Micro-batches are a free reshape ``(B, ...) -> (G, k, ...)``: no transpose,
+  no Python loop over groups; the feature axis stays where it is.
+- The backward pass is, by default (``explicit_gradient=True``), the paper's
+  explicit formula: two reductions (``sum(dy)``, ``sum(dy * (x - mu_g))``) and
+  one element-wise pass, instead of what autodiff derives from the forward
+  graph. ``explicit_gradient=False`` uses autodiff; the tests check both
+  against the oracle.
+- If a batch statistic is NaN or Inf the new state equals the old one
+  (``finite`` is then False), so one bad batch cannot poison the state.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple, Optional
+
+import tensorflow as tf
+
+from renorm.config import (
+    batch_not_divisible_message,
+    check_config,
+    check_input,
+    check_pooling,
+    too_few_values_message,
+)
+
+__all__ = ["BatchRenormOutput", "batch_renorm", "compute_dtype"]
+
+
+class BatchRenormOutput(NamedTuple):
+    """Result of :func:`batch_renorm`.
+
+    Attributes:
+      y: the output, in the input's dtype.
+      moving_mean, moving_stddev: the updated moving statistics (the inputs
+        unchanged in inference, or when ``finite`` is False); no gradient.
+      r_clipped_fraction, d_clipped_fraction: fraction of the ``r`` and ``d``
+        values (over groups and features) that the clip changed; 0 in
+        inference. float32 scalars.
+      finite: scalar bool, False when a batch statistic was NaN or Inf.
+    """
+
+    y: tf.Tensor
+    moving_mean: tf.Tensor
+    moving_stddev: tf.Tensor
+    r_clipped_fraction: tf.Tensor
+    d_clipped_fraction: tf.Tensor
+    finite: tf.Tensor
+
+
+def compute_dtype(dtype) -> tf.DType:
+    """float64 stays float64; every narrower float is computed in float32."""
+    dtype = tf.as_dtype(dtype)
+    return tf.float64 if dtype == tf.float64 else tf.float32
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _as(value, dtype):
+    """``value`` in ``dtype``; Python numbers go straight to ``dtype`` (``tf.cast`` would round them to float32 first)."""
+    if _is_number(value):
+        return tf.constant(value, dtype)
+    return tf.cast(value, dtype)
+
+
+def _dims(x):
+    """The shape of ``x`` as a list: Python ints where static, scalar tensors where not."""
+    static = x.shape.as_list()
+    if all(s is not None for s in static):
+        return static
+    dynamic = tf.shape(x)
+    return [s if s is not None else dynamic[i] for i, s in enumerate(static)]
+
+
+def _runtime_checks(x, info, microbatch_size):
+    """Graph-time assertions for what the static shape could not decide (unknown batch)."""
+    if x.shape[0] is not None:
+        return []
+    batch = tf.shape(x, out_type=tf.int64)[0]
+    checks = []
+    if microbatch_size is not None:
+        head, tail = batch_not_divisible_message("\x00", microbatch_size).split("\x00")
+        msg = tf.strings.join([head, tf.strings.as_string(batch), tail])
+        checks.append(tf.debugging.Assert(tf.equal(batch % microbatch_size, 0), [msg]))
+    elif info.group_count is None:
+        per_example = tf.reduce_prod(tf.shape(x, out_type=tf.int64)[1:]) // tf.shape(x, out_type=tf.int64)[
+            info.axis
+        ]
+        count = batch * per_example
+        head, tail = too_few_values_message("\x00", "batch").split("\x00")
+        msg = tf.strings.join([head, tf.strings.as_string(count), tail])
+        checks.append(tf.debugging.Assert(count >= 2, [msg]))
+    return checks
+
+
+def _pooled_moments(xg, red):
+    """Mean and biased variance of the concatenated global batch across replicas.
+
+    Two all-reduces, two passes: the global mean first (sum and count), then
+    the global sum of squared deviations from it.
+    """
+    ctx = tf.distribute.get_replica_context()
+    local_sum = tf.reduce_sum(xg, axis=red, keepdims=True)
+    count = tf.cast(tf.size(xg) // tf.size(local_sum), xg.dtype)
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        mean = local_sum / count
+        return mean, tf.reduce_mean(tf.math.squared_difference(xg, mean), axis=red, keepdims=True)
+    total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([tf.reshape(local_sum, [-1]), [count]], 0))
+    mean = tf.reshape(total[:-1], tf.shape(local_sum)) / total[-1]
+    local_sq = tf.reduce_sum(tf.math.squared_difference(xg, mean), axis=red, keepdims=True)
+    return mean, ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_sq) / total[-1]
+
+
+def _corrections(mu, sigma, mean, stddev, rmax, dmax):
+    r_raw = sigma / stddev
+    d_raw = (mu - mean) / stddev
+    rmin = 1.0 / rmax
+    r = tf.stop_gradient(tf.clip_by_value(r_raw, rmin, rmax))
+    d = tf.stop_gradient(tf.clip_by_value(d_raw, -dmax, dmax))
+    r_frac = tf.reduce_mean(tf.cast((r_raw < rmin) | (r_raw > rmax), tf.float32))
+    d_frac = tf.reduce_mean(tf.cast((d_raw < -dmax) | (d_raw > dmax), tf.float32))
+    return r, d, r_frac, d_frac
+
+
+def _train(xg, gamma, beta, mean, stddev, rmax, dmax, epsilon, red, pooled, explicit_gradient):
+    """Grouped training forward; returns ``(y, mu, sigma, r_frac, d_frac)``.
+
+    ``xg`` is the grouped view in the compute dtype; ``gamma``, ``beta``,
+    ``mean``, ``stddev`` are already shaped to broadcast against it.
+    """
+
+    def stats(xv):
+        if pooled:
+            mu, var = _pooled_moments(xv, red)
+        else:
+            mu = tf.reduce_mean(xv, axis=red, keepdims=True)
+            var = tf.reduce_mean(tf.math.squared_difference(xv, tf.stop_gradient(mu)), axis=red, keepdims=True)
+        sigma = tf.sqrt(var + epsilon)
+        r, d, r_frac, d_frac = _corrections(mu, sigma, mean, stddev, rmax, dmax)
+        return mu, sigma, r, d, r_frac, d_frac
+
+    if pooled or not explicit_gradient:
+        # Pooled moments: autodiff (the all-reduce is differentiable).
+        mu, sigma, r, d, r_frac, d_frac = stats(xg)
+        y = (xg - mu) * (gamma * r / sigma) + (beta + gamma * d)
+        return y, tf.stop_gradient(mu), tf.stop_gradient(sigma), r_frac, d_frac
+
+    @tf.custom_gradient
+    def forward(xv, gamma_v, beta_v):
+        mu, sigma, r, d, r_frac, d_frac = stats(xv)
+        s = r / sigma
+        y = (xv - mu) * (gamma_v * s) + (beta_v + gamma_v * d)
+
+        def grad(dy, *unused):
+            # The paper's backward with g = dy * gamma, per group:
+            #   dx = gamma * r / sigma * (dy - mean(dy) - (x - mu) * mean(dy * (x - mu)) / sigma^2)
+            xc = xv - mu
+            mean_dy = tf.reduce_mean(dy, axis=red, keepdims=True)
+            mean_dyxc = tf.reduce_mean(dy * xc, axis=red, keepdims=True)
+            dx = (gamma_v * s) * (dy - mean_dy - xc * (mean_dyxc / tf.square(sigma)))
+            count = tf.cast(tf.size(xv) // tf.size(mu), xv.dtype)
+            sum_dy = mean_dy * count
+            red_all = [0] + list(red)
+            dgamma = tf.reduce_sum(s * mean_dyxc * count + d * sum_dy, axis=red_all, keepdims=True)
+            dbeta = tf.reduce_sum(sum_dy, axis=red_all, keepdims=True)
+            return dx, tf.reshape(dgamma, tf.shape(gamma_v)), tf.reshape(dbeta, tf.shape(beta_v))
+
+        return (y, mu, sigma, r_frac, d_frac), grad
+
+    y, mu, sigma, r_frac, d_frac = forward(xg, gamma, beta)
+    return y, tf.stop_gradient(mu), tf.stop_gradient(sigma), tf.stop_gradient(r_frac), tf.stop_gradient(d_frac)
+
+
+def batch_renorm(
+    x,
+    gamma,
+    beta,
+    moving_mean,
+    moving_stddev,
+    *,
+    training: bool,
+    rmax=3.0,
+    dmax=5.0,
+    momentum: float = 0.99,
+    epsilon: float = 1e-3,
+    axis: int = -1,
+    microbatch_size: Optional[int] = None,
+    synchronized: bool = False,
+    explicit_gradient: bool = True,
+) -> BatchRenormOutput:
+    """Batch Renormalization of ``x``, a pure function (no variable is touched).
+
+    Args:
+      x: floating input, batch on axis 0, features on ``axis``.
+      gamma, beta: ``(C,)`` scale and offset, or ``None`` (``scale=False`` /
+        ``center=False``).
+      moving_mean, moving_stddev: ``(C,)`` moving statistics before this step.
+      training: True for batch statistics and a state update, False for
+        inference with the moving statistics. Required, never guessed.
+      rmax, dmax: the clipping limits for this step (numbers or scalar
+        tensors, e.g. from :meth:`renorm.ClipSchedule.limits`).
+      momentum, epsilon, axis, microbatch_size: as in DESIGN.md.
+      synchronized: pool the moments over the replicas of the current
+        ``tf.distribute`` strategy (whole batches only).
+      explicit_gradient: use the paper's explicit backward (True) or autodiff
+        (False). With ``synchronized`` the gradient is always autodiff through
+        the all-reduce.
+
+    Returns:
+      :class:`BatchRenormOutput` ``(y, moving_mean, moving_stddev,
+      r_clipped_fraction, d_clipped_fraction, finite)``.
+    """
+    if not isinstance(training, bool):
+        raise TypeError(f"`training` must be a Python bool (True or False), got training={training!r}.")
+    limits = {"rmax": rmax, "dmax": dmax}
+    check_config(
+        momentum=momentum,
+        epsilon=epsilon,
+        microbatch_size=microbatch_size,
+        **{k: v for k, v in limits.items() if _is_number(v)},
+    )
+    check_pooling("synchronized" if synchronized else None, microbatch_size)
+    x = tf.convert_to_tensor(x)
+    info = check_input(
+        x.shape.as_list() if x.shape.rank is not None else [],
+        dtype_name=x.dtype.name,
+        is_floating=x.dtype.is_floating,
+        axis=axis,
+        microbatch_size=microbatch_size,
+        num_features=int(moving_mean.shape[0]),
+        training=training,
+    )
+    ax = info.axis
+    nd = x.shape.rank
+    c = info.num_features
+    cdt = compute_dtype(x.dtype)
+    state_dtype = moving_mean.dtype
+    mean_c = tf.cast(moving_mean, cdt)
+    std_c = tf.cast(moving_stddev, cdt)
+    gamma_c = tf.ones([c], cdt) if gamma is None else tf.cast(gamma, cdt)
+    beta_c = tf.zeros([c], cdt) if beta is None else tf.cast(beta, cdt)
+    xc = tf.cast(x, cdt)
+
+    if not training:
+        fshape = [1] * nd
+        fshape[ax] = c
+        scale = tf.reshape(gamma_c / std_c, fshape)
+        y = (xc - tf.reshape(mean_c, fshape)) * scale + tf.reshape(beta_c, fshape)
+        zero = tf.zeros([], tf.float32)
+        return BatchRenormOutput(
+            tf.cast(y, x.dtype), moving_mean, moving_stddev, zero, zero, tf.constant(True)
+        )
+
+    with tf.control_dependencies(_runtime_checks(x, info, microbatch_size)):
+        dims = _dims(x)
+        if microbatch_size is None:
+            xg = tf.expand_dims(xc, 0)  # (1, B, ...): one group
+        else:
+            xg = tf.reshape(xc, [-1, microbatch_size] + dims[1:])  # (G, k, ...)
+    # Grouped view: groups on 0, features on ax + 1; reduce over everything else.
+    red = [i for i in range(1, nd + 1) if i != ax + 1]
+    gshape = [1] * (nd + 1)
+    gshape[ax + 1] = c
+
+    def shaped(v):
+        return tf.reshape(v, gshape)
+
+    rmax_c = _as(rmax, cdt)
+    dmax_c = _as(dmax, cdt)
+    yg, mu, sigma, r_frac, d_frac = _train(
+        xg,
+        shaped(gamma_c),
+        shaped(beta_c),
+        shaped(mean_c),
+        shaped(std_c),
+        rmax_c,
+        dmax_c,
+        _as(epsilon, cdt),
+        red,
+        pooled=synchronized,
+        explicit_gradient=explicit_gradient,
+    )
+    y = tf.reshape(yg, dims)
+
+    finite = tf.reduce_all(tf.math.is_finite(mu)) & tf.reduce_all(tf.math.is_finite(sigma))
+    alpha = _as(1.0 - momentum, cdt)
+    batch_mean = tf.reshape(tf.reduce_mean(mu, axis=0), [c])
+    batch_std = tf.reshape(tf.reduce_mean(sigma, axis=0), [c])
+    new_mean = tf.where(finite, mean_c + alpha * (batch_mean - mean_c), mean_c)
+    new_std = tf.where(finite, std_c + alpha * (batch_std - std_c), std_c)
+    return BatchRenormOutput(
+        tf.cast(y, x.dtype),
+        tf.cast(new_mean, state_dtype),
+        tf.cast(new_std, state_dtype),
+        r_frac,
+        d_frac,
+        finite,
+    )

@@ -1,0 +1,222 @@
+"""The Keras layer against the NumPy oracle, over the shared case registry.
+
+Every case runs its training steps then one inference call and compares, at
+every step, y, dx, dgamma, dbeta (gradient of sum(y * dy)), the moving
+statistics, the step counter and the clip diagnostics with
+``renorm.numpy_ref.BatchRenormReference`` at DESIGN.md's tolerances.
+"""
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from parity import CASE_IDS, CASES, assert_close, make_steps  # noqa: E402
+from tf_helpers import check_against_oracle, make_pair  # noqa: E402
+
+from renorm.tf import BatchRenormalization  # noqa: E402
+
+BY_NAME = dict(zip(CASE_IDS, CASES))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matches_oracle_explicit_gradient(case, dtype):
+    # momentum 0.5 so that the state update is large and visible.
+    check_against_oracle(case, seed=1, dtype=dtype, momentum=0.5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matches_oracle_autodiff(case):
+    check_against_oracle(case, seed=2, dtype="float64", momentum=0.99, explicit_gradient=False)
+
+
+@pytest.mark.parametrize("mode", ["function", "jit"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matches_oracle_compiled(case, mode):
+    # One traced function per layer, reused for every step.
+    check_against_oracle(case, seed=3, dtype="float64", momentum=0.9, mode=mode)
+
+
+@pytest.mark.parametrize(
+    "name,explicit", [("nhwc_mb2_tight", True), ("dense_mb4_tight", False), ("schedule", True), ("nchw_axis1", True)]
+)
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_matches_float64_oracle(name, explicit, policy):
+    # Input in the compute dtype, statistics in float32, state float32, output in the compute dtype.
+    layer, _ = check_against_oracle(
+        BY_NAME[name],
+        seed=4,
+        dtype=policy,
+        momentum=0.9,
+        explicit_gradient=explicit,
+        tol_dtype=policy.split("_")[1],
+    )
+    assert layer.compute_dtype == policy.split("_")[1]
+    for w in layer.weights:
+        assert w.dtype == ("int64" if w.name == "step" else "float32"), (w.name, w.dtype)
+
+
+def test_unknown_batch_size_at_trace_time():
+    case = BY_NAME["nhwc_mb2_tight"]
+    layer, ref = make_pair(case, 5, momentum=0.5, dtype="float32")
+    spec = tf.TensorSpec([None] + list(case.shape[1:]), tf.float32)
+    step = tf.function(lambda x: layer(x, training=True), input_signature=[spec])
+    xs, _, _ = make_steps(case, 5, np.float32)
+    for x in xs[:2]:
+        assert_close(step(tf.constant(x)).numpy(), ref.train(x), "float32", "value", "y")
+        assert_close(layer.moving_mean.numpy(), ref.mean, "float32", "value", "mean")
+    # A batch of 6 (divisible by 2) also runs through the same trace.
+    x6 = np.concatenate([xs[2], xs[3][:2]])
+    assert_close(step(tf.constant(x6)).numpy(), ref.train(x6), "float32", "value", "y, batch 6")
+    assert len(step.get_concrete_function().graph.as_graph_def().node) > 0
+
+
+def test_rmax1_dmax0_is_keras_batch_norm():
+    """rmax=1, dmax=0 gives keras.layers.BatchNormalization's training outputs and gradients.
+
+    Only the moving mean is comparable as state: Keras keeps a moving variance
+    (an average of variances), we keep a moving stddev (an average of
+    sqrt(var + eps)); these are not functions of each other after a step.
+    """
+    rng = np.random.default_rng(0)
+    ours = BatchRenormalization(rmax=1.0, dmax=0.0, momentum=0.8, dtype="float64")
+    bn = keras.layers.BatchNormalization(momentum=0.8, dtype="float64")
+    for layer in (ours, bn):
+        layer.build((16, 2, 3))
+    for w in ("gamma", "beta"):
+        value = rng.uniform(0.5, 1.5, 3)
+        getattr(ours, w).assign(value)
+        getattr(bn, w).assign(value)
+    for _ in range(3):
+        x = tf.constant(rng.normal(3.0, 2.0, (16, 2, 3)))
+        dy = tf.constant(rng.standard_normal((16, 2, 3)))
+        results = []
+        for layer in (ours, bn):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(layer(x, training=True) * dy)
+            results.append([loss] + tape.gradient(loss, [x, layer.gamma, layer.beta]))
+        for a, b, what in zip(*results, ["loss", "dx", "dgamma", "dbeta"]):
+            assert_close(a.numpy(), b.numpy(), "float64", "grad" if what != "loss" else "value", what)
+        assert_close(ours.moving_mean.numpy(), bn.moving_mean.numpy(), "float64", "value", "moving_mean")
+
+
+def test_keras_renorm_is_an_independent_reference():
+    """Keras' own renorm (renorm_momentum == momentum, rmin = 1/rmax) follows the paper: same outputs.
+
+    Keras clips ``renorm_stddev`` below at sqrt(epsilon), which does not bind here.
+    """
+    rng = np.random.default_rng(1)
+    ours = BatchRenormalization(rmax=1.5, dmax=0.5, momentum=0.7, dtype="float64")
+    kr = keras.layers.BatchNormalization(
+        momentum=0.7,
+        renorm=True,
+        renorm_momentum=0.7,
+        renorm_clipping={"rmax": 1.5, "rmin": 1 / 1.5, "dmax": 0.5},
+        dtype="float64",
+    )
+    ours.build((8, 4))
+    kr.build((8, 4))
+    for _ in range(4):
+        x = tf.constant(rng.normal(1.0, 3.0, (8, 4)))
+        dy = tf.constant(rng.standard_normal((8, 4)))
+        out = []
+        for layer in (ours, kr):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(y * dy)
+            out.append((y, tape.gradient(loss, x)))
+        assert_close(out[0][0].numpy(), out[1][0].numpy(), "float64", "value", "y")
+        assert_close(out[0][1].numpy(), out[1][1].numpy(), "float64", "grad", "dx")
+        assert_close(ours.moving_stddev.numpy(), kr.moving_stddev.numpy(), "float64", "value", "stddev")
+        assert_close(ours.moving_mean.numpy(), kr.moving_mean.numpy(), "float64", "value", "mean")
+    # Clipping was active, so the comparison is not the trivial batch-norm one.
+    assert float(ours.r_clipped_fraction.numpy()) + float(ours.d_clipped_fraction.numpy()) > 0
+
+
+def test_offset_data_float32():
+    """1000 + 0.01 * noise in float32: the two-pass variance gives the right r and output."""
+    rng = np.random.default_rng(2)
+    x = (1000.0 + 0.01 * rng.standard_normal((64, 3))).astype(np.float32)
+    dy = rng.standard_normal((64, 3))
+    layer = BatchRenormalization(dtype="float32", epsilon=1e-6)
+    layer.build(x.shape)
+    layer.moving_mean.assign(np.full(3, 1000.0))
+    layer.moving_stddev.assign(np.full(3, 0.01))
+    from renorm.numpy_ref import BatchRenormReference
+
+    ref = BatchRenormReference(3, momentum=0.99, epsilon=1e-6, mean=np.full(3, 1000.0), stddev=np.full(3, 0.01))
+    with tf.GradientTape() as tape:
+        xt = tf.constant(x)
+        tape.watch(xt)
+        y = layer(xt, training=True)
+        loss = tf.reduce_sum(tf.cast(y, tf.float64) * dy)
+    y_ref = ref.train(x.astype(np.float64))
+    assert_close(y.numpy(), y_ref, "float32", "value", "y")
+    # The gradient on such data is ill-conditioned in float32 whoever computes
+    # it (the oracle run in float32 is 9e-4 away from its float64 self), so dx
+    # is held to the oracle's own float32 result.
+    from renorm.numpy_ref.core import train_backward, train_forward
+
+    r32 = train_forward(x, None, None, np.full(3, 1000.0, np.float32), np.full(3, 0.01, np.float32),
+                        rmax=3.0, dmax=5.0, momentum=0.99, epsilon=1e-6)
+    dx32 = train_backward(dy.astype(np.float32), r32.cache)[0]
+    assert_close(tape.gradient(loss, xt).numpy(), dx32, "float32", "grad", "dx")
+    assert_close(layer.moving_stddev.numpy(), ref.stddev, "float32", "value", "stddev")
+
+
+def test_gradient_sums_vanish_per_group_and_constant_channel_is_finite():
+    # sum(dx * x) per group is exactly 0 only in the limit epsilon -> 0 (it is
+    # proportional to epsilon / (var + epsilon)), hence the tiny epsilon.
+    layer = BatchRenormalization(microbatch_size=3, epsilon=1e-12, dtype="float64")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 3))
+    x[:, 1] = 5.0  # a constant channel: sigma_g = sqrt(epsilon)
+    xt = tf.constant(x)
+    dy = tf.constant(rng.standard_normal((6, 3)))
+    for explicit in (True, False):
+        layer.explicit_gradient = explicit
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            loss = tf.reduce_sum(layer(xt, training=True) * dy)
+        dx = tape.gradient(loss, xt).numpy()
+        assert np.all(np.isfinite(dx))
+        groups = dx.reshape(2, 3, 3)
+        np.testing.assert_allclose(groups.sum(axis=1), 0.0, atol=1e-9)
+        np.testing.assert_allclose((groups * x.reshape(2, 3, 3)).sum(axis=1), 0.0, atol=1e-7)
+        assert np.abs(dx[:, 0]).max() > 1e-3  # not trivially zero
+
+
+def test_nan_batch_keeps_state_and_advances_step():
+    layer = BatchRenormalization(momentum=0.5, dtype="float64")
+    x = np.random.default_rng(4).standard_normal((8, 3))
+    layer(tf.constant(x), training=True)
+    mean, std = layer.moving_mean.numpy(), layer.moving_stddev.numpy()
+    x[2, 1] = np.nan
+    step = tf.function(lambda v: layer(v, training=True))
+    y = step(tf.constant(x))
+    assert np.isnan(y.numpy()[:, 1]).all()
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), mean)
+    np.testing.assert_array_equal(layer.moving_stddev.numpy(), std)
+    assert int(layer.step.numpy()) == 2
+
+
+def test_frozen_layer_runs_inference():
+    layer, ref = make_pair(BY_NAME["dense"], 6, momentum=0.5)
+    layer.trainable = False
+    x = make_steps(BY_NAME["dense"], 6)[0][0]
+    y = layer(tf.constant(x), training=True)
+    assert_close(y.numpy(), ref.infer(x), "float64", "value", "frozen output")
+    assert int(layer.step.numpy()) == 0
+    assert_close(layer.moving_mean.numpy(), ref.mean, "float64", "value", "state untouched")
+
+
+def test_inference_is_per_example():
+    layer, _ = make_pair(BY_NAME["nhwc"], 7, momentum=0.5)
+    x = tf.constant(np.random.default_rng(7).standard_normal((4, 3, 3, 4)))
+    full = layer(x, training=False).numpy()
+    one = layer(x[:1], training=False).numpy()
+    np.testing.assert_allclose(one, full[:1], rtol=1e-12)
