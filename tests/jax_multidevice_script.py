@@ -1,0 +1,92 @@
+"""Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4 and JAX_ENABLE_X64=1.
+
+Pooled statistics (``axis_name``, ``axis_index_groups``) must equal those of the
+concatenated global batch: compared with the NumPy oracle run on that batch.
+Exits non-zero (an AssertionError) on any mismatch.
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from parity import Case, assert_close, make_params, make_steps  # noqa: E402
+
+from renorm.jax import BatchRenorm, BatchRenormConfig, BatchRenormState  # noqa: E402
+from renorm.jax import functional as F  # noqa: E402
+from renorm.numpy_ref import BatchRenormReference  # noqa: E402
+
+assert jax.device_count() == 4, jax.devices()
+assert jnp.ones(1, jnp.float64).dtype == jnp.float64
+
+case = Case("pooled", (16, 2, 3), rmax=1.2, dmax=0.3)
+p = make_params(case, 11)
+xs, _, dys = make_steps(case, 11)
+x, dy = jnp.asarray(xs[0]), jnp.asarray(dys[0])
+
+
+def reference(x, dy, momentum=0.9):
+    ref = BatchRenormReference(3, momentum=momentum, epsilon=1e-5, rmax=1.2, dmax=0.3, **p)
+    y = ref.train(np.asarray(x))
+    dx, dg, db = ref.backward(np.asarray(dy))
+    return ref, y, dx, dg, db
+
+
+params = {"scale": jnp.asarray(p["gamma"]), "bias": jnp.asarray(p["beta"])}
+state = BatchRenormState(jnp.asarray(p["mean"]), jnp.asarray(p["stddev"]), jnp.zeros((), jnp.int32))
+
+# 1. shard_map over 4 devices, functional core: outputs, state and gradients of the global batch.
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("b",))
+for fast in (False, True):
+    cfg = BatchRenormConfig(momentum=0.9, rmax=1.2, dmax=0.3, axis_name="b", use_fast_variance=fast)
+
+    def local(x, params, state):
+        return F.train(x, params, state, cfg)
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("b"), P(), P()), out_specs=(P("b"), P(), P()))
+
+    def loss(x, params):
+        y, new_state, diag = sharded(x, params, state)
+        return jnp.sum(y * dy), (y, new_state, diag)
+
+    (_, (y, new_state, diag)), (dx, dparams) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+        x, params
+    )
+    ref, y_ref, dx_ref, dg_ref, db_ref = reference(x, dy)
+    tol = "float64" if not fast else "float32"  # E[x^2]-E[x]^2 loses digits even in float64
+    assert_close(y, y_ref, tol, "value", "shard_map y")
+    assert_close(new_state.mean, ref.mean, tol, "value", "shard_map mean")
+    assert_close(new_state.stddev, ref.stddev, tol, "value", "shard_map stddev")
+    assert_close(dx, dx_ref, tol, "grad", "shard_map dx")
+    assert_close(dparams["scale"], dg_ref, tol, "grad", "shard_map dscale")
+    assert_close(dparams["bias"], db_ref, tol, "grad", "shard_map dbias")
+    assert abs(float(diag.r_clipped) - ref.r_clipped) < 1e-6 and abs(float(diag.d_clipped) - ref.d_clipped) < 1e-6
+
+# 2. pmap of the linen module with axis_index_groups [[0, 1], [2, 3]]: each half is its own global batch.
+module = BatchRenorm(momentum=0.9, rmax=1.2, dmax=0.3, axis_name="batch", axis_index_groups=[[0, 1], [2, 3]],
+                     param_dtype=jnp.float64)
+variables = {"params": params, "batch_stats": state._asdict()}
+
+
+def apply(variables, x):
+    return module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+
+
+rep = jax.tree.map(lambda a: jnp.stack([a] * 4), variables)
+y, upd = jax.pmap(apply, axis_name="batch")(rep, x.reshape(4, 4, 2, 3))
+for half in (0, 1):
+    sl = slice(8 * half, 8 * half + 8)
+    ref, y_ref, *_ = reference(x[sl], dy[sl])
+    assert_close(y.reshape(16, 2, 3)[sl], y_ref, "float64", "value", f"pmap group {half} y")
+    for dev in (2 * half, 2 * half + 1):
+        assert_close(upd["batch_stats"]["mean"][dev], ref.mean, "float64", "value", "pmap mean")
+        assert_close(upd["batch_stats"]["stddev"][dev], ref.stddev, "float64", "value", "pmap stddev")
+        assert int(upd["batch_stats"]["step"][dev]) == 1
+
+# 3. The init of a module with axis_name works outside any mapped axis (as flax's BatchNorm).
+v = module.init(jax.random.key(0), x, use_running_average=False)
+assert int(v["batch_stats"]["step"]) == 0
+print("multidevice OK")
