@@ -5,6 +5,7 @@ Usage::
     renorm-repro run  --preset quick --out runs/quick [--experiment microbatch] [--resume] [--key value ...]
     renorm-repro plot --out runs/quick
     renorm-repro show --preset seed [--key value ...]     # print the config and derived values
+    renorm-repro bench --preset seed --bench-steps 5      # steps/s of one arm on random data, time estimates
 
 ``run`` trains every arm x seed of the experiment (each into its own
 directory), then aggregates and plots. ``plot`` reads only the logs in
@@ -16,6 +17,7 @@ keys and wrong types are refused.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -41,7 +43,55 @@ def _parser():
     show = sub.add_parser("show", help="print a preset's config and derived values (JSON)")
     show.add_argument("--preset", required=True, choices=sorted(PRESETS))
     show.add_argument("--experiment", default="microbatch", choices=sorted(EXPERIMENTS))
+    bench = sub.add_parser("bench", help="measure training steps/s of a preset's model on random data "
+                                         "and estimate the preset's time")
+    bench.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    bench.add_argument("--experiment", default="microbatch", choices=sorted(EXPERIMENTS))
+    bench.add_argument("--arm", default="brn_micro")
+    bench.add_argument("--bench-steps", type=int, default=5, help="timed steps (after one compiling step)")
+    bench.add_argument("--gpu-tflops", type=float, default=100.0,
+                       help="effective TFLOP/s assumed for the GPU estimate (default 100)")
     return p
+
+
+def benchmark(cfg, arm, steps, gpu_tflops=100.0, log=print):
+    """Steps/s of ``arm`` on random data of the preset's shape; FLOP-based time estimates."""
+    import tempfile
+
+    import numpy as np
+
+    from renorm_repro.data import Dataset
+    from renorm_repro.train import train_run
+
+    if steps < 1:
+        raise ConfigError(f"--bench-steps must be >= 1, got {steps}.")
+    if arm not in cfg.arms:
+        raise ConfigError(f"--arm must be one of {cfg.arms}, got {arm!r}.")
+    rng = np.random.default_rng(0)
+    shape, classes = cfg.image_shape(), cfg.num_classes()
+    n = cfg.batch_size
+    ds = Dataset("random", rng.integers(0, 256, (n,) + shape, dtype=np.uint8), rng.integers(0, classes, n),
+                 rng.integers(0, 256, (n,) + shape, dtype=np.uint8), rng.integers(0, classes, n), classes)
+    import dataclasses
+
+    bcfg = dataclasses.replace(cfg, steps=steps + 1, eval_every=steps + 1, checkpoint_every=10 ** 9,
+                               eval_batch_size=min(cfg.eval_batch_size, n))
+    with tempfile.TemporaryDirectory() as tmp:
+        res = train_run(bcfg, arm, 0, tmp + "/run", ds, progress=False, log=lambda m: None)
+    rate = res["train_steps_per_s"]
+    d = cfg.derived()
+    run_s = cfg.steps / rate
+    total_s = run_s * len(cfg.arms) * len(cfg.seeds)
+    gpu_run_s = d["train_flops_per_run"] / (gpu_tflops * 1e12)
+    result = {
+        "arm": arm, "batch_size": cfg.batch_size, "timed_steps": steps, "steps_per_s": rate,
+        "train_flops_per_step": d["train_flops_per_step"], "achieved_gflops": rate * d["train_flops_per_step"] / 1e9,
+        "run_hours_here": run_s / 3600, "preset_hours_here": total_s / 3600,
+        "gpu_tflops_assumed": gpu_tflops, "gpu_run_hours": gpu_run_s / 3600,
+        "gpu_preset_hours": gpu_run_s * len(cfg.arms) * len(cfg.seeds) / 3600,
+    }
+    log(json.dumps(result, indent=2))
+    return result
 
 
 def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, log=print):
@@ -85,6 +135,9 @@ def main(argv=None):
             print("figures: " + ", ".join(str(p) for p in report["figures"]))
             return 0
         cfg = get_config(args.preset, args.experiment, parse_override_tokens(rest))
+        if args.command == "bench":
+            benchmark(cfg, args.arm, args.bench_steps, args.gpu_tflops)
+            return 0
         if args.command == "show":
             print(dumps(cfg))
             return 0

@@ -126,6 +126,9 @@ class MicrobatchConfig:
         for key in ("microbatch_size", "bn_group"):
             if self.batch_size % getattr(self, key):
                 bad(key, f"must divide batch_size={self.batch_size}")
+        if self.jit_compile and self.deterministic:
+            bad("jit_compile", "cannot be combined with deterministic=True (XLA has no deterministic max-pooling "
+                "gradient); pass --deterministic false with --jit-compile true")
         if not 0.0 <= self.momentum < 1.0:
             bad("momentum", "must be in [0, 1) (the moving statistics move by 1 - momentum per step)")
         if not self.epsilon > 0:
@@ -170,6 +173,16 @@ class MicrobatchConfig:
             "brn_micro": f"Batch Renorm, micro-batch {k}",
             "bn_32": f"Batch Norm, groups of {g}",
         }[arm]
+
+    def train_batch_indices(self, labels, seed: int, step: int):
+        """Indices of the training batch at ``step``: i.i.d. shuffled epochs (a pure function of seed, step).
+
+        The hook through which an experiment chooses its minibatch structure (the
+        non-i.i.d. experiment of section 4.3 returns ``data.noniid_batch_indices``).
+        """
+        from renorm_repro.data import batch_indices
+
+        return batch_indices(len(labels), self.batch_size, seed, step)
 
     def image_shape(self) -> Tuple[int, int, int]:
         return (8, 8, 1) if self.dataset == "digits" else (32, 32, 3)

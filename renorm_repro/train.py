@@ -3,7 +3,7 @@
 One call of :func:`train_run` trains one (arm, seed) into its own run directory:
 
 - data: ``uint8`` arrays in memory; the batch of step ``t`` is
-  :func:`renorm_repro.data.batch_indices` ``(seed, t)`` (a pure function, so a
+  ``cfg.train_batch_indices(labels, seed, t)`` (by default :func:`renorm_repro.data.batch_indices`, a pure function, so a
   resumed run sees the same batches), fed by ``tf.data`` with prefetch; the
   conversion to float and the per-channel normalization run on the device,
   inside the compiled step;
@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from renorm_repro.data import Dataset, batch_indices
+from renorm_repro.data import Dataset
 from renorm_repro.runs import MetricsLog, RunDirError, _write_json, config_to_dict, versions
 
 __all__ = ["make_norm_layer", "build_model", "train_run", "TrainResult"]
@@ -173,11 +173,10 @@ def train_run(
         _write_json(rdir / "versions.json", versions())
 
         x_train, y_train = dataset.x_train, dataset.y_train
-        n = len(y_train)
 
         def batches():
             for t in range(start, cfg.steps):
-                idx = batch_indices(n, cfg.batch_size, seed, t)
+                idx = cfg.train_batch_indices(y_train, seed, t)
                 yield x_train[idx], y_train[idx]
 
         sig = (tf.TensorSpec((cfg.batch_size,) + dataset.image_shape, tf.uint8),
@@ -252,10 +251,16 @@ def train_run(
                    dynamic_ncols=True, leave=False)
         cur = start
         stopped = False
+        t_first = t_last = None  # wall clock after the first (compiling) and the last training step
         for x, y in dist_ds:
             train_step(x, y)
             cur += 1
             bar.update(1)
+            if cur == start + 1 or cur == cfg.steps or cur % cfg.eval_every == 0:
+                step.numpy()  # wait for the device
+                now = time.perf_counter()
+                t_first = now if t_first is None else t_first
+                t_last = now
             if cur % cfg.eval_every == 0 or cur == cfg.steps:
                 val_loss, val_acc = evaluate()
                 cnt = max(count_sum.numpy(), 1.0)
@@ -288,7 +293,11 @@ def train_run(
                 break
         bar.close()
         if not stopped:
-            _write_json(done, {"final_step": cur, "wall_s": time.perf_counter() - t0})
-        return TrainResult(final_step=cur, stopped=stopped)
+            timed = cur - start - 1
+            rate = timed / (t_last - t_first) if timed > 0 and t_last > t_first else None
+            _write_json(done, {"final_step": cur, "wall_s": time.perf_counter() - t0,
+                               "train_steps_per_s": rate, "timed_steps": timed})
+        rate = json.loads(done.read_text()).get("train_steps_per_s") if not stopped else None
+        return TrainResult(final_step=cur, stopped=stopped, train_steps_per_s=rate)
     finally:
         keras.mixed_precision.set_global_policy("float32")

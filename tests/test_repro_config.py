@@ -29,7 +29,7 @@ def test_presets_build_and_derive_the_scaled_paper_schedule():
 
 def test_overrides_parse_types():
     cfg = C.get_config("smoke", overrides=C.parse_override_tokens(
-        ["--steps", "7", "--seeds=1,2", "--arms", "bn_micro", "--learning-rate", "1e-2", "--jit-compile", "true",
+        ["--steps", "7", "--seeds=1,2", "--arms", "bn_micro", "--learning-rate", "1e-2", "--jit-compile", "true", "--deterministic", "false",
          "--data-dir", "none", "--rmax", "2"]))
     assert (cfg.steps, cfg.seeds, cfg.arms, cfg.learning_rate, cfg.jit_compile, cfg.data_dir, cfg.rmax) == \
         (7, (1, 2), ("bn_micro",), 1e-2, True, None, 2.0)
@@ -47,6 +47,7 @@ def test_overrides_parse_types():
     ({"microbatch_size": "3"}, r"`microbatch_size` must divide batch_size=64, got microbatch_size=3"),
     ({"momentum": "1.0"}, r"`momentum` must be in \[0, 1\)"),
     ({"rmax": "0.5"}, r"rmax=0.5.*`rmax` must be a finite number >= 1"),
+    ({"jit_compile": "true"}, r"`jit_compile` cannot be combined with deterministic=True"),
     ({"experiment": "x"}, r"Unknown config key --experiment"),
 ])
 def test_bad_overrides_are_refused_with_the_key_and_value(overrides, match):

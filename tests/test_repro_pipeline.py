@@ -156,3 +156,24 @@ def test_ema_and_rmsprop_options_run(tmp_path):
         (tmp_path / "other").mkdir()
         (tmp_path / "other" / "file").write_text("x")
         run_experiment(cfg, tmp_path / "other", progress=False, log=lambda m: None)
+
+
+def test_mirrored_strategy_and_mixed_precision_run(tmp_path):
+    cfg = C.get_config("smoke", overrides={"arms": "brn_micro", "steps": 2, "eval_every": 2,
+                                           "strategy": "mirrored", "precision": "mixed_bfloat16",
+                                           "cache_dir": str(tmp_path / "cache")})
+    from renorm_repro.cli import run_experiment
+
+    report = run_experiment(cfg, tmp_path / "out", progress=False, log=lambda m: None)
+    assert report["aggregate"]["arms"]["brn_micro"]["final_step"] == 2
+    assert keras.mixed_precision.global_policy().name == "float32"  # the policy is restored afterwards
+    rec = json.loads((tmp_path / "out" / "runs" / "brn_micro" / "seed0" / "config.json").read_text())
+    assert rec["replicas"] >= 1
+
+
+def test_bench_measures_steps_per_second(capsys):
+    assert main(["bench", "--preset", "smoke", "--bench-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert result["steps_per_s"] > 0 and result["train_flops_per_step"] == C.get_config("smoke").derived()[
+        "train_flops_per_step"]
