@@ -343,3 +343,9 @@ for synchronized in (True, False):
 def test_mirrored_strategy_two_cpu_replicas():
     out = _run(DISTRIBUTED)
     assert "OK True" in out and "OK False" in out
+
+
+def test_masks_are_refused_rather_than_ignored():
+    layer = BatchRenormalization()
+    with pytest.raises(NotImplementedError, match="mask"):
+        layer(tf.ones((4, 3, 2)), training=True, mask=tf.ones((4, 3), bool))
