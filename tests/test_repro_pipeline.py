@@ -122,7 +122,7 @@ def test_plot_reads_only_the_logs(smoke_out, tmp_path):
     assert json.loads((copy / "summary.json").read_text()) == json.loads((out / "summary.json").read_text())
 
 
-def test_resume_after_a_kill_ends_with_identical_metrics(tmp_path):
+def test_resume_after_a_kill_ends_with_identical_metrics(tmp_path, capsys):
     cache = str(tmp_path / "cache")
     common = ["--preset", "smoke", "--cache-dir", cache, "--arms", "brn_micro", "--steps", "10",
               "--eval-every", "2", "--checkpoint-every", "4", "--no-progress"]
@@ -133,7 +133,11 @@ def test_resume_after_a_kill_ends_with_identical_metrics(tmp_path):
     rdir = cut / "runs" / "brn_micro" / "seed0"
     assert not (rdir / "done.json").exists()
     assert [int(r["step"]) for r in _rows(rdir / "metrics.csv")] == [2, 4, 6]
+    capsys.readouterr()
     assert main(["run", "--out", str(cut), "--resume"] + common) == 0
+    log = capsys.readouterr().out
+    assert "resumed from" in log and "ckpt-4 at step 4" in log  # continued, not restarted
+    assert "step 2/10" not in log and "step 6/10" in log
     a = _rows(full / "runs" / "brn_micro" / "seed0" / "metrics.csv")
     b = _rows(rdir / "metrics.csv")
     assert [r["step"] for r in b] == ["2", "4", "6", "8", "10"]
