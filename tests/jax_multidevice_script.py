@@ -40,8 +40,9 @@ state = BatchRenormState(jnp.asarray(p["mean"]), jnp.asarray(p["stddev"]), jnp.z
 
 # 1. shard_map over 4 devices, functional core: outputs, state and gradients of the global batch.
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("b",))
-for fast in (False, True):
-    cfg = BatchRenormConfig(momentum=0.9, rmax=1.2, dmax=0.3, axis_name="b", use_fast_variance=fast)
+for fast, explicit in ((False, True), (False, False), (True, True)):
+    cfg = BatchRenormConfig(momentum=0.9, rmax=1.2, dmax=0.3, axis_name="b", use_fast_variance=fast,
+                            explicit_backward=explicit)
 
     def local(x, params, state):
         return F.train(x, params, state, cfg)
@@ -57,12 +58,12 @@ for fast in (False, True):
     )
     ref, y_ref, dx_ref, dg_ref, db_ref = reference(x, dy)
     tol = "float64" if not fast else "float32"  # E[x^2]-E[x]^2 loses digits even in float64
-    assert_close(y, y_ref, tol, "value", "shard_map y")
-    assert_close(new_state.mean, ref.mean, tol, "value", "shard_map mean")
-    assert_close(new_state.stddev, ref.stddev, tol, "value", "shard_map stddev")
-    assert_close(dx, dx_ref, tol, "grad", "shard_map dx")
-    assert_close(dparams["scale"], dg_ref, tol, "grad", "shard_map dscale")
-    assert_close(dparams["bias"], db_ref, tol, "grad", "shard_map dbias")
+    assert_close(y, y_ref, tol, "value", f"shard_map {fast=} {explicit=} y")
+    assert_close(new_state.mean, ref.mean, tol, "value", f"shard_map {fast=} {explicit=} mean")
+    assert_close(new_state.stddev, ref.stddev, tol, "value", f"shard_map {fast=} {explicit=} stddev")
+    assert_close(dx, dx_ref, tol, "grad", f"shard_map {fast=} {explicit=} dx")
+    assert_close(dparams["scale"], dg_ref, tol, "grad", f"shard_map {fast=} {explicit=} dscale")
+    assert_close(dparams["bias"], db_ref, tol, "grad", f"shard_map {fast=} {explicit=} dbias")
     assert abs(float(diag.r_clipped) - ref.r_clipped) < 1e-6 and abs(float(diag.d_clipped) - ref.d_clipped) < 1e-6
 
 # 2. pmap of the linen module with axis_index_groups [[0, 1], [2, 3]]: each half is its own global batch.

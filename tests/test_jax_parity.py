@@ -22,7 +22,7 @@ def x64():
         yield
 
 
-def run_parity(case, momentum, dtype, seed=0):
+def run_parity(case, momentum, dtype, seed=0, explicit_backward=True):
     """Train ``case.steps`` steps and infer once; compare every step with the oracle (float64)."""
     np_dtype = {"bfloat16": ml_dtypes.bfloat16}.get(dtype, dtype)
     xs, x_eval, dys = make_steps(case, seed, np_dtype)
@@ -36,7 +36,7 @@ def run_parity(case, momentum, dtype, seed=0):
     # oracle itself misses the float32 gradient tolerance there. The port may
     # not be worse than 3x the oracle's own float32 error in that case.
     ref32 = None if dtype == "float64" else oracle(case, momentum, p_rounded, dtype=np.float32)
-    module = linen_module(case, momentum, param_dtype=param_dtype)
+    module = linen_module(case, momentum, param_dtype=param_dtype, explicit_backward=explicit_backward)
     params, stats = variables(case, p, param_dtype)
     step = train_step_fn(module)
     m = case.num_features * (1 if case.microbatch_size is None else case.shape[0] // case.microbatch_size)
@@ -75,7 +75,14 @@ def run_parity(case, momentum, dtype, seed=0):
 @pytest.mark.parametrize("momentum", [0.99, 0.5])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_parity_float64(case, momentum, x64):
+    """The default gradient: the paper's explicit backward (custom VJP)."""
     run_parity(case, momentum, "float64")
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_parity_float64_autodiff(case, x64):
+    """The reference gradient: plain autodiff through the forward pass."""
+    run_parity(case, 0.5, "float64", explicit_backward=False)
 
 
 @pytest.mark.parametrize("momentum", [0.99, 0.5])

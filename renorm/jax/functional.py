@@ -36,13 +36,26 @@ Numerics, written once here:
 - If a batch statistic is NaN or Inf the moving statistics are kept (the step
   counter still advances), so one bad batch cannot poison the state.
 
-Gradients come from autodiff; ``r`` and ``d`` are constants for it, as in the
-paper, and the state update carries no gradient.
+Gradients: ``r`` and ``d`` are constants (``stop_gradient``), as in the
+paper, and the state update carries no gradient. By default
+(``explicit_backward=True``) the input gradient is the paper's explicit
+backward, as a ``jax.custom_vjp``, per group with ``g = dy * scale``::
+
+    dx = r / sigma * (g - mean(g) - (x - mu) * mean(g * (x - mu)) / sigma**2)
+
+It keeps only the input (in its own dtype) and per-feature vectors for the
+backward pass, and is faster than autodiff through the two-pass moments
+(which keeps ``x - mu`` in float32). ``explicit_backward=False`` uses plain
+autodiff, the tested reference; use it also for forward-mode
+differentiation (``jax.jvp``, ``jax.jacfwd``), which a custom VJP does not
+support.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
@@ -92,7 +105,10 @@ class BatchRenormConfig:
     """Static configuration of :func:`train` and :func:`inference` (hashable).
 
     Validated at construction through :mod:`renorm.config`, so that every
-    backend rejects the same values with the same words.
+    backend rejects the same values with the same words. ``axis_name`` and
+    ``axis_index_groups`` pool the moments over a mapped axis (``pmap``,
+    ``shard_map``) as in ``flax.linen.BatchNorm``; ``explicit_backward``
+    selects the custom VJP (default) or plain autodiff.
     """
 
     momentum: float = 0.99
@@ -107,6 +123,7 @@ class BatchRenormConfig:
     axis_name: Optional[Any] = None
     axis_index_groups: Any = None
     use_fast_variance: bool = False
+    explicit_backward: bool = True
 
     def __post_init__(self):
         check_config(
@@ -192,6 +209,108 @@ def _moments(xg, axes, config: BatchRenormConfig):
     return mu, var
 
 
+class _Spec(NamedTuple):
+    """Static description of one normalization (hashable)."""
+
+    config: BatchRenormConfig
+    axes: tuple  # reduced axes of the grouped view
+    fshape: tuple  # broadcast shape of a per-(group, feature) value
+    out_dtype: Any
+
+
+def _varying(v) -> frozenset:
+    """Mesh axes over which ``v`` varies inside ``shard_map`` (empty elsewhere)."""
+    aval = jax.typeof(v)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", None) or ())
+
+
+def _match_varying(v, like):
+    """Mark a replicated parameter as varying like the input inside ``shard_map``.
+
+    A custom VJP must return a cotangent of its input's type; the gradient of
+    a replicated parameter is then summed over devices by the transpose of
+    this cast, as autodiff would do. A no-op outside ``shard_map``.
+    """
+    missing = tuple(sorted(_varying(like) - _varying(v)))
+    return lax.pcast(v, missing, to="varying") if missing else v
+
+
+def _renorm(spec: _Spec, xg, scale, bias, mean, stddev, rmax, dmax):
+    """Normalization of the grouped view, differentiated by autodiff.
+
+    Returns ``y`` (grouped, ``spec.out_dtype``) and ``(mu, sigma, r_raw,
+    d_raw)`` per group and feature (keepdims), ``r``/``d`` before the clip.
+    """
+    config = spec.config
+    cdt = compute_dtype(xg.dtype)
+    xf = xg.astype(cdt)
+    mu, var = _moments(xf, spec.axes, config)
+    sigma = jnp.sqrt(var + jnp.asarray(config.epsilon, cdt))
+    r_raw = lax.stop_gradient(sigma) / stddev
+    d_raw = (lax.stop_gradient(mu) - mean) / stddev
+    r = lax.stop_gradient(jnp.clip(r_raw, 1.0 / rmax, rmax))
+    d = lax.stop_gradient(jnp.clip(d_raw, -dmax, dmax))
+    # y = scale * ((x - mu) / sigma * r + d) + bias = (x - mu) * a + b
+    a = r / sigma
+    b = d
+    if scale is not None:
+        a = a * scale
+        b = b * scale
+    if bias is not None:
+        b = b + bias
+    y = ((xf - mu) * a + b).astype(spec.out_dtype)
+    return y, (mu, sigma, r_raw, d_raw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _renorm_explicit(spec: _Spec, xg, scale, bias, mean, stddev, rmax, dmax):
+    """:func:`_renorm` with the paper's explicit backward (a custom VJP)."""
+    return _renorm(spec, xg, scale, bias, mean, stddev, rmax, dmax)
+
+
+def _renorm_explicit_fwd(spec, xg, scale, bias, mean, stddev, rmax, dmax):
+    y, aux = _renorm(spec, xg, scale, bias, mean, stddev, rmax, dmax)
+    mu, sigma, r_raw, d_raw = aux
+    r = jnp.clip(r_raw, 1.0 / rmax, rmax)
+    d = jnp.clip(d_raw, -dmax, dmax)
+    # Residuals: the input in its own dtype and per-feature vectors only.
+    return (y, aux), (xg, scale, mu, sigma, r, d, mean, stddev, rmax, dmax)
+
+
+def _renorm_explicit_bwd(spec, res, cotangents):
+    """Per group, with ``g = dy * scale`` and means over the (pooled) group::
+
+        dx     = r / sigma * (g - mean(g) - (x - mu) * mean(g * (x - mu)) / sigma**2)
+        dscale = sum(dy * xhat),  dbias = sum(dy)
+
+    which is DESIGN.md's ``g r/sigma + dL/dsigma (x - mu)/(m sigma) + dL/dmu / m``.
+    ``mu``, ``sigma``, ``r`` and ``d`` reach the state and diagnostics only
+    under ``stop_gradient``, so their cotangents are zero and ignored.
+    """
+    xg, scale, mu, sigma, r, d, mean, stddev, rmax, dmax = res
+    dy, _ = cotangents
+    cdt = mu.dtype
+    axes = spec.axes
+    dyf = dy.astype(cdt)
+    xc = xg.astype(cdt) - mu
+    sum_dy = jnp.sum(dyf, axes, keepdims=True)
+    sum_dy_xc = jnp.sum(dyf * xc, axes, keepdims=True)
+    count = math.prod(xg.shape[i] for i in axes)  # values per feature in a group, on this device
+    means = _pmean(jnp.stack([sum_dy, sum_dy_xc]) / count, spec.config)  # over the pooled group
+    a = scale * r / sigma
+    dx = (a * (dyf - means[0] - xc * (means[1] / jnp.square(sigma)))).astype(xg.dtype)
+    dscale = jnp.sum(r / sigma * sum_dy_xc + d * sum_dy, 0, keepdims=True).reshape(scale.shape)
+    dbias = jnp.sum(sum_dy, 0, keepdims=True).reshape(scale.shape)
+    zeros = tuple(jnp.zeros_like(v) for v in (mean, stddev, rmax, dmax))
+    return (dx, dscale, dbias) + zeros
+
+
+_renorm_explicit.defvjp(_renorm_explicit_fwd, _renorm_explicit_bwd)
+
+
 def train(
     x,
     params: Optional[Mapping[str, jax.Array]],
@@ -223,34 +342,28 @@ def train(
     groups = 1 if config.microbatch_size is None else batch // config.microbatch_size
 
     # (B, ...) -> (G, k, ...): the feature axis moves one to the right.
-    xg = x.reshape((groups, batch // groups) + x.shape[1:]).astype(cdt)
+    xg = x.reshape((groups, batch // groups) + x.shape[1:])
     fax = ax + 1
     axes = tuple(i for i in range(1, xg.ndim) if i != fax)
     fshape = _feature_shape(xg.ndim, fax, num_features)
 
-    mu, var = _moments(xg, axes, config)  # (G, 1.., C, 1..)
-    sigma = jnp.sqrt(var + jnp.asarray(config.epsilon, cdt))
-
     mean = lax.stop_gradient(state.mean).astype(cdt).reshape(fshape)
     stddev = lax.stop_gradient(state.stddev).astype(cdt).reshape(fshape)
     rmax, dmax = config.schedule.limits(state.step.astype(cdt), clip=jnp.clip)
-    r_raw = lax.stop_gradient(sigma) / stddev
-    d_raw = (lax.stop_gradient(mu) - mean) / stddev
-    r = lax.stop_gradient(jnp.clip(r_raw, 1.0 / rmax, rmax))
-    d = lax.stop_gradient(jnp.clip(d_raw, -dmax, dmax))
-
-    # y = scale * ((x - mu) / sigma * r + d) + bias = (x - mu) * a + b
     scale = _param(params, "scale")
     bias = _param(params, "bias")
-    a = r / sigma
-    b = d
-    if scale is not None:
-        scale = jnp.asarray(scale).astype(cdt).reshape(fshape)
-        a = a * scale
-        b = b * scale
-    if bias is not None:
-        b = b + jnp.asarray(bias).astype(cdt).reshape(fshape)
-    y = ((xg - mu) * a + b).astype(out_dtype).reshape(x.shape)
+    scale = None if scale is None else jnp.asarray(scale).astype(cdt).reshape(fshape)
+    bias = None if bias is None else jnp.asarray(bias).astype(cdt).reshape(fshape)
+    spec = _Spec(config, axes, fshape, jnp.dtype(out_dtype))
+    if config.explicit_backward:
+        ones = jnp.ones(fshape, cdt)
+        scale = _match_varying(ones if scale is None else scale, xg)
+        bias = _match_varying(0 * ones if bias is None else bias, xg)
+        yg, aux = _renorm_explicit(spec, xg, scale, bias, mean, stddev, rmax, dmax)
+    else:
+        yg, aux = _renorm(spec, xg, scale, bias, mean, stddev, rmax, dmax)
+    mu, sigma, r_raw, d_raw = (lax.stop_gradient(a) for a in aux)
+    y = yg.reshape(x.shape)
 
     # Moving statistics: after y, mean over groups, skipped when not finite.
     mu_s = lax.stop_gradient(mu).reshape(groups, num_features)

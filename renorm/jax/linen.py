@@ -56,6 +56,9 @@ class BatchRenorm(nn.Module):
       dmax: final limit on ``|d|``, >= 0.
       warmup_steps, rmax_steps, dmax_steps: the clipping schedule
         (:class:`renorm.ClipSchedule`); defaults: constant limits.
+      explicit_backward: differentiate with the paper's explicit backward
+        (a custom VJP, the default: faster, and it keeps only the input for
+        the backward pass) or, if False, with plain autodiff.
       microbatch_size: normalize groups of this many consecutive examples
         with their own statistics (``None``: the whole batch). Cannot be
         combined with ``axis_name``.
@@ -74,6 +77,7 @@ class BatchRenorm(nn.Module):
     axis_name: Optional[str] = None
     axis_index_groups: Any = None
     use_fast_variance: bool = False
+    explicit_backward: bool = True
     rmax: float = 3.0
     dmax: float = 5.0
     warmup_steps: int = 0
@@ -100,6 +104,7 @@ class BatchRenorm(nn.Module):
             axis_name=self.axis_name if pooled else None,
             axis_index_groups=self.axis_index_groups if pooled else None,
             use_fast_variance=self.use_fast_variance,
+            explicit_backward=self.explicit_backward,
         )
 
     @nn.compact

@@ -67,6 +67,7 @@ class BatchRenorm(nnx.Module):
         axis_name: tp.Optional[str] = None,
         axis_index_groups: tp.Any = None,
         use_fast_variance: bool = False,
+        explicit_backward: bool = True,
         rmax: float = 3.0,
         dmax: float = 5.0,
         warmup_steps: int = 0,
@@ -87,6 +88,7 @@ class BatchRenorm(nnx.Module):
         self.axis_name = axis_name
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
+        self.explicit_backward = explicit_backward
         self.rmax = rmax
         self.dmax = dmax
         self.warmup_steps = warmup_steps
@@ -120,6 +122,7 @@ class BatchRenorm(nnx.Module):
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
             use_fast_variance=self.use_fast_variance,
+            explicit_backward=self.explicit_backward,
         )
 
     def __call__(self, x, use_running_average: tp.Optional[bool] = None):
