@@ -190,15 +190,17 @@ def test_gradient_sums_vanish_per_group_and_constant_channel_is_finite():
         assert np.abs(dx[:, 0]).max() > 1e-3  # not trivially zero
 
 
-def test_nan_batch_keeps_state_and_advances_step():
-    layer = BatchRenormalization(momentum=0.5, dtype="float64")
-    x = np.random.default_rng(4).standard_normal((8, 3))
+@pytest.mark.parametrize("shape,dtype", [((8, 3), "float64"), ((8, 2, 2, 3), "float32")])  # generic, fused
+def test_nan_batch_keeps_state_and_advances_step(shape, dtype):
+    layer = BatchRenormalization(momentum=0.5, dtype=dtype)
+    x = np.random.default_rng(4).standard_normal(shape).astype(dtype)
     layer(tf.constant(x), training=True)
     mean, std = layer.moving_mean.numpy(), layer.moving_stddev.numpy()
-    x[2, 1] = np.nan
+    assert np.abs(mean).max() > 0
+    x[2, ..., 1] = np.nan
     step = tf.function(lambda v: layer(v, training=True))
     y = step(tf.constant(x))
-    assert np.isnan(y.numpy()[:, 1]).all()
+    assert np.isnan(y.numpy()[..., 1]).all()
     np.testing.assert_array_equal(layer.moving_mean.numpy(), mean)
     np.testing.assert_array_equal(layer.moving_stddev.numpy(), std)
     assert int(layer.step.numpy()) == 2
@@ -220,3 +222,58 @@ def test_inference_is_per_example():
     full = layer(x, training=False).numpy()
     one = layer(x[:1], training=False).numpy()
     np.testing.assert_allclose(one, full[:1], rtol=1e-12)
+
+
+FOUR_D = ["nhwc", "nchw_axis1"]
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "jit"])
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("name", FOUR_D)
+def test_fused_kernels_match_oracle(name, fused, mode):
+    check_against_oracle(BY_NAME[name], seed=8, dtype="float32", momentum=0.5, mode=mode, fused=fused)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_fused_kernels_mixed_precision(policy):
+    check_against_oracle(
+        BY_NAME["nhwc"], seed=9, dtype=policy, momentum=0.9, fused=True, tol_dtype=policy.split("_")[1]
+    )
+
+
+@pytest.mark.parametrize("fused,expected", [(None, True), (False, False)])
+def test_fused_kernels_are_what_runs(fused, expected):
+    layer = BatchRenormalization(fused=fused)
+    layer.build((4, 2, 2, 3))
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return tape.gradient(y, x)
+
+    graph = step.get_concrete_function(tf.TensorSpec((4, 2, 2, 3), tf.float32)).graph
+    ops = set()
+    for op in graph.get_operations():
+        ops.add(op.type)
+        for fn in graph._functions.values():  # custom-gradient bodies
+            ops.update(node.op for node in fn.cached_definition.node_def)
+    assert ("FusedBatchNormV3" in ops and "FusedBatchNormGradV3" in ops) == expected, sorted(ops)
+
+
+@pytest.mark.parametrize(
+    "kwargs,shape,dtype",
+    [
+        (dict(microbatch_size=2), (4, 2, 2, 3), "float32"),
+        (dict(), (4, 3), "float32"),
+        (dict(), (4, 2, 2, 3), "float64"),
+        (dict(axis=2), (4, 2, 2, 3), "float32"),
+        (dict(explicit_gradient=False), (4, 2, 2, 3), "float32"),
+        (dict(epsilon=1e-6), (4, 2, 2, 3), "float32"),
+    ],
+)
+def test_fused_true_where_it_cannot_apply_is_an_error(kwargs, shape, dtype):
+    layer = BatchRenormalization(fused=True, dtype=dtype, **kwargs)
+    with pytest.raises(ValueError, match="fused=True"):
+        layer(tf.zeros(shape, dtype), training=True)

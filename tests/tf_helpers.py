@@ -64,14 +64,16 @@ def train_step_fn(layer, mode: str):
     return tf.function(step, jit_compile=(mode == "jit"))
 
 
-def check_against_oracle(case, seed, *, dtype, momentum, mode="eager", explicit_gradient=True, tol_dtype=None):
+def check_against_oracle(
+    case, seed, *, dtype, momentum, mode="eager", explicit_gradient=True, tol_dtype=None, **extra
+):
     """Train ``case.steps`` steps, then infer; compare everything at every step with the oracle.
 
     Inputs are drawn in float64 and cast to ``dtype``; the oracle runs in
     float64 on the same (cast) values.
     """
     tol_dtype = tol_dtype or dtype
-    layer, ref = make_pair(case, seed, momentum=momentum, dtype=dtype, explicit_gradient=explicit_gradient)
+    layer, ref = make_pair(case, seed, momentum=momentum, dtype=dtype, explicit_gradient=explicit_gradient, **extra)
     xs, x_eval, dys = make_steps(case, seed, np.float64)
     step = train_step_fn(layer, mode)
     in_dtype = layer.compute_dtype

@@ -7,6 +7,6 @@
 """
 
 from renorm.tf.layer import BatchRenormalization
-from renorm.tf.ops import BatchRenormOutput, batch_renorm
+from renorm.tf.ops import BatchRenormOutput, batch_renorm, fused_eligible
 
-__all__ = ["BatchRenormalization", "BatchRenormOutput", "batch_renorm"]
+__all__ = ["BatchRenormalization", "BatchRenormOutput", "batch_renorm", "fused_eligible"]

@@ -57,6 +57,11 @@ class BatchRenormalization(keras.layers.Layer):
         ``tf.distribute`` strategy (whole batches only).
       explicit_gradient: backward by the paper's explicit formula (default,
         two reductions and one element-wise pass) or by autodiff (``False``).
+      fused: train on TensorFlow's fused batch-norm kernels (``FusedBatchNormV3``
+        and its gradient): ``None`` (default) where they apply (4-D input,
+        features on axis 1 or 3, float32/float16/bfloat16, no micro-batches,
+        not synchronized, explicit gradient), ``True`` to require them (an
+        error otherwise), ``False`` never. Same numbers, fewer kernels.
 
     Weights, in this order: ``gamma`` (if ``scale``), ``beta`` (if ``center``),
     then non-trainable ``moving_mean``, ``moving_stddev``, ``step`` (int64),
@@ -88,6 +93,7 @@ class BatchRenormalization(keras.layers.Layer):
         microbatch_size=None,
         synchronized=False,
         explicit_gradient=True,
+        fused=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -121,6 +127,9 @@ class BatchRenormalization(keras.layers.Layer):
         self.microbatch_size = None if microbatch_size is None else int(microbatch_size)
         self.synchronized = bool(synchronized)
         self.explicit_gradient = bool(explicit_gradient)
+        if fused not in (None, True, False):
+            raise TypeError(f"`fused` must be None, True or False, got fused={fused!r}.")
+        self.fused = fused
         self.supports_masking = True
         self.gamma = self.beta = None
         self.moving_mean = self.moving_stddev = self.step = None
@@ -240,6 +249,7 @@ class BatchRenormalization(keras.layers.Layer):
             microbatch_size=self.microbatch_size,
             synchronized=self.synchronized,
             explicit_gradient=self.explicit_gradient,
+            fused=self.fused,
         )
         if training:
             self.moving_mean.assign(out.moving_mean)
@@ -268,6 +278,7 @@ class BatchRenormalization(keras.layers.Layer):
             "microbatch_size": self.microbatch_size,
             "synchronized": self.synchronized,
             "explicit_gradient": self.explicit_gradient,
+            "fused": self.fused,
             **self.schedule.to_dict(),
         }
         return {**super().get_config(), **config}

@@ -52,7 +52,7 @@ from renorm.config import (
     too_few_values_message,
 )
 
-__all__ = ["BatchRenormOutput", "batch_renorm", "compute_dtype"]
+__all__ = ["BatchRenormOutput", "batch_renorm", "compute_dtype", "fused_eligible"]
 
 
 class BatchRenormOutput(NamedTuple):
@@ -201,6 +201,80 @@ def _train(xg, gamma, beta, mean, stddev, rmax, dmax, epsilon, red, pooled, expl
     return y, tf.stop_gradient(mu), tf.stop_gradient(sigma), tf.stop_gradient(r_frac), tf.stop_gradient(d_frac)
 
 
+_FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
+_FUSED_MIN_EPSILON = 1.001e-5  # cuDNN's lower limit on epsilon
+
+
+def fused_eligible(x, *, axis, epsilon, microbatch_size=None, synchronized=False, explicit_gradient=True) -> bool:
+    """Whether :func:`batch_renorm` can run on TensorFlow's fused batch-norm kernels.
+
+    4-D input with the features on axis 1 (NCHW) or 3 (NHWC), float32,
+    float16 or bfloat16, whole-batch statistics, not pooled, explicit gradient,
+    ``epsilon >= 1.001e-5``.
+    """
+    x = tf.convert_to_tensor(x)
+    return (
+        x.shape.rank == 4
+        and axis % 4 in (1, 3)
+        and x.dtype in _FUSED_DTYPES
+        and microbatch_size is None
+        and not synchronized
+        and explicit_gradient
+        and float(epsilon) >= _FUSED_MIN_EPSILON
+    )
+
+
+def _train_fused(x, gamma, beta, mean, stddev, rmax, dmax, epsilon, data_format):
+    """Training forward on ``FusedBatchNormV3`` kernels (whole batch, 4-D).
+
+    Forward: one fused training call normalizes ``x`` with scale 1, offset 0
+    and returns the batch moments, then one fused per-channel affine pass
+    applies ``gamma * r`` and ``beta + gamma * d`` (an inference-mode call with
+    mean 0, variance 0.5 and epsilon 0.5, i.e. a divisor of exactly 1).
+    Backward: ``y`` is batch norm of ``x`` with scale ``gamma * r`` and offset
+    ``beta + gamma * d`` (``r``, ``d`` constants), so one
+    ``FusedBatchNormGradV3`` call with that scale gives ``dx`` exactly as the
+    paper's formula; ``dgamma = r * dscale + d * doffset``, ``dbeta = doffset``.
+    The kernel's batch variance is Bessel-corrected; it is rescaled to the
+    biased one. Returns ``(y, mu, sigma, r_frac, d_frac)`` with ``(C,)`` stats.
+    """
+    f32 = tf.float32
+    empty = tf.constant([], f32)
+    c_axis = 1 if data_format == "NCHW" else 3
+    reduce_axes = [i for i in range(4) if i != c_axis]
+
+    @tf.custom_gradient
+    def forward(xv, gamma_v, beta_v):
+        ones = tf.ones_like(gamma_v)
+        xhat, bmean, bvar, rs1, rs2, rs3 = tf.raw_ops.FusedBatchNormV3(
+            x=xv, scale=ones, offset=tf.zeros_like(beta_v), mean=empty, variance=empty, epsilon=epsilon,
+            exponential_avg_factor=1.0, data_format=data_format, is_training=True,
+        )[:6]
+        shape = tf.shape(xv)
+        n = tf.cast(tf.reduce_prod(tf.gather(shape, reduce_axes)), f32)
+        mu = bmean
+        sigma = tf.sqrt(bvar * ((n - 1.0) / n) + epsilon)
+        r, d, r_frac, d_frac = _corrections(mu, sigma, mean, stddev, rmax, dmax)
+        scale = gamma_v * r
+        y = tf.raw_ops.FusedBatchNormV3(
+            x=xhat, scale=scale, offset=beta_v + gamma_v * d, mean=tf.zeros_like(mu),
+            variance=tf.fill(tf.shape(mu), tf.constant(0.5, f32)), epsilon=0.5, exponential_avg_factor=1.0,
+            data_format=data_format, is_training=False,
+        )[0]
+
+        def grad(dy, *unused):
+            dx, dscale, doffset = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dy, x=xv, scale=scale, reserve_space_1=rs1, reserve_space_2=rs2, reserve_space_3=rs3,
+                epsilon=epsilon, data_format=data_format, is_training=True,
+            )[:3]
+            return dx, r * dscale + d * doffset, doffset
+
+        return (y, mu, sigma, r_frac, d_frac), grad
+
+    y, mu, sigma, r_frac, d_frac = forward(x, gamma, beta)
+    return y, tf.stop_gradient(mu), tf.stop_gradient(sigma), tf.stop_gradient(r_frac), tf.stop_gradient(d_frac)
+
+
 def batch_renorm(
     x,
     gamma,
@@ -217,6 +291,7 @@ def batch_renorm(
     microbatch_size: Optional[int] = None,
     synchronized: bool = False,
     explicit_gradient: bool = True,
+    fused: Optional[bool] = None,
 ) -> BatchRenormOutput:
     """Batch Renormalization of ``x``, a pure function (no variable is touched).
 
@@ -235,6 +310,10 @@ def batch_renorm(
       explicit_gradient: use the paper's explicit backward (True) or autodiff
         (False). With ``synchronized`` the gradient is always autodiff through
         the all-reduce.
+      fused: run training on TensorFlow's fused batch-norm kernels
+        (``FusedBatchNormV3`` and its gradient; see :func:`fused_eligible` for
+        when they apply). ``None`` (default): where eligible; ``True``: always,
+        an error where not eligible; ``False``: never.
 
     Returns:
       :class:`BatchRenormOutput` ``(y, moving_mean, moving_stddev,
@@ -281,7 +360,29 @@ def batch_renorm(
             tf.cast(y, x.dtype), moving_mean, moving_stddev, zero, zero, tf.constant(True)
         )
 
-    with tf.control_dependencies(_runtime_checks(x, info, microbatch_size)):
+    eligible = fused_eligible(
+        x, axis=ax, epsilon=epsilon, microbatch_size=microbatch_size, synchronized=synchronized,
+        explicit_gradient=explicit_gradient,
+    )
+    if fused and not eligible:
+        raise ValueError(
+            "`fused=True` needs a 4-D float32/float16/bfloat16 input with the features on axis 1 or 3, "
+            "microbatch_size=None, synchronized=False, explicit_gradient=True and epsilon >= 1.001e-5; got "
+            f"an input of shape {tuple(x.shape)} and dtype {x.dtype.name}, axis={axis}, "
+            f"microbatch_size={microbatch_size}, synchronized={synchronized}, "
+            f"explicit_gradient={explicit_gradient}, epsilon={epsilon}."
+        )
+    checks = _runtime_checks(x, info, microbatch_size)
+    if eligible and fused is not False:
+        with tf.control_dependencies(checks):
+            x_in = tf.identity(x)
+        y, mu, sigma, r_frac, d_frac = _train_fused(
+            x_in, tf.cast(gamma_c, tf.float32), tf.cast(beta_c, tf.float32), mean_c, std_c,
+            _as(rmax, tf.float32), _as(dmax, tf.float32), float(epsilon), "NCHW" if ax == 1 else "NHWC",
+        )
+        return _finish(x, y, mu[None], sigma[None], r_frac, d_frac, mean_c, std_c, momentum, state_dtype, c)
+
+    with tf.control_dependencies(checks):
         dims = _dims(x)
         if microbatch_size is None:
             xg = tf.expand_dims(xc, 0)  # (1, B, ...): one group
@@ -310,8 +411,12 @@ def batch_renorm(
         pooled=synchronized,
         explicit_gradient=explicit_gradient,
     )
-    y = tf.reshape(yg, dims)
+    return _finish(x, tf.reshape(yg, dims), mu, sigma, r_frac, d_frac, mean_c, std_c, momentum, state_dtype, c)
 
+
+def _finish(x, y, mu, sigma, r_frac, d_frac, mean_c, std_c, momentum, state_dtype, c):
+    """The state update (skipped where a statistic is not finite) and the output tuple."""
+    cdt = mean_c.dtype
     finite = tf.reduce_all(tf.math.is_finite(mu)) & tf.reduce_all(tf.math.is_finite(sigma))
     alpha = _as(1.0 - momentum, cdt)
     batch_mean = tf.reshape(tf.reduce_mean(mu, axis=0), [c])
