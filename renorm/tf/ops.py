@@ -33,6 +33,13 @@ Numerics and speed, written once here:
   one element-wise pass, instead of what autodiff derives from the forward
   graph. ``explicit_gradient=False`` uses autodiff; the tests check both
   against the oracle.
+- Fused kernels (``fused=None``, the default, where they apply: 4-D input
+  with the features on axis 1 or 3, float32/float16/bfloat16, whole batch,
+  not synchronized): training runs on ``FusedBatchNormV3`` (moments and
+  normalization in one kernel, plus one per-channel affine pass for ``r`` and
+  ``d``) and one ``FusedBatchNormGradV3`` for the backward, which is exactly
+  the paper's backward because ``r`` and ``d`` are constants. Elsewhere the
+  generic path above runs. Both are tested against the oracle.
 - If a batch statistic is NaN or Inf the new state equals the old one
   (``finite`` is then False), so one bad batch cannot poison the state.
 """
