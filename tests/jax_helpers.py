@@ -78,6 +78,3 @@ def infer_fn(module):
 
     return infer
 
-
-def to_np(a):
-    return np.asarray(jnp.asarray(a, jnp.float64) if a.dtype == jnp.float64 else jnp.asarray(a, jnp.float32))
