@@ -3,6 +3,8 @@
 Usage::
 
     renorm-repro run  --preset quick --out runs/quick [--experiment microbatch] [--resume] [--key value ...]
+    renorm-repro run  --experiment noniid --preset digits --out runs/noniid   # Figure 3 (section 4.3)
+    renorm-repro run  --experiment iid --preset digits --out runs/iid         # Figure 1 (section 4.1)
     renorm-repro plot --out runs/quick
     renorm-repro show --preset seed [--key value ...]     # print the config and derived values
     renorm-repro bench --preset seed --bench-steps 5      # steps/s of one arm on random data, time estimates
@@ -11,7 +13,9 @@ Usage::
 directory), then aggregates and plots. ``plot`` reads only the logs in
 ``--out``. Any config field is an override: ``--steps 100``, ``--seeds 0,1``,
 ``--arms bn_micro,brn_micro``, ``--dataset cifar100 --data-dir PATH``; unknown
-keys and wrong types are refused.
+keys and wrong types are refused. Experiments: ``microbatch`` (Figure 2, the
+default), ``noniid`` (Figure 3), ``iid`` (Figure 1); each has the presets
+``paper``, ``quick``, ``digits`` (the committed results) and ``smoke``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import json
 import sys
 import time
 
-from renorm_repro.config import EXPERIMENTS, PRESETS, ConfigError, dumps, get_config, parse_override_tokens
+from renorm_repro.config import EXPERIMENTS, ConfigError, dumps, get_config, parse_override_tokens, preset_names
 
 __all__ = ["main", "run_experiment"]
 
@@ -31,7 +35,7 @@ def _parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train every arm x seed, then aggregate and plot")
-    run.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    run.add_argument("--preset", required=True, choices=preset_names())
     run.add_argument("--experiment", default="microbatch", choices=sorted(EXPERIMENTS))
     run.add_argument("--out", required=True, help="output folder (new, or the same one with --resume)")
     run.add_argument("--resume", action="store_true", help="continue the runs in --out from their checkpoints")
@@ -41,13 +45,13 @@ def _parser():
     plot = sub.add_parser("plot", help="aggregate the logs in --out and write the figure and tables")
     plot.add_argument("--out", required=True)
     show = sub.add_parser("show", help="print a preset's config and derived values (JSON)")
-    show.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    show.add_argument("--preset", required=True, choices=preset_names())
     show.add_argument("--experiment", default="microbatch", choices=sorted(EXPERIMENTS))
     bench = sub.add_parser("bench", help="measure training steps/s of a preset's model on random data "
                                          "and estimate the preset's time")
-    bench.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    bench.add_argument("--preset", required=True, choices=preset_names())
     bench.add_argument("--experiment", default="microbatch", choices=sorted(EXPERIMENTS))
-    bench.add_argument("--arm", default="brn_micro")
+    bench.add_argument("--arm", default=None, help="default: the experiment's first Batch Renorm arm")
     bench.add_argument("--bench-steps", type=int, default=5, help="timed steps (after one compiling step)")
     bench.add_argument("--gpu-tflops", type=float, default=100.0,
                        help="effective TFLOP/s assumed for the GPU estimate (default 100)")
@@ -65,17 +69,21 @@ def benchmark(cfg, arm, steps, gpu_tflops=100.0, log=print):
 
     if steps < 1:
         raise ConfigError(f"--bench-steps must be >= 1, got {steps}.")
+    if arm is None:
+        arm = next((a for a in cfg.arms if a.startswith("brn")), cfg.arms[0])
     if arm not in cfg.arms:
         raise ConfigError(f"--arm must be one of {cfg.arms}, got {arm!r}.")
     rng = np.random.default_rng(0)
     shape, classes = cfg.image_shape(), cfg.num_classes()
-    n = cfg.batch_size
-    ds = Dataset("random", rng.integers(0, 256, (n,) + shape, dtype=np.uint8), rng.integers(0, classes, n),
-                 rng.integers(0, 256, (n,) + shape, dtype=np.uint8), rng.integers(0, classes, n), classes)
+    n = max(cfg.batch_size, 4 * classes)  # every class present several times (the non-i.i.d. sampler needs it)
+    labels = np.arange(n) % classes
+    ds = Dataset("random", rng.integers(0, 256, (n,) + shape, dtype=np.uint8), labels,
+                 rng.integers(0, 256, (n,) + shape, dtype=np.uint8), labels, classes)
     import dataclasses
 
     bcfg = dataclasses.replace(cfg, steps=steps + 1, eval_every=steps + 1, checkpoint_every=10 ** 9,
-                               eval_batch_size=min(cfg.eval_batch_size, n))
+                               eval_batch_size=min(cfg.eval_batch_size, n), eval_train_examples=0,
+                               eval_batch_stats=False)
     with tempfile.TemporaryDirectory() as tmp:
         res = train_run(bcfg, arm, 0, tmp + "/run", ds, progress=False, log=lambda m: None)
     rate = res["train_steps_per_s"]

@@ -21,7 +21,8 @@ normalizes on the device (per-channel mean and std of the training set, kept in
 
 The data order of training (:func:`batch_indices`) is a pure function of
 ``(seed, step)``, so a resumed run sees exactly the batches it would have seen.
-The non-i.i.d. sampler of the paper's section 4.3 is :func:`noniid_batch_indices`.
+The non-i.i.d. sampler of the paper's section 4.3 is :func:`noniid_batch_indices`;
+:func:`split_pairs_order` arranges its batches so that consecutive groups split the pairs.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ __all__ = [
     "load_dataset",
     "batch_indices",
     "noniid_batch_indices",
+    "split_pairs_order",
     "DATASETS",
 ]
 
@@ -458,3 +460,25 @@ def noniid_batch_indices(
     rng = np.random.default_rng([seed, step, 7])
     drawn = rng.choice(classes, size=labels_per_batch, replace=True)
     return np.concatenate([rng.choice(by_class[int(c)], size=per_label, replace=False) for c in drawn])
+
+
+def split_pairs_order(indices: np.ndarray, labels_per_batch: int, per_label: int, groups: int) -> np.ndarray:
+    """Reorder a label-by-label batch so that its ``groups`` consecutive parts split every label's images.
+
+    ``indices`` is ordered as :func:`noniid_batch_indices` returns it (the
+    ``per_label`` images of each draw consecutive). Image ``j`` of every draw
+    goes to part ``j % groups``; each part holds ``per_label / groups`` images
+    of every draw, draw by draw. With 16 x 2 and ``groups = 2``: the first half
+    holds the first image of each pair, the second half the second one, so batch
+    norm applied to each half (``microbatch_size = 16``) never sees both images of
+    a pair together (the paper's section 4.3). The set of indices is unchanged.
+    """
+    indices = np.asarray(indices)
+    if indices.shape != (labels_per_batch * per_label,):
+        raise ValueError(f"indices of shape {indices.shape} are not a batch of labels_per_batch x per_label = "
+                         f"{labels_per_batch} x {per_label}.")
+    if groups < 1 or per_label % groups:
+        raise ValueError(f"groups={groups} must divide per_label={per_label}.")
+    # (draw, image) -> (image % groups, draw, image // groups): part, then draw, then the draw's images in the part.
+    grid = indices.reshape(labels_per_batch, per_label // groups, groups)
+    return np.ascontiguousarray(grid.transpose(2, 0, 1)).reshape(-1)

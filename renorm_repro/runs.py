@@ -7,7 +7,8 @@ Layout of an experiment's output folder ``OUT``::
     OUT/runs/<arm>/seed<k>/      one directory per (arm, seed), never shared:
         config.json              the experiment config + this run's arm, seed, normalization
         versions.json
-        metrics.csv              one row per evaluation (METRIC_COLUMNS)
+        metrics.csv              one row per evaluation (METRIC_COLUMNS, then the
+                                 experiment's extra evaluations: metric_columns(cfg))
         checkpoints/             tf.train.CheckpointManager files
         done.json                written last; a run without it is incomplete
     OUT/summary.md, summary.json, accuracy.png, accuracy.svg   (from the logs only)
@@ -29,6 +30,8 @@ from renorm_repro.config import config_from_dict, config_to_dict
 
 __all__ = [
     "METRIC_COLUMNS",
+    "EXTRA_METRIC_COLUMNS",
+    "metric_columns",
     "RunDirError",
     "versions",
     "prepare_experiment_dir",
@@ -42,6 +45,30 @@ METRIC_COLUMNS = (
     "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
     "rmax", "dmax", "r_clipped", "d_clipped", "elapsed_s",
 )
+
+#: Optional evaluations, written after METRIC_COLUMNS when the config turns them on:
+#: training accuracy in inference mode (``eval_train_examples > 0``) and validation with
+#: batch statistics on test minibatches built like the training ones (``eval_batch_stats``).
+EXTRA_METRIC_COLUMNS = {
+    "train_eval": ("train_eval_loss", "train_eval_accuracy"),
+    "batchstat": ("val_batchstat_loss", "val_batchstat_accuracy"),
+}
+
+
+def metric_columns(cfg) -> tuple:
+    """The columns of ``metrics.csv`` for ``cfg``: :data:`METRIC_COLUMNS` and the enabled extras."""
+    cols = METRIC_COLUMNS
+    if cfg.eval_train_examples > 0:
+        cols += EXTRA_METRIC_COLUMNS["train_eval"]
+    if cfg.eval_batch_stats:
+        cols += EXTRA_METRIC_COLUMNS["batchstat"]
+    return cols
+
+
+def _known_layouts():
+    extras = list(EXTRA_METRIC_COLUMNS.values())
+    return [METRIC_COLUMNS, METRIC_COLUMNS + extras[0], METRIC_COLUMNS + extras[1],
+            METRIC_COLUMNS + extras[0] + extras[1]]
 
 
 class RunDirError(RuntimeError):
@@ -131,27 +158,28 @@ def read_experiment_config(out):
 class MetricsLog:
     """``metrics.csv`` of one run: append a row per evaluation; on resume drop rows after the checkpoint."""
 
-    def __init__(self, path):
+    def __init__(self, path, columns=METRIC_COLUMNS):
         self.path = Path(path)
+        self.columns = tuple(columns)
 
     def start(self, resume_step: int = 0) -> None:
         if resume_step == 0 or not self.path.exists():
             with open(self.path, "w", newline="") as f:
-                csv.writer(f).writerow(METRIC_COLUMNS)
+                csv.writer(f).writerow(self.columns)
             return
         rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
         with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            w = csv.DictWriter(f, fieldnames=self.columns)
             w.writeheader()
             for r in rows:
-                w.writerow({k: _fmt(r[k]) for k in METRIC_COLUMNS})
+                w.writerow({k: _fmt(r[k]) for k in self.columns})
 
     def append(self, row: Dict[str, float]) -> None:
-        missing = set(METRIC_COLUMNS) - set(row)
+        missing = set(self.columns) - set(row)
         if missing:
             raise ValueError(f"metrics row is missing {sorted(missing)}")
         with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=METRIC_COLUMNS).writerow({k: _fmt(row[k]) for k in METRIC_COLUMNS})
+            csv.DictWriter(f, fieldnames=self.columns).writerow({k: _fmt(row[k]) for k in self.columns})
 
 
 def _fmt(v):
@@ -164,8 +192,9 @@ def read_metrics(path) -> List[Dict[str, float]]:
     path = Path(path)
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != METRIC_COLUMNS:
-            raise RunDirError(f"{path} has columns {reader.fieldnames}, expected {list(METRIC_COLUMNS)}.")
+        if tuple(reader.fieldnames or ()) not in _known_layouts():
+            raise RunDirError(f"{path} has columns {reader.fieldnames}, expected {list(METRIC_COLUMNS)} "
+                              f"followed by any of {list(EXTRA_METRIC_COLUMNS.values())}.")
         rows = []
         for r in reader:
             row = {k: float(v) for k, v in r.items()}

@@ -13,8 +13,13 @@ One call of :func:`train_run` trains one (arm, seed) into its own run directory:
 - Adam (default) or RMSProp; optional EMA of the trainable weights, used for
   evaluation; optional mixed precision (``mixed_float16`` with loss scaling, or
   ``mixed_bfloat16``);
-- every ``eval_every`` steps: validation loss/accuracy in inference mode, one
-  row in ``metrics.csv``, one log line; every ``checkpoint_every`` steps a
+- every ``eval_every`` steps: validation loss/accuracy in inference mode and,
+  when the config asks for them, training loss/accuracy in inference mode on a
+  fixed subset of the training set (``eval_train_examples``) and validation
+  with batch statistics on test minibatches built like the training ones
+  (``eval_batch_stats``: the layers run in training mode, and every moving
+  statistic, step counter and diagnostic is restored afterwards, so training
+  is unaffected); one row in ``metrics.csv``, one log line; every ``checkpoint_every`` steps a
   ``tf.train.CheckpointManager`` checkpoint of the model, optimizer, step, EMA
   and the running training metrics (the data order needs only the step).
 """
@@ -29,9 +34,16 @@ from typing import Callable, Optional
 import numpy as np
 
 from renorm_repro.data import Dataset
-from renorm_repro.runs import MetricsLog, RunDirError, _write_json, config_to_dict, versions
+from renorm_repro.runs import MetricsLog, RunDirError, _write_json, config_to_dict, metric_columns, versions
 
-__all__ = ["make_norm_layer", "build_model", "train_run", "TrainResult"]
+__all__ = ["make_norm_layer", "build_model", "train_run", "train_eval_subset", "TrainResult"]
+
+
+def train_eval_subset(num_train: int, size: int, seed: int = 1_000_003) -> np.ndarray:
+    """The fixed training examples of the inference-mode training accuracy: all, or ``size`` of them (sorted)."""
+    if size >= num_train:
+        return np.arange(num_train)
+    return np.sort(np.random.default_rng(seed).choice(num_train, size=size, replace=False))
 
 
 def make_norm_layer(cfg, arm: str, name: Optional[str] = None):
@@ -163,7 +175,7 @@ def train_run(
             log(f"[{arm} seed{seed}] resumed from {manager.latest_checkpoint} at step {start}")
         elif resume and (rdir / "metrics.csv").exists():
             log(f"[{arm} seed{seed}] no checkpoint in {rdir}; starting over")
-        metrics = MetricsLog(rdir / "metrics.csv")
+        metrics = MetricsLog(rdir / "metrics.csv", metric_columns(cfg))
         metrics.start(start)
         record = {"config": config_to_dict(cfg), "arm": arm, "seed": seed,
                   "normalization": {k: (v.to_dict() if hasattr(v, "to_dict") else v)
@@ -176,7 +188,7 @@ def train_run(
 
         def batches():
             for t in range(start, cfg.steps):
-                idx = cfg.train_batch_indices(y_train, seed, t)
+                idx = cfg.train_batch_indices(y_train, seed, t, arm)
                 yield x_train[idx], y_train[idx]
 
         sig = (tf.TensorSpec((cfg.batch_size,) + dataset.image_shape, tf.uint8),
@@ -228,22 +240,54 @@ def train_run(
             per_ex = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
             return tf.reduce_sum(per_ex), tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float32))
 
+        @tf.function(jit_compile=cfg.jit_compile)
+        def eval_batch_stats(x, y):
+            logits = model(prep(x), training=True)  # batch statistics; the state is restored by the caller
+            per_ex = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+            return tf.reduce_sum(per_ex), tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float32))
+
+        def _mean_over(fn, x_all, y_all, chunks):
+            total_loss = total_correct = 0.0
+            for sl in chunks:
+                l, c = fn(x_all[sl], y_all[sl])
+                total_loss += float(l)
+                total_correct += float(c)
+            m = sum(len(y_all[sl]) for sl in chunks)
+            return total_loss / m, total_correct / m
+
+        def _ranges(n):
+            return [slice(i, i + cfg.eval_batch_size) for i in range(0, n, cfg.eval_batch_size)]
+
+        test_chunks = _ranges(len(dataset.y_test))
+        train_sub = train_eval_subset(len(y_train), cfg.eval_train_examples) if cfg.eval_train_examples else None
+        if train_sub is not None:
+            x_train_sub, y_train_sub = x_train[train_sub], y_train[train_sub]
+            train_chunks = _ranges(len(train_sub))
+        batchstat_chunks = [cfg.eval_batch_indices(dataset.y_test, i, arm)
+                            for i in range(cfg.eval_batch_count(len(dataset.y_test)))] if cfg.eval_batch_stats else []
+
         def evaluate():
+            """``{column: value}`` of every evaluation of the config (EMA weights if any)."""
             backup = None
             if ema:
                 backup = [v.numpy() for v in model.trainable_variables]
                 for v, e in zip(model.trainable_variables, ema):
                     v.assign(tf.cast(e, v.dtype))
-            total_loss = total_correct = 0.0
-            for i in range(0, len(dataset.y_test), cfg.eval_batch_size):
-                l, c = eval_batch(dataset.x_test[i:i + cfg.eval_batch_size], dataset.y_test[i:i + cfg.eval_batch_size])
-                total_loss += float(l)
-                total_correct += float(c)
+            res = {}
+            res["val_loss"], res["val_accuracy"] = _mean_over(eval_batch, dataset.x_test, dataset.y_test, test_chunks)
+            if train_sub is not None:
+                res["train_eval_loss"], res["train_eval_accuracy"] = _mean_over(
+                    eval_batch, x_train_sub, y_train_sub, train_chunks)
+            if batchstat_chunks:
+                state = [v.numpy() for v in model.non_trainable_variables]
+                res["val_batchstat_loss"], res["val_batchstat_accuracy"] = _mean_over(
+                    eval_batch_stats, dataset.x_test, dataset.y_test, batchstat_chunks)
+                for v, b in zip(model.non_trainable_variables, state):
+                    v.assign(b)
             if backup is not None:
                 for v, b in zip(model.trainable_variables, backup):
                     v.assign(b)
-            m = len(dataset.y_test)
-            return total_loss / m, total_correct / m
+            return res
 
         schedule = cfg.arm_spec(arm)["schedule"]
         t0 = time.perf_counter()
@@ -262,7 +306,8 @@ def train_run(
                 t_first = now if t_first is None else t_first
                 t_last = now
             if cur % cfg.eval_every == 0 or cur == cfg.steps:
-                val_loss, val_acc = evaluate()
+                evals = evaluate()
+                val_loss, val_acc = evals["val_loss"], evals["val_accuracy"]
                 cnt = max(count_sum.numpy(), 1.0)
                 rmax_t, dmax_t = schedule.limits(cur - 1)
                 row = {
@@ -276,6 +321,7 @@ def train_run(
                     "r_clipped": float(np.mean([l.r_clipped_fraction.numpy() for l in norm_layers])),
                     "d_clipped": float(np.mean([l.d_clipped_fraction.numpy() for l in norm_layers])),
                     "elapsed_s": time.perf_counter() - t0,
+                    **evals,
                 }
                 for v in acc_vars:
                     v.assign(0.0)
@@ -283,7 +329,10 @@ def train_run(
                 msg = (f"[{arm} seed{seed}] step {cur}/{cfg.steps} train_loss {row['train_loss']:.4f} "
                        f"train_acc {row['train_accuracy']:.4f} val_loss {val_loss:.4f} val_acc {val_acc:.4f} "
                        f"rmax {row['rmax']:.2f} dmax {row['dmax']:.2f} r_clip {row['r_clipped']:.3f} "
-                       f"d_clip {row['d_clipped']:.3f}")
+                       f"d_clip {row['d_clipped']:.3f}"
+                       + (f" train_eval_acc {row['train_eval_accuracy']:.4f}" if "train_eval_accuracy" in row else "")
+                       + (f" val_batchstat_acc {row['val_batchstat_accuracy']:.4f}"
+                          if "val_batchstat_accuracy" in row else ""))
                 bar.write(msg) if progress else log(msg)
                 bar.set_postfix(val_acc=f"{val_acc:.3f}")
             if cur % cfg.checkpoint_every == 0 or cur == cfg.steps:
