@@ -341,10 +341,16 @@ def train(
     batch = x.shape[0]
     groups = 1 if config.microbatch_size is None else batch // config.microbatch_size
 
-    # (B, ...) -> (G, k, ...): the feature axis moves one to the right.
-    xg = x.reshape((groups, batch // groups) + x.shape[1:])
-    fax = ax + 1
-    axes = tuple(i for i in range(1, xg.ndim) if i != fax)
+    if groups == 1:
+        # The whole batch is one group: no group axis (XLA's CPU backward is
+        # much slower with a leading axis of size 1).
+        xg, fax = x, ax
+        axes = tuple(i for i in range(xg.ndim) if i != fax)
+    else:
+        # (B, ...) -> (G, k, ...): the feature axis moves one to the right.
+        xg = x.reshape((groups, batch // groups) + x.shape[1:])
+        fax = ax + 1
+        axes = tuple(i for i in range(1, xg.ndim) if i != fax)
     fshape = _feature_shape(xg.ndim, fax, num_features)
 
     mean = lax.stop_gradient(state.mean).astype(cdt).reshape(fshape)
