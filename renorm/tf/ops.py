@@ -148,9 +148,9 @@ def _pooled_moments(xg, red):
     return mean, ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_sq) / total[-1]
 
 
-def _corrections(mu, sigma, mean, stddev, rmax, dmax):
+def _corrections(mu, sigma, mean, stddev, rmax, dmax, mu_minus_mean=None):
     r_raw = sigma / stddev
-    d_raw = (mu - mean) / stddev
+    d_raw = (mu - mean if mu_minus_mean is None else mu_minus_mean) / stddev
     rmin = 1.0 / rmax
     r = tf.stop_gradient(tf.clip_by_value(r_raw, rmin, rmax))
     d = tf.stop_gradient(tf.clip_by_value(d_raw, -dmax, dmax))
@@ -184,21 +184,34 @@ def _train(xg, gamma, beta, mean, stddev, rmax, dmax, epsilon, red, pooled, expl
 
     @tf.custom_gradient
     def forward(xv, gamma_v, beta_v):
-        mu, sigma, r, d, r_frac, d_frac = stats(xv)
-        s = r / sigma
-        y = (xv - mu) * (gamma_v * s) + (beta_v + gamma_v * d)
+        # Corrected two-pass moments (Chan, Golub & LeVeque 1983): xc is centred
+        # on a first mean mu0; its sum gives the rounding error of mu0 (delta)
+        # and var = mean(xc**2) - delta**2, exact up to rounding even on
+        # offset data. Full-size work: three reductions, a subtraction and a square.
+        count = tf.cast(_prod([_dims(xv)[i] for i in red]), xv.dtype)
+        mu0 = _group_sum(xv, red) / count
+        xc = xv - mu0
+        delta = _group_sum(xc, red) / count
+        var = tf.maximum(_group_sum(tf.square(xc), red) / count - tf.square(delta), 0.0)
+        mu = mu0 + delta
+        sigma = tf.sqrt(var + epsilon)
+        # mu0 - mean is exact on offset data (both near the same value), so d
+        # keeps the accuracy that rounding mu0 + delta would lose.
+        r, d, r_frac, d_frac = _corrections(mu, sigma, mean, stddev, rmax, dmax, (mu0 - mean) + delta)
+        a = gamma_v * (r / sigma)
+        # y = (x - mu) * a + beta + gamma * d, as two full-size passes over xc.
+        y = xc * a + (beta_v + gamma_v * d - delta * a)
 
         def grad(dy, *unused):
-            # The paper's backward with g = dy * gamma, per group:
-            #   dx = gamma * r / sigma * (dy - mean(dy) - (x - mu) * mean(dy * (x - mu)) / sigma^2)
-            xc = xv - mu
-            mean_dy = tf.reduce_mean(dy, axis=red, keepdims=True)
-            mean_dyxc = tf.reduce_mean(dy * xc, axis=red, keepdims=True)
-            dx = (gamma_v * s) * (dy - mean_dy - xc * (mean_dyxc / tf.square(sigma)))
-            count = tf.cast(tf.size(xv) // tf.size(mu), xv.dtype)
-            sum_dy = mean_dy * count
+            # The paper's backward with g = dy * gamma, per group, written as
+            #   dx = dy * a - (x - mu) * q - a * mean(dy),  q = a * mean(dy * (x - mu)) / sigma^2
+            # i.e. two reductions (sum(dy), sum(dy * xc)) and four element-wise passes.
+            sum_dy = _group_sum(dy, red)
+            sum_dyxc = _group_sum(dy * xc, red) - delta * sum_dy  # sum(dy * (x - mu))
+            q = a * sum_dyxc / (count * tf.square(sigma))
+            dx = dy * a - xc * q + (q * delta - a * sum_dy / count)
             red_all = [0] + list(red)
-            dgamma = tf.reduce_sum(s * mean_dyxc * count + d * sum_dy, axis=red_all, keepdims=True)
+            dgamma = tf.reduce_sum((r / sigma) * sum_dyxc + d * sum_dy, axis=red_all, keepdims=True)
             dbeta = tf.reduce_sum(sum_dy, axis=red_all, keepdims=True)
             return dx, tf.reshape(dgamma, tf.shape(gamma_v)), tf.reshape(dbeta, tf.shape(beta_v))
 
@@ -206,6 +219,39 @@ def _train(xg, gamma, beta, mean, stddev, rmax, dmax, epsilon, red, pooled, expl
 
     y, mu, sigma, r_frac, d_frac = forward(xg, gamma, beta)
     return y, tf.stop_gradient(mu), tf.stop_gradient(sigma), tf.stop_gradient(r_frac), tf.stop_gradient(d_frac)
+
+
+def _group_sum(v, red):
+    """Sum of ``v`` over the axes ``red`` (keepdims), as matrix products with vectors of ones.
+
+    ``v`` is a grouped view ``(G, ..., C, ...)`` and ``red`` every axis but the
+    group axis 0 and the feature axis. On CPU a matrix-vector product reads
+    ``v`` about 1.7x faster than ``reduce_sum`` over the same axes, at the same
+    float32 accuracy on the shapes measured.
+    """
+    nd = v.shape.rank
+    c_axis = [i for i in range(1, nd) if i not in red]
+    if len(c_axis) != 1:
+        return tf.reduce_sum(v, axis=red, keepdims=True)
+    ca = c_axis[0]
+    dims = _dims(v)
+    before = _prod(dims[1:ca])
+    after = _prod(dims[ca + 1:])
+    t = v
+    if not (isinstance(after, int) and after == 1):
+        t = tf.matmul(tf.reshape(t, [-1, after]), tf.ones([after, 1], v.dtype))  # (G * before * C, 1)
+    t = tf.reshape(t, [dims[0], before, dims[ca]])
+    if not (isinstance(before, int) and before == 1):
+        t = tf.matmul(tf.ones([1, before], v.dtype), t)  # (G, 1, C): the row of ones broadcasts over G
+    keep = [dims[0]] + [1] * (ca - 1) + [dims[ca]] + [1] * (nd - ca - 1)
+    return tf.reshape(t, keep)
+
+
+def _prod(values):
+    out = 1
+    for v in values:
+        out = out * v
+    return out
 
 
 _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
