@@ -143,6 +143,18 @@ class BatchRenormConfig:
                 self, "axis_index_groups", tuple(tuple(int(i) for i in g) for g in self.axis_index_groups)
             )
 
+    @classmethod
+    def from_module(cls, module, pooled: bool = True) -> "BatchRenormConfig":
+        """The configuration held by a module's attributes of the same names.
+
+        ``pooled=False`` drops ``axis_name``/``axis_index_groups`` (inference
+        uses no batch statistic, so there is nothing to pool).
+        """
+        values = {f.name: getattr(module, f.name) for f in dataclasses.fields(cls)}
+        if not pooled:
+            values.update(axis_name=None, axis_index_groups=None)
+        return cls(**values)
+
     @property
     def schedule(self) -> ClipSchedule:
         return ClipSchedule(self.rmax, self.dmax, self.warmup_steps, self.rmax_steps, self.dmax_steps)

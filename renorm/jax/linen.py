@@ -91,21 +91,7 @@ class BatchRenorm(nn.Module):
 
     def config(self, pooled: bool = True) -> F.BatchRenormConfig:
         """The functional configuration (``pooled=False`` drops ``axis_name``)."""
-        return F.BatchRenormConfig(
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            rmax=self.rmax,
-            dmax=self.dmax,
-            warmup_steps=self.warmup_steps,
-            rmax_steps=self.rmax_steps,
-            dmax_steps=self.dmax_steps,
-            axis=self.axis,
-            microbatch_size=self.microbatch_size,
-            axis_name=self.axis_name if pooled else None,
-            axis_index_groups=self.axis_index_groups if pooled else None,
-            use_fast_variance=self.use_fast_variance,
-            explicit_backward=self.explicit_backward,
-        )
+        return F.BatchRenormConfig.from_module(self, pooled)
 
     @nn.compact
     def __call__(self, x, use_running_average: Optional[bool] = None):

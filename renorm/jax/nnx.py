@@ -109,21 +109,7 @@ class BatchRenorm(nnx.Module):
 
     def config(self) -> F.BatchRenormConfig:
         """The functional configuration of the current attributes (validated)."""
-        return F.BatchRenormConfig(
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            rmax=self.rmax,
-            dmax=self.dmax,
-            warmup_steps=self.warmup_steps,
-            rmax_steps=self.rmax_steps,
-            dmax_steps=self.dmax_steps,
-            axis=self.axis,
-            microbatch_size=self.microbatch_size,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            use_fast_variance=self.use_fast_variance,
-            explicit_backward=self.explicit_backward,
-        )
+        return F.BatchRenormConfig.from_module(self)
 
     def __call__(self, x, use_running_average: tp.Optional[bool] = None):
         """Normalizes ``x``; in training updates the statistics and diagnostics."""
