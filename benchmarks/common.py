@@ -101,3 +101,36 @@ def write_results(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     print(f"wrote {path}")
+
+
+def run_step_suite(args, *, suite: str, norms: dict, step_fn: Callable, baseline: str, sync=lambda out: out,
+                   extra: dict | None = None) -> None:
+    """Time one training step per normalization, per batch size; print and save the table.
+
+    ``step_fn(norm, batch, width)`` returns a no-argument callable running one
+    step. Ratios are to ``baseline`` and to the step without normalization
+    (``"none"``), within one run.
+    """
+    batches = [64] if args.quick else args.batches
+    width = 4 if args.quick else args.width
+    rows, raw = [], {}
+    for batch in batches:
+        cands = {name: step_fn(norm, batch, width) for name, norm in norms.items()}
+        times = measure(cands, rounds=args.rounds, warmup=args.warmup, sync=sync)
+        summary = summarize(times, baseline=baseline, floor="none")
+        raw[f"batch {batch}"] = {"times_s": times, "summary": summary}
+        for name, s in summary.items():
+            rows.append({"batch": batch, "width": width, "candidate": name, **s})
+            print(f"batch {batch:5d} {name:18s} {s['median_ms']:9.1f} ms  x{s['vs_baseline']:.3f} of {baseline}  "
+                  f"x{s['vs_floor']:.3f} of no norm", flush=True)
+    table = markdown_table(rows, ["batch", "width", "candidate", "median_ms", "spread", "vs_baseline", "vs_floor"])
+    print(table)
+    write_results(args.out, {"suite": suite, "machine": machine_info(), **(extra or {}), "rounds": args.rounds,
+                             "rows": rows, "raw": raw, "table": table})
+
+
+def step_suite_args(p) -> None:
+    """The step suites' extra command-line options."""
+    p.add_argument("--width", type=int, default=32, help="convnet width (the seed preset's: %(default)s)")
+    p.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1600, 256],
+                   help="comma-separated batch sizes (default: 1600,256)")

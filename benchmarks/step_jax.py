@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from benchmarks.common import machine_info, markdown_table, measure, parse_args, summarize, write_results
+from benchmarks.common import parse_args, run_step_suite, step_suite_args
 from renorm.jax import BatchRenorm
 
 
@@ -86,29 +86,9 @@ def _step_fn(norm, batch, width, seed=0):
 
 
 def run(args):
-    batches = [64] if args.quick else args.batches
-    width = 4 if args.quick else args.width
-    rows, raw = [], {}
-    for batch in batches:
-        cands = {name: _step_fn(norm, batch, width) for name, norm in NORMS.items()}
-        times = measure(cands, rounds=args.rounds, warmup=args.warmup, sync=jax.block_until_ready)
-        summary = summarize(times, baseline="flax BN", floor="none")
-        raw[f"batch {batch}"] = {"times_s": times, "summary": summary}
-        for name, s in summary.items():
-            rows.append({"batch": batch, "width": width, "candidate": name, **s})
-            print(f"batch {batch:5d} {name:18s} {s['median_ms']:9.1f} ms  x{s['vs_baseline']:.3f} of flax BN  "
-                  f"x{s['vs_floor']:.3f} of no norm", flush=True)
-    table = markdown_table(rows, ["batch", "width", "candidate", "median_ms", "spread", "vs_baseline", "vs_floor"])
-    print(table)
-    write_results(args.out, {"suite": "step_jax", "machine": machine_info(), "devices": [str(d) for d in jax.devices()],
-                             "jax": jax.__version__, "rounds": args.rounds, "rows": rows, "raw": raw, "table": table})
-
-
-def _extra(p):
-    p.add_argument("--width", type=int, default=32, help="convnet width (the seed preset's: %(default)s)")
-    p.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1600, 256],
-                   help="comma-separated batch sizes (default: 1600,256)")
+    run_step_suite(args, suite="step_jax", norms=NORMS, step_fn=_step_fn, baseline="flax BN", sync=jax.block_until_ready,
+                   extra={"devices": [str(d) for d in jax.devices()], "jax": jax.__version__})
 
 
 if __name__ == "__main__":
-    run(parse_args(__doc__.splitlines()[0], "benchmarks/results/step_jax.json", extra=_extra))
+    run(parse_args(__doc__.splitlines()[0], "benchmarks/results/step_jax.json", extra=step_suite_args))

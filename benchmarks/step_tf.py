@@ -21,7 +21,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from benchmarks.common import machine_info, markdown_table, measure, parse_args, summarize, write_results  # noqa: E402
+from benchmarks.common import parse_args, run_step_suite, step_suite_args  # noqa: E402
 from renorm.tf import BatchRenormalization  # noqa: E402
 from renorm_repro.train import build_model  # noqa: E402
 
@@ -58,29 +58,9 @@ def _step_fn(norm, batch, width, seed=0):
 
 
 def run(args):
-    batches = [64] if args.quick else args.batches
-    width = 4 if args.quick else args.width
-    rows, raw = [], {}
-    for batch in batches:
-        cands = {name: _step_fn(norm, batch, width) for name, norm in NORMS.items()}
-        times = measure(cands, rounds=args.rounds, warmup=args.warmup)
-        summary = summarize(times, baseline="keras BN", floor="none")
-        raw[f"batch {batch}"] = {"times_s": times, "summary": summary}
-        for name, s in summary.items():
-            rows.append({"batch": batch, "width": width, "candidate": name, **s})
-            print(f"batch {batch:5d} {name:16s} {s['median_ms']:9.1f} ms  x{s['vs_baseline']:.3f} of keras BN  "
-                  f"x{s['vs_floor']:.3f} of no norm", flush=True)
-    table = markdown_table(rows, ["batch", "width", "candidate", "median_ms", "spread", "vs_baseline", "vs_floor"])
-    print(table)
-    write_results(args.out, {"suite": "step_tf", "machine": machine_info(), "tensorflow": tf.__version__,
-                             "rounds": args.rounds, "rows": rows, "raw": raw, "table": table})
-
-
-def _extra(p):
-    p.add_argument("--width", type=int, default=32, help="convnet width (the seed preset's: %(default)s)")
-    p.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1600, 256],
-                   help="comma-separated batch sizes (default: 1600,256)")
+    run_step_suite(args, suite="step_tf", norms=NORMS, step_fn=_step_fn, baseline="keras BN",
+                   extra={"tensorflow": tf.__version__})
 
 
 if __name__ == "__main__":
-    run(parse_args(__doc__.splitlines()[0], "benchmarks/results/step_tf.json", extra=_extra))
+    run(parse_args(__doc__.splitlines()[0], "benchmarks/results/step_tf.json", extra=step_suite_args))
