@@ -281,3 +281,85 @@ def test_fused_true_where_it_cannot_apply_is_an_error(kwargs, shape, dtype):
     layer = BatchRenormalization(fused=True, dtype=dtype, **kwargs)
     with pytest.raises(ValueError, match="fused=True"):
         layer(tf.zeros(shape, dtype), training=True)
+
+
+def _infer_graph_ops(layer, shape, dtype):
+    graph = tf.function(lambda x: layer(x, training=False)).get_concrete_function(tf.TensorSpec(shape, dtype)).graph
+    ops = {op.type for op in graph.get_operations()}
+    for fn in graph._functions.values():  # tf.cond branches
+        ops.update(node.op for node in fn.cached_definition.node_def)
+    return ops
+
+
+@pytest.mark.parametrize(
+    "dtype,fused,expected", [("float32", None, True), ("float32", False, False), ("float64", None, False)]
+)
+def test_inference_kernel_is_what_runs(dtype, fused, expected):
+    layer = BatchRenormalization(fused=fused, dtype=dtype)
+    layer.build((4, 2, 2, 3))
+    assert ("FusedBatchNormV3" in _infer_graph_ops(layer, (4, 2, 2, 3), dtype)) == expected
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "jit"])
+@pytest.mark.parametrize("offset", [0.0, 1000.0])  # fused inference kernel / exact fallback
+@pytest.mark.parametrize("shape,axis", [((32, 2, 2, 4), -1), ((32, 4, 2, 2), 1), ((32, 4, 3), 1), ((64, 4), -1)])
+def test_inference_matches_oracle_with_gradients(shape, axis, offset, mode):
+    """Inference output and its gradients (x, gamma, beta; the frozen-layer case) in float32.
+
+    offset 0: moving statistics of ordinary size (the fused kernel runs);
+    offset 1000 with stddev 0.01: the kernel's x * a + b form would lose 2e-3
+    in float32, so the exact (x - mean) * a + beta runs and must match too.
+    """
+    rng = np.random.default_rng(10)
+    c = shape[axis]
+    fshape = [1] * len(shape)
+    fshape[axis] = c
+    scale = 0.01 if offset else 1.0
+    mean = offset + scale * rng.normal(0.0, 1.0, c)
+    stddev = scale * rng.uniform(0.5, 2.0, c)
+    gamma, beta = rng.uniform(0.5, 1.5, c), rng.normal(0.0, 0.5, c)
+    x = (mean.reshape(fshape) + stddev.reshape(fshape) * rng.standard_normal(shape)).astype(np.float32)
+    dy = rng.standard_normal(shape)
+    layer = BatchRenormalization(axis=axis, dtype="float32")
+    layer.build(shape)
+    for w, v in ((layer.gamma, gamma), (layer.beta, beta), (layer.moving_mean, mean), (layer.moving_stddev, stddev)):
+        w.assign(v)
+
+    def run(xv):
+        with tf.GradientTape() as tape:
+            tape.watch(xv)
+            y = layer(xv, training=False)
+            loss = tf.reduce_sum(tf.cast(y, tf.float64) * dy)
+        return (y,) + tuple(tape.gradient(loss, [xv, layer.gamma, layer.beta]))
+
+    fn = run if mode == "eager" else tf.function(run, jit_compile=(mode == "jit"))
+    y, dx, dgamma, dbeta = fn(tf.constant(x))
+    g32 = [np.float32(v).astype(np.float64) for v in (gamma, beta, mean, stddev)]
+    gamma64, beta64, mean64, std64 = (v.reshape(fshape) for v in g32)
+    x64 = x.astype(np.float64)
+    red = tuple(i for i in range(len(shape)) if i != axis % len(shape))
+    assert_close(y.numpy(), gamma64 * (x64 - mean64) / std64 + beta64, "float32", "value", "y")
+    assert_close(dx.numpy(), np.broadcast_to(dy * gamma64 / std64, shape), "float32", "grad", "dx")
+    assert_close(dgamma.numpy(), (dy * (x64 - mean64) / std64).sum(red), "float32", "grad", "dgamma")
+    assert_close(dbeta.numpy(), dy.sum(red), "float32", "grad", "dbeta")
+    assert int(layer.step.numpy()) == 0
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_inference_mixed_precision(policy, offset):
+    rng = np.random.default_rng(11)
+    c = 4
+    mean = offset + rng.normal(0.0, 1.0, c) * (0.01 if offset else 1.0)
+    stddev = rng.uniform(0.5, 2.0, c) * (0.01 if offset else 1.0)
+    layer = BatchRenormalization(dtype=policy)
+    layer.build((16, 3, 3, c))
+    layer.moving_mean.assign(mean)
+    layer.moving_stddev.assign(stddev)
+    dtype = policy.split("_")[1]
+    x = tf.cast(tf.constant(mean + stddev * rng.standard_normal((16, 3, 3, c))), dtype)
+    y = layer(x, training=False)
+    assert y.dtype == dtype
+    x64 = tf.cast(x, tf.float64).numpy()
+    ref = (x64 - np.float32(mean)) / np.float32(stddev)
+    assert_close(y.numpy(), ref, dtype, "value", "y")
