@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from benchmarks.common import machine_info, markdown_table, measure, parse_args, summarize, write_results  # noqa: E402
+from benchmarks.tf_fused import FusedBatchNorm  # noqa: E402
 from renorm.tf import BatchRenormalization  # noqa: E402
 
 SHAPES = [(1600, 32, 32, 64), (1600, 16, 16, 128), (1600, 8, 8, 256), (4096, 1024)]
@@ -49,34 +50,6 @@ def _layer_infer(layer, x, jit):
     return lambda: f(x)
 
 
-class _Fused:
-    """tf.compat.v1.nn.fused_batch_norm with its moving averages, as Keras 2 used it."""
-
-    def __init__(self, c, momentum=0.99, epsilon=1e-3):
-        self.gamma = tf.Variable(tf.ones([c]))
-        self.beta = tf.Variable(tf.zeros([c]))
-        self.mean = tf.Variable(tf.zeros([c]), trainable=False)
-        self.var = tf.Variable(tf.ones([c]), trainable=False)
-        self.momentum, self.epsilon = momentum, epsilon
-        self.trainable_variables = [self.gamma, self.beta]
-
-    def build(self, shape):
-        pass
-
-    def __call__(self, x, training):
-        shape = tf.shape(x)
-        x4 = x if x.shape.rank == 4 else tf.reshape(x, [shape[0], 1, 1, shape[-1]])
-        if training:
-            y, m, v = tf.compat.v1.nn.fused_batch_norm(x4, self.gamma, self.beta, epsilon=self.epsilon,
-                                                       is_training=True)
-            self.mean.assign_sub((1 - self.momentum) * (self.mean - m))
-            self.var.assign_sub((1 - self.momentum) * (self.var - v))
-        else:
-            y, _, _ = tf.compat.v1.nn.fused_batch_norm(x4, self.gamma, self.beta, self.mean, self.var,
-                                                       epsilon=self.epsilon, is_training=False)
-        return tf.reshape(y, shape)
-
-
 def run(args):
     shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     jits = [False] if args.no_xla else [False, True]
@@ -97,7 +70,7 @@ def run(args):
 
                 cands = {"floor: x*a+b": lambda: floor(x)}
                 if not jit:  # the fused op has no XLA kernel of its own; XLA lowers it differently
-                    cands["fused_batch_norm"] = make(_Fused(c))
+                    cands["fused_batch_norm"] = make(FusedBatchNorm())
                 cands[f"keras BN{xla}"] = make(keras.layers.BatchNormalization())
                 cands[f"keras BN renorm{xla}"] = make(keras.layers.BatchNormalization(
                     renorm=True, renorm_clipping={"rmax": 3.0, "rmin": 1 / 3.0, "dmax": 5.0}, renorm_momentum=0.99))

@@ -5,8 +5,9 @@
 The model is ``renorm_repro.train.build_model`` (the plain 4-layer convnet
 of the reproduction) on 32x32x3 inputs, 100 classes, Adam, one
 ``tf.function`` step (forward, backward, update), batches of 1600 and 256.
-Candidates: no normalization, Keras ``BatchNormalization`` (its fastest
-configuration on this input), Keras with ``renorm=True``, and
+Candidates: no normalization, the fused batch-norm op as a layer (the
+fastest batch norm TensorFlow has, ``benchmarks/tf_fused.py``; the
+baseline), Keras ``BatchNormalization``, Keras with ``renorm=True``, and
 ``renorm.tf.BatchRenormalization`` on the whole batch and on micro-batches
 of 4 and 2. Ratios are to the fastest batch norm, taken within one run.
 """
@@ -22,11 +23,13 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from benchmarks.common import parse_args, run_step_suite, step_suite_args  # noqa: E402
+from benchmarks.tf_fused import FusedBatchNorm  # noqa: E402
 from renorm.tf import BatchRenormalization  # noqa: E402
 from renorm_repro.train import build_model  # noqa: E402
 
 NORMS = {
     "none": lambda name: keras.layers.Identity(name=name),
+    "fused BN": lambda name: FusedBatchNorm(name=name),
     "keras BN": lambda name: keras.layers.BatchNormalization(name=name),
     "keras BN renorm": lambda name: keras.layers.BatchNormalization(
         renorm=True, renorm_clipping={"rmax": 3.0, "rmin": 1 / 3.0, "dmax": 5.0}, renorm_momentum=0.99, name=name),
@@ -58,7 +61,7 @@ def _step_fn(norm, batch, width, seed=0):
 
 
 def run(args):
-    run_step_suite(args, suite="step_tf", norms=NORMS, step_fn=_step_fn, baseline="keras BN",
+    run_step_suite(args, suite="step_tf", norms=NORMS, step_fn=_step_fn, baseline="fused BN",
                    extra={"tensorflow": tf.__version__})
 
 
