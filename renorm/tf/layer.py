@@ -56,12 +56,15 @@ class BatchRenormalization(keras.layers.Layer):
       synchronized: pool the batch moments over all replicas of a
         ``tf.distribute`` strategy (whole batches only).
       explicit_gradient: backward by the paper's explicit formula (default,
-        two reductions and one element-wise pass) or by autodiff (``False``).
+        two reductions and four element-wise passes) or by autodiff (``False``).
       fused: train on TensorFlow's fused batch-norm kernels (``FusedBatchNormV3``
         and its gradient): ``None`` (default) where they apply (4-D input,
         features on axis 1 or 3, float32/float16/bfloat16, no micro-batches,
         not synchronized, explicit gradient), ``True`` to require them (an
         error otherwise), ``False`` never. Same numbers, fewer kernels.
+        Inference runs on the kernel in inference mode (one pass) for
+        float32/float16/bfloat16 where ``|moving_mean| <= 16 * moving_stddev``,
+        the exact three-pass form elsewhere; ``fused=False`` never.
 
     Weights, in this order: ``gamma`` (if ``scale``), ``beta`` (if ``center``),
     then non-trainable ``moving_mean``, ``moving_stddev``, ``step`` (int64),

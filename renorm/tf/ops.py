@@ -20,18 +20,22 @@ Numerics and speed, written once here:
 - Statistics and normalization run in float32 for float32, float16 and
   bfloat16 inputs and in float64 for float64; the output has the input's
   dtype, the new state the dtype of the state passed in.
-- The variance is two-pass, ``mean((x - mu)**2)`` (never ``E[x^2] - E[x]^2``,
-  which cancels to 0 on offset data such as ``1000 + 0.01 * noise``); this
-  holds for the cross-replica (``synchronized``) statistics too.
+- The variance is two-pass (never ``E[x^2] - E[x]^2``, which cancels to 0 on
+  offset data such as ``1000 + 0.01 * noise``); this holds for the
+  cross-replica (``synchronized``) statistics too. The generic explicit path
+  uses the corrected two-pass form: ``xc = x - mu0`` around a first mean,
+  ``delta = mean(xc)``, ``var = mean(xc**2) - delta**2``, ``mu = mu0 + delta``
+  and ``d`` from ``(mu0 - mean) + delta``; its sums are matrix-vector
+  products with a vector of ones (faster than ``reduce_sum`` on CPU).
 - The affine map is folded into per-feature vectors once:
   ``y = (x - mu_g) * a + b`` with ``a = gamma * r / sigma_g`` and
   ``b = beta + gamma * d``; subtracting ``mu_g`` first keeps offset data exact.
 - Micro-batches are a free reshape ``(B, ...) -> (G, k, ...)``: no transpose,
   no Python loop over groups; the feature axis stays where it is.
 - The backward pass is, by default (``explicit_gradient=True``), the paper's
-  explicit formula: two reductions (``sum(dy)``, ``sum(dy * (x - mu_g))``) and
-  one element-wise pass, instead of what autodiff derives from the forward
-  graph. ``explicit_gradient=False`` uses autodiff; the tests check both
+  explicit formula: two reductions (``sum(dy)``, ``sum(dy * xc)``) and
+  ``dx = dy * a - xc * q + c`` with per-(group, feature) vectors, instead of
+  what autodiff derives from the forward graph. ``explicit_gradient=False`` uses autodiff; the tests check both
   against the oracle.
 - Fused kernels (``fused=None``, the default, where they apply: 4-D input
   with the features on axis 1 or 3, float32/float16/bfloat16, whole batch,
@@ -40,6 +44,11 @@ Numerics and speed, written once here:
   ``d``) and one ``FusedBatchNormGradV3`` for the backward, which is exactly
   the paper's backward because ``r`` and ``d`` are constants. Elsewhere the
   generic path above runs. Both are tested against the oracle.
+- Inference runs on one ``FusedBatchNormV3`` pass in inference mode
+  (float32/float16/bfloat16, unless ``fused=False``) where every feature has
+  ``|moving_mean| <= 16 * moving_stddev``; the kernel computes
+  ``x * a + (beta - mean * a)``, whose float32 error grows with that ratio, so
+  elsewhere, and in float64, the exact ``(x - mean) * a + beta`` runs.
 - If a batch statistic is NaN or Inf the new state equals the old one
   (``finite`` is then False), so one bad batch cannot poison the state.
 """
@@ -412,7 +421,10 @@ def batch_renorm(
       fused: run training on TensorFlow's fused batch-norm kernels
         (``FusedBatchNormV3`` and its gradient; see :func:`fused_eligible` for
         when they apply). ``None`` (default): where eligible; ``True``: always,
-        an error where not eligible; ``False``: never.
+        an error where not eligible; ``False``: never (in inference too,
+        which otherwise runs on the kernel in inference mode for
+        float32/float16/bfloat16 where the moving mean is within 16 moving
+        standard deviations of 0).
 
     Returns:
       :class:`BatchRenormOutput` ``(y, moving_mean, moving_stddev,
