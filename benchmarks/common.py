@@ -40,8 +40,19 @@ def measure(candidates: Dict[str, Callable[[], object]], *, rounds: int, warmup:
     return times
 
 
-def summarize(times: Dict[str, List[float]], baseline: Optional[str] = None, floor: Optional[str] = None) -> Dict[str, dict]:
-    """Median, spread (interquartile range / median) and paired ratios per candidate."""
+def paired_ratio(times: Dict[str, List[float]], a: str, b: str) -> float:
+    """Median over rounds of ``time(a) / time(b)``, both timed in the same round."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def summarize(times: Dict[str, List[float]], baseline: Optional[str] = None, floor: Optional[str] = None,
+              whole: Optional[str] = None) -> Dict[str, dict]:
+    """Median, spread (interquartile range / median) and paired ratios per candidate.
+
+    ``vs_baseline``, ``vs_floor`` and (for micro-batch candidates, whose name
+    contains ``mb=`` but not ``mb=None``) ``vs_whole`` are ratios to the
+    candidates named ``baseline``, ``floor`` and ``whole``.
+    """
     out = {}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
@@ -49,7 +60,9 @@ def summarize(times: Dict[str, List[float]], baseline: Optional[str] = None, flo
         row = {"median_ms": 1e3 * med, "spread": (q[2] - q[0]) / med if med else 0.0, "n": len(ts)}
         for key, ref in (("vs_baseline", baseline), ("vs_floor", floor)):
             if ref is not None and ref in times:
-                row[key] = statistics.median(a / b for a, b in zip(ts, times[ref]))
+                row[key] = paired_ratio(times, name, ref)
+        if whole is not None and whole in times and "mb=" in name and "mb=None" not in name:
+            row["vs_whole"] = paired_ratio(times, name, whole)
         out[name] = row
     return out
 

@@ -26,6 +26,8 @@ def test_summarize_takes_paired_ratios():
     assert s["x"]["vs_baseline"] == 2.0  # every round is exactly 2x, whatever the drift
     assert s["base"]["vs_floor"] == 2.0
     assert s["x"]["spread"] > 0
+    mb = summarize({"renorm mb=None": [1.0, 2.0], "renorm mb=2": [1.5, 3.0]}, whole="renorm mb=None")
+    assert mb["renorm mb=2"]["vs_whole"] == 1.5 and "vs_whole" not in mb["renorm mb=None"]
 
 
 def test_markdown_table_and_args():
@@ -49,3 +51,4 @@ def test_jax_layer_suite_runs(tmp_path):
     names = {(r["mode"], r["candidate"]) for r in data["rows"]}
     assert ("train", "renorm mb=2") in names and ("infer", "flax BatchNorm") in names
     assert all(r["vs_baseline"] > 0 for r in data["rows"])
+    assert all("vs_whole" in r for r in data["rows"] if r["candidate"] in ("renorm mb=2", "renorm mb=4"))
