@@ -131,3 +131,21 @@ def make_params(case: Case, seed: int):
         mean=rng.normal(0.0, 1.0, c),
         stddev=rng.uniform(0.5, 2.0, c),
     )
+
+
+# DESIGN.md, "Errors": configurations every port must reject at construction,
+# with the words its message must contain (the argument and the value).
+# Each port's tests add their own options (pooling) to this list.
+CONFIG_ERRORS = [
+    (dict(rmax=0.5), ValueError, "rmax=0.5"),
+    (dict(dmax=-1.0), ValueError, "dmax=-1.0"),
+    (dict(momentum=1.0), ValueError, "momentum=1.0"),
+    (dict(momentum=-0.1), ValueError, "momentum=-0.1"),
+    (dict(epsilon=0.0), ValueError, "epsilon=0.0"),
+    (dict(microbatch_size=0), ValueError, "microbatch_size=0"),
+    (dict(microbatch_size=2.5), TypeError, "microbatch_size=2.5"),
+    (dict(warmup_steps=-1), ValueError, "warmup_steps=-1"),
+    (dict(warmup_steps=10, rmax_steps=5), ValueError, "rmax_steps=5"),
+    (dict(warmup_steps=10, dmax_steps=3), ValueError, "dmax_steps=3"),
+    (dict(rmax="3"), TypeError, "rmax='3'"),
+]

@@ -13,6 +13,7 @@ from flax import serialization
 
 from jax_helpers import oracle, variables
 from parity import CASES, assert_close, make_params, make_steps
+from parity import CONFIG_ERRORS as PORT_CONFIG_ERRORS
 from renorm.jax import BatchRenorm, BatchRenormConfig, functional as F
 from renorm.jax import nnx as rnnx
 
@@ -24,17 +25,7 @@ def make_nnx(**kw):
 
 
 # ----------------------------------------------------------------- errors
-CONFIG_ERRORS = [
-    (dict(rmax=0.5), ValueError, "rmax=0.5"),
-    (dict(dmax=-1.0), ValueError, "dmax=-1.0"),
-    (dict(momentum=1.0), ValueError, "momentum=1.0"),
-    (dict(momentum=-0.1), ValueError, "momentum=-0.1"),
-    (dict(epsilon=0.0), ValueError, "epsilon=0.0"),
-    (dict(microbatch_size=0), ValueError, "microbatch_size=0"),
-    (dict(warmup_steps=-1), ValueError, "warmup_steps=-1"),
-    (dict(warmup_steps=10, rmax_steps=5), ValueError, "rmax_steps=5"),
-    (dict(warmup_steps=10, dmax_steps=3), ValueError, "dmax_steps=3"),
-    (dict(rmax="3"), TypeError, "rmax='3'"),
+CONFIG_ERRORS = PORT_CONFIG_ERRORS + [
     (dict(axis_name="batch", microbatch_size=2), ValueError, "microbatch_size=2"),
 ]
 

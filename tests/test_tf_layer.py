@@ -11,7 +11,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from parity import CASE_IDS, CASES, assert_close, make_steps  # noqa: E402
+from parity import CASE_IDS, CASES, CONFIG_ERRORS, assert_close, make_steps  # noqa: E402
 from tf_helpers import make_pair  # noqa: E402
 
 from renorm.numpy_ref import BatchRenormReference  # noqa: E402
@@ -24,18 +24,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ------------------------------------------------------------------ errors
 @pytest.mark.parametrize(
     "kwargs,exc,words",
-    [
-        (dict(rmax=0.5), ValueError, "rmax=0.5"),
-        (dict(dmax=-1.0), ValueError, "dmax=-1.0"),
-        (dict(momentum=1.0), ValueError, "momentum=1.0"),
-        (dict(momentum=-0.1), ValueError, "momentum=-0.1"),
-        (dict(epsilon=0.0), ValueError, "epsilon=0.0"),
-        (dict(microbatch_size=0), ValueError, "microbatch_size=0"),
-        (dict(microbatch_size=2.5), TypeError, "microbatch_size=2.5"),
-        (dict(warmup_steps=-1), ValueError, "warmup_steps=-1"),
-        (dict(warmup_steps=10, rmax_steps=5), ValueError, "rmax_steps=5"),
-        (dict(warmup_steps=10, dmax_steps=3), ValueError, "dmax_steps=3"),
-        (dict(rmax="3"), TypeError, "rmax='3'"),
+    CONFIG_ERRORS
+    + [
         (dict(axis=[1, 2]), TypeError, "axis=[1, 2]"),
         (dict(synchronized=True, microbatch_size=2), ValueError, "microbatch_size=2"),
     ],
