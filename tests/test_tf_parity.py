@@ -228,12 +228,12 @@ def test_inference_is_per_example():
     np.testing.assert_allclose(one, full[:1], rtol=1e-12)
 
 
-FOUR_D = ["nhwc", "nchw_axis1"]
+FUSED_CASES = ["nhwc", "nchw_axis1", "dense", "no_center"]  # 4-D NHWC/NCHW; 2-D viewed as (B, 1, 1, C)
 
 
 @pytest.mark.parametrize("mode", ["eager", "function", "jit"])
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("name", FOUR_D)
+@pytest.mark.parametrize("name", FUSED_CASES)
 def test_fused_kernels_match_oracle(name, fused, mode):
     check_against_oracle(BY_NAME[name], seed=8, dtype="float32", momentum=0.5, mode=mode, fused=fused)
 
@@ -245,10 +245,11 @@ def test_fused_kernels_mixed_precision(policy):
     )
 
 
+@pytest.mark.parametrize("shape", [(4, 2, 2, 3), (4, 3), (4, 5, 3)])
 @pytest.mark.parametrize("fused,expected", [(None, True), (False, False)])
-def test_fused_kernels_are_what_runs(fused, expected):
+def test_fused_kernels_are_what_runs(fused, expected, shape):
     layer = BatchRenormalization(fused=fused)
-    layer.build((4, 2, 2, 3))
+    layer.build(shape)
 
     @tf.function
     def step(x):
@@ -257,7 +258,7 @@ def test_fused_kernels_are_what_runs(fused, expected):
             y = layer(x, training=True)
         return tape.gradient(y, x)
 
-    graph = step.get_concrete_function(tf.TensorSpec((4, 2, 2, 3), tf.float32)).graph
+    graph = step.get_concrete_function(tf.TensorSpec((None,) + shape[1:], tf.float32)).graph
     ops = set()
     for op in graph.get_operations():
         ops.add(op.type)
@@ -270,7 +271,7 @@ def test_fused_kernels_are_what_runs(fused, expected):
     "kwargs,shape,dtype",
     [
         (dict(microbatch_size=2), (4, 2, 2, 3), "float32"),
-        (dict(), (4, 3), "float32"),
+        (dict(axis=1), (4, 3, 2), "float32"),
         (dict(), (4, 2, 2, 3), "float64"),
         (dict(axis=2), (4, 2, 2, 3), "float32"),
         (dict(explicit_gradient=False), (4, 2, 2, 3), "float32"),

@@ -270,14 +270,17 @@ _FUSED_MIN_EPSILON = 1.001e-5  # cuDNN's lower limit on epsilon
 def fused_eligible(x, *, axis, epsilon, microbatch_size=None, synchronized=False, explicit_gradient=True) -> bool:
     """Whether :func:`batch_renorm` can run on TensorFlow's fused batch-norm kernels.
 
-    4-D input with the features on axis 1 (NCHW) or 3 (NHWC), float32,
-    float16 or bfloat16, whole-batch statistics, not pooled, explicit gradient,
-    ``epsilon >= 1.001e-5``.
+    Features on the last axis of an input of any rank (viewed as the 4-D
+    ``(B, 1, M, C)``, a free reshape), or on axis 1 of a 4-D input (NCHW);
+    float32, float16 or bfloat16, whole-batch statistics, not pooled,
+    explicit gradient, ``epsilon >= 1.001e-5``.
     """
     x = tf.convert_to_tensor(x)
+    rank = x.shape.rank
     return (
-        x.shape.rank == 4
-        and axis % 4 in (1, 3)
+        rank is not None
+        and rank >= 2
+        and (axis % rank == rank - 1 or (rank == 4 and axis % 4 == 1))
         and x.dtype in _FUSED_DTYPES
         and microbatch_size is None
         and not synchronized
@@ -471,7 +474,8 @@ def batch_renorm(
     )
     if fused and not eligible:
         raise ValueError(
-            "`fused=True` needs a 4-D float32/float16/bfloat16 input with the features on axis 1 or 3, "
+            "`fused=True` needs a float32/float16/bfloat16 input with the features on the last axis (or on "
+            "axis 1 of a 4-D input), "
             "microbatch_size=None, synchronized=False, explicit_gradient=True and epsilon >= 1.001e-5; got "
             f"an input of shape {tuple(x.shape)} and dtype {x.dtype.name}, axis={axis}, "
             f"microbatch_size={microbatch_size}, synchronized={synchronized}, "
@@ -481,10 +485,14 @@ def batch_renorm(
     if eligible and fused is not False:
         with tf.control_dependencies(checks):
             x_in = tf.identity(x)
+        if nd != 4:  # features last: the free 4-D view (B, 1, M, C)
+            x_in = tf.reshape(x_in, tf.stack([tf.shape(x_in)[0], 1, -1, c]))
         y, mu, sigma, r_frac, d_frac = _train_fused(
             x_in, tf.cast(gamma_c, tf.float32), tf.cast(beta_c, tf.float32), mean_c, std_c,
-            _as(rmax, tf.float32), _as(dmax, tf.float32), float(epsilon), "NCHW" if ax == 1 else "NHWC",
+            _as(rmax, tf.float32), _as(dmax, tf.float32), float(epsilon), "NCHW" if (nd == 4 and ax == 1) else "NHWC",
         )
+        if nd != 4:
+            y = tf.reshape(y, tf.shape(x))
         return _finish(x, y, mu[None], sigma[None], r_frac, d_frac, mean_c, std_c, momentum, state_dtype, c)
 
     xc = tf.cast(x, cdt)
