@@ -67,6 +67,7 @@ from renorm.schedule import ClipSchedule
 
 __all__ = [
     "BatchRenormConfig",
+    "checked_input",
     "BatchRenormState",
     "Diagnostics",
     "init_state",
@@ -172,7 +173,8 @@ def init_state(num_features: int, dtype=jnp.float32) -> BatchRenormState:
     )
 
 
-def _checked(x, state, config: BatchRenormConfig, training: bool):
+def checked_input(x, config: BatchRenormConfig, training: bool, num_features: Optional[int] = None):
+    """``x`` as an array and its :class:`renorm.config.InputInfo`, after DESIGN.md's input checks."""
     x = jnp.asarray(x)
     info = check_input(
         x.shape,
@@ -180,7 +182,7 @@ def _checked(x, state, config: BatchRenormConfig, training: bool):
         is_floating=bool(jnp.issubdtype(x.dtype, jnp.floating)),
         axis=config.axis,
         microbatch_size=config.microbatch_size,
-        num_features=state.mean.shape[0],
+        num_features=num_features,
         training=training,
     )
     return x, info
@@ -346,7 +348,7 @@ def train(
       ``(y, new_state, diagnostics)``. The new state keeps the dtypes of
       ``state`` and carries no gradient.
     """
-    x, info = _checked(x, state, config, training=True)
+    x, info = checked_input(x, config, training=True, num_features=state.mean.shape[0])
     ax, num_features = info.axis, info.num_features
     cdt = compute_dtype(x.dtype)
     out_dtype = x.dtype if dtype is None else dtype
@@ -420,7 +422,7 @@ def inference(
     Each example's output is independent of the rest of the batch; ``stddev``
     already includes epsilon. Returns ``y`` (dtype ``dtype`` or ``x.dtype``).
     """
-    x, info = _checked(x, state, config, training=False)
+    x, info = checked_input(x, config, training=False, num_features=state.mean.shape[0])
     ax, num_features = info.axis, info.num_features
     cdt = compute_dtype(x.dtype)
     out_dtype = x.dtype if dtype is None else dtype

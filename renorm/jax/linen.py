@@ -8,7 +8,6 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.nn import initializers
 
-from renorm.config import check_input
 from renorm.jax import functional as F
 
 __all__ = ["BatchRenorm"]
@@ -104,25 +103,14 @@ class BatchRenorm(nn.Module):
             Overrides the field; one of the two must be given.
         """
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        x = jnp.asarray(x)
-        info = check_input(
-            x.shape,
-            dtype_name=str(x.dtype),
-            is_floating=bool(jnp.issubdtype(x.dtype, jnp.floating)),
-            axis=self.axis,
-            microbatch_size=self.microbatch_size,
-            training=not use_running_average,
-        )
+        x, info = F.checked_input(x, self.config(pooled=False), training=not use_running_average)
         shape = (info.num_features,)
         state_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
         mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, state_dtype), shape)
         stddev = self.variable("batch_stats", "stddev", lambda s: jnp.ones(s, state_dtype), shape)
         step = self.variable("batch_stats", "step", lambda: jnp.zeros((), jnp.int32))
         if mean.value.shape != shape:  # built for another feature size: say so before flax's shape error
-            check_input(
-                x.shape, dtype_name=str(x.dtype), is_floating=True, axis=self.axis,
-                num_features=mean.value.shape[0], training=False,
-            )
+            F.checked_input(x, self.config(pooled=False), training=False, num_features=mean.value.shape[0])
         params = {}
         if self.use_scale:
             params["scale"] = self.param("scale", self.scale_init, shape, self.param_dtype)

@@ -225,17 +225,8 @@ class BatchRenormalization(keras.layers.Layer):
             raise NotImplementedError("BatchRenormalization does not support masks; pass mask=None.")
         training = bool(training) and self.trainable
         x = tf.convert_to_tensor(inputs)
-        # Raises the DESIGN.md input errors with the shared messages (dtype,
-        # rank, axis, features, divisibility, group size) before any op runs.
-        check_input(
-            x.shape.as_list(),
-            dtype_name=x.dtype.name,
-            is_floating=x.dtype.is_floating,
-            axis=self.axis,
-            microbatch_size=self.microbatch_size,
-            num_features=self._num_features,
-            training=training,
-        )
+        # batch_renorm raises DESIGN.md's input errors (dtype, rank, axis,
+        # features against moving_mean, divisibility, group size) before any op runs.
         rmax, dmax = self.limits() if training else (self.rmax, self.dmax)
         out = batch_renorm(
             x,
