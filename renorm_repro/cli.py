@@ -75,7 +75,8 @@ def benchmark(cfg, arm, steps, gpu_tflops=100.0, log=print):
         raise ConfigError(f"--arm must be one of {cfg.arms}, got {arm!r}.")
     rng = np.random.default_rng(0)
     shape, classes = cfg.image_shape(), cfg.num_classes()
-    n = max(cfg.batch_size, 4 * classes)  # every class present several times (the non-i.i.d. sampler needs it)
+    # Every class present several times (the non-i.i.d. sampler draws per_label distinct images of a class).
+    n = max(cfg.batch_size, classes * max(4, getattr(cfg, "per_label", 1)))
     labels = np.arange(n) % classes
     ds = Dataset("random", rng.integers(0, 256, (n,) + shape, dtype=np.uint8), labels,
                  rng.integers(0, 256, (n,) + shape, dtype=np.uint8), labels, classes)
@@ -83,7 +84,7 @@ def benchmark(cfg, arm, steps, gpu_tflops=100.0, log=print):
 
     bcfg = dataclasses.replace(cfg, steps=steps + 1, eval_every=steps + 1, checkpoint_every=10 ** 9,
                                eval_batch_size=min(cfg.eval_batch_size, n), eval_train_examples=0,
-                               eval_batch_stats=False)
+                               eval_batch_stats=False, val_examples=0, eval_lag_examples=0)
     with tempfile.TemporaryDirectory() as tmp:
         res = train_run(bcfg, arm, 0, tmp + "/run", ds, progress=False, log=lambda m: None)
     rate = res["train_steps_per_s"]
@@ -112,7 +113,8 @@ def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, lo
     out = prepare_experiment_dir(out, cfg, resume=resume)
     synth = dict(num_train=cfg.synthetic_train, num_test=cfg.synthetic_test, num_classes=cfg.synthetic_classes) \
         if cfg.dataset == "synthetic" else {}
-    dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, **synth)
+    dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir,
+                           val_examples=cfg.val_examples, **synth)
     log(f"dataset {dataset.summary()}")
     t0 = time.perf_counter()
     stopped = False

@@ -39,10 +39,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from typing import Dict, Optional, Tuple
 
 from renorm.schedule import ClipSchedule
+from renorm_repro.data import DATASETS
 
 __all__ = [
     "ConfigError",
@@ -65,7 +67,7 @@ __all__ = [
 OPTIMIZERS = ("adam", "rmsprop")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("default", "mirrored")
-DATASETS = ("cifar100", "digits", "synthetic")
+LR_SCHEDULES = ("constant", "cosine", "step")
 
 
 class ConfigError(ValueError):
@@ -88,8 +90,12 @@ class ExperimentConfig:
 
     experiment: str = ""
     # --- data
-    dataset: str = "cifar100"
-    data_dir: Optional[str] = None  # cifar100 only: extracted folder or tarball
+    dataset: str = "cifar100"  # a key of renorm_repro.data.DATASETS
+    data_dir: Optional[str] = None  # cifar100: extracted folder or tarball; fashion_mnist: folder of IDX files
+    # Training examples held out as a validation split (stratified, fixed). 0: none, and the
+    # val_* columns are measured on the test split (the digits results). > 0: val_* on the
+    # validation split, test_* on the test split; presets are chosen on val_* only.
+    val_examples: int = 0
     cache_dir: Optional[str] = None  # default: $RENORM_DATA or ~/.cache/renorm_repro
     synthetic_train: int = 512  # synthetic only: examples per split and classes
     synthetic_test: int = 256
@@ -108,6 +114,11 @@ class ExperimentConfig:
     width: int = 32
     optimizer: str = "adam"
     learning_rate: float = 1e-3
+    # Learning-rate schedule over the run: "constant"; "cosine" (half a cosine from
+    # learning_rate to 0 at `steps`); "step" (x lr_decay_factor at each fraction lr_decay_at of `steps`).
+    lr_schedule: str = "constant"
+    lr_decay_at: Tuple[float, ...] = (0.5, 0.75)
+    lr_decay_factor: float = 0.1
     steps: int = 8000
     ema_decay: float = 0.0  # 0: evaluate the raw weights; e.g. 0.999: an EMA of the weights
     # --- evaluation, checkpoints
@@ -119,6 +130,10 @@ class ExperimentConfig:
     # Validation in training mode (batch statistics, moving statistics untouched) on test
     # minibatches built like the training ones (:meth:`eval_batch_indices`). Columns val_batchstat_*.
     eval_batch_stats: bool = False
+    # How far the moving statistics lag: at each evaluation, every normalization layer's moving
+    # mean/stddev against the statistics of its input over this many fixed training examples under
+    # the current weights (inference mode upstream); 0 turns it off. Columns lag_mean_norm<i>, lag_std_norm<i>.
+    eval_lag_examples: int = 0
     checkpoint_every: int = 1000
     threshold: float = 0.5  # accuracy for "steps to reach" in the summary
     # --- speed
@@ -137,7 +152,13 @@ class ExperimentConfig:
     def __post_init__(self):
         bad = self._bad
         if self.dataset not in DATASETS:
-            bad("dataset", f"must be one of {DATASETS}")
+            bad("dataset", f"must be one of {tuple(DATASETS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad("lr_schedule", f"must be one of {LR_SCHEDULES}")
+        if any(not 0.0 < f < 1.0 for f in self.lr_decay_at) or list(self.lr_decay_at) != sorted(self.lr_decay_at):
+            bad("lr_decay_at", "must be increasing fractions of the run in (0, 1)")
+        if not 0.0 < self.lr_decay_factor <= 1.0:
+            bad("lr_decay_factor", "must be in (0, 1]")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"must be one of {OPTIMIZERS}")
         if self.precision not in PRECISIONS:
@@ -153,6 +174,12 @@ class ExperimentConfig:
                     "synthetic_train", "synthetic_test", "synthetic_classes"):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
+        for key in ("val_examples", "eval_lag_examples"):
+            if getattr(self, key) < 0:
+                bad(key, "must be >= 0 (0 turns it off)")
+        full = DATASETS[self.dataset].resolve(self)["train_size"]
+        if self.val_examples >= full:
+            bad("val_examples", f"must be smaller than the {full} training examples of {self.dataset}")
         if self.eval_train_examples < 0:
             bad("eval_train_examples", "must be >= 0 (0 turns the inference-mode training accuracy off)")
         if self.jit_compile and self.deterministic:
@@ -182,11 +209,31 @@ class ExperimentConfig:
         """The paper's schedule scaled to ``steps``, with final limits ``rmax``, ``dmax``."""
         return dataclasses.replace(ClipSchedule.paper(self.steps), rmax=float(self.rmax), dmax=float(self.dmax))
 
+    def learning_rate_at(self, t, cos=math.cos, at_least=lambda a, b: float(a >= b)):
+        """The learning rate of training step ``t`` (0-based), one expression for every backend.
+
+        ``cos`` and ``at_least(t, s)`` (1.0 where ``t >= s``, else 0.0) are the
+        backend's; Python's by default (the training loop passes TensorFlow's).
+        """
+        if self.lr_schedule == "cosine":
+            frac = t / float(self.steps)
+            return self.learning_rate * 0.5 * (1.0 + cos(math.pi * frac))
+        if self.lr_schedule == "step":
+            lr = self.learning_rate
+            for f in self.lr_decay_at:
+                lr = lr * (1.0 - (1.0 - self.lr_decay_factor) * at_least(t, float(round(f * self.steps))))
+            return lr
+        return self.learning_rate + 0.0 * t
+
     def arm_specs_template(self) -> Dict[str, str]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def arm_spec(self, arm: str) -> dict:  # pragma: no cover - abstract
-        """The normalization of ``arm``: ``{"microbatch_size": k, "schedule": ClipSchedule}``."""
+        """The normalization of ``arm``: ``{"microbatch_size": k, "schedule": ClipSchedule, "impl": name}``.
+
+        ``impl`` is ``"renorm"`` (this package's layer) or ``"keras"`` (Keras 3's own
+        ``BatchNormalization(renorm=True)`` with the same schedule: an independent implementation).
+        """
         raise NotImplementedError
 
     def arm_label(self, arm: str) -> str:  # pragma: no cover - abstract
@@ -221,13 +268,14 @@ class ExperimentConfig:
         return f"minibatch {self.batch_size}"
 
     def image_shape(self) -> Tuple[int, int, int]:
-        return (8, 8, 1) if self.dataset == "digits" else (32, 32, 3)
+        return tuple(DATASETS[self.dataset].resolve(self)["image_shape"])
 
     def num_classes(self) -> int:
-        return {"cifar100": 100, "digits": 10, "synthetic": self.synthetic_classes}[self.dataset]
+        return DATASETS[self.dataset].resolve(self)["num_classes"]
 
     def train_size(self) -> int:
-        return {"cifar100": 50000, "digits": 1297, "synthetic": self.synthetic_train}[self.dataset]
+        """Training examples after the validation split."""
+        return DATASETS[self.dataset].resolve(self)["train_size"] - self.val_examples
 
     def derived(self) -> dict:
         fwd = conv_flops_per_example(self.image_shape(), self.width, self.num_classes())
@@ -239,10 +287,13 @@ class ExperimentConfig:
                     "microbatch_size": self.arm_spec(arm)["microbatch_size"],
                     "groups_per_batch": self.batch_size // self.arm_spec(arm)["microbatch_size"],
                     "schedule": self.arm_spec(arm)["schedule"].to_dict(),
+                    "implementation": self.arm_spec(arm).get("impl", "renorm"),
                 }
                 for arm in self.arms
             },
             "epochs": self.steps * self.batch_size / self.train_size(),
+            "learning_rate": {"start": self.learning_rate_at(0), "middle": self.learning_rate_at(self.steps // 2),
+                              "last_step": self.learning_rate_at(self.steps - 1)},
             "forward_flops_per_example": fwd,
             # A training step is ~3x the forward pass (forward, grad wrt inputs, grad wrt weights).
             "train_flops_per_step": 3 * fwd * self.batch_size,
@@ -336,6 +387,7 @@ class NoniidConfig(ExperimentConfig):
         return {
             "bn": "batch norm on the whole non-i.i.d. minibatch",
             "brn": "Batch Renorm on the whole non-i.i.d. minibatch, paper schedule scaled",
+            "keras_brn": "Keras's own BatchNormalization(renorm=True) configured as the paper, same schedule",
             "bn_split": "batch norm applied separately to split_groups parts, the images of each label split "
                         "between them",
             "bn_iid": "batch norm on i.i.d. minibatches of batch_size (reference)",
@@ -344,8 +396,9 @@ class NoniidConfig(ExperimentConfig):
     def arm_spec(self, arm: str) -> dict:
         if arm in ("bn", "bn_iid"):
             return {"microbatch_size": self.batch_size, "schedule": ClipSchedule.batch_norm()}
-        if arm == "brn":
-            return {"microbatch_size": self.batch_size, "schedule": self.schedule()}
+        if arm in ("brn", "keras_brn"):
+            return {"microbatch_size": self.batch_size, "schedule": self.schedule(),
+                    "impl": "keras" if arm == "keras_brn" else "renorm"}
         if arm == "bn_split":
             return {"microbatch_size": self.batch_size // self.split_groups, "schedule": ClipSchedule.batch_norm()}
         raise self._unknown_arm(arm)
@@ -354,6 +407,7 @@ class NoniidConfig(ExperimentConfig):
         return {
             "bn": "Batch Norm, non-i.i.d.",
             "brn": "Batch Renorm, non-i.i.d.",
+            "keras_brn": "Keras renorm, non-i.i.d.",
             "bn_split": f"Batch Norm, non-i.i.d., {self.split_groups} parts of {self.batch_size // self.split_groups}",
             "bn_iid": "Batch Norm, i.i.d. (reference)",
         }[arm]
@@ -386,17 +440,19 @@ class IidConfig(ExperimentConfig):
 
     def arm_specs_template(self) -> Dict[str, str]:
         return {"bn": "batch norm on the whole minibatch",
-                "brn": "Batch Renorm on the whole minibatch, paper schedule scaled"}
+                "brn": "Batch Renorm on the whole minibatch, paper schedule scaled",
+                "keras_brn": "Keras's own BatchNormalization(renorm=True) configured as the paper, same schedule"}
 
     def arm_spec(self, arm: str) -> dict:
         if arm == "bn":
             return {"microbatch_size": self.batch_size, "schedule": ClipSchedule.batch_norm()}
-        if arm == "brn":
-            return {"microbatch_size": self.batch_size, "schedule": self.schedule()}
+        if arm in ("brn", "keras_brn"):
+            return {"microbatch_size": self.batch_size, "schedule": self.schedule(),
+                    "impl": "keras" if arm == "keras_brn" else "renorm"}
         raise self._unknown_arm(arm)
 
     def arm_label(self, arm: str) -> str:
-        return {"bn": "Batch Norm", "brn": "Batch Renorm"}[arm]
+        return {"bn": "Batch Norm", "brn": "Batch Renorm", "keras_brn": "Keras renorm"}[arm]
 
     def title(self) -> str:
         return f"i.i.d. minibatches of {self.batch_size}"
@@ -415,6 +471,16 @@ def conv_flops_per_example(image_shape, width: int, num_classes: int) -> int:
 
 
 EXPERIMENTS = {"microbatch": MicrobatchConfig, "noniid": NoniidConfig, "iid": IidConfig}
+
+# Fashion-MNIST, shared by the three experiments' "fashion" presets (the study of results/fashion-mnist):
+# 5000 training images held out for validation (every choice is made on it; the test split is only
+# reported), the convnet at width 16, Adam 3e-3 decayed by a cosine to 0 (the paper decays its rate),
+# the paper's update rate 0.01 (momentum 0.99) and rmax=3/dmax=5 schedule scaled to the run, the
+# moving-statistics lag logged on 2000 fixed training images, 5 seeds (same seed = same initial
+# weights and data order in every arm, so arms are compared seed by seed).
+FASHION = dict(dataset="fashion_mnist", val_examples=5000, width=16, optimizer="adam", learning_rate=3e-3,
+               lr_schedule="cosine", eval_batch_size=1000, eval_lag_examples=2000, seeds=(0, 1, 2, 3, 4),
+               threshold=0.85)
 
 # Presets: overrides of the experiment's defaults. Every one is documented.
 PRESETS: Dict[str, dict] = {
@@ -441,6 +507,10 @@ PRESETS: Dict[str, dict] = {
     "digits": dict(dataset="digits", microbatch_size=2, batch_size=128, bn_group=32, width=4,
                    learning_rate=3e-3, steps=400, eval_every=10, eval_batch_size=500, eval_train_examples=2000,
                    checkpoint_every=200, seeds=(0, 1, 2, 3, 4), threshold=0.9),
+    # Fashion-MNIST (results/fashion-mnist/microbatch-k2, and -k4 with --microbatch-size 4):
+    # minibatches of 128 normalized in micro-batches of k, 3000 steps (~7 epochs).
+    "fashion": dict(FASHION, microbatch_size=2, batch_size=128, bn_group=32, steps=3000, eval_every=250,
+                    checkpoint_every=500),
     # Synthetic files in the CIFAR-100 format, seconds: the CI end-to-end check.
     "smoke": dict(dataset="synthetic", synthetic_train=256, synthetic_test=128, synthetic_classes=4,
                   microbatch_size=2, batch_size=64, bn_group=32, width=2, learning_rate=3e-3,
@@ -465,6 +535,13 @@ NONIID_PRESETS: Dict[str, dict] = {
     # set, batch-statistics evaluation on 16 test minibatches of 16 x 2 (512 test images, drawn).
     "digits": dict(dataset="digits", width=4, learning_rate=3e-3, steps=600, eval_every=20, eval_batch_size=500,
                    eval_train_examples=2000, checkpoint_every=200, seeds=(0, 1, 2, 3, 4), threshold=0.9),
+    # Fashion-MNIST (results/fashion-mnist/noniid): with 10 classes, 16 x 2 would hold ~8 labels per
+    # minibatch, close to i.i.d.; 4 labels x 8 images (at most 4 classes per minibatch, 8 images of each)
+    # is strongly non-i.i.d. 4000 steps of 32 (~2.3 epochs); Keras's own renorm as a second implementation;
+    # the bn_split arm normalizes two halves of 16, each holding 4 images of every drawn label.
+    "fashion": dict(FASHION, labels_per_batch=4, per_label=8, batch_size=32, split_groups=2,
+                    arms=("bn", "brn", "keras_brn", "bn_split", "bn_iid"), steps=4000, eval_every=250,
+                    eval_train_examples=5000, checkpoint_every=500),
     # Synthetic files in the CIFAR-100 format, seconds: the CI end-to-end check (4 labels x 2 of 4 classes).
     "smoke": dict(dataset="synthetic", synthetic_train=128, synthetic_test=64, synthetic_classes=4,
                   labels_per_batch=4, per_label=2, batch_size=8, width=2, learning_rate=3e-3, steps=6,
@@ -482,6 +559,9 @@ IID_PRESETS: Dict[str, dict] = {
     # The committed results (results/iid): as the noniid digits preset, on i.i.d. minibatches of 32.
     "digits": dict(dataset="digits", width=4, learning_rate=3e-3, steps=600, eval_every=20, eval_batch_size=500,
                    eval_train_examples=2000, checkpoint_every=200, seeds=(0, 1, 2, 3, 4), threshold=0.9),
+    # Fashion-MNIST (results/fashion-mnist/iid): i.i.d. minibatches of 32, 4000 steps, Keras's renorm too.
+    "fashion": dict(FASHION, batch_size=32, arms=("bn", "brn", "keras_brn"), steps=4000, eval_every=250,
+                    checkpoint_every=500),
     "smoke": dict(dataset="synthetic", synthetic_train=128, synthetic_test=64, synthetic_classes=4,
                   batch_size=8, width=2, learning_rate=3e-3, steps=6, eval_every=3, eval_batch_size=64,
                   checkpoint_every=3, seeds=(0,), threshold=0.5),

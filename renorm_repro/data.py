@@ -14,10 +14,24 @@ normalizes on the device (per-channel mean and std of the training set, kept in
   grayscale images, 10 classes, offline). Pixel values 0..16 are rescaled to
   0..255 (``round(v * 255 / 16)``); the split is a fixed stratified one
   (500 test images, 50 per class, chosen with seed 0), the same for every run.
+- ``fashion_mnist``: Zalando's Fashion-MNIST (60000/10000 28x28x1 images,
+  10 classes) from its four IDX files (``.gz`` or decompressed), looked for in
+  ``data_dir``, then in the folder where Debian's ``dataset-fashion-mnist``
+  package installed them (asked of ``dpkg -L`` at run time), then in the cache,
+  and downloaded into the cache as a last resort. The *decompressed* contents
+  are checked against their MD5 sums (Debian recompresses the ``.gz`` files),
+  and the IDX header (magic number, dimensions, size) is checked first, so a
+  wrong or truncated file is an error naming it.
 - ``synthetic``: :func:`write_synthetic_cifar100` writes small files in the
   exact CIFAR-100 python format, which are then read by the real loader (with
   the checksums of the files written). Each class has a fixed random 32x32x3
   template; an image is ``template + noise``, so the class is learnable.
+
+Every dataset is one entry of :data:`DATASETS` (a :class:`DatasetSpec`: name,
+image shape, classes, split sizes, loader); the configs, the CLI and the
+benchmarks read it from there. :func:`with_validation_split` carves a fixed,
+stratified validation split out of the training set (``val_examples`` in the
+configs): choices are made on it, never on the test split.
 
 The data order of training (:func:`batch_indices`) is a pure function of
 ``(seed, step)``, so a resumed run sees exactly the batches it would have seen.
@@ -28,14 +42,18 @@ The non-i.i.d. sampler of the paper's section 4.3 is :func:`noniid_batch_indices
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import json
 import os
 import pickle
+import shutil
+import struct
+import subprocess
 import tarfile
 import urllib.request
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -52,6 +70,16 @@ __all__ = [
     "load_cifar100",
     "download_cifar100",
     "load_digits",
+    "FASHION_MNIST_FILES",
+    "FASHION_MNIST_URL",
+    "FASHION_MNIST_DEBIAN_PACKAGE",
+    "read_idx",
+    "write_idx",
+    "debian_fashion_mnist_dir",
+    "load_fashion_mnist",
+    "download_fashion_mnist",
+    "with_validation_split",
+    "DatasetSpec",
     "write_synthetic_cifar100",
     "load_synthetic",
     "load_dataset",
@@ -71,7 +99,6 @@ CIFAR100_MD5 = {
     "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
     "meta": "7973b15100ade9c7d40fb424638fde48",
 }
-DATASETS = ("cifar100", "digits", "synthetic")
 
 
 class DataError(RuntimeError):
@@ -88,6 +115,9 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    #: Held-out validation split carved from the training set (:func:`with_validation_split`), or None.
+    x_val: Optional[np.ndarray] = None
+    y_val: Optional[np.ndarray] = None
 
     @property
     def image_shape(self):
@@ -108,6 +138,7 @@ class Dataset:
             "name": self.name,
             "train": int(len(self.y_train)),
             "test": int(len(self.y_test)),
+            "validation": int(len(self.y_val)) if self.y_val is not None else 0,
             "image_shape": list(self.image_shape),
             "num_classes": int(self.num_classes),
         }
@@ -322,6 +353,217 @@ def load_digits(test_per_class: int = 50) -> Dataset:
     return Dataset("digits", images[~test], labels[~test], images[test], labels[test], 10)
 
 
+# ----------------------------------------------------------------- Fashion-MNIST
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST_DEBIAN_PACKAGE = "dataset-fashion-mnist"
+#: The four official files: split -> (file stem, IDX dimensions, MD5 of the official ``.gz``,
+#: MD5 of the decompressed contents). Sums from the dataset's README (``.gz``) and of the decompressed files.
+FASHION_MNIST_FILES = {
+    "train_images": ("train-images-idx3-ubyte", (60000, 28, 28),
+                     "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+    "train_labels": ("train-labels-idx1-ubyte", (60000,),
+                     "25c81989df183df01b3e8a0aad5dffbe", "9018921c3c673c538a1fc5bad174d6f9"),
+    "test_images": ("t10k-images-idx3-ubyte", (10000, 28, 28),
+                    "bef4ecab320f06d8554ea6380940ec79", "8181f5470baa50b63fa0f6fddb340f0a"),
+    "test_labels": ("t10k-labels-idx1-ubyte", (10000,),
+                    "bb300cfdad3c16e7a12a480ee83cd310", "15d484375f8d13e6eb1aabb0c3f46965"),
+}
+
+
+def write_idx(path, array: np.ndarray, *, compress: Optional[bool] = None) -> str:
+    """Write ``array`` (``uint8``) as an IDX file (gzip-compressed when ``path`` ends in ``.gz``).
+
+    The format: 2 zero bytes, the type code ``0x08`` (unsigned byte), the
+    number of dimensions, each dimension as a big-endian int32, then the data
+    row-major. Returns the MD5 of the decompressed contents.
+    """
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    raw = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">i", d) for d in array.shape) + array.tobytes()
+    path = Path(path)
+    if compress if compress is not None else path.suffix == ".gz":
+        path.write_bytes(gzip.compress(raw, mtime=0))
+    else:
+        path.write_bytes(raw)
+    return md5sum(raw)
+
+
+def _read_maybe_gzip(path: Path) -> bytes:
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(data)
+        except (OSError, EOFError, ValueError) as e:
+            raise DataError(f"IDX file {path} is a truncated or corrupt gzip file ({e!r}).") from e
+    return data
+
+
+def read_idx(path, shape: Optional[Tuple[int, ...]] = None, md5: Optional[str] = None) -> np.ndarray:
+    """The ``uint8`` array of the IDX file ``path`` (gzip or raw), checked.
+
+    Checks, in order, each failing with a :class:`DataError` naming the file:
+    the magic number (unsigned bytes, 1 to 4 dimensions), the size implied by
+    the header, the expected ``shape`` (when given) and the MD5 of the
+    decompressed contents (when given).
+    """
+    path = Path(path)
+    raw = _read_maybe_gzip(path)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
+        raise DataError(f"IDX file {path} has the wrong magic number {raw[:4].hex() or '(empty file)'}: expected "
+                        f"00 00 08 0N (unsigned bytes, N dimensions). Is it an IDX file?")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"IDX file {path} is truncated: {len(raw)} bytes, shorter than its {header}-byte header.")
+    dims = struct.unpack(">" + "i" * ndim, raw[4:header])
+    size = int(np.prod(dims))
+    if len(raw) != header + size:
+        raise DataError(f"IDX file {path} is truncated or has trailing data: {len(raw)} bytes, expected "
+                        f"{header + size} for dimensions {dims}.")
+    if shape is not None and tuple(dims) != tuple(shape):
+        raise DataError(f"IDX file {path} has dimensions {dims}, expected {tuple(shape)}.")
+    if md5 is not None:
+        got = md5sum(raw)
+        if got != md5:
+            raise DataError(f"IDX file {path} is corrupt: the MD5 of its decompressed contents is {got}, expected "
+                            f"{md5}. Delete it and get the file again.")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Optional[Path]:
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx") + ".gz", stem.replace("-idx", ".idx")):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def debian_fashion_mnist_dir(package: str = FASHION_MNIST_DEBIAN_PACKAGE) -> Optional[Path]:
+    """The folder where the Debian package ``package`` installed the IDX files, or None.
+
+    Asked of ``dpkg -L`` at run time (no path is guessed); None when dpkg is
+    missing, the package is not installed, or it lists no training images.
+    """
+    try:
+        res = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if res.returncode != 0:
+        return None
+    stem = FASHION_MNIST_FILES["train_images"][0]
+    for line in res.stdout.splitlines():
+        p = Path(line.strip())
+        if p.name in (stem, stem + ".gz") and p.is_file():
+            return p.parent
+    return None
+
+
+def load_fashion_mnist(folder, *, checksums: Optional[Dict[str, Optional[str]]] = None,
+                       shapes: Optional[Dict[str, Tuple[int, ...]]] = None, name: str = "fashion_mnist") -> Dataset:
+    """Fashion-MNIST from the four IDX files in ``folder`` (``.gz`` or decompressed), checked.
+
+    ``checksums`` maps each key of :data:`FASHION_MNIST_FILES` to the MD5 of
+    its decompressed contents and ``shapes`` to its dimensions (the real
+    dataset's by default; tests pass those of the small files they write).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data_dir={str(folder)!r} is not a folder: give the folder holding the four Fashion-MNIST "
+                        f"IDX files ({', '.join(f[0] + '.gz' for f in FASHION_MNIST_FILES.values())}).")
+    arrays = {}
+    for key, (stem, shape, _gz_md5, raw_md5) in FASHION_MNIST_FILES.items():
+        path = _find_idx(folder, stem)
+        if path is None:
+            raise DataError(f"Fashion-MNIST file {stem}(.gz) is missing from {folder}.")
+        md5 = raw_md5 if checksums is None else checksums.get(key)
+        want = shape if shapes is None else shapes.get(key)
+        arrays[key] = read_idx(path, want, md5)
+    for split in ("train", "test"):
+        n_img, n_lab = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
+        if n_img != n_lab:
+            raise DataError(f"Fashion-MNIST {split} split in {folder}: {n_img} images but {n_lab} labels.")
+        if arrays[f"{split}_labels"].max(initial=0) > 9:
+            raise DataError(f"Fashion-MNIST {split} labels in {folder} are outside [0, 10).")
+    return Dataset(name, arrays["train_images"][..., None].copy(), arrays["train_labels"].astype(np.int64),
+                   arrays["test_images"][..., None].copy(), arrays["test_labels"].astype(np.int64), 10)
+
+
+def download_fashion_mnist(cache_dir=None, *, url: str = FASHION_MNIST_URL, check: bool = True) -> Path:
+    """The cache folder ``<cache>/fashion-mnist`` with the four official ``.gz`` files, downloading missing ones.
+
+    Each download goes to a ``.part`` file, is checked against the official
+    MD5 of the ``.gz`` (when ``check``), and only then renamed.
+    """
+    folder = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "fashion-mnist"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, _shape, gz_md5, _raw in FASHION_MNIST_FILES.values():
+        target = folder / (stem + ".gz")
+        if target.is_file():
+            continue
+        part = target.with_name(target.name + ".part")
+        src = url.rstrip("/") + "/" + stem + ".gz"
+        try:
+            with urllib.request.urlopen(src) as response, open(part, "wb") as f:  # noqa: S310 - user-chosen URL
+                total = int(response.headers.get("Content-Length") or 0)
+                bar = _progress(total, f"downloading {src}")
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+                bar.close()
+        except OSError as e:
+            part.unlink(missing_ok=True)
+            raise DataError(
+                f"Could not download Fashion-MNIST from {src} ({e!r}). Install it with `apt-get install "
+                f"{FASHION_MNIST_DEBIAN_PACKAGE}`, or download the four files by hand and pass --data-dir PATH."
+            ) from e
+        if check:
+            got = md5sum(part)
+            if got != gz_md5:
+                part.unlink(missing_ok=True)
+                raise DataError(f"The download from {src} is truncated or corrupt: MD5 {got}, expected {gz_md5}.")
+        part.replace(target)
+    return folder
+
+
+def _fashion_source(data_dir, cache: Path, download: bool) -> Path:
+    if data_dir:
+        return Path(data_dir)
+    debian = debian_fashion_mnist_dir()
+    if debian is not None:
+        return debian
+    cached = cache / "fashion-mnist"
+    if cached.is_dir() and all(_find_idx(cached, f[0]) for f in FASHION_MNIST_FILES.values()):
+        return cached
+    if not download:
+        raise DataError(f"Fashion-MNIST is not installed (`apt-get install {FASHION_MNIST_DEBIAN_PACKAGE}`) nor in "
+                        f"{cached}, and downloading is off; pass --data-dir PATH.")
+    return download_fashion_mnist(cache)
+
+
+# ------------------------------------------------------------- validation split
+def with_validation_split(ds: Dataset, val_examples: int, seed: int = 0) -> Dataset:
+    """``ds`` with ``val_examples`` training examples moved to a validation split (stratified, fixed).
+
+    Each class gives the same share (rounded, adjusted to the exact total),
+    drawn with ``default_rng(seed)``; the training split keeps its order
+    otherwise. ``val_examples == 0`` returns ``ds`` unchanged.
+    """
+    if val_examples == 0:
+        return ds
+    n = len(ds.y_train)
+    if not 0 < val_examples < n:
+        raise DataError(f"val_examples={val_examples} must be in [0, {n}) for dataset {ds.name!r} "
+                        f"({n} training examples).")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(ds.y_train, return_counts=True)
+    share = np.floor(counts / n * val_examples).astype(int)
+    order = np.argsort(-(counts / n * val_examples - share), kind="stable")
+    share[order[: val_examples - share.sum()]] += 1
+    val = np.zeros(n, dtype=bool)
+    for c, k in zip(classes, share):
+        val[rng.choice(np.flatnonzero(ds.y_train == c), size=int(k), replace=False)] = True
+    return dataclasses.replace(ds, x_train=ds.x_train[~val], y_train=ds.y_train[~val],
+                               x_val=ds.x_train[val], y_val=ds.y_train[val])
+
+
 # --------------------------------------------------------------------- synthetic
 def write_synthetic_cifar100(
     root,
@@ -397,25 +639,71 @@ def load_synthetic(cache_dir, *, num_train=512, num_test=256, num_classes=10, se
     return ds
 
 
-def load_dataset(name: str, *, data_dir=None, cache_dir=None, download: bool = True, **synthetic_kw) -> Dataset:
-    """The dataset ``name`` (one of :data:`DATASETS`)."""
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    if name == "cifar100":
-        if data_dir:
-            return load_cifar100(data_dir)
-        for candidate in (cache / CIFAR100_FOLDER, cache / CIFAR100_ARCHIVE):
-            if candidate.exists():
-                return load_cifar100(candidate)
-        if not download:
-            raise DataError(f"CIFAR-100 is not in {cache} and downloading is off; pass --data-dir PATH.")
-        return load_cifar100(download_cifar100(cache))
+# ---------------------------------------------------------------------- registry
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset: everything the configs, the CLI and the benchmarks need to know of it.
+
+    ``image_shape``, ``num_classes`` and ``train_size`` (the full training
+    split, before any validation split) are ``None`` when the config decides
+    them (``synthetic``); :meth:`resolve` fills them from a config.
+    """
+
+    name: str
+    description: str
+    image_shape: Optional[Tuple[int, int, int]]
+    num_classes: Optional[int]
+    train_size: Optional[int]
+    test_size: Optional[int]
+    uses_data_dir: bool
+    load: Callable[..., Dataset]  # load(data_dir, cache: Path, download: bool, **synthetic_kw)
+
+    def resolve(self, cfg) -> dict:
+        """``{"image_shape", "num_classes", "train_size", "test_size"}`` for the config ``cfg``."""
+        if self.name == "synthetic":
+            return {"image_shape": (32, 32, 3), "num_classes": cfg.synthetic_classes,
+                    "train_size": cfg.synthetic_train, "test_size": cfg.synthetic_test}
+        return {"image_shape": self.image_shape, "num_classes": self.num_classes,
+                "train_size": self.train_size, "test_size": self.test_size}
+
+
+def _load_cifar100_entry(data_dir, cache: Path, download: bool, **_):
     if data_dir:
-        raise DataError(f"data_dir={str(data_dir)!r} is only used by dataset='cifar100', got dataset={name!r}.")
-    if name == "digits":
-        return load_digits()
-    if name == "synthetic":
-        return load_synthetic(cache, **synthetic_kw)
-    raise DataError(f"Unknown dataset={name!r}; expected one of {DATASETS}.")
+        return load_cifar100(data_dir)
+    for candidate in (cache / CIFAR100_FOLDER, cache / CIFAR100_ARCHIVE):
+        if candidate.exists():
+            return load_cifar100(candidate)
+    if not download:
+        raise DataError(f"CIFAR-100 is not in {cache} and downloading is off; pass --data-dir PATH.")
+    return load_cifar100(download_cifar100(cache))
+
+
+DATASETS: Dict[str, DatasetSpec] = {
+    "cifar100": DatasetSpec("cifar100", "CIFAR-100, 32x32x3, 100 classes (downloaded once, MD5-checked)",
+                            (32, 32, 3), 100, 50000, 10000, True, _load_cifar100_entry),
+    "fashion_mnist": DatasetSpec("fashion_mnist", "Fashion-MNIST, 28x28x1, 10 classes (Debian package, "
+                                 "--data-dir or download; MD5-checked)", (28, 28, 1), 10, 60000, 10000, True,
+                                 lambda data_dir, cache, download, **_: load_fashion_mnist(
+                                     _fashion_source(data_dir, cache, download))),
+    "digits": DatasetSpec("digits", "scikit-learn's 8x8 handwritten digits, 10 classes (offline)",
+                          (8, 8, 1), 10, 1297, 500, False, lambda data_dir, cache, download, **_: load_digits()),
+    "synthetic": DatasetSpec("synthetic", "small synthetic files in the CIFAR-100 format (CI)",
+                             None, None, None, None, False,
+                             lambda data_dir, cache, download, **kw: load_synthetic(cache, **kw)),
+}
+
+
+def load_dataset(name: str, *, data_dir=None, cache_dir=None, download: bool = True, val_examples: int = 0,
+                 **synthetic_kw) -> Dataset:
+    """The dataset ``name`` (a key of :data:`DATASETS`), with ``val_examples`` held out for validation."""
+    spec = DATASETS.get(name)
+    if spec is None:
+        raise DataError(f"Unknown dataset={name!r}; expected one of {tuple(DATASETS)}.")
+    if data_dir and not spec.uses_data_dir:
+        raise DataError(f"data_dir={str(data_dir)!r} is not used by dataset={name!r} (only by "
+                        f"{tuple(n for n, s in DATASETS.items() if s.uses_data_dir)}).")
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    return with_validation_split(spec.load(data_dir, cache, download, **synthetic_kw), val_examples)
 
 
 # -------------------------------------------------------------------- data order

@@ -46,12 +46,20 @@ METRIC_COLUMNS = (
     "rmax", "dmax", "r_clipped", "d_clipped", "elapsed_s",
 )
 
-#: Optional evaluations, written after METRIC_COLUMNS when the config turns them on:
-#: training accuracy in inference mode (``eval_train_examples > 0``) and validation with
-#: batch statistics on test minibatches built like the training ones (``eval_batch_stats``).
+#: Number of normalization layers of the reproduction's convnet (the lag columns name each).
+NORM_LAYERS = 4
+
+#: Optional evaluations, written after METRIC_COLUMNS in this order when the config turns them on:
+#: training accuracy in inference mode (``eval_train_examples > 0``); validation with batch
+#: statistics on minibatches built like the training ones (``eval_batch_stats``); the test split
+#: when a validation split is held out (``val_examples > 0``); the learning rate (a schedule other
+#: than constant); how far each layer's moving statistics lag its input's (``eval_lag_examples > 0``).
 EXTRA_METRIC_COLUMNS = {
     "train_eval": ("train_eval_loss", "train_eval_accuracy"),
     "batchstat": ("val_batchstat_loss", "val_batchstat_accuracy"),
+    "test": ("test_loss", "test_accuracy"),
+    "lr": ("learning_rate",),
+    "lag": tuple(f"lag_{k}_norm{i}" for k in ("mean", "std") for i in range(1, NORM_LAYERS + 1)),
 }
 
 
@@ -62,13 +70,25 @@ def metric_columns(cfg) -> tuple:
         cols += EXTRA_METRIC_COLUMNS["train_eval"]
     if cfg.eval_batch_stats:
         cols += EXTRA_METRIC_COLUMNS["batchstat"]
+    if cfg.val_examples > 0:
+        cols += EXTRA_METRIC_COLUMNS["test"]
+    if cfg.lr_schedule != "constant":
+        cols += EXTRA_METRIC_COLUMNS["lr"]
+    if cfg.eval_lag_examples > 0:
+        cols += EXTRA_METRIC_COLUMNS["lag"]
     return cols
 
 
-def _known_layouts():
-    extras = list(EXTRA_METRIC_COLUMNS.values())
-    return [METRIC_COLUMNS, METRIC_COLUMNS + extras[0], METRIC_COLUMNS + extras[1],
-            METRIC_COLUMNS + extras[0] + extras[1]]
+def _is_known_layout(header) -> bool:
+    """``METRIC_COLUMNS`` followed by whole groups of :data:`EXTRA_METRIC_COLUMNS`, in their order."""
+    header = tuple(header or ())
+    if header[: len(METRIC_COLUMNS)] != METRIC_COLUMNS:
+        return False
+    rest = header[len(METRIC_COLUMNS):]
+    for group in EXTRA_METRIC_COLUMNS.values():
+        if rest[: len(group)] == group:
+            rest = rest[len(group):]
+    return not rest
 
 
 class RunDirError(RuntimeError):
@@ -128,7 +148,11 @@ def prepare_experiment_dir(out, cfg, *, resume: bool) -> Path:
             )
         old = json.loads(cfg_path.read_text())["config"]
         new = record["config"]
-        diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
+        # A field that did not exist when the folder was written, and is at its default now, is no
+        # difference: the older code behaved as that default.
+        defaults = config_to_dict(type(cfg)())
+        diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)
+                and not (k not in old and new.get(k) == defaults.get(k))}
         if diff:
             raise RunDirError(
                 f"--resume: the config differs from the one in {cfg_path}: "
@@ -192,7 +216,7 @@ def read_metrics(path) -> List[Dict[str, float]]:
     path = Path(path)
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) not in _known_layouts():
+        if not _is_known_layout(reader.fieldnames):
             raise RunDirError(f"{path} has columns {reader.fieldnames}, expected {list(METRIC_COLUMNS)} "
                               f"followed by any of {list(EXTRA_METRIC_COLUMNS.values())}.")
         rows = []

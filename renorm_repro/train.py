@@ -47,16 +47,25 @@ def train_eval_subset(num_train: int, size: int, seed: int = 1_000_003) -> np.nd
 
 
 def make_norm_layer(cfg, arm: str, name: Optional[str] = None):
-    """The normalization layer of ``arm``: ``renorm.tf.BatchRenormalization`` for every arm.
+    """The normalization layer of ``arm``: ``renorm.tf.BatchRenormalization`` for every arm but ``keras_brn``.
 
     Batch-norm arms are the same layer with ``rmax=1, dmax=0`` (exactly batch
     norm, DESIGN.md), so the arms differ only in the clipping limits and
-    the group size.
+    the group size. Arms whose spec has ``impl == "keras"`` use Keras 3's own
+    ``BatchNormalization(renorm=True)`` with the same schedule
+    (:class:`renorm_repro.keras_renorm.ScheduledKerasRenorm`).
     """
-    from renorm.tf import BatchRenormalization
-
     spec = cfg.arm_spec(arm)
     s = spec["schedule"]
+    if spec.get("impl", "renorm") == "keras":
+        from renorm_repro.keras_renorm import ScheduledKerasRenorm
+
+        if spec["microbatch_size"] != cfg.batch_size:
+            raise ValueError(f"arm {arm!r}: Keras's renorm normalizes whole minibatches only, got "
+                             f"microbatch_size={spec['microbatch_size']} for batch_size={cfg.batch_size}.")
+        return ScheduledKerasRenorm(s, momentum=cfg.momentum, epsilon=cfg.epsilon, name=name)
+    from renorm.tf import BatchRenormalization
+
     return BatchRenormalization(
         momentum=cfg.momentum,
         epsilon=cfg.epsilon,
@@ -92,13 +101,32 @@ class TrainResult(dict):
     """``{"final_step", "stopped", "rows"}`` of a :func:`train_run` call."""
 
 
+def _learning_rate(cfg):
+    """A float (constant) or a Keras schedule evaluating :meth:`ExperimentConfig.learning_rate_at` in TF."""
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    import keras
+    import tensorflow as tf
+
+    class _ConfigSchedule(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            t = tf.cast(step, tf.float32)
+            return cfg.learning_rate_at(t, cos=tf.cos, at_least=lambda a, b: tf.cast(a >= b, tf.float32))
+
+        def get_config(self):
+            return {}
+
+    return _ConfigSchedule()
+
+
 def _optimizer(cfg):
     import keras
 
+    lr = _learning_rate(cfg)
     if cfg.optimizer == "adam":
-        opt = keras.optimizers.Adam(learning_rate=cfg.learning_rate)
+        opt = keras.optimizers.Adam(learning_rate=lr)
     else:
-        opt = keras.optimizers.RMSprop(learning_rate=cfg.learning_rate, rho=0.9, momentum=0.9)
+        opt = keras.optimizers.RMSprop(learning_rate=lr, rho=0.9, momentum=0.9)
     if cfg.precision == "mixed_float16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt
@@ -128,6 +156,10 @@ def train_run(
     from tqdm.auto import tqdm
 
     rdir = Path(rdir)
+    if (cfg.val_examples > 0) != (dataset.y_val is not None):
+        raise ValueError(f"val_examples={cfg.val_examples} but the dataset has "
+                         f"{'no' if dataset.y_val is None else len(dataset.y_val)} validation examples: load it "
+                         f"with load_dataset(..., val_examples={cfg.val_examples}).")
     done = rdir / "done.json"
     if rdir.exists() and any(rdir.iterdir()) and not resume:
         raise RunDirError(f"Run directory {rdir} is not empty; pass --resume to continue it.")
@@ -258,13 +290,47 @@ def train_run(
         def _ranges(n):
             return [slice(i, i + cfg.eval_batch_size) for i in range(0, n, cfg.eval_batch_size)]
 
-        test_chunks = _ranges(len(dataset.y_test))
+        # The held-out split of the val_* columns: the validation split when the config carves one
+        # (then the test split gets test_* columns), else the test split (the digits results).
+        x_val, y_val = (dataset.x_val, dataset.y_val) if dataset.y_val is not None else (dataset.x_test, dataset.y_test)
+        val_chunks = _ranges(len(y_val))
+        test_chunks = _ranges(len(dataset.y_test)) if dataset.y_val is not None else None
+        lag_sub = train_eval_subset(len(y_train), cfg.eval_lag_examples, seed=2_000_003) \
+            if cfg.eval_lag_examples else None
+        if lag_sub is not None:
+            lag_model = keras.Model(model.inputs, [l.input for l in norm_layers])
+            x_lag = x_train[lag_sub]
         train_sub = train_eval_subset(len(y_train), cfg.eval_train_examples) if cfg.eval_train_examples else None
         if train_sub is not None:
             x_train_sub, y_train_sub = x_train[train_sub], y_train[train_sub]
             train_chunks = _ranges(len(train_sub))
-        batchstat_chunks = [cfg.eval_batch_indices(dataset.y_test, i, arm)
-                            for i in range(cfg.eval_batch_count(len(dataset.y_test)))] if cfg.eval_batch_stats else []
+        batchstat_chunks = [cfg.eval_batch_indices(y_val, i, arm)
+                            for i in range(cfg.eval_batch_count(len(y_val)))] if cfg.eval_batch_stats else []
+
+        def lag_stats():
+            """Per layer: mean over features of |moving mean - mean| / std and |log(moving stddev / std)|.
+
+            ``mean``, ``std`` (``sqrt(var + epsilon)``) are the statistics of the layer's input over the
+            fixed training subset, in float64, with the network in inference mode upstream.
+            """
+            n = len(norm_layers)
+            s1, s2, cnt = [0.0] * n, [0.0] * n, [0] * n
+            for i in range(0, len(x_lag), 500):
+                feats = lag_model(prep(x_lag[i:i + 500]), training=False)
+                for j, f in enumerate(feats):
+                    f = np.asarray(f, dtype=np.float64).reshape(-1, f.shape[-1])
+                    s1[j] = s1[j] + f.sum(0)
+                    s2[j] = s2[j] + (f * f).sum(0)
+                    cnt[j] += f.shape[0]
+            res = {}
+            for j, layer in enumerate(norm_layers):
+                mu = s1[j] / cnt[j]
+                std = np.sqrt(np.maximum(s2[j] / cnt[j] - mu * mu, 0.0) + cfg.epsilon)
+                mm = np.asarray(layer.moving_mean.numpy(), np.float64)
+                ms = np.asarray(layer.moving_stddev.numpy(), np.float64)
+                res[f"lag_mean_norm{j + 1}"] = float(np.mean(np.abs(mm - mu) / std))
+                res[f"lag_std_norm{j + 1}"] = float(np.mean(np.abs(np.log(ms / std))))
+            return res
 
         def evaluate():
             """``{column: value}`` of every evaluation of the config (EMA weights if any)."""
@@ -274,16 +340,21 @@ def train_run(
                 for v, e in zip(model.trainable_variables, ema):
                     v.assign(tf.cast(e, v.dtype))
             res = {}
-            res["val_loss"], res["val_accuracy"] = _mean_over(eval_batch, dataset.x_test, dataset.y_test, test_chunks)
+            res["val_loss"], res["val_accuracy"] = _mean_over(eval_batch, x_val, y_val, val_chunks)
+            if test_chunks is not None:
+                res["test_loss"], res["test_accuracy"] = _mean_over(eval_batch, dataset.x_test, dataset.y_test,
+                                                                    test_chunks)
             if train_sub is not None:
                 res["train_eval_loss"], res["train_eval_accuracy"] = _mean_over(
                     eval_batch, x_train_sub, y_train_sub, train_chunks)
             if batchstat_chunks:
                 state = [v.numpy() for v in model.non_trainable_variables]
                 res["val_batchstat_loss"], res["val_batchstat_accuracy"] = _mean_over(
-                    eval_batch_stats, dataset.x_test, dataset.y_test, batchstat_chunks)
+                    eval_batch_stats, x_val, y_val, batchstat_chunks)
                 for v, b in zip(model.non_trainable_variables, state):
                     v.assign(b)
+            if lag_sub is not None:
+                res.update(lag_stats())
             if backup is not None:
                 for v, b in zip(model.trainable_variables, backup):
                     v.assign(b)
@@ -321,6 +392,7 @@ def train_run(
                     "r_clipped": float(np.mean([l.r_clipped_fraction.numpy() for l in norm_layers])),
                     "d_clipped": float(np.mean([l.d_clipped_fraction.numpy() for l in norm_layers])),
                     "elapsed_s": time.perf_counter() - t0,
+                    "learning_rate": float(cfg.learning_rate_at(cur - 1)),
                     **evals,
                 }
                 for v in acc_vars:
