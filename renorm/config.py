@@ -1,6 +1,6 @@
 """Configuration and input checks shared by every backend (framework-free).
 
-Every error of DESIGN.md's "Errors" section is raised here, once, so that the
+Every error of ``docs/SPEC.md``, section 10 (Errors), is raised here, once, so that the
 NumPy oracle, the TensorFlow layer and the Flax modules reject the same
 things with the same words. Each message names the argument and echoes the
 value received. Values that are wrong raise ``ValueError``; values of the
@@ -54,7 +54,7 @@ def _int(name: str, value) -> int:
 
 
 def check_schedule(*, rmax, dmax, warmup_steps=0, rmax_steps=0, dmax_steps=0) -> None:
-    """Validate the clipping limits and schedule steps (DESIGN.md, Clipping schedule).
+    """Validate the clipping limits and schedule steps (``docs/SPEC.md``, section 5).
 
     - ``rmax >= 1`` (``r`` is clipped to ``[1/rmax, rmax]``) and finite;
     - ``dmax >= 0`` and finite;
@@ -98,7 +98,7 @@ def check_config(
     rmax_steps=0,
     dmax_steps=0,
 ) -> None:
-    """Validate a layer's whole configuration (DESIGN.md, Errors: Configuration).
+    """Validate a layer's whole configuration (``docs/SPEC.md``, section 10).
 
     ``momentum`` in ``[0, 1)``, ``epsilon > 0``, ``microbatch_size`` ``None`` or
     an integer ``>= 1``, and the schedule (:func:`check_schedule`).
@@ -120,7 +120,7 @@ def check_config(
 
 
 def check_pooling(pooled_by: Optional[str], microbatch_size) -> None:
-    """Pooling moments across replicas is per whole batch (DESIGN.md).
+    """Pooling moments across replicas is per whole batch (``docs/SPEC.md``, section 11).
 
     ``pooled_by`` names the option that turned pooling on (``"synchronized"``,
     ``"axis_name"``) or is ``None`` when pooling is off.
@@ -192,7 +192,7 @@ def check_input(
     num_features: Optional[int] = None,
     training: bool = True,
 ) -> InputInfo:
-    """Validate an input against the layer (DESIGN.md, Errors: Input).
+    """Validate an input against the layer (``docs/SPEC.md``, section 10).
 
     Args:
       shape: the input's shape; an entry may be ``None`` (unknown at trace time),

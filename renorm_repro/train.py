@@ -50,7 +50,7 @@ def make_norm_layer(cfg, arm: str, name: Optional[str] = None):
     """The normalization layer of ``arm``: ``renorm.tf.BatchRenormalization`` for every arm but ``keras_brn``.
 
     Batch-norm arms are the same layer with ``rmax=1, dmax=0`` (exactly batch
-    norm, DESIGN.md), so the arms differ only in the clipping limits and
+    norm, docs/SPEC.md), so the arms differ only in the clipping limits and
     the group size. Arms whose spec has ``impl == "keras"`` use Keras 3's own
     ``BatchNormalization(renorm=True)`` with the same schedule
     (:class:`renorm_repro.keras_renorm.ScheduledKerasRenorm`).

@@ -1,4 +1,4 @@
-"""The Flax port against the NumPy oracle (DESIGN.md tolerances), flax's BatchNorm, and linen vs nnx."""
+"""The Flax port against the NumPy oracle (docs/SPEC.md, section 9), flax's BatchNorm, and linen vs nnx."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def run_parity(case, momentum, dtype, seed=0, explicit_backward=True):
     # The same oracle in float32: on a group of only 2 values per feature dL/dx
     # is ill-conditioned (it is O(epsilon / var) of its terms), and the float32
     # oracle itself misses the float32 gradient tolerance there. The port may
-    # not be worse than 3x the oracle's own float32 error in that case.
+    # not be worse than 3x the oracle's own float32 error in that case
+    # (docs/SPEC.md, sections 6 and 9).
     ref32 = None if dtype == "float64" else oracle(case, momentum, p_rounded, dtype=np.float32)
     module = linen_module(case, momentum, param_dtype=param_dtype, explicit_backward=explicit_backward)
     params, stats = variables(case, p, param_dtype)

@@ -160,7 +160,8 @@ def test_inference_is_per_example_and_uses_moving_statistics():
 def test_gradient_null_space_per_group(case):
     """Per group and feature: sum(dx) = 0 and sum(dx * (x - mu_g)) = r*eps/sigma^3 * sum(g * (x - mu_g)).
 
-    DESIGN.md states sum(dx * x) = 0; that holds exactly only for epsilon = 0.
+    A first draft of the spec stated sum(dx * x) = 0; that holds exactly only for epsilon = 0
+    (docs/SPEC.md, sections 6 and 13).
     With epsilon > 0 the remainder is the term above (tested exactly), and with
     a tiny epsilon it vanishes (tested too).
     """

@@ -11,7 +11,7 @@ from renorm.numpy_ref import BatchRenormReference
 
 
 def _design_limits(t, rmax, dmax, w, r_end, d_end):
-    """DESIGN.md's schedule written out with if/else, independently of ClipSchedule."""
+    """The schedule of docs/SPEC.md, section 5, written out with if/else, independently of ClipSchedule."""
     if t < w:
         return 1.0, 0.0
 

@@ -3,7 +3,7 @@
 Every case runs its training steps then one inference call and compares, at
 every step, y, dx, dgamma, dbeta (gradient of sum(y * dy)), the moving
 statistics, the step counter and the clip diagnostics with
-``renorm.numpy_ref.BatchRenormReference`` at DESIGN.md's tolerances.
+``renorm.numpy_ref.BatchRenormReference`` at the tolerances of ``docs/SPEC.md``, section 9.
 """
 
 import numpy as np

@@ -2,7 +2,7 @@
 
 Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
 Batch-Normalized Models", NeurIPS 2017, arXiv:1702.03275, Algorithm 1,
-extended with micro-batches (``shared/DESIGN.md``). Per normalization group
+extended with micro-batches (``docs/SPEC.md``). Per normalization group
 ``g`` (``G = B / k`` groups of ``k`` consecutive examples, or the whole batch)
 and feature ``c``::
 
@@ -174,7 +174,7 @@ def init_state(num_features: int, dtype=jnp.float32) -> BatchRenormState:
 
 
 def checked_input(x, config: BatchRenormConfig, training: bool, num_features: Optional[int] = None):
-    """``x`` as an array and its :class:`renorm.config.InputInfo`, after DESIGN.md's input checks."""
+    """``x`` as an array and its :class:`renorm.config.InputInfo`, after the input checks of ``docs/SPEC.md``, section 10."""
     x = jnp.asarray(x)
     info = check_input(
         x.shape,
@@ -300,7 +300,7 @@ def _renorm_explicit_bwd(spec, res, cotangents):
         dx     = r / sigma * (g - mean(g) - (x - mu) * mean(g * (x - mu)) / sigma**2)
         dscale = sum(dy * xhat),  dbias = sum(dy)
 
-    which is DESIGN.md's ``g r/sigma + dL/dsigma (x - mu)/(m sigma) + dL/dmu / m``.
+    which is ``docs/SPEC.md``'s (section 6) ``g r/sigma + dL/dsigma (x - mu)/(m sigma) + dL/dmu / m``.
     ``mu``, ``sigma``, ``r`` and ``d`` reach the state and diagnostics only
     under ``stop_gradient``, so their cotangents are zero and ignored.
     """

@@ -1,7 +1,7 @@
 """The NumPy oracle: Batch Renormalization forward, explicit backward, inference.
 
 Pure functions of arrays; no state is mutated. Everything follows
-``shared/DESIGN.md`` (Ioffe, 2017, arXiv:1702.03275, Algorithm 1, extended with
+``docs/SPEC.md`` (Ioffe, 2017, arXiv:1702.03275, Algorithm 1, extended with
 micro-batches). Notation, per normalization group ``g`` (``G`` groups of ``k``
 consecutive examples; the whole batch when ``microbatch_size is None``) and
 feature ``c``, with ``m`` values per feature in a group::

@@ -225,7 +225,7 @@ class BatchRenormalization(keras.layers.Layer):
             raise NotImplementedError("BatchRenormalization does not support masks; pass mask=None.")
         training = bool(training) and self.trainable
         x = tf.convert_to_tensor(inputs)
-        # batch_renorm raises DESIGN.md's input errors (dtype, rank, axis,
+        # batch_renorm raises the input errors of docs/SPEC.md, section 10 (dtype, rank, axis,
         # features against moving_mean, divisibility, group size) before any op runs.
         rmax, dmax = self.limits() if training else (self.rmax, self.dmax)
         out = batch_renorm(

@@ -2,7 +2,7 @@
 
 Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
 Batch-Normalized Models", NeurIPS 2017, arXiv:1702.03275, Algorithm 1,
-extended with micro-batches (``shared/DESIGN.md``). Per normalization group
+extended with micro-batches (``docs/SPEC.md``). Per normalization group
 ``g`` (``G = B / k`` groups of ``k`` consecutive examples, or the whole batch)
 and feature ``c``::
 
@@ -415,7 +415,7 @@ def batch_renorm(
         inference with the moving statistics. Required, never guessed.
       rmax, dmax: the clipping limits for this step (numbers or scalar
         tensors, e.g. from :meth:`renorm.ClipSchedule.limits`).
-      momentum, epsilon, axis, microbatch_size: as in DESIGN.md.
+      momentum, epsilon, axis, microbatch_size: as in ``docs/SPEC.md``.
       synchronized: pool the moments over the replicas of the current
         ``tf.distribute`` strategy (whole batches only).
       explicit_gradient: use the paper's explicit backward (True) or autodiff
