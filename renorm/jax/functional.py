@@ -174,7 +174,7 @@ def init_state(num_features: int, dtype=jnp.float32) -> BatchRenormState:
 
 
 def checked_input(x, config: BatchRenormConfig, training: bool, num_features: Optional[int] = None):
-    """``x`` as an array and its :class:`renorm.config.InputInfo`, after the input checks (SPEC section 10)."""
+    """``x`` as an array and its :class:`renorm.config.InputInfo`, checked as in docs/SPEC.md, section 10."""
     x = jnp.asarray(x)
     info = check_input(
         x.shape,
