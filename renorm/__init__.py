@@ -6,7 +6,14 @@ the configuration checks that every backend shares. The backends are
 ``renorm.jax`` (Flax modules); each imports only its own framework.
 """
 
-from renorm.config import check_config, check_input, check_pooling, check_schedule, normalize_axis
+from renorm.config import (
+    check_config,
+    check_input,
+    check_num_features,
+    check_pooling,
+    check_schedule,
+    normalize_axis,
+)
 from renorm.schedule import PAPER_TOTAL_STEPS, ClipSchedule
 
 __version__ = "0.1.0"
@@ -16,6 +23,7 @@ __all__ = [
     "PAPER_TOTAL_STEPS",
     "check_config",
     "check_input",
+    "check_num_features",
     "check_pooling",
     "check_schedule",
     "normalize_axis",

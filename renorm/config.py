@@ -6,10 +6,15 @@ things with the same words. Each message names the argument and echoes the
 value received. Values that are wrong raise ``ValueError``; values of the
 wrong kind (a string for ``rmax``, an integer input) raise ``TypeError``.
 
-Backends that only know a size when the graph runs (TensorFlow with an
-unknown batch size at trace time) build their run-time assertion from the
-same message functions (:func:`batch_not_divisible_message`,
-:func:`too_few_values_message`).
+Backends that only know a size or a value when the graph runs (TensorFlow
+with unknown dimensions at trace time, clipping limits passed as tensors)
+build their run-time assertion from the same message functions
+(:func:`batch_not_divisible_message`, :func:`too_few_values_message`,
+:func:`rmax_message`, :func:`dmax_message`).
+
+A batch of 0 examples (one replica's share of a short last batch) has no
+normalization group: it passes the group checks, and every backend returns an
+empty output and leaves its state unchanged.
 """
 
 from __future__ import annotations
@@ -22,11 +27,14 @@ __all__ = [
     "check_schedule",
     "check_config",
     "check_pooling",
+    "check_num_features",
     "normalize_axis",
     "check_input",
     "InputInfo",
     "batch_not_divisible_message",
     "too_few_values_message",
+    "rmax_message",
+    "dmax_message",
 ]
 
 
@@ -53,6 +61,14 @@ def _int(name: str, value) -> int:
     return int(value)
 
 
+def rmax_message(value) -> str:
+    return f"`rmax` must be a finite number >= 1 (r is clipped to [1/rmax, rmax]), got rmax={value}."
+
+
+def dmax_message(value) -> str:
+    return f"`dmax` must be a finite number >= 0 (d is clipped to [-dmax, dmax]), got dmax={value}."
+
+
 def check_schedule(*, rmax, dmax, warmup_steps=0, rmax_steps=0, dmax_steps=0) -> None:
     """Validate the clipping limits and schedule steps (``docs/SPEC.md``, section 5).
 
@@ -66,9 +82,9 @@ def check_schedule(*, rmax, dmax, warmup_steps=0, rmax_steps=0, dmax_steps=0) ->
     rmax = _real("rmax", rmax)
     dmax = _real("dmax", dmax)
     if not (rmax >= 1.0 and math.isfinite(rmax)):
-        raise ValueError(f"`rmax` must be a finite number >= 1 (r is clipped to [1/rmax, rmax]), got rmax={rmax!r}.")
+        raise ValueError(rmax_message(repr(rmax)))
     if not (dmax >= 0.0 and math.isfinite(dmax)):
-        raise ValueError(f"`dmax` must be a finite number >= 0 (d is clipped to [-dmax, dmax]), got dmax={dmax!r}.")
+        raise ValueError(dmax_message(repr(dmax)))
     steps = {
         "warmup_steps": _int("warmup_steps", warmup_steps),
         "rmax_steps": _int("rmax_steps", rmax_steps),
@@ -132,6 +148,14 @@ def check_pooling(pooled_by: Optional[str], microbatch_size) -> None:
         )
 
 
+def check_num_features(num_features) -> int:
+    """``num_features`` as an ``int``: an integer >= 1 (a statistic is kept per feature)."""
+    n = _int("num_features", num_features)
+    if n < 1:
+        raise ValueError(f"`num_features` must be an integer >= 1, got num_features={n!r}.")
+    return n
+
+
 def normalize_axis(axis, ndim: int) -> int:
     """The non-negative feature axis for an input of rank ``ndim``.
 
@@ -167,8 +191,9 @@ def too_few_values_message(count, group) -> str:
 class InputInfo(tuple):
     """``(axis, num_groups, group_count, num_features)`` of a checked input.
 
-    ``num_groups`` and ``group_count`` (values per feature in one group) are
-    ``None`` where the batch size is unknown.
+    ``num_groups`` is ``None`` where the batch size is unknown (0 for an empty
+    batch); ``group_count`` (values per feature in one group) is ``None`` where
+    a size it depends on is unknown. Both are ``None`` in inference.
     """
 
     __slots__ = ()
@@ -204,6 +229,10 @@ def check_input(
       microbatch_size: ``None`` (one group: the whole batch) or ``k``.
       num_features: the feature size the layer was built for, if built.
       training: group checks only apply to training (batch statistics).
+
+    An empty batch has no group and passes the group checks (but a micro-batch
+    size too small for any batch is an error even then); 0 features is an
+    error.
     """
     if not is_floating:
         raise TypeError(
@@ -217,6 +246,11 @@ def check_input(
         )
     ax = normalize_axis(axis, ndim)
     features = shape[ax]
+    if features == 0:
+        raise ValueError(
+            f"The input has 0 features on axis {axis} (input shape {tuple(shape)}); batch renormalization keeps "
+            f"a statistic per feature and needs at least 1."
+        )
     if num_features is not None and features is not None and features != num_features:
         raise ValueError(
             f"The input has {features} features on axis {axis} but the layer was built for {num_features} "
@@ -229,11 +263,17 @@ def check_input(
     if training:
         if microbatch_size is not None and batch is not None and batch % microbatch_size != 0:
             raise ValueError(batch_not_divisible_message(batch, microbatch_size))
-        group = batch if microbatch_size is None else microbatch_size
+        if microbatch_size is None:
+            # One group, the batch, unless it is empty: then there is no group (and no error).
+            num_groups = None if batch is None else min(batch, 1)
+            group = batch
+        else:
+            # Groups of k examples: too small for any batch, the empty one included.
+            num_groups = None if batch is None else batch // microbatch_size
+            group = microbatch_size
         if group is not None and per_example is not None:
             group_count = group * per_example
-            if group_count < 2:
+            if group_count < 2 and (microbatch_size is not None or batch != 0):
                 what = "batch" if microbatch_size is None else f"micro-batch of {microbatch_size}"
                 raise ValueError(too_few_values_message(group_count, what))
-            num_groups = 1 if microbatch_size is None else (None if batch is None else batch // microbatch_size)
     return InputInfo(ax, num_groups, group_count, features)

@@ -390,3 +390,67 @@ def test_output_dtype_and_shape_follow_input(axis, microbatch):
     assert res.y.shape == x.shape and res.y.dtype == np.float32 and res.mean.shape == (c,)
     g = 1 if microbatch is None else 2
     assert res.mu_g.shape == (g, c)
+
+
+# --------------------------------------------------------------------------- empty batches, overflow, 0 features
+@pytest.mark.parametrize("shape, axis, microbatch", [((0, 3), -1, None), ((0, 3), -1, 2), ((0, 3, 2), 1, None),
+                                                     ((0, 2, 3), -1, 1)])
+def test_empty_batch_gives_empty_output_and_leaves_state_unchanged(shape, axis, microbatch):
+    """A batch of 0 examples (one replica's share of a short last batch) is a no-op, not an error or NaN state."""
+    c = shape[axis]
+    mean, std = np.arange(1.0, c + 1.0), np.full(c, 2.0)
+    x = np.zeros(shape)
+    res = train_forward(x, np.ones(c), np.zeros(c), mean, std, rmax=3, dmax=5, momentum=0.5, epsilon=EPS,
+                        axis=axis, microbatch_size=microbatch)
+    assert res.y.shape == shape and res.y.dtype == x.dtype
+    np.testing.assert_array_equal(res.mean, mean)
+    np.testing.assert_array_equal(res.stddev, std)
+    assert res.finite and res.r_clipped == 0.0 and res.d_clipped == 0.0 and res.mu_g.shape == (0, c)
+    dx, dgamma, dbeta = train_backward(np.zeros(shape), res.cache)
+    assert dx.shape == shape
+    np.testing.assert_array_equal(dgamma, np.zeros(c))
+    np.testing.assert_array_equal(dbeta, np.zeros(c))
+    # The stateful wrapper: moving statistics, step and diagnostics exactly unchanged.
+    layer = BatchRenormReference(c, momentum=0.5, epsilon=EPS, axis=axis, microbatch_size=microbatch, mean=mean,
+                                 stddev=std, rmax=1.01, dmax=0.01)
+    full = np.random.default_rng(3).normal(3.0, 5.0, (4,) + shape[1:])
+    layer.train(full)
+    before = layer.state, layer.r_clipped, layer.d_clipped
+    assert before[1] > 0
+    assert layer.train(x).shape == shape
+    after = layer.state, layer.r_clipped, layer.d_clipped
+    assert after[0]["step"] == before[0]["step"] == 1 and after[1:] == before[1:]
+    np.testing.assert_array_equal(after[0]["mean"], before[0]["mean"])
+    np.testing.assert_array_equal(after[0]["stddev"], before[0]["stddev"])
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
+@pytest.mark.parametrize("microbatch", [None, 2])
+def test_overflowing_statistics_give_nan_output_not_a_constant(microbatch):
+    """float32 |x - mean| ~ 1e20: the variance overflows; the feature's output is NaN, never a finite constant."""
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    x[:, 1] = np.array([1e20, -1e20, 3e20, -2e20], np.float32)
+    res = train_forward(x, None, None, np.zeros(3, np.float32), np.ones(3, np.float32), rmax=3, dmax=5,
+                        momentum=0.5, epsilon=EPS, microbatch_size=microbatch)
+    assert np.isnan(res.y[:, 1]).all()
+    assert np.isfinite(res.y[:, [0, 2]]).all()
+    assert not res.finite
+    np.testing.assert_array_equal(res.mean, np.zeros(3))
+    np.testing.assert_array_equal(res.stddev, np.ones(3))
+    # The other features are what they are without the overflowing one.
+    sub = train_forward(x[:, [0, 2]], None, None, np.zeros(2, np.float32), np.ones(2, np.float32), rmax=3, dmax=5,
+                        momentum=0.5, epsilon=EPS, microbatch_size=microbatch)
+    np.testing.assert_array_equal(res.y[:, [0, 2]], sub.y)
+
+
+def test_zero_features_is_an_error():
+    with pytest.raises(ValueError, match="num_features=0"):
+        BatchRenormReference(0, momentum=0.9, epsilon=EPS)
+    with pytest.raises(TypeError, match="num_features=2.5"):
+        BatchRenormReference(2.5, momentum=0.9, epsilon=EPS)
+    with pytest.raises(ValueError, match="0 features on axis -1"):
+        train_forward(np.zeros((4, 0)), None, None, np.zeros(0), np.ones(0), rmax=3, dmax=5, momentum=0.9,
+                      epsilon=EPS)
+    with pytest.raises(ValueError, match="0 features on axis 1"):
+        inference_forward(np.zeros((4, 0, 2)), None, None, np.zeros(0), np.ones(0), axis=1)

@@ -144,3 +144,19 @@ def test_core_imports_no_framework():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_check_input_empty_batch_and_zero_features():
+    """An empty batch has no group to check; a micro-batch too small for any batch is still an error."""
+    info = renorm.check_input((0, 3), dtype_name="float32", is_floating=True, axis=-1)
+    assert info.num_groups == 0 and info.num_features == 3
+    info = renorm.check_input((0, 2, 3), dtype_name="float32", is_floating=True, axis=-1, microbatch_size=1)
+    assert info.num_groups == 0 and info.group_count == 2
+    with pytest.raises(ValueError, match="micro-batch of 1 holds 1"):
+        renorm.check_input((0, 3), dtype_name="float32", is_floating=True, axis=-1, microbatch_size=1)
+    with pytest.raises(ValueError, match=r"0 features on axis -1.*\(4, 0\)"):
+        renorm.check_input((4, 0), dtype_name="float32", is_floating=True, axis=-1, training=False)
+    for bad, exc in ((0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError), ("3", TypeError)):
+        with pytest.raises(exc, match=f"num_features={bad!r}"):
+            renorm.check_num_features(bad)
+    assert renorm.check_num_features(np.int64(3)) == 3

@@ -62,6 +62,9 @@ def group_view(x: np.ndarray, axis: int, microbatch_size: Optional[int]) -> np.n
     ``g``. :func:`ungroup` is the inverse.
     """
     xt = np.moveaxis(x, axis, -1)
+    if x.shape[0] == 0:  # no example, no group
+        per_example = int(np.prod(xt.shape[1:-1]))
+        return xt.reshape(0, (microbatch_size or 1) * per_example, xt.shape[-1])
     groups = 1 if microbatch_size is None else x.shape[0] // microbatch_size
     return xt.reshape(groups, -1, xt.shape[-1])
 
@@ -92,14 +95,24 @@ def corrections(mu_g, sigma_g, mean, stddev, rmax, dmax):
     ``d = clip((mu_g - mean) / stddev, -dmax, dmax)``, for ``(G, C)`` batch
     statistics and ``(C,)`` moving ones. Returns ``r, d, r_clipped, d_clipped``
     where the last two are the fractions (over groups and features) of entries
-    strictly outside the clip interval.
+    strictly outside the clip interval (0 when there is no group).
+
+    Where ``mu_g`` or ``sigma_g`` is not finite (NaN/Inf input, or a variance
+    that overflows: ``|x - mu_g|`` beyond about ``1.8e19`` in float32), ``r``
+    and ``d`` are NaN, so that the output of that group and feature is NaN too:
+    the clip would otherwise turn ``sigma_g = inf`` into ``r = rmax`` and give a
+    finite-looking constant output. Such entries do not count as clipped.
     """
-    r_raw = sigma_g / stddev
-    d_raw = (mu_g - mean) / stddev
-    r = np.clip(r_raw, 1.0 / rmax, rmax)
-    d = np.clip(d_raw, -dmax, dmax)
-    r_clipped = float(np.mean((r_raw < 1.0 / rmax) | (r_raw > rmax)))
-    d_clipped = float(np.mean((d_raw < -dmax) | (d_raw > dmax)))
+    ok = np.isfinite(mu_g) & np.isfinite(sigma_g)
+    with np.errstate(invalid="ignore"):
+        r_raw = np.where(ok, sigma_g / stddev, np.nan)
+        d_raw = np.where(ok, (mu_g - mean) / stddev, np.nan)
+        r = np.clip(r_raw, 1.0 / rmax, rmax)
+        d = np.clip(d_raw, -dmax, dmax)
+        r_out = (r_raw < 1.0 / rmax) | (r_raw > rmax)
+        d_out = (d_raw < -dmax) | (d_raw > dmax)
+    r_clipped = float(np.mean(r_out)) if r_out.size else 0.0
+    d_clipped = float(np.mean(d_out)) if d_out.size else 0.0
     return r, d, r_clipped, d_clipped
 
 
@@ -164,7 +177,10 @@ def train_forward(
         stddev <- stddev + (1 - momentum) * (mean over groups of sigma_g - stddev)
 
     and is skipped (state returned unchanged, ``finite=False``) when any batch
-    statistic is NaN or Inf.
+    statistic is NaN or Inf; the output of an affected group and feature is
+    then NaN (see :func:`corrections`). A batch of 0 examples has no group: the
+    output is empty, the state unchanged, ``finite`` True and the clip
+    fractions 0.
     """
     x = np.asarray(x)
     check_config(momentum=momentum, epsilon=epsilon, microbatch_size=microbatch_size, rmax=rmax, dmax=dmax)
@@ -194,7 +210,7 @@ def train_forward(
 
     finite = bool(np.all(np.isfinite(mu_g)) and np.all(np.isfinite(sigma_g)))
     alpha = cdt.type(1.0 - momentum)
-    if finite:
+    if finite and mu_g.shape[0] > 0:  # an empty batch (no group) leaves the state as it was
         new_mean = mean_c + alpha * (mu_g.mean(axis=0) - mean_c)
         new_std = std_c + alpha * (sigma_g.mean(axis=0) - std_c)
     else:

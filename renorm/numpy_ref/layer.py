@@ -6,7 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-from renorm.config import check_config
+from renorm.config import check_config, check_num_features
 from renorm.numpy_ref.core import inference_forward, train_backward, train_forward
 from renorm.schedule import ClipSchedule
 
@@ -17,8 +17,8 @@ class BatchRenormReference:
     """The oracle as a layer: parameters, moving statistics, step counter, schedule.
 
     ``train(x)`` runs one training step at the limits ``schedule.limits(step)``,
-    updates ``mean``, ``stddev`` and ``step`` and keeps what ``backward(dy)``
-    needs; ``infer(x)`` uses the moving statistics only. Every argument is
+    updates ``mean``, ``stddev`` and ``step`` (all unchanged by an empty batch)
+    and keeps what ``backward(dy)`` needs; ``infer(x)`` uses the moving statistics only. Every argument is
     explicit (the ports' defaults differ: Keras ``epsilon=1e-3``, Flax
     ``1e-5``). The state starts at ``mean = 0``, ``stddev = 1``, ``step = 0``
     unless given; ``gamma``/``beta`` start at 1/0 and are ``None`` when
@@ -51,6 +51,7 @@ class BatchRenormReference:
         step: int = 0,
     ):
         check_config(momentum=momentum, epsilon=epsilon, microbatch_size=microbatch_size)
+        num_features = check_num_features(num_features)
         self.schedule = ClipSchedule(rmax, dmax, warmup_steps, rmax_steps, dmax_steps)
         self.momentum = momentum
         self.epsilon = epsilon
@@ -76,7 +77,11 @@ class BatchRenormReference:
         return float(rmax), float(dmax)
 
     def train(self, x):
-        """One training step; returns ``y``."""
+        """One training step; returns ``y``.
+
+        A batch of 0 examples is no step: the output is empty and the state
+        (``mean``, ``stddev``, ``step``) and the diagnostics stay as they were.
+        """
         rmax, dmax = self.limits()
         res = train_forward(
             x,
@@ -91,9 +96,11 @@ class BatchRenormReference:
             axis=self.axis,
             microbatch_size=self.microbatch_size,
         )
+        self.last = res
+        if np.shape(x)[0] == 0:
+            return res.y
         self.mean, self.stddev = res.mean, res.stddev
         self.step += 1
-        self.last = res
         self.r_clipped, self.d_clipped = res.r_clipped, res.d_clipped
         return res.y
 
