@@ -4,6 +4,12 @@ The machines here are shared and noisy, so no absolute time is trusted on
 its own: candidates run interleaved (A B C A B C ...) after a warm-up, and
 every ratio is the median of the per-round ratios taken side by side within
 one run.
+
+A full run of a suite writes ``benchmarks/results/<suite>.json``, the
+committed results that ``benchmarks.report`` turns into the README's tables.
+A partial run (``--quick``, ``--shapes``, ``--batches``, ``--width``,
+``--no-xla``) writes ``benchmarks/results/scratch/<suite>.json``, which git
+ignores, and is marked ``"full": false`` so that the report skips it.
 """
 
 from __future__ import annotations
@@ -88,12 +94,42 @@ def machine_info() -> dict:
     }
 
 
+#: Default number of interleaved timed rounds (``--rounds``).
+DEFAULT_ROUNDS = 7
+
+#: Options that change what a suite measures (shapes, candidates). A run that
+#: leaves all of them at their defaults is a *full* run; any other is partial.
+SCOPE_OPTIONS = ("quick", "shapes", "batches", "width", "no_xla")
+
+#: Where partial runs write by default (git-ignored), relative to the
+#: folder of the committed results.
+SCRATCH = "scratch"
+
+
+def scratch_path(default_out: str) -> str:
+    """Where a partial run of the suite whose full results are ``default_out`` writes."""
+    return os.path.join(os.path.dirname(default_out), SCRATCH, os.path.basename(default_out))
+
+
 def parse_args(description: str, default_out: str, argv=None, extra: Callable | None = None):
+    """The suites' command line.
+
+    ``default_out`` is the committed results file of the suite. Only a full
+    run (every option of :data:`SCOPE_OPTIONS` at its default) writes there
+    by default; ``--quick`` and the other partial runs write to
+    :func:`scratch_path` instead, and cannot be sent to ``default_out`` even
+    with ``--out``, so that a check that a suite runs never replaces the
+    measured results. Sets ``args.full`` and ``args.command`` (for the JSON).
+    """
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--out", default=default_out, help="JSON file for the results (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds per group (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help=f"JSON file for the results (default: {default_out} for a full run, "
+                        f"{scratch_path(default_out)} (git-ignored) for --quick and other partial runs)")
+    p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
+                   help="interleaved timed rounds per group (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per candidate first (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="small shapes: a check that the suite runs")
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes: a check that the suite runs (writes to the scratch folder)")
     p.add_argument("--shapes", default=None,
                    help="only these shapes, e.g. '1600,8,8,256;4096,1024' (default: the suite's list)")
     if extra:
@@ -106,10 +142,24 @@ def parse_args(description: str, default_out: str, argv=None, extra: Callable | 
             p.error(f"--shapes must look like '1600,8,8,256;4096,1024', got --shapes {args.shapes!r}")
     if args.rounds < 1 or args.warmup < 0:
         p.error(f"--rounds must be >= 1 and --warmup >= 0, got --rounds {args.rounds} --warmup {args.warmup}")
+    changed = [k for k in SCOPE_OPTIONS if hasattr(args, k) and getattr(args, k) != p.get_default(k)]
+    args.full = not changed
+    if args.out is None:
+        args.out = default_out if args.full else scratch_path(default_out)
+    elif not args.full and os.path.abspath(args.out) == os.path.abspath(default_out):
+        p.error(f"{default_out} holds the full run's results; a partial run "
+                f"({', '.join('--' + k.replace('_', '-') for k in changed)}) cannot replace them: "
+                f"leave out --out (it then writes {scratch_path(default_out)}) or choose another file")
+    suite = os.path.splitext(os.path.basename(default_out))[0]
+    given = sys.argv[1:] if argv is None else list(argv)
+    args.command = " ".join(["python", "-m", f"benchmarks.{suite}"] + given)
     return args
 
 
-def write_results(path: str, payload: dict) -> None:
+def write_results(path: str, payload: dict, args=None) -> None:
+    """Write ``payload`` as JSON; with ``args``, record whether the run was full and its command."""
+    if args is not None:
+        payload = {**payload, "full": args.full, "command": args.command}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
@@ -139,7 +189,7 @@ def run_step_suite(args, *, suite: str, norms: dict, step_fn: Callable, baseline
     table = markdown_table(rows, ["batch", "width", "candidate", "median_ms", "spread", "vs_baseline", "vs_floor"])
     print(table)
     write_results(args.out, {"suite": suite, "machine": machine_info(), **(extra or {}), "rounds": args.rounds,
-                             "rows": rows, "raw": raw, "table": table})
+                             "rows": rows, "raw": raw, "table": table}, args)
 
 
 def step_suite_args(p) -> None:

@@ -1,6 +1,6 @@
 """What bounds dense micro-batches in JAX on the CPU: the cost of clipping per-group vectors.
 
-    python -m benchmarks.jax_clip_fusion [--rounds 30] [--out benchmarks/results/jax_clip_fusion.json]
+    python -m benchmarks.jax_clip_fusion [--rounds 30] [--out FILE]
 
 On (4096, 1024) float32 with micro-batches of 2, the per-group statistics
 are half the size of the input. This times, interleaved, the renorm
@@ -61,7 +61,7 @@ def run(args):
     print(table)
     write_results(args.out, {"suite": "jax_clip_fusion", "machine": machine_info(), "jax": jax.__version__,
                              "shape": SHAPE, "microbatch_size": K, "rounds": args.rounds, "rows": rows,
-                             "table": table})
+                             "table": table}, args)
 
 
 if __name__ == "__main__":

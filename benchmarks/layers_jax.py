@@ -1,6 +1,6 @@
 """Layer suite, JAX: renorm.jax.BatchRenorm against flax.linen.BatchNorm, side by side.
 
-    python -m benchmarks.layers_jax [--quick] [--out benchmarks/results/layers_jax.json]
+    python -m benchmarks.layers_jax [--quick] [--out FILE]
 
 For each shape: training forward+backward (gradient of sum(y * dy) with
 respect to the input and the parameters, moving statistics updated) and
@@ -78,7 +78,7 @@ def run(args):
     devices = [str(d) for d in jax.devices()]
     write_results(args.out, {"suite": "layers_jax", "machine": machine_info(), "devices": devices,
                              "jax": jax.__version__, "rounds": args.rounds, "rows": rows, "raw": raw,
-                             "table": table})
+                             "table": table}, args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Layer suite, TensorFlow: renorm.tf.BatchRenormalization against Keras and the fused op.
 
-    python -m benchmarks.layers_tf [--quick] [--no-xla] [--out benchmarks/results/layers_tf.json]
+    python -m benchmarks.layers_tf [--quick] [--no-xla] [--out FILE]
 
 For each shape: training forward+backward (gradient of sum(y * dy) with
 respect to the input and the layer's trainable weights, moving statistics
@@ -95,7 +95,7 @@ def run(args):
     print(table)
     write_results(args.out, {"suite": "layers_tf", "machine": machine_info(), "tensorflow": tf.__version__,
                              "keras": keras.__version__, "rounds": args.rounds, "rows": rows, "raw": raw,
-                             "table": table})
+                             "table": table}, args)
 
 
 def _extra(p):

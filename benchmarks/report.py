@@ -5,7 +5,10 @@
 Reads ``layers_tf.json``, ``layers_jax.json``, ``step_tf.json`` and
 ``step_jax.json`` (whichever exist) and prints one Markdown table per suite:
 every figure is a ratio of medians of paired, interleaved timings from one
-run (``benchmarks/common.py``).
+run (``benchmarks/common.py``). Only full runs are reported: a file from a
+partial run (``--quick``, ``--shapes``, ...; ``"full"`` not true) is skipped
+with a note on stderr, so a table of tiny shapes never passes for the
+suite's results.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+
+from benchmarks.common import DEFAULT_ROUNDS
 
 
 def _rows(data):
@@ -84,6 +90,14 @@ def step(data, baseline: str) -> str:
     return f"Ratios to {baseline}, width {data['rows'][0]['width']}:\n\n" + "\n".join(lines)
 
 
+def command(name: str, data: dict) -> str:
+    """The command that produced ``data``: as recorded, else the suite with its non-default rounds."""
+    if data.get("command"):
+        return data["command"]
+    rounds = data.get("rounds", DEFAULT_ROUNDS)
+    return f"python -m benchmarks.{name}" + ("" if rounds == DEFAULT_ROUNDS else f" --rounds {rounds}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default="benchmarks/results", help="folder of the suites' JSON files")
@@ -99,14 +113,18 @@ def main(argv=None):
         path = os.path.join(args.results, f"{name}.json")
         if not os.path.exists(path):
             continue
-        found = True
         with open(path) as f:
             data = json.load(f)
+        if data.get("full") is not True:
+            print(f"skipping {path}: not a full run of the suite ({data.get('command', 'no command recorded')})",
+                  file=sys.stderr)
+            continue
+        found = True
         m = data["machine"]
-        print(f"#### {title}\n\n`python -m benchmarks.{name}` on {m['processor']}, {m['cpu_count']} cores, "
-              f"{data['rounds']} interleaved rounds.\n\n{fn(data)}\n")
+        print(f"#### {title}\n\n`{command(name, data)}` on {m['processor']}, {m['cpu_count']} cores "
+              f"({data['rounds']} interleaved rounds per ratio).\n\n{fn(data)}\n")
     if not found:
-        raise SystemExit(f"no results in {args.results!r}: run the suites first (see the README)")
+        raise SystemExit(f"no full-run results in {args.results!r}: run the suites first (see the README)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Step suite, JAX: one training step of the reproduction's convnet in Flax, per normalization.
 
-    python -m benchmarks.step_jax [--quick] [--width 32] [--out benchmarks/results/step_jax.json]
+    python -m benchmarks.step_jax [--quick] [--width 32] [--out FILE]
 
 The same plain 4-layer convnet as ``renorm_repro.train.build_model`` (3x3
 convolutions of width w, 2w, 4w, 8w without bias, each followed by the

@@ -1,6 +1,6 @@
 """Step suite, TensorFlow: one training step of the reproduction's convnet per normalization.
 
-    python -m benchmarks.step_tf [--quick] [--width 32] [--out benchmarks/results/step_tf.json]
+    python -m benchmarks.step_tf [--quick] [--width 32] [--out FILE]
 
 The model is ``renorm_repro.train.build_model`` (the plain 4-layer convnet
 of the reproduction) on 32x32x3 inputs, 100 classes, Adam, one

@@ -52,3 +52,71 @@ def test_jax_layer_suite_runs(tmp_path):
     assert ("train", "renorm mb=2") in names and ("infer", "flax BatchNorm") in names
     assert all(r["vs_baseline"] > 0 for r in data["rows"])
     assert all("vs_whole" in r for r in data["rows"] if r["candidate"] in ("renorm mb=2", "renorm mb=4"))
+
+
+# ----------------------------------------------------------------- partial runs never touch the committed results
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SUITES = ["layers_tf", "layers_jax", "step_tf", "step_jax", "jax_clip_fusion"]
+
+
+def _step_extra(p):
+    from benchmarks.common import step_suite_args
+
+    step_suite_args(p)
+    p.add_argument("--no-xla", action="store_true")
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_only_full_runs_write_the_committed_results(suite):
+    committed = f"benchmarks/results/{suite}.json"
+    scratch = f"benchmarks/results/scratch/{suite}.json"
+    full = parse_args("t", committed, [], extra=_step_extra)
+    assert full.full and full.out == committed
+    assert parse_args("t", committed, ["--rounds", "5", "--batches", "1600,256"], extra=_step_extra).out == committed
+    for partial in (["--quick"], ["--shapes", "8,4"], ["--width", "4"], ["--batches", "64"], ["--no-xla"]):
+        args = parse_args("t", committed, partial, extra=_step_extra)
+        assert not args.full and args.out == scratch, partial
+        assert args.command == f"python -m benchmarks.{suite} " + " ".join(partial)
+        with pytest.raises(SystemExit):  # not even when asked for
+            parse_args("t", committed, partial + ["--out", committed], extra=_step_extra)
+
+
+def test_scratch_folder_is_ignored_by_git():
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    res = subprocess.run(["git", "check-ignore", "-q", "benchmarks/results/scratch/layers_jax.json"], cwd=REPO)
+    assert res.returncode == 0, "benchmarks/results/scratch/ must be git-ignored"
+    res = subprocess.run(["git", "check-ignore", "-q", "benchmarks/results/layers_jax.json"], cwd=REPO)
+    assert res.returncode == 1, "the committed results must not be ignored"
+
+
+def test_quick_run_writes_the_scratch_folder_not_the_committed_file(tmp_path):
+    """``--quick`` as the README spells it, run from a stand-in repository root (``tmp_path``)."""
+    pytest.importorskip("jax")
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "benchmarks.layers_jax", "--quick", "--rounds", "1", "--warmup", "0"],
+                   check=True, capture_output=True, cwd=tmp_path, env=env)
+    assert not (tmp_path / "benchmarks/results/layers_jax.json").exists()
+    data = json.loads((tmp_path / "benchmarks/results/scratch/layers_jax.json").read_text())
+    assert data["full"] is False and data["command"].endswith("--quick --rounds 1 --warmup 0")
+
+
+def test_report_reads_only_full_runs(tmp_path, capsys):
+    from benchmarks import report
+
+    committed = json.loads((REPO / "benchmarks/results/step_jax.json").read_text())
+    (tmp_path / "step_jax.json").write_text(json.dumps({**committed, "full": False, "command": "x --quick"}))
+    with pytest.raises(SystemExit, match="no full-run results"):
+        report.main(["--results", str(tmp_path)])
+    assert "skipping" in capsys.readouterr().err
+    (tmp_path / "step_tf.json").write_text((REPO / "benchmarks/results/step_tf.json").read_text())
+    report.main(["--results", str(tmp_path)])
+    out = capsys.readouterr()
+    assert "training step of the reproduction's convnet" in out.out and "Flax" not in out.out
+    assert "`python -m benchmarks.step_tf --rounds 5` on" in out.out  # the committed run used 5 rounds
+
+
+def test_committed_results_are_full_runs():
+    for suite in SUITES:
+        data = json.loads((REPO / f"benchmarks/results/{suite}.json").read_text())
+        assert data["full"] is True, suite
