@@ -225,6 +225,13 @@ class ExperimentConfig:
             return lr
         return self.learning_rate + 0.0 * t
 
+    #: Paired comparisons ``(a, b)`` the report makes (``b - a`` per seed), where both arms are run.
+    COMPARISONS: typing.ClassVar[Tuple[Tuple[str, str], ...]] = ()
+
+    def comparisons(self) -> Tuple[Tuple[str, str], ...]:
+        """The pairs of :attr:`COMPARISONS` whose two arms this config runs."""
+        return tuple((a, b) for a, b in self.COMPARISONS if a in self.arms and b in self.arms)
+
     def arm_specs_template(self) -> Dict[str, str]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -307,6 +314,7 @@ class MicrobatchConfig(ExperimentConfig):
 
     experiment: str = "microbatch"
     arms: Tuple[str, ...] = ("bn_micro", "brn_micro", "bn_32")
+    COMPARISONS = (("bn_micro", "brn_micro"), ("bn_32", "brn_micro"), ("bn_32", "bn_micro"))
     batch_size: int = 1600
     microbatch_size: int = 2  # k
     bn_group: int = 32  # the bn_32 arm's group size
@@ -365,6 +373,8 @@ class NoniidConfig(ExperimentConfig):
 
     experiment: str = "noniid"
     arms: Tuple[str, ...] = ("bn", "brn", "bn_split", "bn_iid")
+    COMPARISONS = (("bn", "brn"), ("brn", "keras_brn"), ("bn", "keras_brn"), ("bn_iid", "brn"), ("bn_iid", "bn"),
+                   ("bn", "bn_split"))
     batch_size: int = 32
     eval_train_examples: int = 10000
     eval_batch_stats: bool = True
@@ -436,6 +446,7 @@ class IidConfig(ExperimentConfig):
 
     experiment: str = "iid"
     arms: Tuple[str, ...] = ("bn", "brn")
+    COMPARISONS = (("bn", "brn"), ("brn", "keras_brn"), ("bn", "keras_brn"))
     batch_size: int = 32
 
     def arm_specs_template(self) -> Dict[str, str]:

@@ -9,7 +9,17 @@ accuracies a run logs (:data:`CURVES`): the running training accuracy (training
 mode), and where the experiment asks for them the training accuracy in inference
 mode and the validation accuracy with batch statistics. :func:`write_report`
 writes ``summary.md``, ``summary.json``, ``accuracy.png`` and ``accuracy.svg``
-(with a second panel, training accuracy in inference mode, when it was logged).
+(with a second panel, training accuracy in inference mode, when it was logged, and a
+third, the lag of the moving statistics, when it was logged).
+
+Over seeds, every complete run (``done.json``) gives one value per scalar of
+:data:`SCALARS` (the final accuracy, the mean of the last :data:`LAST_N`
+evaluations, the worst accuracy of the second half of training, the lag of the
+moving statistics); each arm gets the mean with a 95% t interval, and each
+pair of the experiment's :meth:`comparisons` the paired per-seed difference
+with its interval (:mod:`renorm_repro.stats`). Accuracies on the held-out
+splits: ``val_accuracy`` (the validation split when the config carves one, on
+which every choice is made; else the test split) and ``test_accuracy``.
 """
 
 from __future__ import annotations
@@ -20,7 +30,8 @@ from typing import Dict, List
 
 import numpy as np
 
-from renorm_repro.runs import RunDirError, read_experiment_config, read_metrics, run_dir
+from renorm_repro.runs import NORM_LAYERS, RunDirError, read_experiment_config, read_metrics, run_dir
+from renorm_repro.stats import mean_ci, paired_difference
 
 __all__ = ["aggregate", "write_summary", "plot", "write_report"]
 
@@ -33,11 +44,50 @@ ARM_STYLE = {
     "brn": dict(color="tab:blue", linestyle="-"),
     "bn_split": dict(color="tab:orange", linestyle="-."),
     "bn_iid": dict(color="black", linestyle="-"),
+    "keras_brn": dict(color="tab:green", linestyle=":"),
 }
+
+#: Evaluations averaged by the ``last`` scalars.
+LAST_N = 4
+
+#: Per-run scalars: name -> (description, function of the run's rows, or None when not logged).
+def _col(rows, col):
+    return [r[col] for r in rows] if col in rows[0] else None
+
+
+def _second_half(rows):
+    last = rows[-1]["step"]
+    return [r for r in rows if r["step"] > last / 2] or rows[-1:]
+
+
+def _lag(rows):
+    if "lag_mean_norm1" not in rows[0]:
+        return None
+    return [float(np.mean([r[f"lag_mean_norm{i}"] for i in range(1, NORM_LAYERS + 1)])) for r in rows]
+
+
+def _scalar_fns():
+    fns = {}
+    for col, name in (("test_accuracy", "test"), ("val_accuracy", "val")):
+        fns[f"{name}_final"] = (f"{col}, last evaluation",
+                                lambda rows, c=col: _col(rows, c) and _col(rows, c)[-1])
+        fns[f"{name}_last{LAST_N}"] = (f"{col}, mean of the last {LAST_N} evaluations",
+                                       lambda rows, c=col: _col(rows, c) and float(np.mean(_col(rows, c)[-LAST_N:])))
+        fns[f"{name}_worst_late"] = (f"{col}, worst evaluation of the second half of training",
+                                     lambda rows, c=col: _col(rows, c) and min(_col(_second_half(rows), c)))
+    fns["lag_late"] = ("moving-mean lag |moving mean - mean| / std (mean over features and layers), mean over "
+                       "the second half of training", lambda rows: _lag(rows) and float(np.mean(_lag(_second_half(rows)))))
+    fns["lag_max"] = ("moving-mean lag, largest evaluation", lambda rows: _lag(rows) and max(_lag(rows)))
+    return fns
+
+
+SCALARS = _scalar_fns()
 
 #: Accuracies aggregated per arm when the runs logged them: column -> description.
 CURVES = {
     "val_accuracy": "validation accuracy, inference mode",
+    "test_accuracy": "test accuracy, inference mode (when a validation split is held out)",
+    "lag_mean": "moving-mean lag |moving mean - mean| / std, mean over features and layers",
     "train_accuracy": "training accuracy, training mode (running mean since the previous evaluation)",
     "train_eval_accuracy": "training accuracy, inference mode",
     "val_batchstat_accuracy": "validation accuracy with batch statistics on test minibatches built like the "
@@ -65,6 +115,9 @@ def aggregate(out) -> dict:
             if path.is_file():
                 rows = read_metrics(path)
                 if rows:
+                    lag = _lag(rows)
+                    for r, v in zip(rows, lag or ()):
+                        r["lag_mean"] = v
                     runs[seed] = rows
         if not runs:
             continue
@@ -91,8 +144,16 @@ def aggregate(out) -> dict:
                 "final_mean": float(np.mean(last)),
                 "final_std": _std(last),
             }
+        scalars = {}
+        for name, (desc, fn) in SCALARS.items():
+            per_seed = {seed: fn(rows) for seed, rows in runs.items()
+                        if (run_dir(out, arm, seed) / "done.json").is_file()}
+            per_seed = {k: float(v) for k, v in per_seed.items() if v is not None}
+            if per_seed:
+                scalars[name] = dict(mean_ci(list(per_seed.values())), per_seed=per_seed, description=desc)
         arms[arm] = {
             "label": cfg.arm_label(arm),
+            "scalars": scalars,
             "seeds": sorted(runs),
             "complete_runs": int(sum(complete)),
             "steps": common,
@@ -111,8 +172,17 @@ def aggregate(out) -> dict:
         }
     if not arms:
         raise RunDirError(f"No metrics.csv found under {out / 'runs'}: nothing to aggregate.")
+    paired = []
+    for a, b in cfg.comparisons():
+        if a not in arms or b not in arms:
+            continue
+        for name in SCALARS:
+            sa, sb = arms[a]["scalars"].get(name), arms[b]["scalars"].get(name)
+            if sa and sb and set(sa["per_seed"]) & set(sb["per_seed"]):
+                paired.append(dict(paired_difference(sa["per_seed"], sb["per_seed"]), a=a, b=b, scalar=name))
     return {"experiment": cfg.experiment, "dataset": cfg.dataset, "steps": cfg.steps,
-            "batch_size": cfg.batch_size, "title": cfg.title(), "curves": CURVES, "arms": arms}
+            "batch_size": cfg.batch_size, "title": cfg.title(), "curves": CURVES, "arms": arms,
+            "paired": paired, "scalar_descriptions": {k: v[0] for k, v in SCALARS.items()}}
 
 
 def _has(agg, col) -> bool:
@@ -159,16 +229,67 @@ def write_summary(agg: dict, out) -> str:
     if "val_batchstat_accuracy" in extra:
         lines.append("Val. acc., batch statistics: the layers in training mode (no moving statistic used or "
                      "changed) on test minibatches built like the training ones.")
+    lines += _stats_section(agg)
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(agg, indent=2) + "\n")
     return text
 
 
-def _draw(ax, steps, mean, std, n, label, style, band=True):
+def _ci(d, scale=100.0, digits=2) -> str:
+    if d["n"] < 2:
+        return f"{d['mean'] * scale:.{digits}f} (1 run)"
+    return f"{d['mean'] * scale:.{digits}f} [{d['lo'] * scale:.{digits}f}, {d['hi'] * scale:.{digits}f}]"
+
+
+#: Scalars of the statistics tables, in this order, with their column heads and scales (x100: percent).
+_TABLE = (("test_last{n}", "test, mean of last {n} evals (%)", 100.0),
+          ("test_final", "test, final (%)", 100.0),
+          ("test_worst_late", "test, worst of 2nd half (%)", 100.0),
+          ("val_last{n}", "val., mean of last {n} evals (%)", 100.0),
+          ("val_worst_late", "val., worst of 2nd half (%)", 100.0),
+          ("lag_late", "moving-mean lag, 2nd half (std)", 1.0))
+
+
+def _stats_section(agg) -> List[str]:
+    cols = [(k.format(n=LAST_N), h.format(n=LAST_N), sc) for k, h, sc in _TABLE]
+    cols = [c for c in cols if any(c[0] in a["scalars"] for a in agg["arms"].values())]
+    if not cols:
+        return []
+    lines = ["", "## Over seeds: mean [95% confidence interval]", "",
+             "| arm | complete runs |" + "".join(f" {h} |" for _, h, _ in cols),
+             "| --- | --- |" + " --- |" * len(cols)]
+    for a in agg["arms"].values():
+        lines.append(f"| {a['label']} | {a['complete_runs']} |"
+                     + "".join(f" {_ci(a['scalars'][k], sc, 3 if sc == 1.0 else 2)} |" if k in a["scalars"]
+                               else " – |" for k, _, sc in cols))
+    if agg.get("paired"):
+        lines += ["", "## Paired differences: b - a over the same seeds (same initial weights and data order), "
+                      "mean [95% CI], seeds where b > a", "",
+                  "| b - a |" + "".join(f" {h} |" for _, h, _ in cols), "| --- |" + " --- |" * len(cols)]
+        by_pair = {}
+        for p in agg["paired"]:
+            by_pair.setdefault((p["a"], p["b"]), {})[p["scalar"]] = p
+        for (a, b), ps in by_pair.items():
+            la, lb = agg["arms"][a]["label"], agg["arms"][b]["label"]
+            cells = []
+            for k, _, sc in cols:
+                p = ps.get(k)
+                cells.append(f" {_ci(p, sc, 3 if sc == 1.0 else 2)}, {p['wins']}/{p['n']} |" if p else " – |")
+            lines.append(f"| {lb} - {la} |" + "".join(cells))
+        lines += ["", "Differences in percentage points (accuracies) or in standard deviations (lag). An interval "
+                      "that excludes 0 is a difference the seeds resolve; one that includes 0 is not."]
+    lines += ["", "Scalars per complete run: " + "; ".join(
+        f"`{k}`: {d}" for k, d in agg.get("scalar_descriptions", {}).items()) + "."]
+    return lines
+
+
+def _draw(ax, steps, mean, std, n, label, style, band=True, lo=0.0, hi=100.0):
     ax.plot(steps, mean, label=label, linewidth=1.6, **style)
     if band and n > 1:
-        ax.fill_between(steps, mean - std, mean + std, color=style.get("color"), alpha=0.15, linewidth=0)
+        # The band is clipped to the possible range (an accuracy never leaves [0, 100]).
+        ax.fill_between(steps, np.clip(mean - std, lo, hi), np.clip(mean + std, lo, hi), color=style.get("color"),
+                        alpha=0.15, linewidth=0)
 
 
 def _label(text, mean, std, n):
@@ -177,46 +298,59 @@ def _label(text, mean, std, n):
 
 
 def plot(agg: dict, out) -> List[Path]:
-    """Validation accuracy (%) against training steps, mean ± std band, final accuracy in the legend.
+    """Held-out accuracy (%) against training steps, mean ± std band (clipped to [0, 100]), final value in the legend.
 
-    When the runs logged them, the batch-statistics evaluation of :data:`BATCHSTAT_CURVE_ARMS`
-    is drawn as its own (dotted) curve, and a second panel shows the training accuracy
-    in inference mode.
+    The first panel is the test accuracy when a validation split was held out (the
+    reported numbers), else the validation accuracy. When the runs logged them, the
+    batch-statistics evaluation of :data:`BATCHSTAT_CURVE_ARMS` is drawn as its own
+    (dotted) curve, a second panel shows the training accuracy in inference mode and
+    a third the lag of the moving means behind the statistics of the layers' inputs.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    two = _has(agg, "train_eval_accuracy")
-    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(12, 4.8) if two else (6.4, 4.6), dpi=150, squeeze=False)
-    axes = axes[0]
+    main = "test_accuracy" if _has(agg, "test_accuracy") else "val_accuracy"
+    panels = [main] + [c for c in ("train_eval_accuracy", "lag_mean") if _has(agg, c)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.8), dpi=150, squeeze=False)
+    axes = dict(zip(panels, axes[0]))
     n_seeds = max(len(a["seeds"]) for a in agg["arms"].values())
     for arm, a in agg["arms"].items():
         steps = np.asarray(a["steps"])
         n = len(a["seeds"])
         style = ARM_STYLE.get(arm, {})
-        _draw(axes[0], steps, np.asarray(a["val_accuracy_mean"]) * 100, np.asarray(a["val_accuracy_std"]) * 100,
-              n, _label(a["label"], a["final_accuracy_mean"], a["final_accuracy_std"], n), style)
-        bs = a["curves"].get("val_batchstat_accuracy")
-        if bs and arm in BATCHSTAT_CURVE_ARMS:
-            bstyle = dict(style, linestyle=":")
-            _draw(axes[0], steps, np.asarray(bs["mean"]) * 100, np.asarray(bs["std"]) * 100, n,
-                  _label(a["label"] + ", inference with batch stats", bs["final_mean"], bs["final_std"], n), bstyle)
-        if two and "train_eval_accuracy" in a["curves"]:
-            te = a["curves"]["train_eval_accuracy"]
-            _draw(axes[1], steps, np.asarray(te["mean"]) * 100, np.asarray(te["std"]) * 100, n,
-                  _label(a["label"], te["final_mean"], te["final_std"], n), style)
+        for col, ax in axes.items():
+            c = a["curves"].get(col)
+            if not c:
+                continue
+            if col == "lag_mean":
+                _draw(ax, steps, np.asarray(c["mean"]), np.asarray(c["std"]), n,
+                      f"{a['label']}: {c['final_mean']:.3f}", style, lo=0.0, hi=np.inf)
+                continue
+            _draw(ax, steps, np.asarray(c["mean"]) * 100, np.asarray(c["std"]) * 100, n,
+                  _label(a["label"], c["final_mean"], c["final_std"], n), style)
+            bs = a["curves"].get("val_batchstat_accuracy")
+            if col == main and bs and arm in BATCHSTAT_CURVE_ARMS and main == "val_accuracy":
+                _draw(ax, steps, np.asarray(bs["mean"]) * 100, np.asarray(bs["std"]) * 100, n,
+                      _label(a["label"] + ", inference with batch stats", bs["final_mean"], bs["final_std"], n),
+                      dict(style, linestyle=":"))
     seeds_note = f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "1 seed"
-    axes[0].set_ylabel("Validation accuracy (%)")
-    axes[0].set_title(f"{agg['dataset']}: {agg['title']}\nvalidation, inference mode ({seeds_note})", fontsize=10)
-    if two:
-        axes[1].set_ylabel("Training accuracy (%)")
-        axes[1].set_title("training set, inference mode (moving statistics)", fontsize=10)
-    for ax in axes:
+    split = "test" if main == "test_accuracy" else "validation"
+    axes[main].set_ylabel(f"{split.capitalize()} accuracy (%)")
+    axes[main].set_title(f"{agg['dataset']}: {agg['title']}\n{split}, inference mode ({seeds_note})", fontsize=10)
+    if "train_eval_accuracy" in axes:
+        axes["train_eval_accuracy"].set_ylabel("Training accuracy (%)")
+        axes["train_eval_accuracy"].set_title("training set, inference mode (moving statistics)", fontsize=10)
+    if "lag_mean" in axes:
+        axes["lag_mean"].set_ylabel("|moving mean - mean| / std")
+        axes["lag_mean"].set_title("how far the moving means lag the inputs' statistics\n(mean over features and "
+                                   "the 4 layers; fixed training images)", fontsize=10)
+    for col, ax in axes.items():
         ax.set_xlabel("Training steps")
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8, frameon=True, framealpha=0.85)
+        ax.legend(loc="upper right" if col == "lag_mean" else "lower right", fontsize=8, frameon=True,
+                  framealpha=0.85)
     fig.tight_layout()
     paths = [Path(out) / "accuracy.png", Path(out) / "accuracy.svg"]
     for p in paths:

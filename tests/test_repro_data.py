@@ -105,7 +105,7 @@ def test_download_checks_md5_and_caches(synth, tmp_path):
 def test_load_dataset_errors():
     with pytest.raises(D.DataError, match="Unknown dataset='mnist'"):
         D.load_dataset("mnist")
-    with pytest.raises(D.DataError, match="only used by dataset='cifar100'"):
+    with pytest.raises(D.DataError, match="not used by dataset='digits'"):
         D.load_dataset("digits", data_dir="/tmp")
 
 

@@ -49,7 +49,8 @@ def test_noniid_config_arms_and_training_batches():
     spec = {arm: cfg.arm_spec(arm) for arm in cfg.arms}
     assert spec["bn"] == {"microbatch_size": 32, "schedule": ClipSchedule.batch_norm()}
     assert spec["bn_split"] == {"microbatch_size": 16, "schedule": ClipSchedule.batch_norm()}
-    assert spec["brn"] == {"microbatch_size": 32, "schedule": ClipSchedule.paper(cfg.steps)}
+    assert spec["brn"] == {"microbatch_size": 32, "schedule": ClipSchedule.paper(cfg.steps), "impl": "renorm"}
+    assert cfg.arm_spec("keras_brn") == dict(spec["brn"], impl="keras")
     labels = np.repeat(np.arange(10), 30)
     for step in range(4):
         same = [cfg.train_batch_indices(labels, 3, step, arm) for arm in ("bn", "brn", "bn_split")]
@@ -77,7 +78,7 @@ def test_noniid_and_iid_configs_validate_and_derive():
         C.get_config("seed", "noniid")
     with pytest.raises(C.ConfigError, match=r"Unknown config key --microbatch-size .*'noniid'"):
         C.get_config("digits", "noniid", {"microbatch-size": "2"})
-    with pytest.raises(C.ConfigError, match=r"`arms` must be distinct names among \('bn', 'brn'\)"):
+    with pytest.raises(C.ConfigError, match=r"`arms` must be distinct names among \('bn', 'brn', 'keras_brn'\)"):
         C.get_config("digits", "iid", {"arms": "bn,bn_split"})
     iid = C.get_config("digits", "iid")
     assert iid.batch_size == 32 and iid.arms == ("bn", "brn")
