@@ -339,3 +339,266 @@ def test_masks_are_refused_rather_than_ignored():
     layer = BatchRenormalization()
     with pytest.raises(NotImplementedError, match="mask"):
         layer(tf.ones((4, 3, 2)), training=True, mask=tf.ones((4, 3), bool))
+
+
+# ----------------------------------------------------- empty batches (issue 11)
+EMPTY_CONFIGS = [
+    dict(),  # fused kernels
+    dict(fused=False),
+    dict(explicit_gradient=False),
+    dict(microbatch_size=2),
+    dict(synchronized=True),  # pooled moments, outside any strategy
+]
+
+
+def _set_state(layer, c):
+    rng = np.random.default_rng(21)
+    layer.moving_mean.assign(rng.normal(size=c))
+    layer.moving_stddev.assign(rng.uniform(0.5, 2.0, c))
+    layer.step.assign(7)
+    layer._r_clipped.assign(0.25)
+    layer._d_clipped.assign(0.5)
+    return [w.numpy().copy() for w in layer.non_trainable_weights]
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+@pytest.mark.parametrize("kwargs", EMPTY_CONFIGS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "fused")
+def test_empty_batch_gives_empty_output_and_leaves_state_unchanged(kwargs, mode):
+    """A batch of 0 examples: empty output, zero gradients, moving statistics, step and diagnostics unchanged."""
+    layer = BatchRenormalization(**kwargs)
+    layer.build((None, 2, 3))
+    before = _set_state(layer, 3)
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y)
+        return (y,) + tuple(tape.gradient(loss, [x, layer.gamma, layer.beta]))
+
+    if mode == "function":
+        step = tf.function(step, input_signature=[tf.TensorSpec([None, 2, 3], tf.float32)])
+    y, dx, dgamma, dbeta = step(tf.zeros((0, 2, 3)))
+    assert y.shape == (0, 2, 3) and dx.shape == (0, 2, 3)
+    np.testing.assert_array_equal(dgamma.numpy(), np.zeros(3))
+    np.testing.assert_array_equal(dbeta.numpy(), np.zeros(3))
+    for w, v in zip(layer.non_trainable_weights, before):
+        np.testing.assert_array_equal(w.numpy(), v, err_msg=w.name)
+    # A non-empty batch through the same trace still trains.
+    step(tf.ones((4, 2, 3)))
+    assert int(layer.step.numpy()) == 8
+
+
+@pytest.mark.parametrize("kwargs", EMPTY_CONFIGS[:4], ids=["fused", "generic", "autodiff", "microbatch"])
+def test_empty_batch_functional_op(kwargs):
+    mean, std = tf.constant([1.0, -2.0, 0.5]), tf.constant([2.0, 0.5, 1.0])
+    for spec in ([None, 3], [0, 3]):
+        fn = tf.function(lambda x: batch_renorm(x, tf.ones(3), tf.zeros(3), mean, std, training=True, **kwargs),
+                         input_signature=[tf.TensorSpec(spec, tf.float32)])
+        out = fn(tf.zeros((0, 3)))
+        assert out.y.shape == (0, 3)
+        np.testing.assert_array_equal(out.moving_mean.numpy(), mean.numpy())
+        np.testing.assert_array_equal(out.moving_stddev.numpy(), std.numpy())
+        assert bool(out.empty) and bool(out.finite)
+        assert float(out.r_clipped_fraction) == 0.0 and float(out.d_clipped_fraction) == 0.0
+    out = batch_renorm(tf.ones((4, 3)), None, None, mean, std, training=True, **kwargs)
+    assert not bool(out.empty)
+
+
+UNEVEN = """
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from parity import assert_close
+from renorm.numpy_ref import BatchRenormReference
+from renorm.tf import BatchRenormalization
+
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+rng = np.random.default_rng(0)
+x = rng.normal(1.0, 2.0, (9, 2, 3)) * rng.uniform(0.5, 2, 3)
+dy = rng.standard_normal((9, 2, 3))
+
+# 1. strategy.run, a last batch of 1 example: replica 0 gets it, replica 1 gets an empty batch.
+for kw in (dict(synchronized=True), dict(microbatch_size=1), dict()):
+    with strategy.scope():
+        layer = BatchRenormalization(momentum=0.5, rmax=1.2, dmax=0.3, dtype="float64", **kw)
+        layer.build((None, 2, 3))
+
+    @tf.function
+    def step(x, dy):
+        def replica_fn(x, dy):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(y * dy)
+            dx, dgamma = tape.gradient(loss, [x, layer.gamma])
+            return y, dx, dgamma
+        return strategy.run(replica_fn, args=(x, dy))
+
+    def shares(a, cuts):
+        return strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(a[cuts[ctx.replica_id_in_sync_group]:cuts[ctx.replica_id_in_sync_group + 1]]))
+
+    # The oracle: synchronized is the global batch; otherwise each replica's share is a group
+    # (or holds groups of microbatch_size), and the strategy averages the replicas' states.
+    ref = BatchRenormReference(3, momentum=0.5, epsilon=1e-3, rmax=1.2, dmax=0.3)
+    for cuts in ((0, 4, 8), (8, 9, 9)):
+        ref.microbatch_size = kw.get("microbatch_size", None if kw else cuts[1] - cuts[0])
+        y, dx, dgamma = step(shares(x, cuts), shares(dy, cuts))
+        y = np.concatenate([t.numpy() for t in strategy.experimental_local_results(y)])
+        dx = np.concatenate([t.numpy() for t in strategy.experimental_local_results(dx)])
+        dgamma = [t.numpy() for t in strategy.experimental_local_results(dgamma)]
+        old = ref.state
+        sl = slice(cuts[0], cuts[2])
+        y_ref = ref.train(x[sl])
+        dx_ref, dgamma_ref, _ = ref.backward(dy[sl])
+        if cuts[2] - cuts[1] == 0 and "synchronized" not in kw:
+            # The empty replica keeps its state; the strategy averages the replicas' states.
+            ref.mean, ref.stddev = (ref.mean + old["mean"]) / 2, (ref.stddev + old["stddev"]) / 2
+            np.testing.assert_array_equal(dgamma[1], np.zeros(3))
+        assert y.shape == x[sl].shape and dx.shape == x[sl].shape
+        assert_close(y, y_ref, "float64", "value", f"y {kw} {cuts}")
+        assert_close(dx, dx_ref, "float64", "grad", f"dx {kw} {cuts}")
+        assert_close(sum(dgamma), dgamma_ref, "float64", "grad", f"dgamma {kw} {cuts}")
+        for v in strategy.experimental_local_results(layer.moving_mean):
+            assert_close(v.numpy(), ref.mean, "float64", "value", f"mean {kw} {cuts}")
+        for v in strategy.experimental_local_results(layer.moving_stddev):
+            assert_close(v.numpy(), ref.stddev, "float64", "value", f"stddev {kw} {cuts}")
+        for v in strategy.experimental_local_results(layer.step):
+            assert int(v.numpy()) == ref.step, (int(v.numpy()), ref.step)
+    print("RUN OK", kw)
+
+# 2. Keras fit: 9 examples, batch 8, over 2 replicas; the last batch leaves one replica empty.
+target = rng.standard_normal((9, 2, 3)).astype(np.float32)
+for kw in (dict(microbatch_size=1), dict(synchronized=True), dict()):
+    with strategy.scope():
+        layer = BatchRenormalization(momentum=0.5, **kw)
+        model = keras.Sequential([keras.Input((2, 3)), layer])
+        model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    model.fit(x.astype(np.float32), target, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    assert int(layer.step.numpy()) == 2
+    assert np.isfinite(layer.moving_mean.numpy()).all() and np.isfinite(layer.moving_stddev.numpy()).all()
+    assert np.isfinite(model.predict(x.astype(np.float32), verbose=0)).all()
+    if "synchronized" in kw:
+        ref = BatchRenormReference(3, momentum=0.5, epsilon=1e-3)
+        ref.train(x[:8].astype(np.float32).astype(np.float64))
+        ref.train(x[8:].astype(np.float32).astype(np.float64))
+        assert_close(layer.moving_mean.numpy(), ref.mean, "float32", "value", "fit mean")
+        assert_close(layer.moving_stddev.numpy(), ref.stddev, "float32", "value", "fit stddev")
+    print("FIT OK", kw)
+"""
+
+
+def test_mirrored_strategy_uneven_last_batch():
+    """One replica's share of a short last batch is empty: no NaN state, pooled statistics of what exists."""
+    out = _run(UNEVEN, timeout=300)
+    assert out.count("RUN OK") == 3 and out.count("FIT OK") == 3, out
+
+
+# ------------------------------------------- group size with unknown dimensions (issue 11)
+@pytest.mark.parametrize(
+    "spec,x_shape,kwargs,words",
+    [
+        ([None, None, None, 3], (4, 1, 1, 3), dict(microbatch_size=1), "a micro-batch of 1 holds 1"),
+        ([1, None, None, 3], (1, 1, 1, 3), dict(), "a batch holds 1"),
+        ([None, None, 3], (1, 1, 3), dict(fused=False), "a batch holds 1"),
+    ],
+)
+def test_too_few_values_is_checked_in_the_graph_when_other_dims_are_unknown(spec, x_shape, kwargs, words):
+    layer = BatchRenormalization(**kwargs)
+    layer.build((None,) + x_shape[1:])
+    before = [w.numpy().copy() for w in layer.non_trainable_weights]
+    with pytest.raises(ValueError, match=words):  # eager decides from the static shape
+        layer(tf.ones(x_shape), training=True)
+    sig = [tf.TensorSpec(spec, tf.float32)]
+    step = tf.function(lambda x: layer(x, training=True), input_signature=sig)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=words):
+        step(tf.ones(x_shape))
+    for w, v in zip(layer.non_trainable_weights, before):
+        np.testing.assert_array_equal(w.numpy(), v, err_msg=w.name)
+    fn = tf.function(lambda x: batch_renorm(x, None, None, tf.zeros(3), tf.ones(3), training=True, **kwargs),
+                     input_signature=sig)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=words):
+        fn(tf.ones(x_shape))
+    # Enough values per group through the same traces.
+    ok = tuple(2 if s is None else s for s in spec)
+    step(tf.random.normal(ok))
+    assert int(layer.step.numpy()) == 1
+    fn(tf.random.normal(ok))
+    # XLA drops assertions (and cannot compile their messages): the graph still compiles and runs.
+    xla = tf.function(lambda x: layer(x, training=True), input_signature=sig, jit_compile=True)
+    assert xla(tf.random.normal(ok)).shape == ok
+
+
+# --------------------------------------------- clipping limits of the functional op (issue 11)
+@pytest.mark.parametrize(
+    "limits,exc,words",
+    [
+        (dict(rmax="3"), TypeError, "rmax='3'"),
+        (dict(dmax=None), TypeError, "dmax=None"),
+        (dict(rmax=0.5), ValueError, "rmax=0.5"),
+        (dict(dmax=-1.0), ValueError, "dmax=-1.0"),
+        (dict(rmax=tf.constant("3")), TypeError, "rmax"),
+        (dict(rmax=tf.ones(2)), ValueError, "rmax"),
+    ],
+)
+def test_functional_op_checks_python_limits(limits, exc, words):
+    with pytest.raises(exc, match=words):
+        batch_renorm(tf.ones((4, 3)), None, None, tf.zeros(3), tf.ones(3), training=True, **limits)
+
+
+@pytest.mark.parametrize(
+    "limits,words",
+    [
+        (dict(rmax=0.5), "`rmax` must be a finite number >= 1 .*got rmax=0.5"),
+        (dict(dmax=-1.0), "`dmax` must be a finite number >= 0 .*got dmax=-1"),
+        (dict(rmax=float("inf")), "got rmax=inf"),
+        (dict(dmax=float("nan")), "got dmax=nan"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_functional_op_checks_tensor_limits_in_the_graph(limits, words, mode):
+    def fn(rmax, dmax):
+        return batch_renorm(tf.ones((4, 3)), None, None, tf.zeros(3), tf.ones(3), training=True, rmax=rmax,
+                            dmax=dmax).y
+
+    if mode == "function":
+        fn = tf.function(fn)
+    args = {"rmax": tf.constant(3.0), "dmax": tf.constant(5.0)}
+    args.update({k: tf.constant(v) for k, v in limits.items()})
+    with pytest.raises(tf.errors.InvalidArgumentError, match=words):
+        fn(**args)
+    assert fn(tf.constant(1.0), tf.constant(0.0)).shape == (4, 3)  # the limits of batch norm are valid
+
+
+# -------------------------------------------------- overflowing statistics (issue 11)
+@pytest.mark.parametrize("kwargs", [dict(), dict(fused=False), dict(explicit_gradient=False),
+                                    dict(microbatch_size=2), dict(synchronized=True)],
+                         ids=["fused", "generic", "autodiff", "microbatch", "synchronized"])
+def test_overflowing_statistics_give_nan_output(kwargs):
+    """float32 |x - mean| ~ 1e20 overflows the variance: NaN output for that feature (as the oracle), never ±dmax."""
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    x[:, 1] = np.array([1e20, -1e20, 3e20, -2e20], np.float32)
+    layer = BatchRenormalization(momentum=0.5, **kwargs)
+    layer.build((None, 3))
+    before = [w.numpy().copy() for w in (layer.moving_mean, layer.moving_stddev)]
+    y = layer(tf.constant(x), training=True).numpy()
+    ref = BatchRenormReference(3, momentum=0.5, epsilon=1e-3, dtype=np.float32,
+                               microbatch_size=kwargs.get("microbatch_size"))
+    y_ref = ref.train(x)
+    assert np.isnan(y_ref[:, 1]).all()
+    assert np.isnan(y[:, 1]).all(), y
+    assert_close(y[:, [0, 2]], y_ref[:, [0, 2]], "float32", "value", "other features")
+    for w, v in zip((layer.moving_mean, layer.moving_stddev), before):
+        np.testing.assert_array_equal(w.numpy(), v)
+
+
+# ----------------------------------------------------------- 0 features (issue 11)
+def test_zero_features_is_an_error():
+    with pytest.raises(ValueError, match="0 features on axis -1"):
+        BatchRenormalization().build((None, 0))
+    with pytest.raises(ValueError, match="0 features on axis 1"):
+        BatchRenormalization(axis=1)(tf.zeros((4, 0, 2)), training=False)

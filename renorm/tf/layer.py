@@ -8,7 +8,7 @@ from keras import constraints, initializers, regularizers
 
 from renorm.config import check_config, check_input, check_pooling
 from renorm.schedule import ClipSchedule
-from renorm.tf.ops import batch_renorm
+from renorm.tf.ops import _batch_renorm
 
 __all__ = ["BatchRenormalization"]
 
@@ -34,6 +34,21 @@ class BatchRenormalization(keras.layers.Layer):
     mean over groups of ``mu_g``/``sigma_g`` (unless a statistic is NaN/Inf)
     and ``step`` advances. In inference
     ``y = gamma * (x - moving_mean) / moving_stddev + beta``.
+
+    Non-finite statistics: where ``mu_g`` or ``sigma_g`` is NaN or Inf (NaN/Inf
+    input, or a variance that overflows, ``|x - mu_g|`` beyond about ``1.8e19``
+    in float32), the output of that group and feature is NaN, never a clipped
+    constant, and the moving statistics keep their values (``step`` still
+    advances).
+
+    Empty batches: a training call on 0 examples (such as one replica's share
+    of a short last batch) returns an empty output and is not a step: the
+    moving statistics, ``step`` and the diagnostics stay exactly as they were.
+    With ``synchronized`` the moments are those of the examples of all
+    replicas (an empty replica contributes nothing and takes the same update
+    as the others). Without it each replica updates from its own batch and the
+    strategy averages the replicas' new values (``aggregation="mean"``), an
+    empty replica's being its unchanged ones; ``step`` is the first replica's.
 
     Unlike Keras' batch norm the moving statistic is the standard deviation
     (``epsilon`` included), as in the paper, not the variance.
@@ -228,7 +243,8 @@ class BatchRenormalization(keras.layers.Layer):
         # batch_renorm raises the input errors of docs/SPEC.md, section 10 (dtype, rank, axis,
         # features against moving_mean, divisibility, group size) before any op runs.
         rmax, dmax = self.limits() if training else (self.rmax, self.dmax)
-        out = batch_renorm(
+        # The limits need no check in the graph: the schedule was validated at construction.
+        out = _batch_renorm(
             x,
             None if self.gamma is None else tf.convert_to_tensor(self.gamma),
             None if self.beta is None else tf.convert_to_tensor(self.beta),
@@ -246,12 +262,29 @@ class BatchRenormalization(keras.layers.Layer):
             fused=self.fused,
         )
         if training:
+            self._update(out)
+        return tf.cast(out.y, self.compute_dtype)
+
+    def _update(self, out):
+        """Assign the new state of a training step.
+
+        Every replica assigns every variable (a mirrored assignment is a
+        synchronization point), an empty batch its old values. The assignments
+        wait for the output, so that a failed run-time check changes nothing.
+        """
+        with tf.control_dependencies([out.y]):
             self.moving_mean.assign(out.moving_mean)
             self.moving_stddev.assign(out.moving_stddev)
-            self._r_clipped.assign(tf.cast(out.r_clipped_fraction, self._r_clipped.dtype))
-            self._d_clipped.assign(tf.cast(out.d_clipped_fraction, self._d_clipped.dtype))
-            self.step.assign_add(tf.constant(1, "int64"))
-        return tf.cast(out.y, self.compute_dtype)
+            r_frac = tf.cast(out.r_clipped_fraction, self._r_clipped.dtype)
+            d_frac = tf.cast(out.d_clipped_fraction, self._d_clipped.dtype)
+            advance = tf.constant(1, "int64")
+            if tf.get_static_value(out.empty) is not False:  # possibly empty: keep the step and diagnostics
+                r_frac = tf.where(out.empty, tf.convert_to_tensor(self._r_clipped), r_frac)
+                d_frac = tf.where(out.empty, tf.convert_to_tensor(self._d_clipped), d_frac)
+                advance = tf.cast(tf.logical_not(out.empty), "int64")
+            self._r_clipped.assign(r_frac)
+            self._d_clipped.assign(d_frac)
+            self.step.assign_add(advance)
 
     # ---------------------------------------------------------------- config
     def get_config(self):

@@ -49,8 +49,25 @@ Numerics and speed, written once here:
   ``|moving_mean| <= 16 * moving_stddev``; the kernel computes
   ``x * a + (beta - mean * a)``, whose float32 error grows with that ratio, so
   elsewhere, and in float64, the exact ``(x - mean) * a + beta`` runs.
-- If a batch statistic is NaN or Inf the new state equals the old one
-  (``finite`` is then False), so one bad batch cannot poison the state.
+- If a batch statistic is NaN or Inf (NaN/Inf input, or a variance that
+  overflows: ``|x - mu|`` beyond about ``1.8e19`` in float32) the new state
+  equals the old one (``finite`` is then False), so one bad batch cannot
+  poison the state; ``r`` and ``d`` of that group and feature are NaN, and so
+  is its output and gradient: a non-finite statistic never gives a
+  finite-looking output (the clip would turn ``sigma = inf`` into
+  ``r = rmax`` and the output into the constant ``beta + gamma * d``).
+- A batch of 0 examples (one replica's share of a short last batch) gives an
+  empty output, zero parameter gradients and the state unchanged (``empty``
+  is then True). A statically empty batch takes a Python branch; where the
+  batch size is only known at run time the statistics divide by
+  ``max(count, 1)`` (finite on an empty batch) and the update is selected
+  with ``tf.where``; nothing else changes for ordinary batches. With
+  ``synchronized`` the counts are pooled with the sums: an empty replica
+  contributes nothing and takes the pooled update like the others, and the
+  "at least 2 values" rule applies to the pooled batch.
+- Limits given as tensors are checked in the graph (``rmax >= 1``,
+  ``dmax >= 0``, finite) with the messages of :mod:`renorm.config`; Python
+  numbers are checked at once, as by the layer.
 """
 
 from __future__ import annotations
@@ -58,13 +75,18 @@ from __future__ import annotations
 import numbers
 from typing import NamedTuple, Optional
 
+import numpy as np
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util  # XLA context, as tf.keras' BatchNormalization checks it
 
 from renorm.config import (
     batch_not_divisible_message,
     check_config,
     check_input,
     check_pooling,
+    check_schedule,
+    dmax_message,
+    rmax_message,
     too_few_values_message,
 )
 
@@ -80,8 +102,12 @@ class BatchRenormOutput(NamedTuple):
         unchanged in inference, or when ``finite`` is False); no gradient.
       r_clipped_fraction, d_clipped_fraction: fraction of the ``r`` and ``d``
         values (over groups and features) that the clip changed; 0 in
-        inference. float32 scalars.
+        inference and for an empty batch. float32 scalars.
       finite: scalar bool, False when a batch statistic was NaN or Inf.
+      empty: scalar bool, True when the training batch (pooled over the
+        replicas with ``synchronized``) held no example: the moving
+        statistics are then returned unchanged, and a layer leaves its step
+        counter and diagnostics as they were. False in inference.
     """
 
     y: tf.Tensor
@@ -90,6 +116,7 @@ class BatchRenormOutput(NamedTuple):
     r_clipped_fraction: tf.Tensor
     d_clipped_fraction: tf.Tensor
     finite: tf.Tensor
+    empty: tf.Tensor
 
 
 def compute_dtype(dtype) -> tf.DType:
@@ -118,48 +145,122 @@ def _dims(x):
     return [s if s is not None else dynamic[i] for i, s in enumerate(static)]
 
 
-def _runtime_checks(x, info, microbatch_size):
-    """Graph-time assertions for what the static shape could not decide (unknown batch)."""
-    if x.shape[0] is not None:
-        return []
-    batch = tf.shape(x, out_type=tf.int64)[0]
+def _graph_assert(ok, message, value):
+    """``tf.debugging.Assert(ok)`` whose message is ``message(value)``, ``value`` a scalar tensor.
+
+    ``None`` under XLA (``jit_compile=True``), which drops assertions and
+    cannot compile the string formatting of the message.
+    """
+    if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+        return None
+    head, tail = message("\x00").split("\x00")
+    if value.dtype not in (tf.float32, tf.float64, tf.int32, tf.int64):
+        value = tf.cast(value, tf.float32)
+    text = tf.strings.as_string(value, shortest=True) if value.dtype.is_floating else tf.strings.as_string(value)
+    return tf.debugging.Assert(ok, [tf.strings.join([head, text, tail])])
+
+
+def _runtime_checks(x, info, microbatch_size, cross_replica=False):
+    """Graph-time assertions for what the static shape could not decide (unknown sizes).
+
+    Divisibility where the batch size is unknown; the group size where a size
+    it depends on is unknown (the batch, or another reduced dimension). An
+    empty batch has no group and passes. Pooled across replicas, the group is
+    the global batch: :func:`_pooled_moments` checks it.
+    """
     checks = []
-    if microbatch_size is not None:
-        head, tail = batch_not_divisible_message("\x00", microbatch_size).split("\x00")
-        msg = tf.strings.join([head, tf.strings.as_string(batch), tail])
-        checks.append(tf.debugging.Assert(tf.equal(batch % microbatch_size, 0), [msg]))
-    elif info.group_count is None:
-        per_example = tf.reduce_prod(tf.shape(x, out_type=tf.int64)[1:]) // tf.shape(x, out_type=tf.int64)[
-            info.axis
-        ]
-        count = batch * per_example
-        head, tail = too_few_values_message("\x00", "batch").split("\x00")
-        msg = tf.strings.join([head, tf.strings.as_string(count), tail])
-        checks.append(tf.debugging.Assert(count >= 2, [msg]))
-    return checks
+    shape = tf.shape(x, out_type=tf.int64) if None in x.shape.as_list() else None
+    if microbatch_size is not None and x.shape[0] is None:
+        checks.append(
+            _graph_assert(tf.equal(shape[0] % microbatch_size, 0),
+                          lambda b: batch_not_divisible_message(b, microbatch_size), shape[0])
+        )
+    if info.group_count is None and not cross_replica:
+        others = [i for i in range(1, x.shape.rank) if i != info.axis]
+        per_example = tf.reduce_prod(tf.gather(shape, tf.constant(others, tf.int32)))
+        if microbatch_size is None:
+            count, what = shape[0] * per_example, "batch"
+            ok = (count >= 2) | tf.equal(shape[0], 0)
+        else:
+            count, what = microbatch_size * per_example, f"micro-batch of {microbatch_size}"
+            ok = count >= 2
+        checks.append(_graph_assert(ok, lambda n: too_few_values_message(n, what), count))
+    return [c for c in checks if c is not None]
+
+
+def _is_tensor(value) -> bool:
+    return tf.is_tensor(value) or isinstance(value, (tf.Variable, np.ndarray))
+
+
+def _limit_checks(rmax, dmax, graph: bool):
+    """Check the clipping limits as the layer does: Python numbers at once, tensors in the graph.
+
+    Returns the graph assertions for tensor limits (none when ``graph`` is
+    False, e.g. in inference, where the limits are not used).
+    """
+    python = {k: v for k, v in (("rmax", rmax), ("dmax", dmax)) if not _is_tensor(v)}
+    check_schedule(rmax=python.get("rmax", 3.0), dmax=python.get("dmax", 5.0))
+    checks = []
+    for name, value, low, message in (("rmax", rmax, 1.0, rmax_message), ("dmax", dmax, 0.0, dmax_message)):
+        if name in python:
+            continue
+        value = tf.convert_to_tensor(value)
+        if not (value.dtype.is_floating or value.dtype.is_integer) or value.dtype.is_unsigned:
+            raise TypeError(
+                f"`{name}` must be a real number or a real scalar tensor, got {name}={value!r} of dtype "
+                f"{value.dtype.name}."
+            )
+        if value.shape.rank not in (None, 0):
+            raise ValueError(f"`{name}` must be a scalar, got {name} of shape {value.shape}.")
+        if graph:
+            v = tf.cast(value, tf.float64)
+            checks.append(_graph_assert(tf.math.is_finite(v) & (v >= low), message, value))
+    return [c for c in checks if c is not None]
+
+
+def _cross_replica() -> bool:
+    """Whether this runs in a replica context of a strategy with more than one replica."""
+    ctx = tf.distribute.get_replica_context()
+    return ctx is not None and ctx.num_replicas_in_sync > 1
 
 
 def _pooled_moments(xg, red):
-    """Mean and biased variance of the concatenated global batch across replicas.
+    """Mean and biased variance of the concatenated global batch across replicas, and its count.
 
-    Two all-reduces, two passes: the global mean first (sum and count), then
-    the global sum of squared deviations from it.
+    Two all-reduces, two passes: the global mean first (sums and counts), then
+    the global sum of squared deviations from it. Counts are pooled with the
+    sums, so a replica with an empty batch contributes nothing; the sums
+    divide by ``max(count, 1)`` so that an empty global batch gives finite
+    (unused) statistics. The global batch must hold 0 or at least 2 values
+    per feature (a run-time assertion).
     """
     ctx = tf.distribute.get_replica_context()
     local_sum = tf.reduce_sum(xg, axis=red, keepdims=True)
     count = tf.cast(tf.size(xg) // tf.size(local_sum), xg.dtype)
     if ctx is None or ctx.num_replicas_in_sync == 1:
-        mean = local_sum / count
-        return mean, tf.reduce_mean(tf.math.squared_difference(xg, mean), axis=red, keepdims=True)
+        mean = local_sum / tf.maximum(count, 1.0)
+        var = tf.reduce_sum(tf.math.squared_difference(xg, mean), axis=red, keepdims=True) / tf.maximum(count, 1.0)
+        return mean, var, count
     total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([tf.reshape(local_sum, [-1]), [count]], 0))
-    mean = tf.reshape(total[:-1], tf.shape(local_sum)) / total[-1]
+    n = total[-1]
+    what = f"batch pooled over {ctx.num_replicas_in_sync} replicas"
+    check = _graph_assert((n >= 2) | tf.equal(n, 0), lambda v: too_few_values_message(v, what), tf.cast(n, tf.int64))
+    with tf.control_dependencies([] if check is None else [check]):
+        mean = tf.reshape(total[:-1], tf.shape(local_sum)) / tf.maximum(n, 1.0)
     local_sq = tf.reduce_sum(tf.math.squared_difference(xg, mean), axis=red, keepdims=True)
-    return mean, ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_sq) / total[-1]
+    return mean, ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_sq) / tf.maximum(n, 1.0), n
 
 
 def _corrections(mu, sigma, mean, stddev, rmax, dmax, mu_minus_mean=None):
-    r_raw = sigma / stddev
-    d_raw = (mu - mean if mu_minus_mean is None else mu_minus_mean) / stddev
+    """``r``, ``d`` (clipped, no gradient) and the clipped fractions.
+
+    Where ``mu`` or ``sigma`` is not finite, ``r`` and ``d`` are NaN (and not
+    counted as clipped), so that the output there is NaN, never a clipped constant.
+    """
+    ok = tf.math.is_finite(mu) & tf.math.is_finite(sigma)
+    nan = tf.constant(np.nan, sigma.dtype)
+    r_raw = tf.where(ok, sigma / stddev, nan)
+    d_raw = tf.where(ok, (mu - mean if mu_minus_mean is None else mu_minus_mean) / stddev, nan)
     rmin = 1.0 / rmax
     r = tf.stop_gradient(tf.clip_by_value(r_raw, rmin, rmax))
     d = tf.stop_gradient(tf.clip_by_value(d_raw, -dmax, dmax))
@@ -168,19 +269,38 @@ def _corrections(mu, sigma, mean, stddev, rmax, dmax, mu_minus_mean=None):
     return r, d, r_frac, d_frac
 
 
+def _count(xv, red):
+    """Values per feature in a group: a Python int where static, else ``max(count, 1)`` as a tensor.
+
+    The floor of 1 keeps the statistics of an empty batch finite (they are not used).
+    """
+    n = _prod([_dims(xv)[i] for i in red])
+    return n if isinstance(n, int) else tf.maximum(tf.cast(n, xv.dtype), 1.0)
+
+
 def _train(xg, gamma, beta, mean, stddev, rmax, dmax, epsilon, red, pooled, explicit_gradient):
-    """Grouped training forward; returns ``(y, mu, sigma, r_frac, d_frac)``.
+    """Grouped training forward; returns ``(y, mu, sigma, r_frac, d_frac, pooled_count)``.
 
     ``xg`` is the grouped view in the compute dtype; ``gamma``, ``beta``,
     ``mean``, ``stddev`` are already shaped to broadcast against it.
+    ``pooled_count`` is the number of values per feature pooled over the
+    replicas (``None`` when not pooled).
     """
+    pooled_count = []
 
     def stats(xv):
         if pooled:
-            mu, var = _pooled_moments(xv, red)
+            mu, var, n = _pooled_moments(xv, red)
+            pooled_count.append(n)
         else:
-            mu = tf.reduce_mean(xv, axis=red, keepdims=True)
-            var = tf.reduce_mean(tf.math.squared_difference(xv, tf.stop_gradient(mu)), axis=red, keepdims=True)
+            count = _count(xv, red)
+            if isinstance(count, int):
+                mu = tf.reduce_mean(xv, axis=red, keepdims=True)
+                var = tf.reduce_mean(tf.math.squared_difference(xv, tf.stop_gradient(mu)), axis=red, keepdims=True)
+            else:
+                mu = tf.reduce_sum(xv, axis=red, keepdims=True) / count
+                var = tf.reduce_sum(tf.math.squared_difference(xv, tf.stop_gradient(mu)), axis=red, keepdims=True)
+                var = var / count
         sigma = tf.sqrt(var + epsilon)
         r, d, r_frac, d_frac = _corrections(mu, sigma, mean, stddev, rmax, dmax)
         return mu, sigma, r, d, r_frac, d_frac
@@ -189,7 +309,8 @@ def _train(xg, gamma, beta, mean, stddev, rmax, dmax, epsilon, red, pooled, expl
         # Pooled moments: autodiff (the all-reduce is differentiable).
         mu, sigma, r, d, r_frac, d_frac = stats(xg)
         y = (xg - mu) * (gamma * r / sigma) + (beta + gamma * d)
-        return y, tf.stop_gradient(mu), tf.stop_gradient(sigma), r_frac, d_frac
+        n = pooled_count[0] if pooled_count else None
+        return y, tf.stop_gradient(mu), tf.stop_gradient(sigma), r_frac, d_frac, n
 
     @tf.custom_gradient
     def forward(xv, gamma_v, beta_v):
@@ -197,7 +318,7 @@ def _train(xg, gamma, beta, mean, stddev, rmax, dmax, epsilon, red, pooled, expl
         # on a first mean mu0; its sum gives the rounding error of mu0 (delta)
         # and var = mean(xc**2) - delta**2, exact up to rounding even on
         # offset data. Full-size work: three reductions, a subtraction and a square.
-        count = tf.cast(_prod([_dims(xv)[i] for i in red]), xv.dtype)
+        count = tf.cast(_count(xv, red), xv.dtype)
         mu0 = _group_sum(xv, red) / count
         xc = xv - mu0
         delta = _group_sum(xc, red) / count
@@ -227,7 +348,8 @@ def _train(xg, gamma, beta, mean, stddev, rmax, dmax, epsilon, red, pooled, expl
         return (y, mu, sigma, r_frac, d_frac), grad
 
     y, mu, sigma, r_frac, d_frac = forward(xg, gamma, beta)
-    return y, tf.stop_gradient(mu), tf.stop_gradient(sigma), tf.stop_gradient(r_frac), tf.stop_gradient(d_frac)
+    return (y, tf.stop_gradient(mu), tf.stop_gradient(sigma), tf.stop_gradient(r_frac), tf.stop_gradient(d_frac),
+            None)
 
 
 def _group_sum(v, red):
@@ -289,7 +411,7 @@ def fused_eligible(x, *, axis, epsilon, microbatch_size=None, synchronized=False
     )
 
 
-def _train_fused(x, gamma, beta, mean, stddev, rmax, dmax, epsilon, data_format):
+def _train_fused(x, gamma, beta, mean, stddev, rmax, dmax, epsilon, data_format, nonempty=None):
     """Training forward on ``FusedBatchNormV3`` kernels (whole batch, 4-D).
 
     Forward: one fused training call normalizes ``x`` with scale 1, offset 0
@@ -302,6 +424,9 @@ def _train_fused(x, gamma, beta, mean, stddev, rmax, dmax, epsilon, data_format)
     paper's formula; ``dgamma = r * dscale + d * doffset``, ``dbeta = doffset``.
     The kernel's batch variance is Bessel-corrected; it is rescaled to the
     biased one. Returns ``(y, mu, sigma, r_frac, d_frac)`` with ``(C,)`` stats.
+    ``nonempty`` (a scalar bool tensor, where the batch size is only known at
+    run time): on an empty batch the kernel's moments are NaN, so the moving
+    ones stand in for them (``r = 1``, ``d = 0``: finite, zero gradients).
     """
     f32 = tf.float32
     empty = tf.constant([], f32)
@@ -319,6 +444,8 @@ def _train_fused(x, gamma, beta, mean, stddev, rmax, dmax, epsilon, data_format)
         n = tf.cast(tf.reduce_prod(tf.gather(shape, reduce_axes)), f32)
         mu = bmean
         sigma = tf.sqrt(bvar * ((n - 1.0) / n) + epsilon)
+        if nonempty is not None:
+            mu, sigma = tf.where(nonempty, mu, mean), tf.where(nonempty, sigma, stddev)
         r, d, r_frac, d_frac = _corrections(mu, sigma, mean, stddev, rmax, dmax)
         scale = gamma_v * r
         y = tf.raw_ops.FusedBatchNormV3(
@@ -371,8 +498,8 @@ def _infer(x, gamma, beta, mean, stddev, ax, fused):
     dims = _dims(x)
     if ax == nd - 1:
         x4, data_format = tf.reshape(x, [-1, 1, 1, c]), "NHWC"
-    else:
-        x4, data_format = tf.reshape(x, [_prod(dims[:ax]), c, 1, -1]), "NCHW"
+    else:  # no -1: it cannot be inferred for an empty batch
+        x4, data_format = tf.reshape(x, [_prod(dims[:ax]), c, 1, _prod(dims[ax + 1:])]), "NCHW"
 
     def kernel():
         # variance 0.5 + epsilon 0.5: a divisor of exactly 1, so the scale is gamma / stddev.
@@ -407,14 +534,17 @@ def batch_renorm(
     """Batch Renormalization of ``x``, a pure function (no variable is touched).
 
     Args:
-      x: floating input, batch on axis 0, features on ``axis``.
+      x: floating input, batch on axis 0, features on ``axis``. A batch of 0
+        examples gives an empty output and the moving statistics unchanged.
       gamma, beta: ``(C,)`` scale and offset, or ``None`` (``scale=False`` /
         ``center=False``).
       moving_mean, moving_stddev: ``(C,)`` moving statistics before this step.
       training: True for batch statistics and a state update, False for
         inference with the moving statistics. Required, never guessed.
       rmax, dmax: the clipping limits for this step (numbers or scalar
-        tensors, e.g. from :meth:`renorm.ClipSchedule.limits`).
+        tensors, e.g. from :meth:`renorm.ClipSchedule.limits`). Numbers are
+        checked at once as the layer checks them (``rmax >= 1``, ``dmax >= 0``,
+        finite); tensors when the graph runs, with the same messages.
       momentum, epsilon, axis, microbatch_size: as in ``docs/SPEC.md``.
       synchronized: pool the moments over the replicas of the current
         ``tf.distribute`` strategy (whole batches only).
@@ -431,21 +561,35 @@ def batch_renorm(
 
     Returns:
       :class:`BatchRenormOutput` ``(y, moving_mean, moving_stddev,
-      r_clipped_fraction, d_clipped_fraction, finite)``.
+      r_clipped_fraction, d_clipped_fraction, finite, empty)``.
+    """
+    limit_checks = _limit_checks(rmax, dmax, graph=training is True)
+    return _batch_renorm(
+        x, gamma, beta, moving_mean, moving_stddev, training=training, rmax=rmax, dmax=dmax, momentum=momentum,
+        epsilon=epsilon, axis=axis, microbatch_size=microbatch_size, synchronized=synchronized,
+        explicit_gradient=explicit_gradient, fused=fused, limit_checks=limit_checks,
+    )
+
+
+def _batch_renorm(
+    x, gamma, beta, moving_mean, moving_stddev, *, training, rmax, dmax, momentum, epsilon, axis, microbatch_size,
+    synchronized, explicit_gradient, fused, limit_checks=(),
+) -> BatchRenormOutput:
+    """:func:`batch_renorm` with limits already checked (``limit_checks``: graph assertions to run first).
+
+    The layer calls it directly: its limits, numbers or tensors of its
+    schedule, were validated at construction.
     """
     if not isinstance(training, bool):
         raise TypeError(f"`training` must be a Python bool (True or False), got training={training!r}.")
-    limits = {"rmax": rmax, "dmax": dmax}
-    check_config(
-        momentum=momentum,
-        epsilon=epsilon,
-        microbatch_size=microbatch_size,
-        **{k: v for k, v in limits.items() if _is_number(v)},
-    )
+    check_config(momentum=momentum, epsilon=epsilon, microbatch_size=microbatch_size)
     check_pooling("synchronized" if synchronized else None, microbatch_size)
     x = tf.convert_to_tensor(x)
+    # Pooled over replicas, a group is the global batch: its size is checked once pooled.
+    cross_replica = training and synchronized and _cross_replica()
+    shape = x.shape.as_list() if x.shape.rank is not None else []
     info = check_input(
-        x.shape.as_list() if x.shape.rank is not None else [],
+        [None] + shape[1:] if cross_replica and shape else shape,
         dtype_name=x.dtype.name,
         is_floating=x.dtype.is_floating,
         axis=axis,
@@ -466,7 +610,7 @@ def batch_renorm(
     if not training:
         y = _infer(x, gamma_c, beta_c, mean_c, std_c, ax, fused=fused is not False and x.dtype in _FUSED_DTYPES)
         zero = tf.zeros([], tf.float32)
-        return BatchRenormOutput(y, moving_mean, moving_stddev, zero, zero, tf.constant(True))
+        return BatchRenormOutput(y, moving_mean, moving_stddev, zero, zero, tf.constant(True), tf.constant(False))
 
     eligible = fused_eligible(
         x, axis=ax, epsilon=epsilon, microbatch_size=microbatch_size, synchronized=synchronized,
@@ -481,19 +625,30 @@ def batch_renorm(
             f"microbatch_size={microbatch_size}, synchronized={synchronized}, "
             f"explicit_gradient={explicit_gradient}, epsilon={epsilon}."
         )
-    checks = _runtime_checks(x, info, microbatch_size)
+    checks = list(limit_checks) + _runtime_checks(x, info, microbatch_size, cross_replica)
+    if x.shape[0] == 0 and not cross_replica:
+        # Statically empty: no statistic, no update. The output keeps its
+        # gradient path to gamma and beta (zero gradients, not None).
+        with tf.control_dependencies(checks):
+            y = _infer(x, gamma_c, beta_c, mean_c, std_c, ax, fused=False)
+        zero = tf.zeros([], tf.float32)
+        return BatchRenormOutput(y, moving_mean, moving_stddev, zero, zero, tf.constant(True), tf.constant(True))
+    # Where the batch size is only known at run time, it may be 0.
+    nonempty = None if x.shape[0] is not None else tf.shape(x)[0] > 0
     if eligible and fused is not False:
         with tf.control_dependencies(checks):
             x_in = tf.identity(x)
-        if nd != 4:  # features last: the free 4-D view (B, 1, M, C)
-            x_in = tf.reshape(x_in, tf.stack([tf.shape(x_in)[0], 1, -1, c]))
+        if nd != 4:  # features last: the free 4-D view (B, 1, M, C); no -1, which an empty batch leaves undefined
+            dims = _dims(x_in)
+            x_in = tf.reshape(x_in, [dims[0], 1, _prod(dims[1:-1]), c])
         y, mu, sigma, r_frac, d_frac = _train_fused(
             x_in, tf.cast(gamma_c, tf.float32), tf.cast(beta_c, tf.float32), mean_c, std_c,
             _as(rmax, tf.float32), _as(dmax, tf.float32), float(epsilon), "NCHW" if (nd == 4 and ax == 1) else "NHWC",
+            nonempty,
         )
         if nd != 4:
             y = tf.reshape(y, tf.shape(x))
-        return _finish(x, y, mu[None], sigma[None], r_frac, d_frac, mean_c, std_c, momentum, state_dtype, c)
+        return _finish(x, y, mu[None], sigma[None], r_frac, d_frac, mean_c, std_c, momentum, state_dtype, c, nonempty)
 
     xc = tf.cast(x, cdt)
     with tf.control_dependencies(checks):
@@ -512,7 +667,7 @@ def batch_renorm(
 
     rmax_c = _as(rmax, cdt)
     dmax_c = _as(dmax, cdt)
-    yg, mu, sigma, r_frac, d_frac = _train(
+    yg, mu, sigma, r_frac, d_frac, pooled_count = _train(
         xg,
         shaped(gamma_c),
         shaped(beta_c),
@@ -525,18 +680,34 @@ def batch_renorm(
         pooled=synchronized,
         explicit_gradient=explicit_gradient,
     )
-    return _finish(x, tf.reshape(yg, dims), mu, sigma, r_frac, d_frac, mean_c, std_c, momentum, state_dtype, c)
+    if pooled_count is not None:  # an empty replica takes the pooled update like the others
+        nonempty = pooled_count > 0
+    return _finish(
+        x, tf.reshape(yg, dims), mu, sigma, r_frac, d_frac, mean_c, std_c, momentum, state_dtype, c, nonempty
+    )
 
 
-def _finish(x, y, mu, sigma, r_frac, d_frac, mean_c, std_c, momentum, state_dtype, c):
-    """The state update (skipped where a statistic is not finite) and the output tuple."""
+def _finish(x, y, mu, sigma, r_frac, d_frac, mean_c, std_c, momentum, state_dtype, c, nonempty=None):
+    """The state update and the output tuple.
+
+    The update is skipped where a statistic is not finite, and where the batch
+    is empty (``nonempty``: a scalar bool tensor, or ``None`` where the batch
+    is known to hold examples); the clip fractions of an empty batch are 0.
+    """
     cdt = mean_c.dtype
     finite = tf.reduce_all(tf.math.is_finite(mu)) & tf.reduce_all(tf.math.is_finite(sigma))
+    update = finite if nonempty is None else finite & nonempty
     alpha = _as(1.0 - momentum, cdt)
     batch_mean = tf.reshape(tf.reduce_mean(mu, axis=0), [c])
     batch_std = tf.reshape(tf.reduce_mean(sigma, axis=0), [c])
-    new_mean = tf.where(finite, mean_c + alpha * (batch_mean - mean_c), mean_c)
-    new_std = tf.where(finite, std_c + alpha * (batch_std - std_c), std_c)
+    new_mean = tf.where(update, mean_c + alpha * (batch_mean - mean_c), mean_c)
+    new_std = tf.where(update, std_c + alpha * (batch_std - std_c), std_c)
+    if nonempty is None:
+        empty = tf.constant(False)
+    else:
+        zero = tf.zeros([], r_frac.dtype)
+        r_frac, d_frac = tf.where(nonempty, r_frac, zero), tf.where(nonempty, d_frac, zero)
+        empty = tf.logical_not(nonempty)
     return BatchRenormOutput(
         tf.cast(y, x.dtype),
         tf.cast(new_mean, state_dtype),
@@ -544,4 +715,5 @@ def _finish(x, y, mu, sigma, r_frac, d_frac, mean_c, std_c, momentum, state_dtyp
         r_frac,
         d_frac,
         finite,
+        empty,
     )
