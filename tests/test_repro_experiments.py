@@ -90,7 +90,7 @@ def test_noniid_and_iid_configs_validate_and_derive():
             cfg = C.get_config(name, exp)
             assert C.config_from_dict(json.loads(json.dumps(C.config_to_dict(cfg)))) == cfg
             assert cfg.experiment == exp
-    assert set(C.preset_names()) == {"paper", "quick", "digits", "smoke", "seed"}
+    assert set(C.preset_names()) == {"paper", "quick", "digits", "fashion", "smoke", "seed"}
 
 
 def test_metrics_columns_of_the_extra_evaluations(tmp_path):
