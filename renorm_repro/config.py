@@ -617,7 +617,10 @@ def _parse_value(key: str, typ, value):
     if origin in (tuple, Tuple):
         inner = args[0]
         if isinstance(value, str):
-            items = [v for v in value.replace(" ", "").split(",") if v != ""]
+            text = value.replace(" ", "")
+            items = text.split(",") if text else []
+            if "" in items:
+                raise ConfigError(f"--{key} expects a comma-separated list without empty items, got {value!r}.")
         elif isinstance(value, (list, tuple)):
             items = list(value)
         else:
