@@ -87,7 +87,30 @@ for half in (0, 1):
         assert_close(upd["batch_stats"]["stddev"][dev], ref.stddev, "float64", "value", "pmap stddev")
         assert int(upd["batch_stats"]["step"][dev]) == 1
 
-# 3. The init of a module with axis_name works outside any mapped axis (as flax's BatchNorm).
+# 3. An empty global batch (every device's shard empty: shapes are equal on a mapped axis) is no step:
+#    empty output, zero gradients, state unchanged, and no collective over empty devices (no NaN).
+cfg = BatchRenormConfig(momentum=0.9, rmax=1.2, dmax=0.3, axis_name="b")
+empty = jax.shard_map(lambda x, params, state: F.train(x, params, state, cfg), mesh=mesh,
+                      in_specs=(P("b"), P(), P()), out_specs=(P("b"), P(), P()))
+
+
+def empty_loss(x, params):
+    y, new_state, diag = empty(x, params, state)
+    return jnp.sum(y), (y, new_state, diag)
+
+
+x0 = jnp.zeros((0, 2, 3))
+(_, (y, new_state, diag)), (dx, dparams) = jax.jit(jax.value_and_grad(empty_loss, argnums=(0, 1), has_aux=True))(
+    x0, params)
+assert y.shape == (0, 2, 3) and dx.shape == (0, 2, 3) and bool(diag.finite)
+jax.tree.map(np.testing.assert_array_equal, new_state, state)
+jax.tree.map(lambda g: np.testing.assert_array_equal(g, np.zeros(3)), dparams)
+y, upd = jax.pmap(apply, axis_name="batch")(rep, jnp.zeros((4, 0, 2, 3)))
+assert y.shape == (4, 0, 2, 3)
+jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.stack([b] * 4)), upd["batch_stats"],
+             state._asdict())
+
+# 4. The init of a module with axis_name works outside any mapped axis (as flax's BatchNorm).
 v = module.init(jax.random.key(0), x, use_running_average=False)
 assert int(v["batch_stats"]["step"]) == 0
 print("multidevice OK")

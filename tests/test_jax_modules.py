@@ -304,3 +304,76 @@ def test_forward_mode_with_autodiff_backward():
     (dx,) = vjp(dy)
     # <dy, J t> == <J^T dy, t>: the forward tangent agrees with the explicit backward
     np.testing.assert_allclose(jnp.vdot(dy, jvp_out), jnp.vdot(dx, t), rtol=1e-4)
+
+
+# ------------------------------------------------------- empty batches (issue 11)
+@pytest.mark.parametrize("kw", [dict(), dict(microbatch_size=2), dict(explicit_backward=False), dict(axis=1)],
+                         ids=["whole", "microbatch", "autodiff", "axis1"])
+def test_empty_batch_gives_empty_output_and_leaves_state_unchanged(kw):
+    """0 examples: empty output, zero gradients, state (moving statistics, step) and diagnostics unchanged."""
+    x = jnp.zeros((0, 4, 3)) if kw.get("axis") == 1 else jnp.zeros((0, 3, 4))
+    cfg = BatchRenormConfig(**kw)
+    params = {"scale": jnp.arange(1.0, 5.0), "bias": jnp.ones(4)}
+    state = F.BatchRenormState(jnp.arange(4.0), jnp.full(4, 2.0), jnp.asarray(5, jnp.int32))
+
+    def loss(params, x):
+        y, new, diag = F.train(x, params, state, cfg)
+        return jnp.sum(y), (y, new, diag)
+
+    (_, (y, new, diag)), (gp, gx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+    assert y.shape == x.shape and gx.shape == x.shape
+    jax.tree.map(lambda g: np.testing.assert_array_equal(g, np.zeros(4)), gp)
+    jax.tree.map(np.testing.assert_array_equal, new, state)
+    assert bool(diag.finite) and float(diag.r_clipped) == 0.0 and float(diag.d_clipped) == 0.0
+    # linen: batch_stats exactly unchanged, nothing sown
+    module = BatchRenorm(use_running_average=False, **kw)
+    stats = state._asdict()
+    y, upd = module.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats", "intermediates"])
+    assert y.shape == x.shape
+    jax.tree.map(np.testing.assert_array_equal, upd["batch_stats"], stats)
+    assert "r_clipped" not in upd.get("intermediates", {})
+    # nnx: statistics, step and diagnostics unchanged
+    layer = make_nnx(**kw)
+    layer(jnp.ones((8, 4, 3)) * jnp.arange(8.0)[:, None, None] if kw.get("axis") == 1 else
+          jnp.ones((8, 3, 4)) * jnp.arange(8.0)[:, None, None])
+    before = jax.tree.map(np.array, nnx.state(layer))
+    assert layer(x).shape == x.shape
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(layer), before)
+    assert int(layer.step[...]) == 1
+
+
+# -------------------------------------------------- overflowing statistics (issue 11)
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
+@pytest.mark.parametrize("kw", [dict(), dict(microbatch_size=2), dict(explicit_backward=False)],
+                         ids=["whole", "microbatch", "autodiff"])
+def test_overflowing_statistics_give_nan_output(kw):
+    """float32 |x - mean| ~ 1e20 overflows the variance: that feature's output is NaN, as the oracle's."""
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    x[:, 1] = np.array([1e20, -1e20, 3e20, -2e20], np.float32)
+    ref = oracle(CASES[0].__class__("overflow", (4, 3), microbatch_size=kw.get("microbatch_size")), 0.5,
+                 dict(gamma=None, beta=None, mean=None, stddev=None), dtype=np.float32)
+    y_ref = ref.train(x)
+    assert np.isnan(y_ref[:, 1]).all()
+    state = F.init_state(3)
+    y, new, diag = F.train(jnp.asarray(x), None, state, BatchRenormConfig(momentum=0.5, **kw))
+    assert np.isnan(np.asarray(y)[:, 1]).all(), y
+    assert_close(np.asarray(y)[:, [0, 2]], y_ref[:, [0, 2]], "float32", "value", "other features")
+    assert not bool(diag.finite)
+    jax.tree.map(np.testing.assert_array_equal, new._replace(step=state.step), state)
+
+
+# ---------------------------------------------------------- num_features (issue 11)
+@pytest.mark.parametrize("n,exc", [(0, ValueError), (-1, ValueError), (2.5, TypeError), ("4", TypeError)])
+def test_nnx_num_features_is_checked(n, exc):
+    with pytest.raises(exc, match=f"num_features={n!r}"):
+        rnnx.BatchRenorm(n, rngs=nnx.Rngs(0))
+
+
+def test_zero_features_input_is_an_error():
+    for train in (False, True):
+        with pytest.raises(ValueError, match="0 features on axis -1"):
+            BatchRenorm(use_running_average=not train).init(jax.random.key(0), jnp.ones((8, 0)))
+    with pytest.raises(ValueError, match="0 features on axis -1"):
+        F.train(jnp.ones((8, 0)), None, F.init_state(1)._replace(mean=jnp.zeros(0), stddev=jnp.ones(0)),
+                BatchRenormConfig())

@@ -574,6 +574,7 @@ def test_functional_op_checks_tensor_limits_in_the_graph(limits, words, mode):
 
 
 # -------------------------------------------------- overflowing statistics (issue 11)
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
 @pytest.mark.parametrize("kwargs", [dict(), dict(fused=False), dict(explicit_gradient=False),
                                     dict(microbatch_size=2), dict(synchronized=True)],
                          ids=["fused", "generic", "autodiff", "microbatch", "synchronized"])

@@ -33,8 +33,20 @@ Numerics, written once here:
 - With ``axis_name`` the per-device moments are averaged with ``lax.pmean``
   (over ``axis_index_groups`` when given), so the statistics are those of the
   concatenated global batch (equal per-device batch sizes).
-- If a batch statistic is NaN or Inf the moving statistics are kept (the step
-  counter still advances), so one bad batch cannot poison the state.
+- If a batch statistic is NaN or Inf (NaN/Inf input, or a variance that
+  overflows: ``|x - mu|`` beyond about ``1.8e19`` in float32) the moving
+  statistics are kept (the step counter still advances), so one bad batch
+  cannot poison the state; ``r`` and ``d`` of that group and feature are NaN,
+  and so are its outputs: a non-finite statistic never gives a
+  finite-looking output (the clip would turn ``sigma = inf`` into
+  ``r = rmax`` and the output into the constant ``bias + scale * d``).
+- A batch of 0 examples is no step: the output is empty (computed as in
+  inference, so gradients are zeros), the state (statistics and ``step``) is
+  returned unchanged, the clip fractions are 0. Shapes are static, so this is
+  a trace-time branch, free for ordinary batches. Every device of a mapped
+  axis (``pmap``, ``shard_map``) has the same shape, so with ``axis_name`` a
+  device is empty only when all are, and the pooled statistics never mix in
+  an empty device.
 
 Gradients: ``r`` and ``d`` are constants (``stop_gradient``), as in the
 paper, and the state update carries no gradient. By default
@@ -263,8 +275,10 @@ def _renorm(spec: _Spec, xg, scale, bias, mean, stddev, rmax, dmax):
     xf = xg.astype(cdt)
     mu, var = _moments(xf, spec.axes, config)
     sigma = jnp.sqrt(var + jnp.asarray(config.epsilon, cdt))
-    r_raw = lax.stop_gradient(sigma) / stddev
-    d_raw = (lax.stop_gradient(mu) - mean) / stddev
+    # A non-finite statistic gives NaN corrections (hence a NaN output), never a clipped constant.
+    ok = jnp.isfinite(lax.stop_gradient(mu)) & jnp.isfinite(lax.stop_gradient(sigma))
+    r_raw = jnp.where(ok, lax.stop_gradient(sigma) / stddev, jnp.nan)
+    d_raw = jnp.where(ok, (lax.stop_gradient(mu) - mean) / stddev, jnp.nan)
     r = lax.stop_gradient(jnp.clip(r_raw, 1.0 / rmax, rmax))
     d = lax.stop_gradient(jnp.clip(d_raw, -dmax, dmax))
     # y = scale * ((x - mu) / sigma * r + d) + bias = (x - mu) * a + b
@@ -346,13 +360,22 @@ def train(
 
     Returns:
       ``(y, new_state, diagnostics)``. The new state keeps the dtypes of
-      ``state`` and carries no gradient.
+      ``state`` and carries no gradient. A batch of 0 examples returns an
+      empty ``y`` and ``state`` itself (``step`` included), with clip
+      fractions 0.
     """
     x, info = checked_input(x, config, training=True, num_features=state.mean.shape[0])
     ax, num_features = info.axis, info.num_features
     cdt = compute_dtype(x.dtype)
     out_dtype = x.dtype if dtype is None else dtype
     batch = x.shape[0]
+    if batch == 0:
+        # No example, no statistic, no step. The output keeps its (zero) gradient path to the parameters.
+        rmax, dmax = config.schedule.limits(state.step.astype(cdt), clip=jnp.clip)
+        zero = jnp.zeros((), jnp.float32)
+        y = inference(x, params, state, dataclasses.replace(config, axis_name=None, axis_index_groups=None),
+                      dtype=dtype)
+        return y, state, Diagnostics(zero, zero, rmax, dmax, jnp.asarray(True))
     groups = 1 if config.microbatch_size is None else batch // config.microbatch_size
 
     if groups == 1:

@@ -44,6 +44,12 @@ class BatchRenorm(nn.Module):
     ``mutable=['batch_stats', 'intermediates']`` to read them (a no-op
     otherwise).
 
+    A training call on a batch of 0 examples (a static shape) is no step: it
+    returns an empty output, leaves ``batch_stats`` (``step`` included)
+    exactly as they were and sows nothing. Where a batch statistic is NaN or
+    Inf (or the variance overflows) the output of that feature is NaN and the
+    moving statistics are kept; ``step`` advances.
+
     Differences from ``BatchNorm``: ``use_fast_variance`` defaults to False
     (``E[x^2] - E[x]^2`` cancels to 0 on offset data such as
     ``1000 + 0.01 * noise`` in float32, which gives a wrong ``r``); with
@@ -124,7 +130,7 @@ class BatchRenorm(nn.Module):
         initializing = self.is_initializing()
         # Like BatchNorm: at init the pooling axis need not exist.
         y, new_state, diag = F.train(x, params, state, self.config(pooled=not initializing), dtype=self.dtype)
-        if not initializing:
+        if not initializing and x.shape[0] > 0:  # an empty batch is no step: nothing changes, nothing is sown
             mean.value, stddev.value, step.value = new_state
             self.sow("intermediates", "r_clipped", diag.r_clipped)
             self.sow("intermediates", "d_clipped", diag.d_clipped)

@@ -9,6 +9,7 @@ from flax import nnx
 from flax.nnx.nn import initializers
 from flax.nnx.module import first_from
 
+from renorm.config import check_num_features
 from renorm.jax import functional as F
 
 __all__ = ["BatchRenorm", "BatchRenormDiagnostic"]
@@ -44,6 +45,10 @@ class BatchRenorm(nnx.Module):
     (:class:`BatchRenormDiagnostic`): the fraction of ``r``/``d`` entries the
     clip changed in the last training step.
 
+    A training call on a batch of 0 examples returns an empty output and
+    changes no state (statistics, ``step``, diagnostics). ``num_features``
+    must be an integer >= 1.
+
     Differences from ``nnx.BatchNorm``: ``use_fast_variance`` defaults to
     False (the fast formula cancels to 0 on offset data in float32); with
     ``dtype=None`` the output has the input's dtype; no ``mask`` or
@@ -76,7 +81,7 @@ class BatchRenorm(nnx.Module):
         microbatch_size: tp.Optional[int] = None,
         rngs: nnx.Rngs,
     ):
-        self.num_features = num_features
+        self.num_features = num_features = check_num_features(num_features)
         self.use_running_average = use_running_average
         self.axis = axis
         self.momentum = momentum
@@ -126,6 +131,8 @@ class BatchRenorm(nnx.Module):
         if use_running_average:
             return F.inference(x, params, state, config, dtype=self.dtype)
         y, new_state, diag = F.train(x, params, state, config, dtype=self.dtype)
+        if jnp.shape(x)[0] == 0:  # an empty batch is no step: statistics, step and diagnostics stay
+            return y
         self.mean[...] = new_state.mean
         self.stddev[...] = new_state.stddev
         self.step[...] = new_state.step
