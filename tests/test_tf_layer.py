@@ -387,6 +387,10 @@ def test_empty_batch_gives_empty_output_and_leaves_state_unchanged(kwargs, mode)
     # A non-empty batch through the same trace still trains.
     step(tf.ones((4, 2, 3)))
     assert int(layer.step.numpy()) == 8
+    # Inference on an empty batch, features last or on axis 1 (NCHW view).
+    assert layer(tf.zeros((0, 2, 3)), training=False).shape == (0, 2, 3)
+    nchw = BatchRenormalization(axis=1)
+    assert nchw(tf.zeros((0, 3, 2, 2)), training=False).shape == (0, 3, 2, 2)
 
 
 @pytest.mark.parametrize("kwargs", EMPTY_CONFIGS[:4], ids=["fused", "generic", "autodiff", "microbatch"])

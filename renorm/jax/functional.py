@@ -373,8 +373,7 @@ def train(
         # No example, no statistic, no step. The output keeps its (zero) gradient path to the parameters.
         rmax, dmax = config.schedule.limits(state.step.astype(cdt), clip=jnp.clip)
         zero = jnp.zeros((), jnp.float32)
-        y = inference(x, params, state, dataclasses.replace(config, axis_name=None, axis_index_groups=None),
-                      dtype=dtype)
+        y = inference(x, params, state, config, dtype=dtype)
         return y, state, Diagnostics(zero, zero, rmax, dmax, jnp.asarray(True))
     groups = 1 if config.microbatch_size is None else batch // config.microbatch_size
 
