@@ -13,55 +13,191 @@ Usage::
 directory), then aggregates and plots. ``plot`` reads only the logs in
 ``--out``. Any config field is an override: ``--steps 100``, ``--seeds 0,1``,
 ``--arms bn_micro,brn_micro``, ``--dataset cifar100 --data-dir PATH``; unknown
-keys and wrong types are refused. Experiments: ``microbatch`` (Figure 2, the
-default), ``noniid`` (Figure 3), ``iid`` (Figure 1); each has the presets
-``paper``, ``quick``, ``digits`` (the committed results) and ``smoke``.
+keys and wrong types are refused (``run --help`` lists every field). Options
+are never abbreviated. Experiments: ``microbatch`` (Figure 2, the default),
+``noniid`` (Figure 3), ``iid`` (Figure 1); each has the presets ``paper``,
+``quick``, ``digits`` (the committed results) and ``smoke``.
+
+A run killed at any point (Ctrl-C, ``kill -9``, a crash) continues with the
+same command and ``--resume``; it ends with the metrics of an uninterrupted
+run. One process at a time writes into an ``--out`` folder (``OUT/.lock``).
+TensorFlow's start-up log lines are hidden unless ``--tf-logs`` is given (or
+``TF_CPP_MIN_LOG_LEVEL`` is set). Errors are one line ``renorm-repro: error:
+...`` (exit 2: a bad command line or config; 1: data, folders, files); an
+interrupted run exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
+import os
 import sys
+import tempfile
 import time
+import typing
+from pathlib import Path
 
-from renorm_repro.config import EXPERIMENTS, ConfigError, dumps, get_config, parse_override_tokens, preset_names
+from renorm_repro.config import (EXPERIMENTS, PRESETS_BY_EXPERIMENT, ConfigError, dumps, get_config,
+                                 parse_override_tokens, preset_names)
 
 __all__ = ["main", "run_experiment"]
 
+_DEFAULT_EXPERIMENT = "microbatch"
 
-def _parser():
-    p = argparse.ArgumentParser(prog="renorm-repro", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+
+def _type_name(typ) -> str:
+    """``INT``, ``FLOAT,...``, ``STR|none``: how a field's value is written on the command line."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Union and type(None) in args:
+        return _type_name(next(a for a in args if a is not type(None))) + "|none"
+    if origin is tuple:
+        return _type_name(args[0]) + ",..."
+    return {int: "INT", float: "FLOAT", str: "STR", bool: "BOOL"}.get(typ, getattr(typ, "__name__", str(typ)))
+
+
+def _value_text(v) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (tuple, list)):
+        return ",".join(map(str, v)) if v else "''"
+    return str(v) if v != "" else "''"
+
+
+def _fields_epilog(experiment: str, preset=None) -> str:
+    """Every config field of ``experiment``: its option, type, default (and value under ``preset``)."""
+    cls = EXPERIMENTS[experiment]
+    hints = typing.get_type_hints(cls)
+    default = cls()
+    at_preset = None
+    if preset in PRESETS_BY_EXPERIMENT[experiment]:
+        try:
+            at_preset = get_config(preset, experiment)
+        except ConfigError:  # pragma: no cover - every preset is valid
+            at_preset = None
+    others = ", ".join(e for e in sorted(EXPERIMENTS) if e != experiment)
+    lines = [f"config overrides of --experiment {experiment} (--key VALUE or --key=VALUE; other experiments: "
+             f"--experiment {{{others}}} --help):",
+             f"  {'option':<26} {'type':<10} default" + (f" (--preset {preset})" if at_preset else "")]
+    for f in dataclasses.fields(cls):
+        if f.name == "experiment":
+            continue
+        text = _value_text(getattr(default, f.name))
+        if at_preset is not None and getattr(at_preset, f.name) != getattr(default, f.name):
+            text += f" ({_value_text(getattr(at_preset, f.name))})"
+        lines.append(f"  --{f.name.replace('_', '-'):<24} {_type_name(hints[f.name]):<10} {text}")
+    lines.append("Defaults are the experiment's; a preset changes some of them (`renorm-repro show --preset P` "
+                 "prints them all).")
+    return "\n".join(lines)
+
+
+def _prescan(argv):
+    """``--experiment`` and ``--preset`` of ``argv``, if given, for the help text (parsing is argparse's job)."""
+    found = {}
+    for i, tok in enumerate(argv):
+        for key in ("--experiment", "--preset"):
+            if tok == key and i + 1 < len(argv):
+                found[key] = argv[i + 1]
+            elif tok.startswith(key + "="):
+                found[key] = tok.split("=", 1)[1]
+    experiment = found.get("--experiment")
+    return (experiment if experiment in EXPERIMENTS else _DEFAULT_EXPERIMENT), found.get("--preset")
+
+
+def _parser(experiment: str = _DEFAULT_EXPERIMENT, preset=None):
+    """The argument parser and its subcommands' parsers (``{name: parser}``)."""
+    raw = argparse.RawDescriptionHelpFormatter
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    common.add_argument("--tf-logs", action="store_true",
+                        help="show TensorFlow's log lines (hidden by default unless TF_CPP_MIN_LOG_LEVEL is set)")
+    p = argparse.ArgumentParser(prog="renorm-repro", description=__doc__.split("\n\n")[0], formatter_class=raw,
+                                epilog=__doc__, allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train every arm x seed, then aggregate and plot")
+    fields = _fields_epilog(experiment, preset)
+    run = sub.add_parser("run", help="train every arm x seed, then aggregate and plot", parents=[common],
+                         allow_abbrev=False, formatter_class=raw, epilog=fields)
     run.add_argument("--preset", required=True, choices=preset_names())
-    run.add_argument("--experiment", default="microbatch", choices=sorted(EXPERIMENTS))
+    run.add_argument("--experiment", default=_DEFAULT_EXPERIMENT, choices=sorted(EXPERIMENTS))
     run.add_argument("--out", required=True, help="output folder (new, or the same one with --resume)")
-    run.add_argument("--resume", action="store_true", help="continue the runs in --out from their checkpoints")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the experiment in --out (which must exist) from its checkpoints")
     run.add_argument("--stop-after", type=int, default=None,
                      help="stop each run after this many steps, without a final checkpoint (simulates a kill)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-    plot = sub.add_parser("plot", help="aggregate the logs in --out and write the figure and tables")
+    plot = sub.add_parser("plot", help="aggregate the logs in --out and write the figure and tables",
+                          parents=[common], allow_abbrev=False)
     plot.add_argument("--out", required=True)
-    show = sub.add_parser("show", help="print a preset's config and derived values (JSON)")
+    show = sub.add_parser("show", help="print a preset's config and derived values (JSON)", parents=[common],
+                          allow_abbrev=False, formatter_class=raw, epilog=fields)
     show.add_argument("--preset", required=True, choices=preset_names())
-    show.add_argument("--experiment", default="microbatch", choices=sorted(EXPERIMENTS))
+    show.add_argument("--experiment", default=_DEFAULT_EXPERIMENT, choices=sorted(EXPERIMENTS))
     bench = sub.add_parser("bench", help="measure training steps/s of a preset's model on random data "
-                                         "and estimate the preset's time")
+                                         "and estimate the preset's time", parents=[common], allow_abbrev=False,
+                           formatter_class=raw, epilog=fields)
     bench.add_argument("--preset", required=True, choices=preset_names())
-    bench.add_argument("--experiment", default="microbatch", choices=sorted(EXPERIMENTS))
+    bench.add_argument("--experiment", default=_DEFAULT_EXPERIMENT, choices=sorted(EXPERIMENTS))
     bench.add_argument("--arm", default=None, help="default: the experiment's first Batch Renorm arm")
     bench.add_argument("--bench-steps", type=int, default=5, help="timed steps (after one compiling step)")
     bench.add_argument("--gpu-tflops", type=float, default=100.0,
                        help="effective TFLOP/s assumed for the GPU estimate (default 100)")
-    return p
+    return p, {"run": run, "plot": plot, "show": show, "bench": bench}
+
+
+def _check_options(rest, parser, experiment: str) -> None:
+    """Refuse a ``--key`` that is neither an option of ``parser`` nor a config field (no abbreviations)."""
+    fields = {f.name for f in dataclasses.fields(EXPERIMENTS[experiment])} - {"experiment"}
+    options = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    for tok in rest:
+        if not tok.startswith("--") or tok == "--":
+            continue
+        key = tok[2:].split("=", 1)[0]
+        if key.replace("-", "_") in fields:
+            continue
+        close = difflib.get_close_matches("--" + key.replace("_", "-"),
+                                          options + ["--" + f.replace("_", "-") for f in sorted(fields)], n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else f" `renorm-repro {parser.prog.split()[-1]} --help` " \
+                                                                  f"lists the options and config fields."
+        raise ConfigError(f"Unknown option --{key} (options are not abbreviated).{hint}")
+
+
+def _quiet_tensorflow() -> None:
+    """Import TensorFlow without its start-up log lines (oneDNN, CPU features, CUDA probing).
+
+    Called only when the user set neither ``--tf-logs`` nor ``TF_CPP_MIN_LOG_LEVEL``.
+    ``TF_CPP_MIN_LOG_LEVEL=2`` hides TensorFlow's later INFO and WARNING lines,
+    but some lines are written while its libraries load, before that setting
+    applies: the import, and the device probing that prints ``cuInit``
+    failures, run with file descriptor 2 sent to a temporary file, which is
+    shown if the import fails.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+            tf.get_logger().setLevel("ERROR")
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def benchmark(cfg, arm, steps, gpu_tflops=100.0, log=print):
     """Steps/s of ``arm`` on random data of the preset's shape; FLOP-based time estimates."""
-    import tempfile
-
     import numpy as np
 
     from renorm_repro.data import Dataset
@@ -80,8 +216,6 @@ def benchmark(cfg, arm, steps, gpu_tflops=100.0, log=print):
     labels = np.arange(n) % classes
     ds = Dataset("random", rng.integers(0, 256, (n,) + shape, dtype=np.uint8), labels,
                  rng.integers(0, 256, (n,) + shape, dtype=np.uint8), labels, classes)
-    import dataclasses
-
     bcfg = dataclasses.replace(cfg, steps=steps + 1, eval_every=steps + 1, checkpoint_every=10 ** 9,
                                eval_batch_size=min(cfg.eval_batch_size, n), eval_train_examples=0,
                                eval_batch_stats=False, val_examples=0, eval_lag_examples=0)
@@ -103,28 +237,67 @@ def benchmark(cfg, arm, steps, gpu_tflops=100.0, log=print):
     return result
 
 
+def _check_data_dir(cfg) -> None:
+    """``data_dir`` must be a folder or a file: a device such as ``/dev/null`` is neither (the loaders would
+    report it as missing)."""
+    from renorm_repro.data import DATASETS, DataError
+
+    spec = DATASETS.get(cfg.dataset)
+    if not cfg.data_dir or spec is None or not spec.uses_data_dir:
+        return
+    path = Path(cfg.data_dir)
+    if path.exists() and not (path.is_dir() or path.is_file()):
+        raise DataError(f"data_dir={cfg.data_dir!r} is neither a folder nor a file (a device, pipe or socket): give "
+                        f"the folder (or, for cifar100, the archive) holding {cfg.dataset}.")
+
+
 def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, log=print):
-    """Train every (arm, seed) of ``cfg`` into ``out``, then write the report. Returns the report."""
+    """Train every (arm, seed) of ``cfg`` into ``out``, then write the report. Returns the report.
+
+    Holds ``out``'s :class:`renorm_repro.runs.ExperimentLock` throughout. The
+    data is loaded before anything is written, so a run whose data fails to
+    load leaves ``out`` as it was; a folder none of whose runs started training
+    is started again (:func:`renorm_repro.runs.check_experiment_dir`).
+    """
     from renorm_repro.data import load_dataset
     from renorm_repro.report import write_report
-    from renorm_repro.runs import prepare_experiment_dir, run_dir
+    from renorm_repro.runs import ExperimentLock, check_experiment_dir, run_dir, write_experiment_record
     from renorm_repro.train import train_run
 
-    out = prepare_experiment_dir(out, cfg, resume=resume)
-    synth = dict(num_train=cfg.synthetic_train, num_test=cfg.synthetic_test, num_classes=cfg.synthetic_classes) \
-        if cfg.dataset == "synthetic" else {}
-    dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir,
-                           val_examples=cfg.val_examples, **synth)
-    log(f"dataset {dataset.summary()}")
-    t0 = time.perf_counter()
-    stopped = False
-    for seed in cfg.seeds:
-        for arm in cfg.arms:
-            res = train_run(cfg, arm, seed, run_dir(out, arm, seed), dataset, resume=resume,
-                            stop_after=stop_after, progress=progress, log=log)
-            stopped |= bool(res.get("stopped"))
-    log(f"trained {len(cfg.arms)} arms x {len(cfg.seeds)} seeds in {time.perf_counter() - t0:.1f} s")
-    report = write_report(out)
+    out = Path(out)
+    mode = check_experiment_dir(out, cfg, resume=resume)  # before touching anything
+    lock = None
+    try:
+        if out.is_dir():
+            lock = ExperimentLock(out).acquire()
+            mode = check_experiment_dir(out, cfg, resume=resume)  # again, now that no other run writes here
+        _check_data_dir(cfg)
+        synth = dict(num_train=cfg.synthetic_train, num_test=cfg.synthetic_test,
+                     num_classes=cfg.synthetic_classes) if cfg.dataset == "synthetic" else {}
+        dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir,
+                               val_examples=cfg.val_examples, **synth)
+        log(f"dataset {dataset.summary()}")
+        if lock is None:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = ExperimentLock(out).acquire()
+            mode = check_experiment_dir(out, cfg, resume=resume)
+        if mode == "restart":
+            log(f"{out} holds an experiment none of whose runs started training; starting it with this config")
+        elif mode == "new" and resume:
+            log(f"{out} holds no experiment yet (a run stopped before writing its config); starting it")
+        write_experiment_record(out, cfg, mode)
+        t0 = time.perf_counter()
+        stopped = False
+        for seed in cfg.seeds:
+            for arm in cfg.arms:
+                res = train_run(cfg, arm, seed, run_dir(out, arm, seed), dataset, resume=mode != "new",
+                                stop_after=stop_after, progress=progress, log=log)
+                stopped |= bool(res.get("stopped"))
+        log(f"trained {len(cfg.arms)} arms x {len(cfg.seeds)} seeds in {time.perf_counter() - t0:.1f} s")
+        report = write_report(out)
+    finally:
+        if lock is not None:
+            lock.release()
     log(report["summary"])
     log("figures: " + ", ".join(str(p) for p in report["figures"]))
     if stopped:
@@ -132,9 +305,37 @@ def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, lo
     return report
 
 
+_TF_ENVIRONMENT_ERRORS = ("ResourceExhaustedError", "PermissionDeniedError", "DataLossError", "NotFoundError",
+                          "UnavailableError")
+
+
+def _environment_error(e: BaseException):
+    """One line for an error of the machine rather than of the code (a file, the disk, memory), else None."""
+    if isinstance(e, OSError):
+        text = e.strerror or str(e) or type(e).__name__
+        if e.filename is not None:
+            text += f": {e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        return text
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(e, tf.errors.OpError) and type(e).__name__ in _TF_ENVIRONMENT_ERRORS:
+        first = (str(e.message).strip().splitlines() or [""])[0]
+        return f"{type(e).__name__}: {first}"
+    return None
+
+
+def _fail(message: str, code: int) -> int:
+    print("renorm-repro: " + " ".join(str(message).split("\n")), file=sys.stderr)
+    return code
+
+
 def main(argv=None):
-    args, rest = _parser().parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, subparsers = _parser(*_prescan(argv))
+    args, rest = parser.parse_known_args(argv)
+    resumable = args.command == "run" and (Path(args.out) / "config.json").is_file()
     try:
+        if args.command in ("run", "bench") and not args.tf_logs and "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+            _quiet_tensorflow()
         if args.command == "plot":
             if rest:
                 raise ConfigError(f"`plot` takes only --out, got {rest}.")
@@ -144,6 +345,7 @@ def main(argv=None):
             print(report["summary"])
             print("figures: " + ", ".join(str(p) for p in report["figures"]))
             return 0
+        _check_options(rest, subparsers[args.command], args.experiment)
         cfg = get_config(args.preset, args.experiment, parse_override_tokens(rest))
         if args.command == "bench":
             benchmark(cfg, args.arm, args.bench_steps, args.gpu_tflops)
@@ -156,17 +358,29 @@ def main(argv=None):
         run_experiment(cfg, args.out, resume=args.resume, stop_after=args.stop_after,
                        progress=not args.no_progress)
         return 0
+    except KeyboardInterrupt as e:
+        from renorm_repro.runs import Interrupted
+
+        resumable = resumable or (args.command == "run" and (Path(args.out) / "config.json").is_file())
+        if isinstance(e, Interrupted):
+            ckpt = f"last checkpoint at step {e.checkpoint_step}" if e.checkpoint_step is not None \
+                else "no checkpoint yet"
+            return _fail(f"interrupted at step {e.step} ({e.run}, {ckpt}); continue with --resume", 130)
+        return _fail("interrupted; continue with --resume" if resumable else
+                     "interrupted before anything was written; run the command again", 130)
     except ConfigError as e:
-        print(f"renorm-repro: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - user-facing errors from data and run folders
+        return _fail(f"error: {e}", 2)
+    except Exception as e:  # noqa: BLE001 - user-facing errors from data, run folders, files and the disk
         from renorm_repro.data import DataError
         from renorm_repro.runs import RunDirError
 
         if isinstance(e, (DataError, RunDirError)):
-            print(f"renorm-repro: error: {e}", file=sys.stderr)
-            return 1
-        raise
+            return _fail(f"error: {e}", 1)
+        text = _environment_error(e)
+        if text is None:
+            raise
+        resumable = resumable or (args.command == "run" and (Path(args.out) / "config.json").is_file())
+        return _fail(f"error: {text}" + ("; once fixed, continue with --resume" if resumable else ""), 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,19 +12,43 @@ Layout of an experiment's output folder ``OUT``::
         checkpoints/             tf.train.CheckpointManager files
         done.json                written last; a run without it is incomplete
     OUT/summary.md, summary.json, accuracy.png, accuracy.svg   (from the logs only)
+    OUT/.lock                    who runs the experiment now (pid, host, start); see ExperimentLock
+
+What a crash (``kill -9``, power loss) can leave, and what resuming does about it:
+
+- JSON files are written to a temporary file, flushed to disk and renamed: each
+  is either the old or the new version, never a mix.
+- ``metrics.csv`` grows by whole lines: each row is one ``write`` of a complete
+  line, flushed to disk before the checkpoint of that step is saved. The only
+  damage a crash can do is an unfinished last line; readers skip it, and a
+  resume drops it (it lies after the last checkpoint) and rewrites the file by
+  write-then-rename.
+- On resume the log is reconciled with the checkpoint: rows after the
+  checkpoint's step are dropped (training recomputes them identically); a row
+  the checkpoint has passed but the log lacks is an error naming the steps,
+  never a silent loss.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 import platform
+import socket
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no locking
+    fcntl = None
 
 from renorm_repro.config import config_from_dict, config_to_dict
 
@@ -33,9 +57,14 @@ __all__ = [
     "EXTRA_METRIC_COLUMNS",
     "metric_columns",
     "RunDirError",
+    "Interrupted",
     "versions",
+    "ExperimentLock",
+    "check_experiment_dir",
+    "write_experiment_record",
     "prepare_experiment_dir",
     "run_dir",
+    "evaluation_steps",
     "MetricsLog",
     "read_metrics",
     "read_experiment_config",
@@ -92,7 +121,15 @@ def _is_known_layout(header) -> bool:
 
 
 class RunDirError(RuntimeError):
-    """An output folder that would be overwritten, or that does not match the config."""
+    """An output folder that would be overwritten, that does not match the config, or whose files are damaged."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training: which run, at which step, and its last checkpoint."""
+
+    def __init__(self, run: str, step: int, checkpoint_step: Optional[int]):
+        super().__init__(f"{run} interrupted at step {step}")
+        self.run, self.step, self.checkpoint_step = run, step, checkpoint_step
 
 
 def _git_revision() -> str:
@@ -124,48 +161,162 @@ def versions() -> dict:
     }
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_atomic(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+#: The lock file of an experiment folder (see :class:`ExperimentLock`).
+LOCK_NAME = ".lock"
+
+#: Fields whose value names where the data is read from, not which data: a folder in which no run
+#: has started training may be resumed with other values (the loaders check the data's checksums).
+DATA_SOURCE_FIELDS = ("data_dir", "cache_dir")
+
+
+class ExperimentLock:
+    """An exclusive ``flock`` on ``OUT/.lock``, held while a process writes into ``OUT``.
+
+    The file holds the holder's pid, host, start time and command, so a refusal
+    names who holds it. The lock belongs to the open file: the OS releases it
+    when the process ends, however it ends (``kill -9`` included), so a stale
+    file never blocks. Leaving the file behind is harmless.
+    """
+
+    def __init__(self, out):
+        self.path = Path(out) / LOCK_NAME
+        self._fd = None
+
+    def acquire(self) -> "ExperimentLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
+                os.close(fd)
+                try:
+                    h = json.loads(holder)
+                    who = (f"pid {h.get('pid')} on {h.get('host')}, started {h.get('started')}: "
+                           f"{' '.join(map(str, h.get('command') or []))}")
+                except ValueError:
+                    who = "a process that has not written its name yet"
+                raise RunDirError(f"--out {str(self.path.parent)!r} is in use by another run ({who}); wait for it "
+                                  f"to finish or stop it. Nothing was written.") from None
+        os.ftruncate(fd, 0)
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": sys.argv}
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file releases the lock
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire() if self._fd is None else self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _has_training(out: Path) -> bool:
+    """Whether any run in ``out`` has started training (a file under ``runs/``: a log, a checkpoint)."""
+    runs = out / "runs"
+    return runs.is_dir() and any(p.is_file() for p in runs.rglob("*"))
+
+
+def _config_diff(cfg_path: Path, cfg) -> Dict[str, tuple]:
+    try:
+        old = json.loads(cfg_path.read_text())["config"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunDirError(f"{cfg_path} is not a readable experiment config ({e!r}).") from None
+    new = config_to_dict(cfg)
+    # A field that did not exist when the folder was written, and is at its default now, is no
+    # difference: the older code behaved as that default.
+    defaults = config_to_dict(type(cfg)())
+    return {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)
+            and not (k not in old and new.get(k) == defaults.get(k))}
+
+
+def check_experiment_dir(out, cfg, *, resume: bool) -> str:
+    """Whether ``cfg`` may run into ``out``, without writing anything.
+
+    Returns ``"new"`` (no experiment there yet), ``"resume"`` (continue the
+    experiment in ``out``: its ``config.json`` equals ``cfg``) or ``"restart"``
+    (``out`` holds an experiment none of whose runs started training, e.g. its
+    data failed to load: it is started again, with ``cfg``). Raises
+    :class:`RunDirError` otherwise: results would be overwritten, ``--resume``
+    names a folder that does not exist or holds no experiment, or the configs
+    differ.
+    """
+    out = Path(out)
+    cfg_path = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {str(out)!r} is a file, not a folder.")
+    if resume and not out.exists():
+        raise RunDirError(f"--resume: --out {str(out)!r} does not exist, so there is nothing to resume; check the "
+                          f"path, or drop --resume to start a new experiment there.")
+    if not cfg_path.exists():
+        others = [p.name for p in out.iterdir() if p.name != LOCK_NAME and not p.name.endswith(".tmp")] \
+            if out.exists() else []
+        if others:
+            raise RunDirError(f"--out {str(out)!r} exists and is not empty and holds no experiment (no config.json); "
+                              f"choose a new or empty folder.")
+        return "new"
+    started = _has_training(out)
+    if not resume:
+        if not started:
+            return "restart"
+        raise RunDirError(
+            f"--out {str(out)!r} already holds an experiment ({cfg_path}); pass --resume to continue it or "
+            f"choose a new --out. Nothing was overwritten."
+        )
+    diff = _config_diff(cfg_path, cfg)
+    if not started and set(diff) <= set(DATA_SOURCE_FIELDS):
+        return "restart" if diff else "resume"
+    if diff:
+        hint = (" No run there has started training: drop --resume to start it again with this config."
+                if not started else " Resume with the same preset and overrides, or choose a new --out.")
+        raise RunDirError(
+            f"--resume: the config differs from the one in {cfg_path}: "
+            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items())) + "." + hint
+        )
+    return "resume"
+
+
+def write_experiment_record(out, cfg, mode: str) -> Path:
+    """Create ``out`` and write its ``config.json`` (unless ``mode == "resume"``) and ``versions.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if mode != "resume":
+        _write_json(out / "config.json", {"config": config_to_dict(cfg), "derived": cfg.derived()})
+    _write_json(out / "versions.json", versions())
+    return out
 
 
 def prepare_experiment_dir(out, cfg, *, resume: bool) -> Path:
     """Create ``out`` for ``cfg``; refuse to overwrite another experiment's results.
 
-    Without ``resume`` the folder must not hold results yet. With ``resume``
-    its ``config.json`` must equal ``cfg`` (a resumed run with a different
-    config would mix two experiments).
+    :func:`check_experiment_dir`, then :func:`write_experiment_record`. Without
+    ``resume`` the folder must not hold results yet. With ``resume`` its
+    ``config.json`` must equal ``cfg`` (a resumed run with a different config
+    would mix two experiments). :func:`renorm_repro.cli.run_experiment` loads
+    the data between the two steps, under an :class:`ExperimentLock`.
     """
-    out = Path(out)
-    cfg_path = out / "config.json"
-    record = {"config": config_to_dict(cfg), "derived": cfg.derived()}
-    if cfg_path.exists():
-        if not resume:
-            raise RunDirError(
-                f"--out {str(out)!r} already holds an experiment ({cfg_path}); pass --resume to continue it or "
-                f"choose a new --out. Nothing was overwritten."
-            )
-        old = json.loads(cfg_path.read_text())["config"]
-        new = record["config"]
-        # A field that did not exist when the folder was written, and is at its default now, is no
-        # difference: the older code behaved as that default.
-        defaults = config_to_dict(type(cfg)())
-        diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)
-                and not (k not in old and new.get(k) == defaults.get(k))}
-        if diff:
-            raise RunDirError(
-                f"--resume: the config differs from the one in {cfg_path}: "
-                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-                + ". Resume with the same preset and overrides, or choose a new --out."
-            )
-    else:
-        if out.exists() and any(out.iterdir()):
-            raise RunDirError(f"--out {str(out)!r} exists and is not empty; choose a new or empty folder.")
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(cfg_path, record)
-    _write_json(out / "versions.json", versions())
-    return out
+    mode = check_experiment_dir(out, cfg, resume=resume)
+    return write_experiment_record(out, cfg, mode)
 
 
 def run_dir(out, arm: str, seed: int) -> Path:
@@ -179,31 +330,136 @@ def read_experiment_config(out):
     return config_from_dict(json.loads(path.read_text())["config"])
 
 
+def evaluation_steps(cfg, upto: int) -> List[int]:
+    """The steps ``<= upto`` that have a row in ``metrics.csv``: every ``eval_every``-th, and the last."""
+    return [t for t in range(1, min(upto, cfg.steps) + 1) if t % cfg.eval_every == 0 or t == cfg.steps]
+
+
+def _csv_line(values: Sequence[str]) -> str:
+    """One CSV line as the ``csv`` module writes it (``\\r\\n``-terminated, like every older log)."""
+    buf = io.StringIO()
+    csv.writer(buf).writerow(values)
+    return buf.getvalue()
+
+
+def _parse_line(line: str):
+    return next(csv.reader([line]), [])
+
+
+def _parse_row(columns, fields) -> Dict[str, float]:
+    if len(fields) != len(columns):
+        raise ValueError(f"{len(fields)} fields, expected {len(columns)}")
+    row = {k: float(v) for k, v in zip(columns, fields)}
+    if not row["step"].is_integer():
+        raise ValueError(f"step {row['step']!r} is not an integer")
+    row["step"] = int(row["step"])
+    return row
+
+
+class _Log:
+    """A parsed ``metrics.csv``: the header, the complete rows (parsed and raw), the unfinished last line if any."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        text = self.path.read_bytes().decode("utf-8", "replace")
+        lines = text.split("\n")
+        #: What follows the last newline: an unfinished write (a crash), or "" in a whole file.
+        self.tail = lines.pop()
+        if self.tail.endswith("\r"):  # only the newline is missing: the line itself is whole
+            lines.append(self.tail[:-1])
+            self.tail = ""
+        numbered = [(i + 1, ln[:-1] if ln.endswith("\r") else ln) for i, ln in enumerate(lines)]
+        numbered = [(i, ln) for i, ln in numbered if ln.strip()]
+        if not numbered:
+            raise RunDirError(f"{self.path} has no header line (the file is empty or was cut); expected the columns "
+                              f"{list(METRIC_COLUMNS)} followed by any of {list(EXTRA_METRIC_COLUMNS.values())}.")
+        self.columns = tuple(_parse_line(numbered[0][1]))
+        if not _is_known_layout(self.columns):
+            raise RunDirError(f"{self.path} has columns {list(self.columns)}, expected {list(METRIC_COLUMNS)} "
+                              f"followed by any of {list(EXTRA_METRIC_COLUMNS.values())}.")
+        self.rows, self.raw = [], []
+        for number, line in numbered[1:]:
+            try:
+                row = _parse_row(self.columns, _parse_line(line))
+            except ValueError as e:
+                raise RunDirError(f"{self.path} line {number} is damaged ({e}): {line[:80]!r}.") from None
+            self.rows.append(row)
+            self.raw.append(line)
+
+
 class MetricsLog:
-    """``metrics.csv`` of one run: append a row per evaluation; on resume drop rows after the checkpoint."""
+    """``metrics.csv`` of one run: one whole line per evaluation; on resume, reconciled with the checkpoint.
+
+    :meth:`append` writes each row with a single ``write`` of the complete
+    line and flushes it to disk (``fsync``; once per evaluation, never per
+    step), so a crash can at most leave an unfinished last line.
+    :meth:`start` rewrites the file by write-then-rename.
+    """
 
     def __init__(self, path, columns=METRIC_COLUMNS):
         self.path = Path(path)
         self.columns = tuple(columns)
 
-    def start(self, resume_step: int = 0) -> None:
-        if resume_step == 0 or not self.path.exists():
-            with open(self.path, "w", newline="") as f:
-                csv.writer(f).writerow(self.columns)
-            return
-        rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.columns)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: _fmt(r[k]) for k in self.columns})
+    def start(self, resume_step: int = 0, expected_steps: Optional[Sequence[int]] = None) -> int:
+        """Start the log, or continue it from a checkpoint at ``resume_step``; returns the rows kept.
+
+        ``expected_steps``: the steps ``<= resume_step`` that have a row
+        (:func:`evaluation_steps`); the kept rows must be exactly these, else
+        :class:`RunDirError` names the steps the log lacks. Rows after
+        ``resume_step`` and an unfinished last line are dropped.
+        """
+        header = _csv_line(self.columns)
+        if resume_step == 0:
+            _write_atomic(self.path, header.encode())
+            return 0
+        expected = list(expected_steps) if expected_steps is not None else None
+        if not self.path.exists():
+            if expected:
+                raise RunDirError(f"{self.path} is missing, but the checkpoint at step {resume_step} has passed the "
+                                  f"evaluations of steps {_steps_text(expected)}: their rows are lost. Restore the "
+                                  f"file, or delete {self.path.parent} to train this run again.")
+            _write_atomic(self.path, header.encode())
+            return 0
+        log = _Log(self.path)
+        if log.columns != self.columns:
+            raise RunDirError(f"{self.path} has columns {list(log.columns)}, but this config logs "
+                              f"{list(self.columns)}: it belongs to another experiment.")
+        kept = [(r, raw) for r, raw in zip(log.rows, log.raw) if r["step"] <= resume_step]
+        steps = [r["step"] for r, _ in kept]
+        if expected is not None and steps != expected:
+            missing = sorted(set(expected) - set(steps))
+            extra = sorted(set(steps) - set(expected))
+            what = []
+            if missing:
+                what.append(f"lacks the rows of steps {_steps_text(missing)}, which the checkpoint at step "
+                            f"{resume_step} has passed (the log was cut or damaged)")
+            if extra:
+                what.append(f"has rows at steps {_steps_text(extra)}, which are not evaluation steps")
+            if not what:
+                what.append("has its rows out of order or twice")
+            raise RunDirError(f"{self.path} {' and '.join(what)}. Restore the file, or delete {self.path.parent} "
+                              f"to train this run again. Nothing was changed.")
+        _write_atomic(self.path, (header + "".join(raw + "\r\n" for _, raw in kept)).encode())
+        return len(kept)
 
     def append(self, row: Dict[str, float]) -> None:
         missing = set(self.columns) - set(row)
         if missing:
             raise ValueError(f"metrics row is missing {sorted(missing)}")
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.columns).writerow({k: _fmt(row[k]) for k in self.columns})
+        data = _csv_line([_fmt(row[k]) for k in self.columns]).encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            while data:  # one write for a line of this size; the loop only guards against a short write
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    steps = list(steps)
+    return ", ".join(map(str, steps)) if len(steps) <= 6 else \
+        f"{', '.join(map(str, steps[:3]))}, ..., {', '.join(map(str, steps[-2:]))} ({len(steps)} rows)"
 
 
 def _fmt(v):
@@ -213,18 +469,12 @@ def _fmt(v):
 
 
 def read_metrics(path) -> List[Dict[str, float]]:
-    path = Path(path)
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not _is_known_layout(reader.fieldnames):
-            raise RunDirError(f"{path} has columns {reader.fieldnames}, expected {list(METRIC_COLUMNS)} "
-                              f"followed by any of {list(EXTRA_METRIC_COLUMNS.values())}.")
-        rows = []
-        for r in reader:
-            row = {k: float(v) for k, v in r.items()}
-            row["step"] = int(row["step"])
-            rows.append(row)
-    return rows
+    """The rows of a ``metrics.csv``, step as ``int``.
+
+    An unfinished last line (no newline: a crash during its write, possibly cut
+    inside a number) is left out; a damaged line elsewhere is a :class:`RunDirError`.
+    """
+    return _Log(path).rows
 
 
 def is_finite_row(row) -> bool:

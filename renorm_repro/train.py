@@ -21,20 +21,31 @@ One call of :func:`train_run` trains one (arm, seed) into its own run directory:
   statistic, step counter and diagnostic is restored afterwards, so training
   is unaffected); one row in ``metrics.csv``, one log line; every ``checkpoint_every`` steps a
   ``tf.train.CheckpointManager`` checkpoint of the model, optimizer, step, EMA
-  and the running training metrics (the data order needs only the step).
+  and the running training metrics (the data order needs only the step), saved
+  after that step's log row is on disk.
+
+Resuming (``resume=True``) restores the newest intact checkpoint: each
+candidate is read in full (every tensor's checksum) before it is used; a
+damaged one is reported and the next older one tried; a save that a crash cut
+short (a checkpoint the state file does not name yet) is skipped. The log is
+then reconciled with the checkpoint (:meth:`renorm_repro.runs.MetricsLog.start`).
+So a run killed at any point and resumed ends with the log of an uninterrupted
+run (every column but ``elapsed_s``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
 from renorm_repro.data import Dataset
-from renorm_repro.runs import MetricsLog, RunDirError, _write_json, config_to_dict, metric_columns, versions
+from renorm_repro.runs import Interrupted, MetricsLog, RunDirError, _write_atomic, _write_json, config_to_dict, \
+    evaluation_steps, metric_columns, versions
 
 __all__ = ["make_norm_layer", "build_model", "train_run", "train_eval_subset", "TrainResult"]
 
@@ -132,6 +143,112 @@ def _optimizer(cfg):
     return opt
 
 
+_CKPT_FILE = re.compile(r"ckpt-(\d+)\.(?:index|data-\d+-of-\d+)")
+_STATE_PATH = re.compile(r'(model_checkpoint_path|all_model_checkpoint_paths):\s*"([^"]*)"')
+_STATE_NUMBER = re.compile(r"(all_model_checkpoint_timestamps|last_preserved_timestamp):\s*[-+0-9.eE]+")
+
+
+def _read_checkpoint_state(path: Path) -> Tuple[Optional[List[int]], Optional[str]]:
+    """Numbers of the checkpoints that the state file ``path`` names, and why it cannot be read.
+
+    ``([], None)`` when there is no state file (no save has finished yet);
+    ``(None, why)`` when it is damaged. Read here rather than by TensorFlow,
+    which ignores a garbled file with a warning and fails on an empty one.
+    """
+    if not path.exists():
+        return [], None
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, repr(e)
+    numbers, latest = [], False
+    for line in text.splitlines():
+        line = line.strip()
+        m = _STATE_PATH.fullmatch(line)
+        if m:
+            name = m.group(2).replace("\\", "/").rsplit("/", 1)[-1]
+            num = re.fullmatch(r"ckpt-(\d+)", name)
+            if num is None:
+                return None, f"it names {m.group(2)!r}, not a checkpoint of this run"
+            numbers.append(int(num.group(1)))
+            latest |= m.group(1) == "model_checkpoint_path"
+        elif line and not _STATE_NUMBER.fullmatch(line):
+            return None, f"unexpected line {line[:60]!r}"
+    if not latest:
+        return None, "it names no latest checkpoint" if text.strip() else "it is empty"
+    return numbers, None
+
+
+def _checkpoint_problem(prefix: Path) -> Optional[str]:
+    """Why the checkpoint ``prefix`` cannot be restored (a missing file, a truncated or corrupt one), or None.
+
+    Reads every tensor: TensorFlow checks each one's length and CRC32C as it reads it.
+    """
+    import tensorflow as tf
+
+    index = prefix.with_name(prefix.name + ".index")
+    if not index.is_file():
+        return f"{index.name} is missing"
+    try:
+        reader = tf.train.load_checkpoint(str(prefix))
+        for name in reader.get_variable_to_dtype_map():
+            reader.get_tensor(name)
+    except Exception as e:  # noqa: BLE001 - any failure to read it means it is not intact
+        first = (str(e).strip().splitlines() or [""])[0]
+        return f"{type(e).__name__}: {first[:200]}"
+    return None
+
+
+def _restore_newest_intact(ckpt, ckpt_dir: Path, label: str, log) -> Optional[int]:
+    """Restore the newest intact checkpoint in ``ckpt_dir`` into ``ckpt``; its number, or None if there is none.
+
+    Raises :class:`RunDirError` when checkpoint files exist but none can be
+    restored (the run would otherwise silently start over). Leaves a state
+    file naming the restored checkpoint and the older ones, for the
+    ``CheckpointManager`` to read.
+    """
+    state_path = ckpt_dir / "checkpoint"
+    committed, state_problem = _read_checkpoint_state(state_path)
+    if state_problem:
+        log(f"{label} the checkpoint state file {state_path} is damaged ({state_problem}); "
+            f"looking for checkpoints by name")
+    on_disk = {int(m.group(1)) for f in ckpt_dir.iterdir() if (m := _CKPT_FILE.fullmatch(f.name))} \
+        if ckpt_dir.is_dir() else set()
+    damaged, chosen = [], None
+    for n in sorted(on_disk | set(committed or ()), reverse=True):
+        problem = _checkpoint_problem(ckpt_dir / f"ckpt-{n}")
+        if problem is None:
+            chosen = n
+            break
+        if committed is not None and n not in committed:  # the save of ckpt-n did not finish (a crash)
+            log(f"{label} skipping ckpt-{n}, a save that did not finish ({problem})")
+        else:
+            damaged.append(f"{ckpt_dir / f'ckpt-{n}'} ({problem})")
+    if chosen is None:
+        if damaged or (state_problem and on_disk):
+            raise RunDirError(
+                f"no intact checkpoint in {ckpt_dir}: " + "; ".join(damaged or [f"state file {state_path} "
+                                                                                   f"({state_problem})"])
+                + f". Restore the files, or delete {ckpt_dir.parent} to train this run again from step 0.")
+        if state_path.exists():
+            state_path.unlink()  # it names nothing that exists
+        return None
+    prefix = ckpt_dir / f"ckpt-{chosen}"
+    if damaged:
+        log(f"{label} damaged checkpoint {damaged[0]}" + (f" and {len(damaged) - 1} more" if len(damaged) > 1 else "")
+            + f"; resuming from the older {prefix}")
+    try:
+        ckpt.restore(str(prefix)).assert_existing_objects_matched()
+    except Exception as e:  # noqa: BLE001 - intact, but not this run's model
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise RunDirError(f"checkpoint {prefix} does not fit this run's model ({type(e).__name__}: {first[:200]}); "
+                          f"was the folder written with another config?") from None
+    kept = sorted(n for n in on_disk if n <= chosen and (ckpt_dir / f"ckpt-{n}.index").is_file())
+    _write_atomic(state_path, (f'model_checkpoint_path: "ckpt-{chosen}"\n'
+                               + "".join(f'all_model_checkpoint_paths: "ckpt-{n}"\n' for n in kept)).encode())
+    return chosen
+
+
 def train_run(
     cfg,
     arm: str,
@@ -146,10 +263,12 @@ def train_run(
 ) -> TrainResult:
     """Train ``arm`` with ``seed`` into ``rdir``; see the module docstring.
 
-    ``resume`` continues from the last checkpoint in ``rdir`` (dropping log
-    rows written after it). ``stop_after`` stops after that many steps of this
-    call without a final checkpoint, as if the process had been killed (used
-    to test ``resume``).
+    ``resume`` continues from the newest intact checkpoint in ``rdir``
+    (dropping log rows written after it; see the module docstring).
+    ``stop_after`` stops after that many steps of this call without a final
+    checkpoint, as if the process had been killed (used to test ``resume``).
+    Ctrl-C raises :class:`renorm_repro.runs.Interrupted` (the step reached
+    and the last checkpoint).
     """
     import keras
     import tensorflow as tf
@@ -199,16 +318,17 @@ def train_run(
         ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, loss_sum=loss_sum,
                                    correct_sum=correct_sum, count_sum=count_sum,
                                    ema={f"v{i}": e for i, e in enumerate(ema)})
-        manager = tf.train.CheckpointManager(ckpt, str(rdir / "checkpoints"), max_to_keep=2)
+        label = f"[{arm} seed{seed}]"
+        restored = _restore_newest_intact(ckpt, rdir / "checkpoints", label, log) if resume else None
         start = 0
-        if resume and manager.latest_checkpoint:
-            ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        if restored is not None:
             start = int(step.numpy())
-            log(f"[{arm} seed{seed}] resumed from {manager.latest_checkpoint} at step {start}")
+            log(f"{label} resumed from {rdir / 'checkpoints' / f'ckpt-{restored}'} at step {start}")
         elif resume and (rdir / "metrics.csv").exists():
-            log(f"[{arm} seed{seed}] no checkpoint in {rdir}; starting over")
+            log(f"{label} no checkpoint in {rdir}; starting this run over from step 0")
+        manager = tf.train.CheckpointManager(ckpt, str(rdir / "checkpoints"), max_to_keep=2)
         metrics = MetricsLog(rdir / "metrics.csv", metric_columns(cfg))
-        metrics.start(start)
+        metrics.start(start, evaluation_steps(cfg, start))
         record = {"config": config_to_dict(cfg), "arm": arm, "seed": seed,
                   "normalization": {k: (v.to_dict() if hasattr(v, "to_dict") else v)
                                     for k, v in cfg.arm_spec(arm).items()},
@@ -365,53 +485,59 @@ def train_run(
         bar = tqdm(total=cfg.steps, initial=start, desc=f"{arm} seed{seed}", disable=not progress,
                    dynamic_ncols=True, leave=False)
         cur = start
+        saved = start if restored is not None else None
         stopped = False
         t_first = t_last = None  # wall clock after the first (compiling) and the last training step
-        for x, y in dist_ds:
-            train_step(x, y)
-            cur += 1
-            bar.update(1)
-            if cur == start + 1 or cur == cfg.steps or cur % cfg.eval_every == 0:
-                step.numpy()  # wait for the device
-                now = time.perf_counter()
-                t_first = now if t_first is None else t_first
-                t_last = now
-            if cur % cfg.eval_every == 0 or cur == cfg.steps:
-                evals = evaluate()
-                val_loss, val_acc = evals["val_loss"], evals["val_accuracy"]
-                cnt = max(count_sum.numpy(), 1.0)
-                rmax_t, dmax_t = schedule.limits(cur - 1)
-                row = {
-                    "step": cur,
-                    "train_loss": loss_sum.numpy() / cnt,
-                    "train_accuracy": correct_sum.numpy() / cnt,
-                    "val_loss": val_loss,
-                    "val_accuracy": val_acc,
-                    "rmax": float(rmax_t),
-                    "dmax": float(dmax_t),
-                    "r_clipped": float(np.mean([l.r_clipped_fraction.numpy() for l in norm_layers])),
-                    "d_clipped": float(np.mean([l.d_clipped_fraction.numpy() for l in norm_layers])),
-                    "elapsed_s": time.perf_counter() - t0,
-                    "learning_rate": float(cfg.learning_rate_at(cur - 1)),
-                    **evals,
-                }
-                for v in acc_vars:
-                    v.assign(0.0)
-                metrics.append(row)
-                msg = (f"[{arm} seed{seed}] step {cur}/{cfg.steps} train_loss {row['train_loss']:.4f} "
-                       f"train_acc {row['train_accuracy']:.4f} val_loss {val_loss:.4f} val_acc {val_acc:.4f} "
-                       f"rmax {row['rmax']:.2f} dmax {row['dmax']:.2f} r_clip {row['r_clipped']:.3f} "
-                       f"d_clip {row['d_clipped']:.3f}"
-                       + (f" train_eval_acc {row['train_eval_accuracy']:.4f}" if "train_eval_accuracy" in row else "")
-                       + (f" val_batchstat_acc {row['val_batchstat_accuracy']:.4f}"
-                          if "val_batchstat_accuracy" in row else ""))
-                bar.write(msg) if progress else log(msg)
-                bar.set_postfix(val_acc=f"{val_acc:.3f}")
-            if cur % cfg.checkpoint_every == 0 or cur == cfg.steps:
-                manager.save(checkpoint_number=cur)
-            if stop_after is not None and cur - start >= stop_after and cur < cfg.steps:
-                stopped = True
-                break
+        try:
+            for x, y in dist_ds:
+                train_step(x, y)
+                cur += 1
+                bar.update(1)
+                if cur == start + 1 or cur == cfg.steps or cur % cfg.eval_every == 0:
+                    step.numpy()  # wait for the device
+                    now = time.perf_counter()
+                    t_first = now if t_first is None else t_first
+                    t_last = now
+                if cur % cfg.eval_every == 0 or cur == cfg.steps:
+                    evals = evaluate()
+                    val_loss, val_acc = evals["val_loss"], evals["val_accuracy"]
+                    cnt = max(count_sum.numpy(), 1.0)
+                    rmax_t, dmax_t = schedule.limits(cur - 1)
+                    row = {
+                        "step": cur,
+                        "train_loss": loss_sum.numpy() / cnt,
+                        "train_accuracy": correct_sum.numpy() / cnt,
+                        "val_loss": val_loss,
+                        "val_accuracy": val_acc,
+                        "rmax": float(rmax_t),
+                        "dmax": float(dmax_t),
+                        "r_clipped": float(np.mean([l.r_clipped_fraction.numpy() for l in norm_layers])),
+                        "d_clipped": float(np.mean([l.d_clipped_fraction.numpy() for l in norm_layers])),
+                        "elapsed_s": time.perf_counter() - t0,
+                        "learning_rate": float(cfg.learning_rate_at(cur - 1)),
+                        **evals,
+                    }
+                    for v in acc_vars:
+                        v.assign(0.0)
+                    metrics.append(row)
+                    msg = (f"[{arm} seed{seed}] step {cur}/{cfg.steps} train_loss {row['train_loss']:.4f} "
+                           f"train_acc {row['train_accuracy']:.4f} val_loss {val_loss:.4f} val_acc {val_acc:.4f} "
+                           f"rmax {row['rmax']:.2f} dmax {row['dmax']:.2f} r_clip {row['r_clipped']:.3f} "
+                           f"d_clip {row['d_clipped']:.3f}"
+                           + (f" train_eval_acc {row['train_eval_accuracy']:.4f}" if "train_eval_accuracy" in row else "")
+                           + (f" val_batchstat_acc {row['val_batchstat_accuracy']:.4f}"
+                              if "val_batchstat_accuracy" in row else ""))
+                    bar.write(msg) if progress else log(msg)
+                    bar.set_postfix(val_acc=f"{val_acc:.3f}")
+                if cur % cfg.checkpoint_every == 0 or cur == cfg.steps:
+                    manager.save(checkpoint_number=cur)
+                    saved = cur
+                if stop_after is not None and cur - start >= stop_after and cur < cfg.steps:
+                    stopped = True
+                    break
+        except KeyboardInterrupt:
+            bar.close()
+            raise Interrupted(f"{arm} seed{seed}", cur, saved) from None
         bar.close()
         if not stopped:
             timed = cur - start - 1
