@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
@@ -10,7 +12,71 @@ from renorm.config import check_config, check_input, check_pooling
 from renorm.schedule import ClipSchedule
 from renorm.tf.ops import _batch_renorm
 
-__all__ = ["BatchRenormalization"]
+__all__ = ["BatchRenormalization", "batch_norm_config_to_renorm"]
+
+# Keys of ``keras.layers.BatchNormalization.get_config()`` that this layer does not take as such.
+_BATCH_NORM_ONLY = ("moving_variance_initializer", "renorm", "renorm_clipping", "renorm_momentum")
+
+
+def _constant_value(initializer, name):
+    """The value of a constant initializer (``Zeros``, ``Ones``, ``Constant`` with a scalar)."""
+    init = initializers.get(initializer)
+    if isinstance(init, initializers.Zeros):
+        return 0.0
+    if isinstance(init, initializers.Ones):
+        return 1.0
+    if isinstance(init, initializers.Constant):
+        value = init.get_config().get("value")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(
+        f"`{name}` can only be converted when it is a constant initializer (zeros, ones or a scalar "
+        f"Constant), got {name}={initializer!r}. Pass the converted initializer yourself instead."
+    )
+
+
+def batch_norm_config_to_renorm(config):
+    """A ``keras.layers.BatchNormalization`` config, made acceptable to :class:`BatchRenormalization`.
+
+    - ``moving_variance_initializer`` (a constant ``v``) becomes
+      ``moving_stddev_initializer = Constant(sqrt(v + epsilon))``, so that the
+      layer's initial inference output is batch norm's; a non-constant one is
+      an error (there is no exact mapping), and so is giving both.
+    - ``renorm=False`` (with ``renorm_clipping``, ``renorm_momentum``, which
+      Keras then ignores) is dropped; ``renorm=True`` is an error that says
+      which arguments to use instead.
+
+    A config without these keys is returned unchanged (a copy).
+    """
+    config = dict(config)
+    if config.get("renorm"):
+        clipping = config.get("renorm_clipping")
+        raise ValueError(
+            "BatchRenormalization cannot take a config with renorm=True (Keras' own batch renormalization, "
+            f"renorm_clipping={clipping!r}, renorm_momentum={config.get('renorm_momentum')!r}): this layer "
+            "is batch renormalization. Remove `renorm`, `renorm_clipping` and `renorm_momentum` and pass "
+            "rmax=R, dmax=D (Keras' renorm_clipping={'rmax': R, 'rmin': 1/R, 'dmax': D}); the moving "
+            "statistics and r, d all use `momentum`, and a schedule is warmup_steps/rmax_steps/dmax_steps."
+        )
+    for key in ("renorm", "renorm_clipping", "renorm_momentum"):
+        config.pop(key, None)
+    if "moving_variance_initializer" in config:
+        variance_init = config.pop("moving_variance_initializer")
+        if config.get("moving_stddev_initializer") is not None:
+            raise ValueError(
+                "Got both moving_variance_initializer and moving_stddev_initializer; BatchRenormalization "
+                "keeps a moving standard deviation only. Pass moving_stddev_initializer alone."
+            )
+        epsilon = float(config.get("epsilon", 1e-3))
+        value = _constant_value(variance_init, "moving_variance_initializer")
+        if value < 0:
+            raise ValueError(f"moving_variance_initializer must be >= 0, got the constant {value!r}.")
+        config["moving_stddev_initializer"] = initializers.serialize(
+            initializers.Constant(float(math.sqrt(value + epsilon)))
+        )
+    return config
 
 
 @keras.saving.register_keras_serializable(package="renorm")
@@ -287,6 +353,16 @@ class BatchRenormalization(keras.layers.Layer):
             self.step.assign_add(advance)
 
     # ---------------------------------------------------------------- config
+    @classmethod
+    def from_config(cls, config):
+        """The layer of ``config``; a ``BatchNormalization`` config is accepted too.
+
+        Batch-norm-only keys are mapped by :func:`batch_norm_config_to_renorm`
+        (``moving_variance_initializer`` to ``moving_stddev_initializer``,
+        ``renorm=False`` dropped, ``renorm=True`` an error).
+        """
+        return super().from_config(batch_norm_config_to_renorm(config))
+
     def get_config(self):
         config = {
             "axis": self.axis,
