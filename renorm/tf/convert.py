@@ -25,13 +25,11 @@ and rounded once to the variable's dtype.
 
 from __future__ import annotations
 
-import math
-import warnings
-
 import keras
 import numpy as np
 from keras import initializers
 
+from renorm.conversion import check_negative_variance, stddev_from_variance, variance_from_stddev
 from renorm.tf.layer import BatchRenormalization, _constant_value, batch_norm_config_to_renorm
 
 __all__ = ["convert_batch_norm", "export_batch_norm"]
@@ -134,13 +132,7 @@ def convert_batch_norm(model, **renorm_options):
             if old.beta is not None:
                 _assign(new.beta, old.beta.numpy())
             _assign(new.moving_mean, old.moving_mean.numpy())
-            variance = np.asarray(old.moving_variance.numpy(), np.float64)
-            if np.any(variance < 0):
-                raise ValueError(
-                    f"Layer {old.name!r} has a negative moving_variance (smallest {variance.min()!r}); "
-                    "it cannot be converted to a standard deviation."
-                )
-            _assign(new.moving_stddev, np.sqrt(variance + old.epsilon))
+            _assign(new.moving_stddev, stddev_from_variance(old.moving_variance.numpy(), old.epsilon, name=old.name))
         else:
             new.set_weights(old.get_weights())
     return clone
@@ -148,31 +140,9 @@ def convert_batch_norm(model, **renorm_options):
 
 def _variance(layer, negative_variance):
     """``moving_stddev**2 - epsilon`` in float64, with the rule of docs/SPEC.md, section 14."""
-    stddev = np.asarray(layer.moving_stddev.numpy(), np.float64)
-    eps = layer.epsilon
-    variance = np.square(stddev) - eps
-    # stddev >= sqrt(epsilon) holds exactly for a trained state; rounding of the state's dtype can put it
-    # a few units in the last place below. Such values are variance 0, exact to that rounding.
-    tiny = np.sqrt(eps) * (1.0 - 8 * np.finfo(layer.moving_stddev.dtype).eps)
-    bad = stddev < tiny
-    if np.any(bad):
-        worst = float(stddev[bad].min())
-        what = (
-            f"Layer {layer.name!r}: {int(bad.sum())} feature(s) have moving_stddev below sqrt(epsilon) = "
-            f"{math.sqrt(eps):.6g} (smallest {worst:.6g}), so moving_stddev**2 - epsilon is negative and no "
-            "batch norm has the same output there"
-        )
-        if negative_variance == "raise":
-            raise ValueError(
-                what + ". Pass negative_variance='clamp' to export with moving_variance = 0 there (those "
-                f"outputs then shrink by a factor down to {worst / math.sqrt(eps):.6g}), or fix the state."
-            )
-        warnings.warn(
-            what + f"; exported with moving_variance = 0 there (outputs shrink by a factor down to "
-            f"{worst / math.sqrt(eps):.6g}).",
-            stacklevel=3,
-        )
-    return np.maximum(variance, 0.0)
+    return variance_from_stddev(
+        layer.moving_stddev.numpy(), layer.epsilon, name=layer.name, negative_variance=negative_variance, stacklevel=4
+    )
 
 
 def _batch_norm_config(layer):
@@ -215,8 +185,7 @@ def export_batch_norm(model, *, negative_variance="raise"):
     ``variance + epsilon``, which is ``moving_stddev**2`` to rounding: the
     outputs are unaffected.
     """
-    if negative_variance not in ("raise", "clamp"):
-        raise ValueError(f"negative_variance must be 'raise' or 'clamp', got negative_variance={negative_variance!r}.")
+    check_negative_variance(negative_variance)
 
     def make(layer):
         return keras.layers.BatchNormalization.from_config(_batch_norm_config(layer))
