@@ -159,9 +159,11 @@ def _check_options(rest, parser, experiment: str) -> None:
             continue
         close = difflib.get_close_matches("--" + key.replace("_", "-"),
                                           options + ["--" + f.replace("_", "-") for f in sorted(fields)], n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else f" `renorm-repro {parser.prog.split()[-1]} --help` " \
-                                                                  f"lists the options and config fields."
-        raise ConfigError(f"Unknown option --{key} (options are not abbreviated).{hint}")
+        command = parser.prog.split()[-1]
+        hint = f" Did you mean {', '.join(close)}?" if close else \
+            f" `renorm-repro {command} --help` lists the options and config fields."
+        raise ConfigError(f"Unknown config key --{key}, nor an option of `{command}` (options are not "
+                          f"abbreviated).{hint}")
 
 
 def _quiet_tensorflow() -> None:

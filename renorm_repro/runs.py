@@ -201,7 +201,7 @@ class ExperimentLock:
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:
                 holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
                 os.close(fd)
                 try:
@@ -269,12 +269,14 @@ def check_experiment_dir(out, cfg, *, resume: bool) -> str:
         raise RunDirError(f"--resume: --out {str(out)!r} does not exist, so there is nothing to resume; check the "
                           f"path, or drop --resume to start a new experiment there.")
     if not cfg_path.exists():
-        others = [p.name for p in out.iterdir() if p.name != LOCK_NAME and not p.name.endswith(".tmp")] \
-            if out.exists() else []
-        if others:
+        names = {p.name for p in out.iterdir()} if out.exists() else set()
+        if any(n != LOCK_NAME and not n.endswith(".tmp") for n in names):
             raise RunDirError(f"--out {str(out)!r} exists and is not empty and holds no experiment (no config.json); "
                               f"choose a new or empty folder.")
-        return "new"
+        if resume and LOCK_NAME not in names:
+            raise RunDirError(f"--resume: --out {str(out)!r} holds no experiment (no config.json), so there is nothing "
+                              f"to resume; check the path, or drop --resume to start a new experiment there.")
+        return "new"  # with --resume: a run stopped after taking the folder and before writing its config
     started = _has_training(out)
     if not resume:
         if not started:

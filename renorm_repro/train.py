@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
@@ -214,6 +215,9 @@ def _restore_newest_intact(ckpt, ckpt_dir: Path, label: str, log) -> Optional[in
             f"looking for checkpoints by name")
     on_disk = {int(m.group(1)) for f in ckpt_dir.iterdir() if (m := _CKPT_FILE.fullmatch(f.name))} \
         if ckpt_dir.is_dir() else set()
+    for leftover in ckpt_dir.glob("ckpt-*_temp") if ckpt_dir.is_dir() else ():
+        if leftover.is_dir() and re.fullmatch(r"ckpt-\d+_temp", leftover.name):
+            shutil.rmtree(leftover)  # the shards of a save that a crash cut short (no one else writes here)
     damaged, chosen = [], None
     for n in sorted(on_disk | set(committed or ()), reverse=True):
         problem = _checkpoint_problem(ckpt_dir / f"ckpt-{n}")
@@ -524,7 +528,8 @@ def train_run(
                            f"train_acc {row['train_accuracy']:.4f} val_loss {val_loss:.4f} val_acc {val_acc:.4f} "
                            f"rmax {row['rmax']:.2f} dmax {row['dmax']:.2f} r_clip {row['r_clipped']:.3f} "
                            f"d_clip {row['d_clipped']:.3f}"
-                           + (f" train_eval_acc {row['train_eval_accuracy']:.4f}" if "train_eval_accuracy" in row else "")
+                           + (f" train_eval_acc {row['train_eval_accuracy']:.4f}"
+                              if "train_eval_accuracy" in row else "")
                            + (f" val_batchstat_acc {row['val_batchstat_accuracy']:.4f}"
                               if "val_batchstat_accuracy" in row else ""))
                     bar.write(msg) if progress else log(msg)

@@ -204,12 +204,16 @@ def test_resume_of_a_folder_that_does_not_exist_is_an_error(tmp_path, cache, cap
     err = _one_line(_resume(tmp_path / "typo", cache, capsys, code=1).err)
     assert "does not exist, so there is nothing to resume" in err
     assert not (tmp_path / "typo").exists()
+    (tmp_path / "empty").mkdir()
+    err = _one_line(_resume(tmp_path / "empty", cache, capsys, code=1).err)
+    assert "holds no experiment (no config.json), so there is nothing to resume" in err
+    assert not any((tmp_path / "empty").iterdir())
 
 
 def test_options_are_not_abbreviated_and_lists_have_no_empty_items(tmp_path, cache, capsys):
     assert main(_args(tmp_path / "a", cache, "--resum")) == 2
     err = _one_line(capsys.readouterr().err)
-    assert "Unknown option --resum" in err and "--resume" in err
+    assert "Unknown config key --resum, nor an option of `run`" in err and "Did you mean --resume" in err
     assert main(["show", "--preset", "smoke", "--seeds", "0,,1"]) == 2
     assert "without empty items, got '0,,1'" in _one_line(capsys.readouterr().err)
     assert not (tmp_path / "a").exists()
@@ -400,7 +404,8 @@ def test_kill_9_at_any_point_then_resume_ends_with_the_same_metrics(tmp_path, ca
         try:
             if _wait_for(proc, cond):
                 os.kill(proc.pid, signal.SIGKILL)
-                killed.append(name)
+                proc.wait(timeout=60)
+                killed.append((name, rows(), sorted(p.name for p in ckdir.glob("*")) if ckdir.is_dir() else None))
         finally:
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
@@ -410,4 +415,5 @@ def test_kill_9_at_any_point_then_resume_ends_with_the_same_metrics(tmp_path, ca
     res = _repro(*_args(out, cache, "--resume"))
     assert res.returncode == 0, res.stderr
     assert (rdir / "done.json").is_file()
+    assert not any(ckdir.glob("ckpt-*_temp")), killed  # the shards of cut-short saves are cleaned up
     assert _rows(out) == reference, killed
