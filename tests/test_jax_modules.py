@@ -50,8 +50,12 @@ INPUT_ERRORS = [
 
 @pytest.mark.parametrize("x,kw,exc,text", INPUT_ERRORS, ids=[t for *_, t in INPUT_ERRORS])
 def test_input_errors(x, kw, exc, text):
+    module = BatchRenorm(**kw)
     with pytest.raises(exc, match=text):
-        BatchRenorm(use_running_average=False, **kw).init(jax.random.key(0), x)
+        # init builds the variables from any batch (it computes no state, as nn.BatchNorm); a training
+        # apply checks the groups.
+        v = module.init(jax.random.key(0), x, use_running_average=True)
+        module.apply(v, x, use_running_average=False, mutable=["batch_stats"])
     with pytest.raises(exc, match=text):
         make_nnx(**kw)(x)
     with pytest.raises(exc, match=text):
@@ -91,7 +95,8 @@ def test_init_creates_flax_names_and_does_not_update_stats():
     assert "params" not in v2
     layer = make_nnx(use_bias=False, use_scale=False)
     assert layer.scale is None and layer.bias is None
-    assert set(nnx.state(layer, nnx.BatchStat).keys()) == {"mean", "stddev", "step"}
+    # The diagnostics are BatchStats too (nnx.split(model, nnx.Param, nnx.BatchStat) covers everything).
+    assert set(nnx.state(layer, nnx.BatchStat).keys()) == {"mean", "stddev", "step", "r_clipped", "d_clipped"}
 
 
 def test_initializers_and_param_dtype():

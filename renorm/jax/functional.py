@@ -82,6 +82,7 @@ __all__ = [
     "checked_input",
     "BatchRenormState",
     "Diagnostics",
+    "step_count",
     "init_state",
     "train",
     "inference",
@@ -183,6 +184,21 @@ def init_state(num_features: int, dtype=jnp.float32) -> BatchRenormState:
     return BatchRenormState(
         jnp.zeros((num_features,), dtype), jnp.ones((num_features,), dtype), jnp.zeros((), jnp.int32)
     )
+
+
+def step_count(step) -> jax.Array:
+    """The step counter as int32; a floating one is rounded first.
+
+    ``lax.pmean`` over ``batch_stats`` (the Flax ImageNet example's
+    ``sync_batch_stats``) divides, which turns the int32 ``step`` into a float
+    holding the same whole number (exact below 2**24 in float32). Reading it
+    back through this function makes that idiom harmless: the next training
+    step's state has an int32 ``step`` again.
+    """
+    step = jnp.asarray(step)
+    if jnp.issubdtype(step.dtype, jnp.floating):
+        step = jnp.round(step)
+    return step.astype(jnp.int32)
 
 
 def checked_input(x, config: BatchRenormConfig, training: bool, num_features: Optional[int] = None):
@@ -360,11 +376,13 @@ def train(
 
     Returns:
       ``(y, new_state, diagnostics)``. The new state keeps the dtypes of
-      ``state`` and carries no gradient. A batch of 0 examples returns an
+      ``state`` (``step`` is int32, see :func:`step_count`) and carries no
+      gradient. A batch of 0 examples returns an
       empty ``y`` and ``state`` itself (``step`` included), with clip
       fractions 0.
     """
     x, info = checked_input(x, config, training=True, num_features=state.mean.shape[0])
+    state = state._replace(step=step_count(state.step))
     ax, num_features = info.axis, info.num_features
     cdt = compute_dtype(x.dtype)
     out_dtype = x.dtype if dtype is None else dtype

@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import jax.numpy as jnp
 from flax import linen as nn
 from jax.nn import initializers
 
+from renorm.config import normalize_axis
 from renorm.jax import functional as F
 
 __all__ = ["BatchRenorm"]
+
+
+def _groups_ok(shape, axis, microbatch_size) -> bool:
+    """Whether a training call could split an input of ``shape`` into groups of >= 2 values per feature.
+
+    True also where the input is wrong in another way (rank, axis) or empty: the usual checks and
+    rules then apply.
+    """
+    try:
+        ax = normalize_axis(axis, len(shape))
+    except (TypeError, ValueError):
+        return True
+    if shape[0] == 0:
+        return True
+    k = shape[0] if microbatch_size is None else microbatch_size
+    per_example = math.prod(s for i, s in enumerate(shape) if i not in (0, ax))
+    return shape[0] % k == 0 and k * per_example >= 2
 
 
 class BatchRenorm(nn.Module):
@@ -36,7 +55,12 @@ class BatchRenorm(nn.Module):
     deviation, epsilon included, not a variance) in
     ``promote_types(param_dtype, float32)``, and ``step`` (int32, the number of
     training steps taken, which drives the clipping schedule). As with
-    ``BatchNorm``, the statistics are not updated while initializing.
+    ``BatchNorm``, the statistics are not updated while initializing, and
+    ``init`` works on any batch, even one whose groups hold 1 value per
+    feature (one 32x32 example whose last stage is 1x1): there it returns
+    the inference output. A float ``step`` (``lax.pmean`` over
+    ``batch_stats`` makes one) is read rounded and stored as int32 again by
+    the next training call.
 
     Diagnostics: each training call (not at init) sows the fraction of ``r``
     and ``d`` entries that the clip changed as ``r_clipped`` and ``d_clipped``
@@ -109,6 +133,11 @@ class BatchRenorm(nn.Module):
             Overrides the field; one of the two must be given.
         """
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        initializing = self.is_initializing()
+        if not use_running_average and initializing and not _groups_ok(jnp.shape(x), self.axis, self.microbatch_size):
+            # Like BatchNorm, init computes no state: a batch too small to be split into groups of
+            # at least 2 values (one 32x32 example whose last stage is 1x1) still builds the variables.
+            use_running_average = True
         x, info = F.checked_input(x, self.config(pooled=False), training=not use_running_average)
         shape = (info.num_features,)
         state_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
@@ -127,7 +156,6 @@ class BatchRenorm(nn.Module):
         if use_running_average:
             return F.inference(x, params, state, self.config(pooled=False), dtype=self.dtype)
 
-        initializing = self.is_initializing()
         # Like BatchNorm: at init the pooling axis need not exist.
         y, new_state, diag = F.train(x, params, state, self.config(pooled=not initializing), dtype=self.dtype)
         if not initializing and x.shape[0] > 0:  # an empty batch is no step: nothing changes, nothing is sown

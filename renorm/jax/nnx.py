@@ -5,14 +5,16 @@ from __future__ import annotations
 import typing as tp
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.nn import initializers
 from flax.nnx.module import first_from
 
 from renorm.config import check_num_features
+from renorm.conversion import check_negative_variance, stddev_from_variance, variance_from_stddev
 from renorm.jax import functional as F
 
-__all__ = ["BatchRenorm", "BatchRenormDiagnostic"]
+__all__ = ["BatchRenorm", "BatchRenormDiagnostic", "convert_batch_norm", "export_batch_norm"]
 
 _MISSING_FLAG = (
     "No `use_running_average` argument was provided to BatchRenorm. Consider one of the following options:\n\n"
@@ -24,8 +26,14 @@ _MISSING_FLAG = (
 )
 
 
-class BatchRenormDiagnostic(nnx.Variable):
-    """A diagnostic of the last training step (not a parameter, not a statistic)."""
+class BatchRenormDiagnostic(nnx.BatchStat):
+    """A diagnostic of the last training step (not a parameter).
+
+    A subclass of :class:`nnx.BatchStat`, so that the idiom
+    ``nnx.split(model, nnx.Param, nnx.BatchStat)`` covers every variable, as
+    with ``nnx.BatchNorm``: the diagnostics travel with the statistics. Filter
+    on ``BatchRenormDiagnostic`` to pick them alone.
+    """
 
 
 class BatchRenorm(nnx.Module):
@@ -42,8 +50,10 @@ class BatchRenorm(nnx.Module):
     State: ``scale``, ``bias`` (:class:`nnx.Param`); ``mean``, ``stddev``
     (moving standard deviation, epsilon included), ``step`` (int32)
     (:class:`nnx.BatchStat`); ``r_clipped``, ``d_clipped``
-    (:class:`BatchRenormDiagnostic`): the fraction of ``r``/``d`` entries the
-    clip changed in the last training step.
+    (:class:`BatchRenormDiagnostic`, a subclass of ``nnx.BatchStat``): the
+    fraction of ``r``/``d`` entries the clip changed in the last training
+    step. ``nnx.split(model, nnx.Param, nnx.BatchStat)`` therefore covers
+    every variable, as with ``nnx.BatchNorm``.
 
     A training call on a batch of 0 examples returns an empty output and
     changes no state (statistics, ``step``, diagnostics). ``num_features``
@@ -135,7 +145,7 @@ class BatchRenorm(nnx.Module):
             return y
         self.mean[...] = new_state.mean
         self.stddev[...] = new_state.stddev
-        self.step[...] = new_state.step
+        self.step.set_value(new_state.step)  # int32 again after a pmean made it float
         self.r_clipped[...] = diag.r_clipped
         self.d_clipped[...] = diag.d_clipped
         return y
@@ -144,3 +154,129 @@ class BatchRenorm(nnx.Module):
         """Used by ``nnx.view``."""
         if use_running_average is not None:
             self.use_running_average = use_running_average
+
+
+# ------------------------------------------------------------- conversion
+# Fields that nnx.BatchNorm and BatchRenorm share, carried by the converters (docs/SPEC.md, section 14).
+_SHARED = (
+    "use_running_average",
+    "axis",
+    "momentum",
+    "epsilon",
+    "dtype",
+    "param_dtype",
+    "use_bias",
+    "use_scale",
+    "axis_name",
+    "axis_index_groups",
+)
+_RENORM_OPTIONS = (
+    "rmax",
+    "dmax",
+    "warmup_steps",
+    "rmax_steps",
+    "dmax_steps",
+    "microbatch_size",
+    "explicit_backward",
+    "use_fast_variance",
+)
+
+
+def _replace_modules(model, cls, make):
+    """A copy of ``model`` with every ``cls`` sub-module replaced by ``make(old)`` (``model`` untouched)."""
+    if isinstance(model, cls):
+        return make(model, type(model).__name__)
+    model = nnx.clone(model)
+    found = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, cls)]
+    for path, old in found:
+        parent = model
+        for key in path[:-1]:
+            parent = parent[key] if isinstance(key, int) or not hasattr(parent, str(key)) else getattr(parent, key)
+        new = make(old, "/".join(map(str, path)))
+        if isinstance(path[-1], int) or not hasattr(parent, str(path[-1])):
+            parent[path[-1]] = new
+        else:
+            setattr(parent, path[-1], new)
+    left = ["/".join(map(str, p)) for p, node in nnx.iter_graph(model) if isinstance(node, cls)]
+    if left:  # a module reachable by two paths is shared: replacing one reference would split it
+        raise ValueError(
+            f"{len(left)} {cls.__name__} module(s) could not be replaced (shared between several places): "
+            f"{left[:10]}. Nothing was converted."
+        )
+    return model
+
+
+def _copy(dst, src):
+    dst.set_value(jnp.asarray(src, dtype=dst.get_value().dtype))
+
+
+def convert_batch_norm(model, **renorm_options):
+    """A copy of ``model`` with every ``nnx.BatchNorm`` replaced by :class:`BatchRenorm`.
+
+    Each new layer takes the batch norm's ``num_features``, ``axis``,
+    ``momentum``, ``epsilon``, ``dtype``, ``param_dtype``, ``use_bias``,
+    ``use_scale``, ``axis_name``, ``axis_index_groups`` and train/eval mode,
+    plus ``renorm_options`` (``rmax``, ``dmax``, ``warmup_steps``,
+    ``rmax_steps``, ``dmax_steps``, ``microbatch_size``,
+    ``explicit_backward``, ``use_fast_variance``), and its state: ``scale``,
+    ``bias``, ``mean`` copied, ``stddev = sqrt(var + epsilon)`` (float64, then
+    rounded), ``step`` 0. The inference outputs are the original's to
+    rounding. ``model`` itself is not changed; every other module is copied
+    (``nnx.clone``). To convert a checkpoint, restore it into the batch-norm
+    model first (its own state), then convert the model.
+    """
+    unknown = [k for k in renorm_options if k not in _RENORM_OPTIONS]
+    if unknown:
+        raise TypeError(
+            f"convert_batch_norm takes only renorm options ({', '.join(_RENORM_OPTIONS)}); got {unknown}. "
+            "The other arguments come from each batch norm."
+        )
+
+    def make(bn, name):
+        layer = BatchRenorm(
+            bn.num_features, **{k: getattr(bn, k) for k in _SHARED}, **renorm_options, rngs=nnx.Rngs(0)
+        )
+        if bn.scale is not None:
+            _copy(layer.scale, bn.scale[...])
+        if bn.bias is not None:
+            _copy(layer.bias, bn.bias[...])
+        _copy(layer.mean, bn.mean[...])
+        _copy(layer.stddev, stddev_from_variance(bn.var[...], bn.epsilon, name=name))
+        return layer
+
+    return _replace_modules(model, nnx.BatchNorm, make)
+
+
+def export_batch_norm(model, *, negative_variance: str = "raise"):
+    """A copy of ``model`` with every :class:`BatchRenorm` replaced by ``nnx.BatchNorm``.
+
+    ``var = stddev**2 - epsilon`` (float64, then rounded); ``scale``, ``bias``,
+    ``mean`` and the shared fields carried; ``step``, the diagnostics and the
+    renorm options dropped (``use_fast_variance`` is carried, so training the
+    result further keeps renorm's two-pass variance unless changed). The
+    inference outputs are the original's to rounding, and the result needs
+    no ``renorm``. ``negative_variance`` (``"raise"`` or ``"clamp"``) is the
+    rule for a ``stddev`` below ``sqrt(epsilon)`` (``docs/SPEC.md``, section 14).
+    """
+    check_negative_variance(negative_variance)
+
+    def make(layer, name):
+        bn = nnx.BatchNorm(
+            layer.num_features,
+            **{k: getattr(layer, k) for k in _SHARED},
+            use_fast_variance=layer.use_fast_variance,
+            rngs=nnx.Rngs(0),
+        )
+        if layer.scale is not None:
+            _copy(bn.scale, layer.scale[...])
+        if layer.bias is not None:
+            _copy(bn.bias, layer.bias[...])
+        _copy(bn.mean, layer.mean[...])
+        variance = variance_from_stddev(
+            np.asarray(layer.stddev[...]), layer.epsilon, name=name,
+            negative_variance=negative_variance, stacklevel=5,
+        )
+        _copy(bn.var, variance)
+        return bn
+
+    return _replace_modules(model, BatchRenorm, make)
