@@ -42,7 +42,9 @@ _SHOW = 12  # paths listed in an error
 
 def _flat(variables, what):
     if not isinstance(variables, Mapping):
-        raise TypeError(f"`{what}` must be a mapping of collections (such as model.init(...)), got {type(variables).__name__}.")
+        raise TypeError(
+            f"`{what}` must be a mapping of collections (such as model.init(...)), got {type(variables).__name__}."
+        )
     return traverse_util.flatten_dict(unfreeze(variables) if isinstance(variables, FrozenDict) else dict(variables))
 
 
@@ -88,7 +90,9 @@ def _match(out, target, direction):
         problems.append(f"{len(extra)} variable(s) of the source have no place in the target: {_show(extra)}")
     shapes = [k for k in set(out) & set(target) if _shape(out[k]) != _shape(target[k])]
     if shapes:
-        detail = ", ".join(f"{'/'.join(map(str, k))} {_shape(out[k])} vs {_shape(target[k])}" for k in sorted(shapes)[:_SHOW])
+        detail = ", ".join(
+            f"{'/'.join(map(str, k))} {_shape(out[k])} vs {_shape(target[k])}" for k in sorted(shapes)[:_SHOW]
+        )
         problems.append(f"{len(shapes)} shape mismatch(es) (source vs target): {detail}")
     if problems:
         raise ValueError(f"Cannot convert {direction}: " + "; ".join(problems) + ". Nothing was converted.")
