@@ -364,3 +364,43 @@ def write_report(out) -> Dict[str, object]:
     text = write_summary(agg, out)
     figs = plot(agg, out)
     return {"summary": text, "figures": figs, "aggregate": agg}
+
+
+def compare(out_a, out_b, arms=None, scalars=None) -> dict:
+    """Paired differences ``b - a`` of the same arm in two experiment folders (one factor changed).
+
+    Runs with the same seed share their initial weights and data order across
+    folders as within one, so the same arm under two settings (say a constant
+    and a decaying learning rate) is compared seed by seed. Returns
+    ``{"a", "b", "rows": [{arm, scalar, a: mean_ci, b: mean_ci, diff: paired}]}``
+    over the arms both folders ran (or ``arms``) and the scalars both logged.
+    """
+    agg_a, agg_b = aggregate(out_a), aggregate(out_b)
+    common = [a for a in agg_a["arms"] if a in agg_b["arms"]]
+    if arms is not None:
+        missing = [a for a in arms if a not in common]
+        if missing:
+            raise RunDirError(f"arms {missing} are not in both {out_a} and {out_b} (common: {common}).")
+        common = list(arms)
+    rows = []
+    for arm in common:
+        sa, sb = agg_a["arms"][arm]["scalars"], agg_b["arms"][arm]["scalars"]
+        for name in scalars or SCALARS:
+            if name in sa and name in sb and set(sa[name]["per_seed"]) & set(sb[name]["per_seed"]):
+                rows.append({"arm": arm, "label": agg_a["arms"][arm]["label"], "scalar": name,
+                             "a": {k: v for k, v in sa[name].items() if k != "per_seed"},
+                             "b": {k: v for k, v in sb[name].items() if k != "per_seed"},
+                             "diff": paired_difference(sa[name]["per_seed"], sb[name]["per_seed"])})
+    return {"a": str(out_a), "b": str(out_b), "rows": rows}
+
+
+def compare_table(result: dict) -> str:
+    """Markdown of :func:`compare`: one line per arm and scalar, a, b and the paired b - a."""
+    lines = [f"a = `{result['a']}`, b = `{result['b']}`; b - a over the same seeds, mean [95% CI], seeds where b > a",
+             "", "| arm | scalar | a | b | b - a |", "| --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        sc = 1.0 if r["scalar"].startswith("lag") else 100.0
+        dg = 3 if sc == 1.0 else 2
+        lines.append(f"| {r['label']} | {r['scalar']} | {_ci(r['a'], sc, dg)} | {_ci(r['b'], sc, dg)} | "
+                     f"{_ci(r['diff'], sc, dg)}, {r['diff']['wins']}/{r['diff']['n']} |")
+    return "\n".join(lines) + "\n"

@@ -420,3 +420,23 @@ def test_resume_accepts_a_config_written_before_new_fields(tmp_path):
     changed = get_config("smoke", "microbatch", {"lr_schedule": "cosine"})
     with pytest.raises(RunDirError, match="lr_schedule: None -> 'cosine'"):
         prepare_experiment_dir(tmp_path / "e", changed, resume=True)
+
+
+def test_compare_pairs_the_same_arm_across_two_folders(tmp_path):
+    from renorm_repro.report import compare, compare_table
+
+    cfg = get_config("fashion", "iid", {"arms": "bn,brn", "seeds": "0,1,2,3,4"})
+    _fake_experiment(tmp_path / "const", cfg, {"bn": {s: 0.80 + 0.01 * s for s in range(5)},
+                                               "brn": {s: 0.70 + 0.02 * s for s in range(5)}})
+    _fake_experiment(tmp_path / "cos", cfg, {"bn": {s: 0.81 + 0.01 * s for s in range(5)},
+                                             "brn": {s: 0.75 + 0.02 * s for s in range(5)}})
+    res = compare(tmp_path / "const", tmp_path / "cos", scalars=["test_final"])
+    by_arm = {r["arm"]: r for r in res["rows"]}
+    # bn's seed 4 is unfinished in both folders: 4 pairs; brn: 5 pairs, each +0.05.
+    assert by_arm["bn"]["diff"]["n"] == 4 and by_arm["bn"]["diff"]["mean"] == pytest.approx(0.01)
+    assert by_arm["brn"]["diff"]["n"] == 5 and by_arm["brn"]["diff"]["mean"] == pytest.approx(0.05)
+    assert by_arm["brn"]["diff"]["half_width"] == pytest.approx(0.0, abs=1e-12)  # the same gain on every seed
+    assert "| Batch Renorm | test_final | 74.00 [70.07, 77.93] | 79.00 [75.07, 82.93] | 5.00 [5.00, 5.00], 5/5 |" \
+        in compare_table(res)
+    with pytest.raises(RunDirError, match=r"arms \['keras_brn'\] are not in both"):
+        compare(tmp_path / "const", tmp_path / "cos", arms=["keras_brn"])
