@@ -122,7 +122,12 @@ def convert_batch_norm(model, **renorm_options):
         )
 
     def make(bn):
-        return BatchRenormalization.from_config({**batch_norm_config_to_renorm(bn.get_config()), **renorm_options})
+        config = bn.get_config()
+        try:
+            _constant_value(config.get("moving_variance_initializer", "ones"), "moving_variance_initializer")
+        except ValueError:  # the weights are carried; the initializer only matters for a rebuilt layer
+            config["moving_variance_initializer"] = "ones"
+        return BatchRenormalization.from_config({**batch_norm_config_to_renorm(config), **renorm_options})
 
     clone, pairs = _clone(model, keras.layers.BatchNormalization, make)
     for old, new in pairs:
