@@ -267,8 +267,9 @@ def load_cifar100(
         members = _read_members_from_folder(folder, checksums)
         where = str(folder)
     else:
+        what = "is neither a folder nor a file" if path.exists() else "does not exist"
         raise DataError(
-            f"data_dir={str(path)!r} does not exist: give the extracted '{CIFAR100_FOLDER}/' folder, its parent, "
+            f"data_dir={str(path)!r} {what}: give the extracted '{CIFAR100_FOLDER}/' folder, its parent, "
             f"or the '{CIFAR100_ARCHIVE}' archive."
         )
     meta = _unpickle("meta", members["meta"], where)
@@ -466,7 +467,8 @@ def load_fashion_mnist(folder, *, checksums: Optional[Dict[str, Optional[str]]] 
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"data_dir={str(folder)!r} is not a folder: give the folder holding the four Fashion-MNIST "
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise DataError(f"data_dir={str(folder)!r} {what}: give the folder holding the four Fashion-MNIST "
                         f"IDX files ({', '.join(f[0] + '.gz' for f in FASHION_MNIST_FILES.values())}).")
     arrays = {}
     for key, (stem, shape, _gz_md5, raw_md5) in FASHION_MNIST_FILES.items():

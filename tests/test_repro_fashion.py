@@ -91,7 +91,7 @@ def test_load_fashion_mnist_refuses_wrong_files(tmp_path):
     (tmp_path / "f" / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(D.DataError, match="t10k-labels-idx1-ubyte.*is missing from"):
         D.load_fashion_mnist(tmp_path / "f", checksums=sums, shapes=SMALL)
-    with pytest.raises(D.DataError, match="is not a folder"):
+    with pytest.raises(D.DataError, match="nowhere.* does not exist"):
         D.load_fashion_mnist(tmp_path / "nowhere")
     with pytest.raises(D.DataError, match="has dimensions"):
         D.load_dataset("fashion_mnist", data_dir=str(tmp_path / "f"))
@@ -440,3 +440,10 @@ def test_compare_pairs_the_same_arm_across_two_folders(tmp_path):
         in compare_table(res)
     with pytest.raises(RunDirError, match=r"arms \['keras_brn'\] are not in both"):
         compare(tmp_path / "const", tmp_path / "cos", arms=["keras_brn"])
+
+
+def test_data_dir_that_is_a_device_is_named_as_such():
+    with pytest.raises(D.DataError, match="'/dev/null' is neither a folder nor a file"):
+        D.load_cifar100("/dev/null")
+    with pytest.raises(D.DataError, match="'/dev/null' is not a folder"):
+        D.load_fashion_mnist("/dev/null")
