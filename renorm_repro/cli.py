@@ -8,6 +8,7 @@ Usage::
     renorm-repro plot --out runs/quick
     renorm-repro show --preset seed [--key value ...]     # print the config and derived values
     renorm-repro bench --preset seed --bench-steps 5      # steps/s of one arm on random data, time estimates
+    renorm-repro compare --a OUT1 --b OUT2 [--arms brn,bn] [--figure F.png]  # one factor changed, paired by seed
 
 ``run`` trains every arm x seed of the experiment (each into its own
 directory), then aggregates and plots. ``plot`` reads only the logs in
@@ -144,7 +145,17 @@ def _parser(experiment: str = _DEFAULT_EXPERIMENT, preset=None):
     bench.add_argument("--bench-steps", type=int, default=5, help="timed steps (after one compiling step)")
     bench.add_argument("--gpu-tflops", type=float, default=100.0,
                        help="effective TFLOP/s assumed for the GPU estimate (default 100)")
-    return p, {"run": run, "plot": plot, "show": show, "bench": bench}
+    compare = sub.add_parser("compare", help="the same arms in two experiment folders (one factor changed), "
+                                             "paired by seed: a table, and a figure with --figure",
+                             parents=[common], allow_abbrev=False)
+    compare.add_argument("--a", required=True, help="experiment folder of the first setting")
+    compare.add_argument("--b", required=True, help="experiment folder of the second setting")
+    compare.add_argument("--label-a", default=None, help="name of the first setting (default: its folder name)")
+    compare.add_argument("--label-b", default=None, help="name of the second setting (default: its folder name)")
+    compare.add_argument("--arms", default=None, help="comma-separated arms (default: every arm of both)")
+    compare.add_argument("--figure", default=None, help="write the figure here (.png; an .svg beside it)")
+    compare.add_argument("--table", default=None, help="write the Markdown table here")
+    return p, {"run": run, "plot": plot, "show": show, "bench": bench, "compare": compare}
 
 
 def _check_options(rest, parser, experiment: str) -> None:
@@ -336,6 +347,25 @@ def main(argv=None):
     args, rest = parser.parse_known_args(argv)
     resumable = args.command == "run" and (Path(args.out) / "config.json").is_file()
     try:
+        if args.command == "compare":
+            if rest:
+                raise ConfigError(f"`compare` takes no config overrides, got {rest}.")
+            from renorm_repro.report import compare, compare_table, plot_settings
+
+            arms = [a for a in args.arms.split(",") if a] if args.arms else None
+            if args.arms is not None and not arms:
+                raise ConfigError(f"--arms must name at least one arm, got {args.arms!r}.")
+            result = compare(args.a, args.b, arms=arms)
+            text = compare_table(result)
+            print(text)
+            if args.table:
+                Path(args.table).write_text(text)
+            if args.figure:
+                labels = (args.label_a or Path(args.a).name, args.label_b or Path(args.b).name)
+                paths = plot_settings({labels[0]: args.a, labels[1]: args.b}, args.figure,
+                                      arms=arms or sorted({r["arm"] for r in result["rows"]}))
+                print("figures: " + ", ".join(str(p) for p in paths))
+            return 0
         if args.command in ("run", "bench") and not args.tf_logs and "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
             _quiet_tensorflow()
         if args.command == "plot":

@@ -404,3 +404,59 @@ def compare_table(result: dict) -> str:
         lines.append(f"| {r['label']} | {r['scalar']} | {_ci(r['a'], sc, dg)} | {_ci(r['b'], sc, dg)} | "
                      f"{_ci(r['diff'], sc, dg)}, {r['diff']['wins']}/{r['diff']['n']} |")
     return "\n".join(lines) + "\n"
+
+
+#: Line styles of the settings of :func:`plot_settings`, in order.
+_SETTING_STYLES = ("-", "--", ":", "-.")
+
+
+def plot_settings(settings: Dict[str, object], path, arms) -> List[Path]:
+    """Test accuracy and moving-mean lag of ``arms`` under several settings (``{label: folder}``), one figure.
+
+    Colour: the arm (:data:`ARM_STYLE`); line style: the setting. Mean over seeds with a ±1 std band.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    aggs = {label: aggregate(folder) for label, folder in settings.items()}
+    main = "test_accuracy" if all(_has(a, "test_accuracy") for a in aggs.values()) else "val_accuracy"
+    panels = [main] + (["lag_mean"] if all(_has(a, "lag_mean") for a in aggs.values()) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.8), dpi=150, squeeze=False)
+    axes = dict(zip(panels, axes[0]))
+    for (label, agg), ls in zip(aggs.items(), _SETTING_STYLES):
+        for arm in arms:
+            a = agg["arms"].get(arm)
+            if a is None:
+                continue
+            n = len(a["seeds"])
+            style = dict(ARM_STYLE.get(arm, {}), linestyle=ls)
+            for col, ax in axes.items():
+                c = a["curves"][col]
+                if col == "lag_mean":
+                    _draw(ax, np.asarray(a["steps"]), np.asarray(c["mean"]), np.asarray(c["std"]), n,
+                          f"{a['label']}, {label}", style, lo=0.0, hi=np.inf)
+                else:
+                    _draw(ax, np.asarray(a["steps"]), np.asarray(c["mean"]) * 100, np.asarray(c["std"]) * 100, n,
+                          _label(f"{a['label']}, {label}", c["final_mean"], c["final_std"], n), style)
+    first = next(iter(aggs.values()))
+    split = "test" if main == "test_accuracy" else "validation"
+    axes[main].set_ylabel(f"{split.capitalize()} accuracy (%)")
+    axes[main].set_title(f"{first['dataset']}: {first['title']}\n{split}, inference mode (mean ± std over seeds)",
+                         fontsize=10)
+    if "lag_mean" in axes:
+        axes["lag_mean"].set_ylabel("|moving mean - mean| / std")
+        axes["lag_mean"].set_yscale("log")
+        axes["lag_mean"].set_title("moving-mean lag (mean over features and layers)", fontsize=10)
+    for col, ax in axes.items():
+        ax.set_xlabel("Training steps")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper right" if col == "lag_mean" else "lower right", fontsize=7, framealpha=0.85)
+    fig.tight_layout()
+    path = Path(path)
+    paths = [path.with_suffix(".png"), path.with_suffix(".svg")]
+    for p in paths:
+        fig.savefig(p)
+    plt.close(fig)
+    return paths

@@ -447,3 +447,22 @@ def test_data_dir_that_is_a_device_is_named_as_such():
         D.load_cifar100("/dev/null")
     with pytest.raises(D.DataError, match="'/dev/null' is not a folder"):
         D.load_fashion_mnist("/dev/null")
+
+
+def test_cli_compare_writes_table_and_figure(tmp_path, capsys):
+    from renorm_repro.cli import main
+
+    cfg = get_config("fashion", "iid", {"arms": "bn,brn", "seeds": "0,1,2,3,4"})
+    _fake_experiment(tmp_path / "const", cfg, {"bn": {s: 0.80 for s in range(5)}, "brn": {s: 0.70 for s in range(5)}})
+    _fake_experiment(tmp_path / "cos", cfg, {"bn": {s: 0.81 for s in range(5)}, "brn": {s: 0.75 for s in range(5)}})
+    rc = main(["compare", "--a", str(tmp_path / "const"), "--b", str(tmp_path / "cos"), "--arms", "brn",
+               "--figure", str(tmp_path / "fig.png"), "--table", str(tmp_path / "t.md")])
+    assert rc == 0
+    table = (tmp_path / "t.md").read_text()
+    assert "| Batch Renorm | test_final | 70.00 (" not in table  # 5 seeds: intervals, not single runs
+    assert "| Batch Renorm | test_final | 70.00 [70.00, 70.00] | 75.00 [75.00, 75.00] | 5.00 [5.00, 5.00], 5/5 |" in table
+    assert "Batch Norm" not in table.split("\n", 3)[-1]  # --arms brn only
+    assert (tmp_path / "fig.png").stat().st_size > 1000 and (tmp_path / "fig.svg").is_file()
+    rc = main(["compare", "--a", str(tmp_path / "const"), "--b", str(tmp_path / "cos"), "--arms", "keras_brn"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "are not in both" in err
