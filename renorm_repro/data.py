@@ -298,6 +298,17 @@ def download_cifar100(
     target = cache / CIFAR100_ARCHIVE
     if target.is_file():
         return target
+    _download(url, target, archive_md5, f"Download {CIFAR100_ARCHIVE} by hand and pass --data-dir PATH (the archive "
+              f"or the extracted folder).")
+    return target
+
+
+def _download(url: str, target: Path, md5: Optional[str], hint: str) -> None:
+    """Download ``url`` to ``target`` through a ``.part`` file, checked against ``md5`` before the rename.
+
+    An interrupted or corrupt download never leaves a file that looks complete;
+    failures are a :class:`DataError` ending with ``hint`` (what to do instead).
+    """
     part = target.with_name(target.name + ".part")
     try:
         with urllib.request.urlopen(url) as response, open(part, "wb") as f:  # noqa: S310 - user-chosen URL
@@ -309,17 +320,13 @@ def download_cifar100(
             bar.close()
     except OSError as e:
         part.unlink(missing_ok=True)
-        raise DataError(
-            f"Could not download CIFAR-100 from {url} ({e!r}). Download {CIFAR100_ARCHIVE} by hand and pass "
-            f"--data-dir PATH (the archive or the extracted folder)."
-        ) from e
-    if archive_md5 is not None:
+        raise DataError(f"Could not download {target.name} from {url} ({e!r}). {hint}") from e
+    if md5 is not None:
         got = md5sum(part)
-        if got != archive_md5:
+        if got != md5:
             part.unlink(missing_ok=True)
-            raise DataError(f"The download from {url} is truncated or corrupt: MD5 {got}, expected {archive_md5}.")
+            raise DataError(f"The download from {url} is truncated or corrupt: MD5 {got}, expected {md5}.")
     part.replace(target)
-    return target
 
 
 def _progress(total, desc):
@@ -500,28 +507,9 @@ def download_fashion_mnist(cache_dir=None, *, url: str = FASHION_MNIST_URL, chec
         target = folder / (stem + ".gz")
         if target.is_file():
             continue
-        part = target.with_name(target.name + ".part")
-        src = url.rstrip("/") + "/" + stem + ".gz"
-        try:
-            with urllib.request.urlopen(src) as response, open(part, "wb") as f:  # noqa: S310 - user-chosen URL
-                total = int(response.headers.get("Content-Length") or 0)
-                bar = _progress(total, f"downloading {src}")
-                for chunk in iter(lambda: response.read(1 << 20), b""):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-                bar.close()
-        except OSError as e:
-            part.unlink(missing_ok=True)
-            raise DataError(
-                f"Could not download Fashion-MNIST from {src} ({e!r}). Install it with `apt-get install "
-                f"{FASHION_MNIST_DEBIAN_PACKAGE}`, or download the four files by hand and pass --data-dir PATH."
-            ) from e
-        if check:
-            got = md5sum(part)
-            if got != gz_md5:
-                part.unlink(missing_ok=True)
-                raise DataError(f"The download from {src} is truncated or corrupt: MD5 {got}, expected {gz_md5}.")
-        part.replace(target)
+        _download(url.rstrip("/") + "/" + stem + ".gz", target, gz_md5 if check else None,
+                  f"Install Fashion-MNIST with `apt-get install {FASHION_MNIST_DEBIAN_PACKAGE}`, or download the "
+                  f"four files by hand and pass --data-dir PATH.")
     return folder
 
 
