@@ -121,7 +121,13 @@ def aggregate(out) -> dict:
                     runs[seed] = rows
         if not runs:
             continue
-        # Steps evaluated by every run of the arm (unfinished runs shorten the curve).
+        # When some runs of the arm are complete, the unfinished ones (still training, or killed) are left
+        # out of every statistic; when none is, the curve covers the steps every run has reached.
+        done = {s for s in runs if (run_dir(out, arm, s) / "done.json").is_file()}
+        unfinished = sorted(set(runs) - done) if done else []
+        if done:
+            runs = {s: rows for s, rows in runs.items() if s in done}
+        # Steps evaluated by every run of the arm.
         common = sorted(set.intersection(*[{r["step"] for r in rows} for rows in runs.values()]))
         acc = np.array([[next(r["val_accuracy"] for r in rows if r["step"] == s) for s in common]
                         for rows in runs.values()])
@@ -156,6 +162,7 @@ def aggregate(out) -> dict:
             "scalars": scalars,
             "seeds": sorted(runs),
             "complete_runs": int(sum(complete)),
+            "unfinished_runs_left_out": unfinished,
             "steps": common,
             "val_accuracy_mean": acc.mean(axis=0).tolist(),
             "val_accuracy_std": (acc.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(len(common))).tolist(),
@@ -229,6 +236,11 @@ def write_summary(agg: dict, out) -> str:
     if "val_batchstat_accuracy" in extra:
         lines.append("Val. acc., batch statistics: the layers in training mode (no moving statistic used or "
                      "changed) on test minibatches built like the training ones.")
+    left = {a["label"]: a["unfinished_runs_left_out"] for a in agg["arms"].values() if a.get("unfinished_runs_left_out")}
+    if left:
+        lines.append("Unfinished runs left out (their arm has complete runs): " + "; ".join(
+            f"{label}: seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}" for label, seeds in left.items())
+            + ".")
     lines += _stats_section(agg)
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)

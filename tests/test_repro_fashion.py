@@ -386,12 +386,15 @@ def test_report_intervals_and_paired_differences(tmp_path):
     agg = aggregate(tmp_path / "x")
     s = agg["arms"]["bn"]["scalars"]["test_last4"]
     assert s["n"] == 4 and s["mean"] == pytest.approx(0.83)  # the unfinished run (seed 4) is left out
+    assert agg["arms"]["bn"]["seeds"] == [0, 1, 2, 3] and agg["arms"]["bn"]["unfinished_runs_left_out"] == [4]
+    assert agg["arms"]["bn"]["final_accuracy_mean"] == pytest.approx(0.82)  # curves and tables too
     assert agg["arms"]["brn"]["scalars"]["test_final"]["mean"] == pytest.approx(np.mean(list(brn.values())))
     p = next(p for p in agg["paired"] if p["scalar"] == "test_last4")
     assert (p["a"], p["b"], p["seeds"], p["wins"]) == ("bn", "brn", [0, 1, 2, 3], 4)
     assert p["mean"] == pytest.approx(np.mean([0.01, 0.02, 0.01, 0.03]))
     text = write_report(tmp_path / "x")["summary"]
     assert "## Paired differences" in text and "Batch Renorm - Batch Norm" in text
+    assert "Unfinished runs left out (their arm has complete runs): Batch Norm: seed 4." in text
     assert f"{p['mean'] * 100:.2f} [{p['lo'] * 100:.2f}, {p['hi'] * 100:.2f}], 4/4" in text
 
 
