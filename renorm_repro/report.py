@@ -50,38 +50,40 @@ ARM_STYLE = {
 #: Evaluations averaged by the ``last`` scalars.
 LAST_N = 4
 
-#: Per-run scalars: name -> (description, function of the run's rows, or None when not logged).
-def _col(rows, col):
-    return [r[col] for r in rows] if col in rows[0] else None
-
-
 def _second_half(rows):
     last = rows[-1]["step"]
     return [r for r in rows if r["step"] > last / 2] or rows[-1:]
 
 
 def _lag(rows):
+    """Per row, the lag of the moving means averaged over the layers (None when the run did not log it)."""
     if "lag_mean_norm1" not in rows[0]:
         return None
     return [float(np.mean([r[f"lag_mean_norm{i}"] for i in range(1, NORM_LAYERS + 1)])) for r in rows]
 
 
-def _scalar_fns():
-    fns = {}
+def _scalar_table():
+    table = {}
     for col, name in (("test_accuracy", "test"), ("val_accuracy", "val")):
-        fns[f"{name}_final"] = (f"{col}, last evaluation",
-                                lambda rows, c=col: _col(rows, c) and _col(rows, c)[-1])
-        fns[f"{name}_last{LAST_N}"] = (f"{col}, mean of the last {LAST_N} evaluations",
-                                       lambda rows, c=col: _col(rows, c) and float(np.mean(_col(rows, c)[-LAST_N:])))
-        fns[f"{name}_worst_late"] = (f"{col}, worst evaluation of the second half of training",
-                                     lambda rows, c=col: _col(rows, c) and min(_col(_second_half(rows), c)))
-    fns["lag_late"] = ("moving-mean lag |moving mean - mean| / std (mean over features and layers), mean over "
-                       "the second half of training", lambda rows: _lag(rows) and float(np.mean(_lag(_second_half(rows)))))
-    fns["lag_max"] = ("moving-mean lag, largest evaluation", lambda rows: _lag(rows) and max(_lag(rows)))
-    return fns
+        table[f"{name}_final"] = (f"{col}, last evaluation", col, False, lambda v: v[-1])
+        table[f"{name}_last{LAST_N}"] = (f"{col}, mean of the last {LAST_N} evaluations", col, False,
+                                         lambda v: np.mean(v[-LAST_N:]))
+        table[f"{name}_worst_late"] = (f"{col}, worst evaluation of the second half of training", col, True, min)
+    table["lag_late"] = ("moving-mean lag |moving mean - mean| / std (mean over features and layers), mean over "
+                         "the second half of training", "lag_mean", True, np.mean)
+    table["lag_max"] = ("moving-mean lag, largest evaluation", "lag_mean", False, max)
+    return table
 
 
-SCALARS = _scalar_fns()
+#: Per-run scalars: name -> (description, column, second half of training only, reduction of the column's values).
+#: A run that did not log the column has no value.
+SCALARS = _scalar_table()
+
+
+def _scalar(rows, column, late, reduce):
+    if column not in rows[0]:
+        return None
+    return float(reduce([r[column] for r in (_second_half(rows) if late else rows)]))
 
 #: Accuracies aggregated per arm when the runs logged them: column -> description.
 CURVES = {
@@ -136,7 +138,6 @@ def aggregate(out) -> dict:
         reached = [next((r["step"] for r in rows if r["val_accuracy"] >= cfg.threshold), None)
                    for rows in runs.values()]
         hit = [s for s in reached if s is not None]
-        complete = [(run_dir(out, arm, s) / "done.json").is_file() for s in runs]
         curves = {}
         for col in CURVES:
             if not all(col in rows[0] for rows in runs.values()):
@@ -151,17 +152,16 @@ def aggregate(out) -> dict:
                 "final_std": _std(last),
             }
         scalars = {}
-        for name, (desc, fn) in SCALARS.items():
-            per_seed = {seed: fn(rows) for seed, rows in runs.items()
-                        if (run_dir(out, arm, seed) / "done.json").is_file()}
-            per_seed = {k: float(v) for k, v in per_seed.items() if v is not None}
+        for name, (desc, *spec) in SCALARS.items():
+            per_seed = {seed: _scalar(rows, *spec) for seed, rows in runs.items() if seed in done}
+            per_seed = {k: v for k, v in per_seed.items() if v is not None}
             if per_seed:
                 scalars[name] = dict(mean_ci(list(per_seed.values())), per_seed=per_seed, description=desc)
         arms[arm] = {
             "label": cfg.arm_label(arm),
             "scalars": scalars,
             "seeds": sorted(runs),
-            "complete_runs": int(sum(complete)),
+            "complete_runs": len(done),
             "unfinished_runs_left_out": unfinished,
             "steps": common,
             "val_accuracy_mean": acc.mean(axis=0).tolist(),
