@@ -271,16 +271,36 @@ def test_import_without_jax():
     assert "JAX BLOCKED" in out and "OK" in out
 
 
-DISTRIBUTED = """
+# The start of the two MirroredStrategy scripts below: 2 logical CPUs, the strategy, and a training step
+# that runs a layer on each replica and returns per replica (y, dx, dgamma) of sum(y * dy).
+MIRRORED_PRELUDE = """
 import numpy as np
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
 from parity import assert_close
 from renorm.numpy_ref import BatchRenormReference
 from renorm.tf import BatchRenormalization
 
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+def replica_train_step(layer):
+    @tf.function
+    def step(x, dy):
+        def replica_fn(x, dy):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(y * dy)
+            dx, dgamma = tape.gradient(loss, [x, layer.gamma])
+            return y, dx, dgamma
+        return strategy.run(replica_fn, args=(x, dy))
+    return step
+"""
+
+DISTRIBUTED = MIRRORED_PRELUDE + """
 assert strategy.num_replicas_in_sync == 2
 rng = np.random.default_rng(0)
 xs = [rng.normal(1.0, 2.0, (8, 3)) * rng.uniform(0.5, 2, 3) for _ in range(3)]
@@ -296,16 +316,7 @@ for synchronized in (True, False):
     ref = BatchRenormReference(3, momentum=0.5, epsilon=1e-3, rmax=1.2, dmax=0.3,
                                microbatch_size=None if synchronized else 4)
 
-    @tf.function
-    def step(x, dy):
-        def replica_fn(x, dy):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                y = layer(x, training=True)
-                loss = tf.reduce_sum(y * dy)
-            dx, dgamma = tape.gradient(loss, [x, layer.gamma])
-            return y, dx, dgamma
-        return strategy.run(replica_fn, args=(x, dy))
+    step = replica_train_step(layer)
 
     for x, dy in zip(xs, dys):
         ds = strategy.experimental_distribute_values_from_function(
@@ -409,17 +420,7 @@ def test_empty_batch_functional_op(kwargs):
     assert not bool(out.empty)
 
 
-UNEVEN = """
-import numpy as np
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras
-from parity import assert_close
-from renorm.numpy_ref import BatchRenormReference
-from renorm.tf import BatchRenormalization
-
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+UNEVEN = MIRRORED_PRELUDE + """
 rng = np.random.default_rng(0)
 x = rng.normal(1.0, 2.0, (9, 2, 3)) * rng.uniform(0.5, 2, 3)
 dy = rng.standard_normal((9, 2, 3))
@@ -430,16 +431,7 @@ for kw in (dict(synchronized=True), dict(microbatch_size=1), dict()):
         layer = BatchRenormalization(momentum=0.5, rmax=1.2, dmax=0.3, dtype="float64", **kw)
         layer.build((None, 2, 3))
 
-    @tf.function
-    def step(x, dy):
-        def replica_fn(x, dy):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                y = layer(x, training=True)
-                loss = tf.reduce_sum(y * dy)
-            dx, dgamma = tape.gradient(loss, [x, layer.gamma])
-            return y, dx, dgamma
-        return strategy.run(replica_fn, args=(x, dy))
+    step = replica_train_step(layer)
 
     def shares(a, cuts):
         return strategy.experimental_distribute_values_from_function(
