@@ -15,6 +15,11 @@ build their run-time assertion from the same message functions
 A batch of 0 examples (one replica's share of a short last batch) has no
 normalization group: it passes the group checks, and every backend returns an
 empty output and leaves its state unchanged.
+
+Masks (``docs/SPEC.md``, section 3, "Masks") are checked by :func:`check_mask`:
+the NumPy and Flax rule (a mask broadcastable to the input) and the Keras rule
+(the input's shape without its feature axis) share one function and one
+wording.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ __all__ = [
     "too_few_values_message",
     "rmax_message",
     "dmax_message",
+    "check_mask",
 ]
 
 
@@ -277,3 +283,55 @@ def check_input(
                 what = "batch" if microbatch_size is None else f"micro-batch of {microbatch_size}"
                 raise ValueError(too_few_values_message(group_count, what))
     return InputInfo(ax, num_groups, group_count, features)
+
+
+def check_mask(
+    mask_shape: Sequence[Optional[int]],
+    input_shape: Sequence[Optional[int]],
+    *,
+    dtype_name: str,
+    is_valid_dtype: bool,
+    feature_axis: Optional[int] = None,
+) -> None:
+    """Validate a mask against the input it selects from (``docs/SPEC.md``, sections 3 and 10).
+
+    A mask is boolean, or numeric with nonzero meaning selected (as in Keras
+    and Flax, which cast it to bool); ``is_valid_dtype`` says whether its
+    dtype is one of those. Its shape follows one of two rules:
+
+    - ``feature_axis=None`` (NumPy oracle, Flax): broadcastable to the input's
+      shape (NumPy rules: aligned on the right, each size equal or 1, rank at
+      most the input's). A mask may then differ from feature to feature.
+    - ``feature_axis=a`` (Keras): the input's shape without axis ``a``
+      (rank one less than the input), each size equal or 1; the mask selects
+      positions, every feature of a position alike.
+
+    Sizes given as ``None`` (unknown when a graph is traced) match anything.
+    Raises ``TypeError`` for a dtype, ``ValueError`` for a shape, both naming
+    ``mask`` and echoing what was received.
+    """
+    if not is_valid_dtype:
+        raise TypeError(
+            f"`mask` must be boolean (or numeric, nonzero meaning selected), got a mask of dtype {dtype_name}."
+        )
+    mask_shape, input_shape = tuple(mask_shape), tuple(input_shape)
+    if feature_axis is None:
+        expected = f"broadcastable to the input's shape {input_shape}"
+        target = input_shape[len(input_shape) - len(mask_shape):] if len(mask_shape) <= len(input_shape) else None
+    else:
+        ax = feature_axis % len(input_shape)
+        target = tuple(s for i, s in enumerate(input_shape) if i != ax)
+        expected = (
+            f"equal to the input's shape without its feature axis {feature_axis}, {target} (rank {len(target)}, "
+            f"one less than the input's; a size may be 1)"
+        )
+        if len(mask_shape) != len(target):
+            target = None
+    ok = target is not None and all(
+        m is None or t is None or m == t or m == 1 for m, t in zip(mask_shape, target)
+    )
+    if not ok:
+        raise ValueError(
+            f"`mask` must have a shape {expected}; got a mask of shape {mask_shape} for an input of shape "
+            f"{input_shape}."
+        )

@@ -152,3 +152,46 @@ CONFIG_ERRORS = [
     (dict(warmup_steps=10, dmax_steps=3), ValueError, "dmax_steps=3"),
     (dict(rmax="3"), TypeError, "rmax='3'"),
 ]
+
+
+# docs/SPEC.md, section 3 (Masks): the cases on which every port runs with a mask. Each mask
+# selects about 3/4 of the values, and at least 3 values of every group and feature it does not
+# mask entirely (groups of 2 values are the ill-conditioned case of section 6, covered unmasked).
+MASK_CASES = [c for c in CASES if c.name in (
+    "dense", "dense_mb4_tight", "nhwc", "nhwc_mb2_tight", "nchw_axis1_mb2", "seq_axis1", "schedule_step",
+    "no_center", "batchnorm",
+)]
+MASK_CASE_IDS = [c.name for c in MASK_CASES]
+
+
+def make_masks(case: Case, seed: int, per_feature: bool = False):
+    """One boolean mask per training step of ``case``, broadcastable to its input.
+
+    ``per_feature=False``: the feature axis has size 1 (a mask of positions,
+    Keras' kind: ``np.squeeze(mask, case.axis)`` is the Keras mask);
+    ``True``: the input's full shape, a different selection per feature
+    (allowed by Flax and the oracle). Step 1 masks all of its first group
+    (the whole batch without micro-batches: a call that selects nothing),
+    step 2 all of its second group where there is one; the other steps are
+    random.
+    """
+    from renorm.numpy_ref import group_view, ungroup
+
+    rng = np.random.default_rng(seed + 2000)
+    axis = case.axis % len(case.shape)
+    shape = list(case.shape)
+    if not per_feature:
+        shape[axis] = 1
+    masks = []
+    for step in range(case.steps):
+        mask = rng.random(shape) < 0.75
+        mg = group_view(mask, axis, case.microbatch_size).copy()  # (G, m, C or 1)
+        count = mg.sum(axis=1)
+        for g, c in zip(*np.nonzero(count < 3)):
+            mg[g, :, c] = True
+        if step == 1:
+            mg[0] = False
+        if step == 2 and mg.shape[0] > 1:
+            mg[1] = False
+        masks.append(ungroup(mg, tuple(shape), axis))
+    return masks

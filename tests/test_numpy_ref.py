@@ -12,7 +12,17 @@ import pytest
 
 import renorm.numpy_ref.core as core
 from renorm.numpy_ref import BatchRenormReference, inference_forward, train_backward, train_forward
-from parity import CASE_IDS, CASES, assert_close, make_params, make_steps, rel_err
+from parity import (
+    CASE_IDS,
+    CASES,
+    MASK_CASE_IDS,
+    MASK_CASES,
+    assert_close,
+    make_masks,
+    make_params,
+    make_steps,
+    rel_err,
+)
 
 EPS = 1e-3
 
@@ -454,3 +464,192 @@ def test_zero_features_is_an_error():
                       epsilon=EPS)
     with pytest.raises(ValueError, match="0 features on axis 1"):
         inference_forward(np.zeros((4, 0, 2)), None, None, np.zeros(0), np.ones(0), axis=1)
+
+
+# --------------------------------------------------------------------------- masks (docs/SPEC.md, section 3)
+def _masked_fwd(x, p, case, mask, **kw):
+    return train_forward(
+        x, p["gamma"], p["beta"], p["mean"], p["stddev"], rmax=kw.get("rmax", case.rmax),
+        dmax=kw.get("dmax", case.dmax), momentum=0.5, epsilon=EPS, axis=case.axis,
+        microbatch_size=kw.get("microbatch_size", case.microbatch_size), mask=mask,
+    )
+
+
+def test_mask_statistics_are_those_of_the_selected_examples():
+    """Selecting 3 of the 4 examples of every micro-batch = the oracle on those 12 examples, micro-batches of 3."""
+    rng = np.random.default_rng(20)
+    case = next(c for c in CASES if c.name == "nhwc_mb2_tight")
+    x = rng.normal(1.0, 2.0, (16, 2, 3, 3))
+    p = make_params(case, 20)
+    keep = np.ones(16, bool)
+    keep[[1, 4, 10, 15]] = False  # one example of each group of 4
+    mask = np.broadcast_to(keep[:, None, None, None], x.shape[:3] + (1,))
+    res = _masked_fwd(x, p, case, mask, microbatch_size=4)
+    sub = _masked_fwd(x[keep], p, case, None, microbatch_size=3)
+    for name in ("mu_g", "sigma_g", "r", "d", "mean", "stddev"):
+        np.testing.assert_allclose(getattr(res, name), getattr(sub, name), rtol=1e-13, atol=1e-13, err_msg=name)
+    assert (res.r_clipped, res.d_clipped) == (sub.r_clipped, sub.d_clipped) and res.r_clipped > 0
+    np.testing.assert_allclose(res.y[keep], sub.y, rtol=1e-12, atol=1e-12)
+    # The unselected examples are normalized with the same statistics.
+    g = np.arange(16)[~keep] // 4
+    y = p["gamma"] * ((x[~keep] - res.mu_g[g, None, None]) / res.sigma_g[g, None, None] * res.r[g, None, None]
+                      + res.d[g, None, None]) + p["beta"]
+    np.testing.assert_allclose(res.y[~keep], y, rtol=1e-12)
+    np.testing.assert_array_equal(res.count, np.full((4, 3), 3 * 6))
+
+
+def test_per_feature_mask_statistics_written_out():
+    """A mask that differs per feature (Flax allows one): each feature's moments over its own selection."""
+    rng = np.random.default_rng(21)
+    x = rng.normal(-2.0, 3.0, (8, 5, 3))
+    mask = rng.random(x.shape) < 0.6
+    mask[4:, :, 2] = False  # feature 2 has nothing selected in the second micro-batch
+    p = dict(gamma=rng.uniform(0.5, 1.5, 3), beta=rng.normal(size=3), mean=rng.normal(size=3),
+             stddev=rng.uniform(0.5, 2.0, 3))
+    res = train_forward(x, p["gamma"], p["beta"], p["mean"], p["stddev"], rmax=1.5, dmax=0.5, momentum=0.75,
+                        epsilon=EPS, microbatch_size=4, mask=mask)
+    mus, sigmas = np.zeros((2, 3)), np.zeros((2, 3))
+    for g in range(2):
+        for c in range(3):
+            sel = x[4 * g:4 * g + 4, :, c][mask[4 * g:4 * g + 4, :, c]]
+            if sel.size == 0:
+                mus[g, c], sigmas[g, c] = p["mean"][c], p["stddev"][c]  # no statistic: the moving ones
+            else:
+                mus[g, c], sigmas[g, c] = sel.mean(), np.sqrt(sel.var() + EPS)
+            xg = x[4 * g:4 * g + 4, :, c]
+            r = np.clip(sigmas[g, c] / p["stddev"][c], 1 / 1.5, 1.5)
+            d = np.clip((mus[g, c] - p["mean"][c]) / p["stddev"][c], -0.5, 0.5)
+            y = p["gamma"][c] * ((xg - mus[g, c]) / sigmas[g, c] * r + d) + p["beta"][c]
+            np.testing.assert_allclose(res.y[4 * g:4 * g + 4, :, c], y, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(res.mu_g, mus, rtol=1e-13)
+    np.testing.assert_allclose(res.sigma_g, sigmas, rtol=1e-13)
+    # Feature 2 moves towards its first micro-batch only; the others towards the mean over both.
+    expected_mean = p["mean"] + 0.25 * (np.array([mus[:, 0].mean(), mus[:, 1].mean(), mus[0, 2]]) - p["mean"])
+    expected_std = p["stddev"] + 0.25 * (np.array([sigmas[:, 0].mean(), sigmas[:, 1].mean(), sigmas[0, 2]])
+                                         - p["stddev"])
+    np.testing.assert_allclose(res.mean, expected_mean, rtol=1e-13)
+    np.testing.assert_allclose(res.stddev, expected_std, rtol=1e-13)
+    # Fractions over the 5 (group, feature) entries that have a statistic.
+    r_raw = sigmas / p["stddev"]
+    out = ((r_raw < 1 / 1.5) | (r_raw > 1.5))
+    out[1, 2] = False
+    assert res.r_clipped == out.sum() / 5
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("dense", "nchw_axis1_mb2", "seq_axis1")],
+                         ids=["dense", "nchw_axis1_mb2", "seq_axis1"])
+def test_all_true_mask_is_no_mask(case):
+    xs, _, dys = make_steps(case, seed=22)
+    p = make_params(case, 22)
+    a = _masked_fwd(xs[0], p, case, np.ones(xs[0].shape, bool))
+    b = _masked_fwd(xs[0], p, case, None)
+    for name in ("y", "mean", "stddev", "mu_g", "sigma_g"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-14, atol=1e-14, err_msg=name)
+    np.testing.assert_allclose(train_backward(dys[0], a.cache)[0], train_backward(dys[0], b.cache)[0],
+                               rtol=1e-12, atol=1e-13)
+
+
+def test_all_masked_group_contributes_nothing():
+    """A micro-batch with no selected value: inference output there, and the state of the other groups alone."""
+    rng = np.random.default_rng(23)
+    case = next(c for c in CASES if c.name == "dense_mb4_tight")
+    x = rng.normal(2.0, 3.0, (16, 3))
+    p = make_params(case, 23)
+    mask = np.ones((16, 1), bool)
+    mask[4:8] = False
+    res = _masked_fwd(x, p, case, mask)
+    others = np.r_[0:4, 8:16]
+    sub = _masked_fwd(x[others], p, case, None)
+    np.testing.assert_allclose(res.mean, sub.mean, rtol=1e-14)
+    np.testing.assert_allclose(res.stddev, sub.stddev, rtol=1e-14)
+    np.testing.assert_allclose(res.y[others], sub.y, rtol=1e-13)
+    assert (res.r_clipped, res.d_clipped) == (sub.r_clipped, sub.d_clipped)
+    np.testing.assert_allclose(res.y[4:8], inference_forward(x[4:8], p["gamma"], p["beta"], p["mean"], p["stddev"]),
+                               rtol=1e-13)
+    np.testing.assert_array_equal(res.r[1], np.ones(3))
+    np.testing.assert_array_equal(res.d[1], np.zeros(3))
+
+
+def test_mask_selecting_nothing_is_no_step():
+    """Like an empty batch: the inference output, and the state, step and diagnostics unchanged."""
+    rng = np.random.default_rng(24)
+    layer = BatchRenormReference(3, momentum=0.5, epsilon=EPS, rmax=1.01, dmax=0.01, microbatch_size=2)
+    layer.train(rng.normal(3.0, 5.0, (4, 2, 3)))
+    before = layer.state, layer.r_clipped, layer.d_clipped
+    x = rng.normal(size=(4, 2, 3))
+    y = layer.train(x, mask=np.zeros((4, 2, 1)))
+    after = layer.state, layer.r_clipped, layer.d_clipped
+    assert after[0]["step"] == 1 and after[1:] == before[1:]
+    np.testing.assert_array_equal(after[0]["mean"], before[0]["mean"])
+    np.testing.assert_array_equal(after[0]["stddev"], before[0]["stddev"])
+    np.testing.assert_allclose(y, layer.infer(x), rtol=1e-14)
+    dx = layer.backward(np.ones_like(x))[0]  # the inference gradient: dy * gamma / stddev
+    np.testing.assert_allclose(dx, np.broadcast_to(1.0 / layer.stddev, x.shape), rtol=1e-14)
+
+
+def test_unselected_non_finite_values_do_not_enter_the_statistics():
+    """Padding holding NaN or Inf, masked out: the statistics and the state are those of the rest."""
+    rng = np.random.default_rng(25)
+    case = next(c for c in CASES if c.name == "dense")
+    x = rng.normal(size=(8, 5))
+    p = make_params(case, 25)
+    mask = np.ones((8, 1), bool)
+    mask[[2, 6]] = False
+    bad = x.copy()
+    bad[2], bad[6] = np.nan, np.inf
+    res = _masked_fwd(bad, p, case, mask)
+    sub = _masked_fwd(x[mask[:, 0]], p, case, None)
+    assert res.finite
+    np.testing.assert_allclose(res.mean, sub.mean, rtol=1e-14)
+    np.testing.assert_allclose(res.stddev, sub.stddev, rtol=1e-14)
+    np.testing.assert_allclose(res.y[mask[:, 0]], sub.y, rtol=1e-13)
+
+
+@pytest.mark.parametrize("per_feature", [False, True])
+@pytest.mark.parametrize("name", ["dense_mb4_tight", "nchw_axis1_mb2", "seq_axis1"])
+def test_masked_backward_matches_central_finite_differences(name, per_feature, monkeypatch):
+    """The masked explicit backward (statistics terms on the selected values only) against finite differences.
+
+    Step 2's mask leaves one group without a selected value where there are several groups.
+    """
+    case = next(c for c in CASES if c.name == name)
+    xs, _, dys = make_steps(case, seed=26)
+    x, dy = xs[0], dys[0]
+    mask = make_masks(case, 26, per_feature)[2]
+    p = make_params(case, seed=26)
+    res = _masked_fwd(x, p, case, mask)
+    assert 0 < res.count.sum() < res.count.size * res.cache.xc.shape[1]
+    dx, dgamma, dbeta = train_backward(dy, res.cache)
+    frozen = (res.r, res.d)
+    monkeypatch.setattr(core, "corrections", lambda *a, **k: (*frozen, 0.0, 0.0))
+
+    def loss(x_, gamma_=p["gamma"], beta_=p["beta"]):
+        return float(np.sum(_masked_fwd(x_, dict(p, gamma=gamma_, beta=beta_), case, mask).y * dy))
+
+    h = 1e-3
+
+    def fd(f, v):
+        g = np.zeros_like(v)
+        for idx in np.ndindex(v.shape):
+            e = np.zeros_like(v)
+            e[idx] = h
+            g[idx] = (8 * (f(v + e) - f(v - e)) - (f(v + 2 * e) - f(v - 2 * e))) / (12 * h)
+        return g
+
+    assert rel_err(dx, fd(loss, x)) < 1e-7
+    assert rel_err(dgamma, fd(lambda g_: loss(x, gamma_=g_), p["gamma"])) < 1e-7
+    assert rel_err(dbeta, fd(lambda b_: loss(x, beta_=b_), p["beta"])) < 1e-7
+    # sum(dL/dx) = 0 per group and feature still holds (every value shifts the group's output alike).
+    dxg = core.group_view(dx, case.axis % x.ndim, case.microbatch_size)
+    np.testing.assert_allclose(dxg.sum(axis=1)[res.count > 0], 0.0, atol=1e-10)
+
+
+@pytest.mark.parametrize("mask, exc, match", [
+    (np.ones((8, 4), bool), ValueError, r"`mask` must have a shape broadcastable.*\(8, 4\).*\(8, 5\)"),
+    (np.ones((8, 5, 1), bool), ValueError, r"`mask` must have .*\(8, 5, 1\)"),
+    (np.array([["a"] * 5] * 8), TypeError, "`mask` must be boolean.*dtype <U1"),
+])
+def test_mask_errors(mask, exc, match):
+    with pytest.raises(exc, match=match):
+        train_forward(np.zeros((8, 5)), None, None, np.zeros(5), np.ones(5), rmax=3, dmax=5, momentum=0.9,
+                      epsilon=EPS, mask=mask)

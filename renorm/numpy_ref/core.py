@@ -13,6 +13,15 @@ feature ``c``, with ``m`` values per feature in a group::
     xhat    = (x - mu_g) / sigma_g * r_g + d_g
     y       = gamma * xhat + beta
 
+Masks (``docs/SPEC.md``, section 3): with a ``mask`` (broadcastable to ``x``,
+nonzero = selected) the statistics of a group and feature are those of its
+selected values only (``m`` is then their count). Every value, selected or not,
+is normalized with its group's statistics. A group and feature with no
+selected value is normalized with the moving statistics (``r = 1``,
+``d = 0``: the inference output), takes no part in the update of that
+feature's moving statistics, nor in the clip fractions; a call with no
+selected value at all leaves the state as it was.
+
 Precision: statistics and normalization run in float64 for float64 input and
 in float32 for every narrower float (float32, float16, bfloat16); the output
 has the input's dtype, the returned state the dtype of the state passed in.
@@ -24,13 +33,14 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from renorm.config import check_config, check_input
+from renorm.config import check_config, check_input, check_mask
 
 __all__ = [
     "TrainCache",
     "TrainResult",
     "group_view",
     "moments",
+    "masked_moments",
     "corrections",
     "train_forward",
     "train_backward",
@@ -88,14 +98,33 @@ def moments(xg: np.ndarray):
     return mu, var
 
 
-def corrections(mu_g, sigma_g, mean, stddev, rmax, dmax):
+def masked_moments(xg: np.ndarray, wg: np.ndarray):
+    """:func:`moments` over the selected values only: ``wg`` (``(G, m, C)``, bool) selects.
+
+    ``mu = sum of the selected x / n``, ``var = sum of the selected
+    (x - mu)**2 / n`` with ``n`` the number of selected values per group and
+    feature. Unselected values do not enter, even NaN or Inf ones. Returns
+    ``mu``, ``var`` and ``n`` of shape ``(G, C)``; where ``n = 0``, ``mu`` and
+    ``var`` are 0 (there is no statistic: the caller decides).
+    """
+    n = wg.sum(axis=1)
+    div = np.maximum(n, 1).astype(xg.dtype)
+    xs = np.where(wg, xg, 0)
+    mu = xs.sum(axis=1) / div
+    var = np.where(wg, np.square(xs - mu[:, None, :]), 0).sum(axis=1) / div
+    return mu, var, n
+
+
+def corrections(mu_g, sigma_g, mean, stddev, rmax, dmax, valid=None):
     """The clipped corrections and the fraction of entries the clip changed.
 
     ``r = clip(sigma_g / stddev, 1/rmax, rmax)``,
     ``d = clip((mu_g - mean) / stddev, -dmax, dmax)``, for ``(G, C)`` batch
     statistics and ``(C,)`` moving ones. Returns ``r, d, r_clipped, d_clipped``
     where the last two are the fractions (over groups and features) of entries
-    strictly outside the clip interval (0 when there is no group).
+    strictly outside the clip interval (0 when there is no group). ``valid``
+    (``(G, C)`` bool, with a mask: the entries that have a selected value)
+    restricts the fractions to those entries (0 when there is none).
 
     Where ``mu_g`` or ``sigma_g`` is not finite (NaN/Inf input, or a variance
     that overflows: ``|x - mu_g|`` beyond about ``1.8e19`` in float32), ``r``
@@ -111,8 +140,11 @@ def corrections(mu_g, sigma_g, mean, stddev, rmax, dmax):
         d = np.clip(d_raw, -dmax, dmax)
         r_out = (r_raw < 1.0 / rmax) | (r_raw > rmax)
         d_out = (d_raw < -dmax) | (d_raw > dmax)
-    r_clipped = float(np.mean(r_out)) if r_out.size else 0.0
-    d_clipped = float(np.mean(d_out)) if d_out.size else 0.0
+    if valid is None:
+        valid = np.ones(r_out.shape, bool)
+    total = int(np.sum(valid))
+    r_clipped = float(np.sum(r_out & valid)) / total if total else 0.0
+    d_clipped = float(np.sum(d_out & valid)) / total if total else 0.0
     return r, d, r_clipped, d_clipped
 
 
@@ -128,6 +160,8 @@ class TrainCache(NamedTuple):
     axis: int
     microbatch_size: Optional[int]
     dtype: np.dtype  # the input's dtype
+    w: Optional[np.ndarray] = None  # (G, m, C) bool: the selected values (None: no mask, all)
+    count: Optional[np.ndarray] = None  # (G, C) number of selected values (None: no mask, m)
 
 
 class TrainResult(NamedTuple):
@@ -144,6 +178,7 @@ class TrainResult(NamedTuple):
     r_clipped: float  # fraction of r entries changed by the clip
     d_clipped: float  # fraction of d entries changed by the clip
     finite: bool  # False if a batch statistic was NaN/Inf (state then unchanged)
+    count: np.ndarray  # (G, C) values that entered each statistic (m without a mask)
 
 
 def _params(gamma, beta, num_features, dtype):
@@ -165,6 +200,7 @@ def train_forward(
     epsilon: float,
     axis: int = -1,
     microbatch_size: Optional[int] = None,
+    mask=None,
 ) -> TrainResult:
     """One training step: output, updated moving statistics, backward cache.
 
@@ -181,6 +217,12 @@ def train_forward(
     then NaN (see :func:`corrections`). A batch of 0 examples has no group: the
     output is empty, the state unchanged, ``finite`` True and the clip
     fractions 0.
+
+    ``mask`` (optional, broadcastable to ``x``; nonzero or True selects): the
+    statistics of each group and feature are those of its selected values
+    (see the module docstring for a group and feature with none; their
+    ``mu_g``/``sigma_g`` are then the moving statistics). ``count`` in the
+    result holds the number of selected values per group and feature.
     """
     x = np.asarray(x)
     check_config(momentum=momentum, epsilon=epsilon, microbatch_size=microbatch_size, rmax=rmax, dmax=dmax)
@@ -200,22 +242,46 @@ def train_forward(
     gamma_c, beta_c = _params(gamma, beta, info.num_features, cdt)
 
     xg = group_view(x.astype(cdt), ax, microbatch_size)
-    mu_g, var_g = moments(xg)
+    if mask is None:
+        wg = None
+        mu_g, var_g = moments(xg)
+        count = np.full(mu_g.shape, xg.shape[1])
+        has = np.ones(mu_g.shape, bool)
+    else:
+        mask = np.asarray(mask)
+        check_mask(
+            mask.shape, x.shape, dtype_name=str(mask.dtype),
+            is_valid_dtype=bool(mask.dtype == bool or np.issubdtype(mask.dtype, np.number)),
+        )
+        wg = group_view(np.broadcast_to(mask != 0, x.shape), ax, microbatch_size)
+        mu_g, var_g, count = masked_moments(xg, wg)
+        has = count > 0
     sigma_g = np.sqrt(var_g + cdt.type(epsilon))
-    r, d, r_clipped, d_clipped = corrections(mu_g, sigma_g, mean_c, std_c, cdt.type(rmax), cdt.type(dmax))
+    # A group and feature with no selected value is normalized with the moving statistics.
+    mu_g = np.where(has, mu_g, mean_c)
+    sigma_g = np.where(has, sigma_g, std_c)
+    r, d, r_clipped, d_clipped = corrections(
+        mu_g, sigma_g, mean_c, std_c, cdt.type(rmax), cdt.type(dmax), None if mask is None else has
+    )
     xc = xg - mu_g[:, None, :]
     xhat = xc / sigma_g[:, None, :] * r[:, None, :] + d[:, None, :]
     yg = gamma_c * xhat + beta_c
     y = ungroup(yg, x.shape, ax).astype(x.dtype)
 
-    finite = bool(np.all(np.isfinite(mu_g)) and np.all(np.isfinite(sigma_g)))
+    finite = bool(np.all(np.isfinite(mu_g[has])) and np.all(np.isfinite(sigma_g[has])))
     alpha = cdt.type(1.0 - momentum)
-    if finite and mu_g.shape[0] > 0:  # an empty batch (no group) leaves the state as it was
-        new_mean = mean_c + alpha * (mu_g.mean(axis=0) - mean_c)
-        new_std = std_c + alpha * (sigma_g.mean(axis=0) - std_c)
+    groups = has.sum(axis=0)  # per feature: the groups with a statistic
+    if finite:  # an empty batch (no group) or no selected value leaves the state as it was
+        div = np.maximum(groups, 1).astype(cdt)
+        batch_mean = np.where(has, mu_g, 0).sum(axis=0) / div
+        batch_std = np.where(has, sigma_g, 0).sum(axis=0) / div
+        new_mean = np.where(groups > 0, mean_c + alpha * (batch_mean - mean_c), mean_c)
+        new_std = np.where(groups > 0, std_c + alpha * (batch_std - std_c), std_c)
     else:
         new_mean, new_std = mean_c, std_c
-    cache = TrainCache(xc, sigma_g, r, xhat, gamma_c, x.shape, ax, microbatch_size, x.dtype)
+    cache = TrainCache(
+        xc, sigma_g, r, xhat, gamma_c, x.shape, ax, microbatch_size, x.dtype, wg, None if mask is None else count
+    )
     return TrainResult(
         y,
         new_mean.astype(state_dtype),
@@ -228,6 +294,7 @@ def train_forward(
         r_clipped,
         d_clipped,
         finite,
+        count,
     )
 
 
@@ -244,19 +311,25 @@ def train_backward(dy, cache: TrainCache):
 
     ``r_g`` and ``d_g`` are constants (stop-gradient), as in the paper.
     Returns ``(dx, dgamma, dbeta)``; ``dx`` has the input's shape and dtype.
+
+    With a mask, ``m`` is the number of selected values and only those enter
+    ``mu_g`` and ``sigma_g``: the two statistic terms of ``dL/dx`` apply to the
+    selected values only, while the sums of ``dL/dsigma_g`` and ``dL/dmu_g``
+    run over every value of the group (each output depends on the group's
+    statistics). Where a group and feature has no selected value, ``dL/dx`` is
+    ``g / stddev`` (the inference gradient).
     """
     xc, sigma_g, r, xhat = cache.xc, cache.sigma_g, cache.r, cache.xhat
     cdt = xc.dtype
     dyg = group_view(np.asarray(dy).astype(cdt), cache.axis, cache.microbatch_size)
-    m = xc.shape[1]
+    m = xc.shape[1] if cache.count is None else np.maximum(cache.count, 1)
     g = dyg * cache.gamma
     dsigma = np.sum(g * xc, axis=1) * (-r / sigma_g**2)
     dmu = np.sum(g, axis=1) * (-r / sigma_g)
-    dxg = (
-        g * (r / sigma_g)[:, None, :]
-        + (dsigma / (m * sigma_g))[:, None, :] * xc
-        + (dmu / m)[:, None, :]
-    )
+    stats_term = (dsigma / (m * sigma_g))[:, None, :] * xc + (dmu / m)[:, None, :]
+    if cache.w is not None:
+        stats_term = np.where(cache.w, stats_term, 0)
+    dxg = g * (r / sigma_g)[:, None, :] + stats_term
     dgamma = np.sum(dyg * xhat, axis=(0, 1))
     dbeta = np.sum(dyg, axis=(0, 1))
     dx = ungroup(dxg, cache.shape, cache.axis).astype(cache.dtype)

@@ -76,10 +76,12 @@ class BatchRenormReference:
         rmax, dmax = self.schedule.limits(float(self.step))
         return float(rmax), float(dmax)
 
-    def train(self, x):
+    def train(self, x, mask=None):
         """One training step; returns ``y``.
 
-        A batch of 0 examples is no step: the output is empty and the state
+        ``mask``: optional, broadcastable to ``x`` (see :func:`train_forward`).
+        A batch of 0 examples, or a mask that selects no value, is no step:
+        the output is computed (empty, or the inference output) and the state
         (``mean``, ``stddev``, ``step``) and the diagnostics stay as they were.
         """
         rmax, dmax = self.limits()
@@ -95,9 +97,10 @@ class BatchRenormReference:
             epsilon=self.epsilon,
             axis=self.axis,
             microbatch_size=self.microbatch_size,
+            mask=mask,
         )
         self.last = res
-        if np.shape(x)[0] == 0:
+        if res.count.sum() == 0:  # no value entered a statistic
             return res.y
         self.mean, self.stddev = res.mean, res.stddev
         self.step += 1
