@@ -22,6 +22,9 @@ are never abbreviated. Experiments: ``microbatch`` (Figure 2, the default),
 A run killed at any point (Ctrl-C, ``kill -9``, a crash) continues with the
 same command and ``--resume``; it ends with the metrics of an uninterrupted
 run. One process at a time writes into an ``--out`` folder (``OUT/.lock``).
+Each run also writes TensorBoard event files (``tensorboard --logdir
+OUT/runs``; ``--no-tensorboard`` turns them off), kept consistent with
+``metrics.csv`` on ``--resume``.
 TensorFlow's start-up log lines are hidden unless ``--tf-logs`` is given (or
 ``TF_CPP_MIN_LOG_LEVEL`` is set). Errors are one line ``renorm-repro: error:
 ...`` (exit 2: a bad command line or config; 1: data, folders, files); an
@@ -129,6 +132,9 @@ def _parser(experiment: str = _DEFAULT_EXPERIMENT, preset=None):
     run.add_argument("--stop-after", type=int, default=None,
                      help="stop each run after this many steps, without a final checkpoint (simulates a kill)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    run.add_argument("--no-tensorboard", action="store_true",
+                     help="write no TensorBoard event files (by default each run writes every metrics.csv "
+                          "column and each normalization layer's clip fractions and limits to <run>/tensorboard/)")
     plot = sub.add_parser("plot", help="aggregate the logs in --out and write the figure and tables",
                           parents=[common], allow_abbrev=False)
     plot.add_argument("--out", required=True)
@@ -233,7 +239,7 @@ def benchmark(cfg, arm, steps, gpu_tflops=100.0, log=print):
                                eval_batch_size=min(cfg.eval_batch_size, n), eval_train_examples=0,
                                eval_batch_stats=False, val_examples=0, eval_lag_examples=0)
     with tempfile.TemporaryDirectory() as tmp:
-        res = train_run(bcfg, arm, 0, tmp + "/run", ds, progress=False, log=lambda m: None)
+        res = train_run(bcfg, arm, 0, tmp + "/run", ds, progress=False, tensorboard=False, log=lambda m: None)
     rate = res["train_steps_per_s"]
     d = cfg.derived()
     run_s = cfg.steps / rate
@@ -264,7 +270,7 @@ def _check_data_dir(cfg) -> None:
                         f"the folder (or, for cifar100, the archive) holding {cfg.dataset}.")
 
 
-def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, log=print):
+def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, tensorboard=True, log=print):
     """Train every (arm, seed) of ``cfg`` into ``out``, then write the report. Returns the report.
 
     Holds ``out``'s :class:`renorm_repro.runs.ExperimentLock` throughout. The
@@ -304,7 +310,7 @@ def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, lo
         for seed in cfg.seeds:
             for arm in cfg.arms:
                 res = train_run(cfg, arm, seed, run_dir(out, arm, seed), dataset, resume=mode != "new",
-                                stop_after=stop_after, progress=progress, log=log)
+                                stop_after=stop_after, progress=progress, tensorboard=tensorboard, log=log)
                 stopped |= bool(res.get("stopped"))
         log(f"trained {len(cfg.arms)} arms x {len(cfg.seeds)} seeds in {time.perf_counter() - t0:.1f} s")
         report = write_report(out)
@@ -388,7 +394,7 @@ def main(argv=None):
         if args.stop_after is not None and args.stop_after < 1:
             raise ConfigError(f"--stop-after must be >= 1, got {args.stop_after}.")
         run_experiment(cfg, args.out, resume=args.resume, stop_after=args.stop_after,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, tensorboard=not args.no_tensorboard)
         return 0
     except KeyboardInterrupt as e:
         from renorm_repro.runs import Interrupted

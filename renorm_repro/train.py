@@ -47,6 +47,7 @@ import numpy as np
 from renorm_repro.data import Dataset
 from renorm_repro.runs import Interrupted, MetricsLog, RunDirError, _write_atomic, _write_json, config_to_dict, \
     evaluation_steps, metric_columns, versions
+from renorm_repro.tensorboard_log import TENSORBOARD_DIR, EventLog, layer_scalars
 
 __all__ = ["make_norm_layer", "build_model", "train_run", "train_eval_subset", "TrainResult"]
 
@@ -263,6 +264,7 @@ def train_run(
     resume: bool = False,
     stop_after: Optional[int] = None,
     progress: bool = True,
+    tensorboard: bool = True,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train ``arm`` with ``seed`` into ``rdir``; see the module docstring.
@@ -272,7 +274,8 @@ def train_run(
     ``stop_after`` stops after that many steps of this call without a final
     checkpoint, as if the process had been killed (used to test ``resume``).
     Ctrl-C raises :class:`renorm_repro.runs.Interrupted` (the step reached
-    and the last checkpoint).
+    and the last checkpoint). ``tensorboard`` writes TensorBoard event files
+    into ``rdir/tensorboard`` (:mod:`renorm_repro.tensorboard_log`).
     """
     import keras
     import tensorflow as tf
@@ -333,6 +336,12 @@ def train_run(
         manager = tf.train.CheckpointManager(ckpt, str(rdir / "checkpoints"), max_to_keep=2)
         metrics = MetricsLog(rdir / "metrics.csv", metric_columns(cfg))
         metrics.start(start, evaluation_steps(cfg, start))
+        events = EventLog(rdir / TENSORBOARD_DIR, enabled=tensorboard)
+        kept = events.start(start)
+        lacking = sorted(set(evaluation_steps(cfg, start)) - set(kept)) if tensorboard else []
+        if lacking:
+            log(f"{label} the TensorBoard events lack steps {lacking[0]}..{lacking[-1]} ({len(lacking)} "
+                f"evaluations; metrics.csv has them); continuing")
         record = {"config": config_to_dict(cfg), "arm": arm, "seed": seed,
                   "normalization": {k: (v.to_dict() if hasattr(v, "to_dict") else v)
                                     for k, v in cfg.arm_spec(arm).items()},
@@ -524,6 +533,8 @@ def train_run(
                     for v in acc_vars:
                         v.assign(0.0)
                     metrics.append(row)
+                    events.append(cur, {**{k: row[k] for k in metrics.columns if k != "step"},
+                                        **{k: v for l in norm_layers for k, v in layer_scalars(l).items()}})
                     msg = (f"[{arm} seed{seed}] step {cur}/{cfg.steps} train_loss {row['train_loss']:.4f} "
                            f"train_acc {row['train_accuracy']:.4f} val_loss {val_loss:.4f} val_acc {val_acc:.4f} "
                            f"rmax {row['rmax']:.2f} dmax {row['dmax']:.2f} r_clip {row['r_clipped']:.3f} "
@@ -543,6 +554,8 @@ def train_run(
         except KeyboardInterrupt:
             bar.close()
             raise Interrupted(f"{arm} seed{seed}", cur, saved) from None
+        finally:
+            events.close()
         bar.close()
         if not stopped:
             timed = cur - start - 1
