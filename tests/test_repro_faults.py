@@ -3,7 +3,8 @@
 Every test drives the command line (``main``) on the non-i.i.d. smoke preset
 (one arm, seconds) and, where a run goes on, compares its final
 ``metrics.csv`` with an uninterrupted run's: every column but ``elapsed_s``,
-as written. ``test_kill_9_at_any_point`` kills real subprocesses.
+as written. ``test_kill_9_at_any_point`` kills real subprocesses (and checks
+the TensorBoard event files against the final log).
 """
 
 import csv
@@ -23,7 +24,9 @@ pytest.importorskip("renorm.tf")
 
 from renorm_repro import data as D  # noqa: E402
 from renorm_repro.cli import main  # noqa: E402
-from renorm_repro.runs import METRIC_COLUMNS, MetricsLog, RunDirError, read_metrics  # noqa: E402
+from renorm_repro.runs import METRIC_COLUMNS, MetricsLog, RunDirError, metric_columns, read_experiment_config, \
+    read_metrics  # noqa: E402
+from test_repro_tensorboard import assert_events_match_metrics  # noqa: E402
 
 STEPS = 12
 
@@ -417,3 +420,5 @@ def test_kill_9_at_any_point_then_resume_ends_with_the_same_metrics(tmp_path, ca
     assert (rdir / "done.json").is_file()
     assert not any(ckdir.glob("ckpt-*_temp")), killed  # the shards of cut-short saves are cleaned up
     assert _rows(out) == reference, killed
+    # The TensorBoard events too: each logged scalar once, at exactly the logged steps, with the log's values.
+    assert_events_match_metrics(rdir, metric_columns(read_experiment_config(out)))
