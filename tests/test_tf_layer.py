@@ -346,12 +346,6 @@ def test_mirrored_strategy_two_cpu_replicas():
     assert "OK True" in out and "OK False" in out
 
 
-def test_masks_are_refused_rather_than_ignored():
-    layer = BatchRenormalization()
-    with pytest.raises(NotImplementedError, match="mask"):
-        layer(tf.ones((4, 3, 2)), training=True, mask=tf.ones((4, 3), bool))
-
-
 # ----------------------------------------------------- empty batches (issue 11)
 EMPTY_CONFIGS = [
     dict(),  # fused kernels

@@ -21,6 +21,10 @@ Numerics, written once here:
 - Reductions run in at least float32 (float64 stays float64): bfloat16 and
   float16 inputs are upcast for the statistics and the normalization, and
   the output is cast back to the input dtype (or ``dtype`` when given).
+  ``force_float32_reductions=False`` (as in ``flax.linen.BatchNorm``) skips
+  the upcast: everything runs in ``dtype``, or the input's dtype when
+  ``dtype`` is None (the clipping schedule is still evaluated in at least
+  float32, then rounded).
 - The variance is two-pass, ``mean((x - mu)**2)``. ``use_fast_variance=True``
   uses ``E[x^2] - E[x]^2`` instead (one pass, one collective), which cancels
   to 0 on offset data such as ``1000 + 0.01 * noise`` in float32 and then
@@ -40,6 +44,16 @@ Numerics, written once here:
   and so are its outputs: a non-finite statistic never gives a
   finite-looking output (the clip would turn ``sigma = inf`` into
   ``r = rmax`` and the output into the constant ``bias + scale * d``).
+- Masks, as in Flax (``mask`` broadcastable to ``x``, True or nonzero
+  selects; ``docs/SPEC.md``, section 3): the moments of a group and feature
+  are those of its selected values (``where``, so that unselected NaN or Inf
+  never enter; with ``axis_name`` the sums and counts are pooled, so that
+  devices with different counts weigh by their counts). Every value is
+  normalized with its group's statistics. A group and feature with no
+  selected value is normalized with the moving statistics (``r = 1``,
+  ``d = 0``), leaves that feature's moving statistics to the other groups and
+  is not counted in the clip fractions; a call with no selected value at
+  all returns the state unchanged, ``step`` included (``Diagnostics.empty``).
 - A batch of 0 examples is no step: the output is empty (computed as in
   inference, so gradients are zeros), the state (statistics and ``step``) is
   returned unchanged, the clip fractions are 0. Shapes are static, so this is
@@ -55,7 +69,9 @@ backward, as a ``jax.custom_vjp``, per group with ``g = dy * scale``::
 
     dx = r / sigma * (g - mean(g) - (x - mu) * mean(g * (x - mu)) / sigma**2)
 
-It keeps only the input (in its own dtype) and per-feature vectors for the
+(with a mask, the two means are sums over the whole group divided by the
+number of selected values, and the subtracted terms apply to the selected
+values only). It keeps only the input (in its own dtype) and per-feature vectors for the
 backward pass, and is faster than autodiff through the two-pass moments
 (which keeps ``x - mu`` in float32). ``explicit_backward=False`` uses plain
 autodiff, the tested reference; use it also for forward-mode
@@ -74,12 +90,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from renorm.config import check_config, check_input, check_pooling
+from renorm.config import check_config, check_input, check_mask, check_pooling
 from renorm.schedule import ClipSchedule
 
 __all__ = [
     "BatchRenormConfig",
     "checked_input",
+    "checked_mask",
     "BatchRenormState",
     "Diagnostics",
     "step_count",
@@ -102,9 +119,12 @@ class Diagnostics(NamedTuple):
     """What one training step reports besides the output.
 
     ``r_clipped``/``d_clipped``: fraction of the ``r``/``d`` entries (over
-    groups and features) that the clip changed; ``rmax``/``dmax``: the limits
-    used at this step; ``finite``: False when a batch statistic was NaN/Inf
-    (the moving statistics were then left unchanged).
+    groups and features; with a mask, those with a selected value) that the
+    clip changed; ``rmax``/``dmax``: the limits used at this step;
+    ``finite``: False when a batch statistic was NaN/Inf (the moving
+    statistics were then left unchanged); ``empty``: True when no value
+    entered a statistic (a batch of 0 examples, or a mask selecting nothing):
+    the state was returned unchanged, ``step`` included.
     """
 
     r_clipped: jax.Array
@@ -112,6 +132,7 @@ class Diagnostics(NamedTuple):
     rmax: jax.Array
     dmax: jax.Array
     finite: jax.Array
+    empty: jax.Array = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +143,9 @@ class BatchRenormConfig:
     backend rejects the same values with the same words. ``axis_name`` and
     ``axis_index_groups`` pool the moments over a mapped axis (``pmap``,
     ``shard_map``) as in ``flax.linen.BatchNorm``; ``explicit_backward``
-    selects the custom VJP (default) or plain autodiff.
+    selects the custom VJP (default) or plain autodiff;
+    ``force_float32_reductions`` (default True, as in ``flax.linen.BatchNorm``)
+    computes in at least float32, False in ``dtype`` or the input's dtype.
     """
 
     momentum: float = 0.99
@@ -138,6 +161,7 @@ class BatchRenormConfig:
     axis_index_groups: Any = None
     use_fast_variance: bool = False
     explicit_backward: bool = True
+    force_float32_reductions: bool = True
 
     def __post_init__(self):
         check_config(
@@ -162,9 +186,12 @@ class BatchRenormConfig:
         """The configuration held by a module's attributes of the same names.
 
         ``pooled=False`` drops ``axis_name``/``axis_index_groups`` (inference
-        uses no batch statistic, so there is nothing to pool).
+        uses no batch statistic, so there is nothing to pool). A module
+        without ``force_float32_reductions`` (the nnx module, as
+        ``nnx.BatchNorm``) gets the default, True.
         """
-        values = {f.name: getattr(module, f.name) for f in dataclasses.fields(cls)}
+        values = {f.name: getattr(module, f.name) for f in dataclasses.fields(cls) if f.name not in _OPTIONAL_FIELDS}
+        values.update({name: getattr(module, name) for name in _OPTIONAL_FIELDS if hasattr(module, name)})
         if not pooled:
             values.update(axis_name=None, axis_index_groups=None)
         return cls(**values)
@@ -174,9 +201,36 @@ class BatchRenormConfig:
         return ClipSchedule(self.rmax, self.dmax, self.warmup_steps, self.rmax_steps, self.dmax_steps)
 
 
+# Fields a module may lack (then the default holds): nnx.BatchNorm has no force_float32_reductions.
+_OPTIONAL_FIELDS = ("force_float32_reductions",)
+
+
 def compute_dtype(dtype) -> jnp.dtype:
     """At least float32: float16/bfloat16/float32 -> float32, float64 stays."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def _compute_dtype(x_dtype, dtype, config: BatchRenormConfig):
+    """The dtype of the statistics and the normalization (see ``force_float32_reductions``)."""
+    if config.force_float32_reductions:
+        return compute_dtype(x_dtype)
+    return jnp.dtype(x_dtype if dtype is None else dtype)
+
+
+def checked_mask(mask, x):
+    """``mask`` as a boolean array of ``x``'s shape (Flax's rule: broadcastable to ``x``), or ``None``.
+
+    True or nonzero selects. A mask of another dtype, or of a shape that does
+    not broadcast to ``x``, is an error naming ``mask`` (``docs/SPEC.md``, section 10).
+    """
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    check_mask(
+        mask.shape, x.shape, dtype_name=str(mask.dtype),
+        is_valid_dtype=bool(mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.number)),
+    )
+    return jnp.broadcast_to(mask if mask.dtype == jnp.bool_ else mask != 0, x.shape)
 
 
 def init_state(num_features: int, dtype=jnp.float32) -> BatchRenormState:
@@ -251,6 +305,33 @@ def _moments(xg, axes, config: BatchRenormConfig):
     return mu, var
 
 
+def _masked_moments(xg, mg, axes, config: BatchRenormConfig):
+    """:func:`_moments` over the values ``mg`` selects; also returns their count ``n``.
+
+    Unselected values are replaced by 0 before any arithmetic, so that a NaN
+    or Inf there enters neither the statistics nor their gradients. Pooled
+    over ``axis_name``, the sums and counts are averaged together (their
+    ratio is that of the pooled sums), so that devices with different counts
+    weigh by their counts. ``n`` is the (pooled, averaged) count; where it is
+    0 the mean and variance are 0 (the caller substitutes the moving
+    statistics).
+    """
+    xs = jnp.where(mg, xg, 0)
+    n = jnp.sum(mg, axes, keepdims=True, dtype=xg.dtype)
+    if config.use_fast_variance:
+        s1, s2, n = _pmean(
+            jnp.stack([jnp.sum(xs, axes, keepdims=True), jnp.sum(jnp.square(xs), axes, keepdims=True), n]), config
+        )
+        div = jnp.where(n > 0, n, 1)
+        mu = s1 / div
+        return mu, jnp.maximum(s2 / div - jnp.square(mu), 0.0), n
+    s1, n = _pmean(jnp.stack([jnp.sum(xs, axes, keepdims=True), n]), config)
+    div = jnp.where(n > 0, n, 1)
+    mu = s1 / div
+    sq = jnp.sum(jnp.where(mg, jnp.square(xs - mu), 0), axes, keepdims=True)
+    return mu, _pmean(sq, config) / div, n
+
+
 class _Spec(NamedTuple):
     """Static description of one normalization (hashable)."""
 
@@ -258,6 +339,7 @@ class _Spec(NamedTuple):
     axes: tuple  # reduced axes of the grouped view
     fshape: tuple  # broadcast shape of a per-(group, feature) value
     out_dtype: Any
+    cdt: Any  # dtype of the statistics and the normalization
 
 
 def _varying(v) -> frozenset:
@@ -280,17 +362,27 @@ def _match_varying(v, like):
     return lax.pcast(v, missing, to="varying") if missing else v
 
 
-def _renorm(spec: _Spec, xg, scale, bias, mean, stddev, rmax, dmax):
+def _renorm(spec: _Spec, xg, mg, scale, bias, mean, stddev, rmax, dmax):
     """Normalization of the grouped view, differentiated by autodiff.
 
-    Returns ``y`` (grouped, ``spec.out_dtype``) and ``(mu, sigma, r_raw,
-    d_raw)`` per group and feature (keepdims), ``r``/``d`` before the clip.
+    ``mg``: the grouped mask (bool) or ``None``. Returns ``y`` (grouped,
+    ``spec.out_dtype``) and ``(mu, sigma, r_raw, d_raw, n)`` per group and
+    feature (keepdims), ``r``/``d`` before the clip, ``n`` the count of
+    selected values (``None`` without a mask). Where ``n`` is 0, ``mu`` and
+    ``sigma`` are the moving statistics.
     """
     config = spec.config
-    cdt = compute_dtype(xg.dtype)
+    cdt = spec.cdt
     xf = xg.astype(cdt)
-    mu, var = _moments(xf, spec.axes, config)
+    if mg is None:
+        mu, var = _moments(xf, spec.axes, config)
+        n = None
+    else:
+        mu, var, n = _masked_moments(xf, mg, spec.axes, config)
     sigma = jnp.sqrt(var + jnp.asarray(config.epsilon, cdt))
+    if n is not None:  # no selected value: the moving statistics (r = 1, d = 0)
+        mu = jnp.where(n > 0, mu, mean)
+        sigma = jnp.where(n > 0, sigma, stddev)
     # A non-finite statistic gives NaN corrections (hence a NaN output), never a clipped constant.
     ok = jnp.isfinite(lax.stop_gradient(mu)) & jnp.isfinite(lax.stop_gradient(sigma))
     r_raw = jnp.where(ok, lax.stop_gradient(sigma) / stddev, jnp.nan)
@@ -306,22 +398,22 @@ def _renorm(spec: _Spec, xg, scale, bias, mean, stddev, rmax, dmax):
     if bias is not None:
         b = b + bias
     y = ((xf - mu) * a + b).astype(spec.out_dtype)
-    return y, (mu, sigma, r_raw, d_raw)
+    return y, (mu, sigma, r_raw, d_raw, n)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _renorm_explicit(spec: _Spec, xg, scale, bias, mean, stddev, rmax, dmax):
+def _renorm_explicit(spec: _Spec, xg, mg, scale, bias, mean, stddev, rmax, dmax):
     """:func:`_renorm` with the paper's explicit backward (a custom VJP)."""
-    return _renorm(spec, xg, scale, bias, mean, stddev, rmax, dmax)
+    return _renorm(spec, xg, mg, scale, bias, mean, stddev, rmax, dmax)
 
 
-def _renorm_explicit_fwd(spec, xg, scale, bias, mean, stddev, rmax, dmax):
-    y, aux = _renorm(spec, xg, scale, bias, mean, stddev, rmax, dmax)
-    mu, sigma, r_raw, d_raw = aux
+def _renorm_explicit_fwd(spec, xg, mg, scale, bias, mean, stddev, rmax, dmax):
+    y, aux = _renorm(spec, xg, mg, scale, bias, mean, stddev, rmax, dmax)
+    mu, sigma, r_raw, d_raw, n = aux
     r = jnp.clip(r_raw, 1.0 / rmax, rmax)
     d = jnp.clip(d_raw, -dmax, dmax)
-    # Residuals: the input in its own dtype and per-feature vectors only.
-    return (y, aux), (xg, scale, mu, sigma, r, d, mean, stddev, rmax, dmax)
+    # Residuals: the input in its own dtype (and the mask) and per-feature vectors only.
+    return (y, aux), (xg, mg, n, scale, mu, sigma, r, d, mean, stddev, rmax, dmax)
 
 
 def _renorm_explicit_bwd(spec, res, cotangents):
@@ -331,10 +423,13 @@ def _renorm_explicit_bwd(spec, res, cotangents):
         dscale = sum(dy * xhat),  dbias = sum(dy)
 
     which is ``docs/SPEC.md``'s (section 6) ``g r/sigma + dL/dsigma (x - mu)/(m sigma) + dL/dmu / m``.
+    With a mask, the sums run over the whole group, are divided by the
+    (pooled) number ``n`` of selected values, and the subtracted terms apply
+    to the selected values only (the others do not enter ``mu``, ``sigma``).
     ``mu``, ``sigma``, ``r`` and ``d`` reach the state and diagnostics only
     under ``stop_gradient``, so their cotangents are zero and ignored.
     """
-    xg, scale, mu, sigma, r, d, mean, stddev, rmax, dmax = res
+    xg, mg, n, scale, mu, sigma, r, d, mean, stddev, rmax, dmax = res
     dy, _ = cotangents
     cdt = mu.dtype
     axes = spec.axes
@@ -342,14 +437,18 @@ def _renorm_explicit_bwd(spec, res, cotangents):
     xc = xg.astype(cdt) - mu
     sum_dy = jnp.sum(dyf, axes, keepdims=True)
     sum_dy_xc = jnp.sum(dyf * xc, axes, keepdims=True)
-    count = math.prod(xg.shape[i] for i in axes)  # values per feature in a group, on this device
-    means = _pmean(jnp.stack([sum_dy, sum_dy_xc]) / count, spec.config)  # over the pooled group
     a = scale * r / sigma
-    dx = (a * (dyf - means[0] - xc * (means[1] / jnp.square(sigma)))).astype(xg.dtype)
+    if mg is None:
+        count = math.prod(xg.shape[i] for i in axes)  # values per feature in a group, on this device
+        means = _pmean(jnp.stack([sum_dy, sum_dy_xc]) / count, spec.config)  # over the pooled group
+        dx = (a * (dyf - means[0] - xc * (means[1] / jnp.square(sigma)))).astype(xg.dtype)
+    else:
+        means = _pmean(jnp.stack([sum_dy, sum_dy_xc]), spec.config) / jnp.where(n > 0, n, 1)
+        dx = (a * (dyf - jnp.where(mg, means[0] + xc * (means[1] / jnp.square(sigma)), 0))).astype(xg.dtype)
     dscale = jnp.sum(r / sigma * sum_dy_xc + d * sum_dy, 0, keepdims=True).reshape(scale.shape)
     dbias = jnp.sum(sum_dy, 0, keepdims=True).reshape(scale.shape)
     zeros = tuple(jnp.zeros_like(v) for v in (mean, stddev, rmax, dmax))
-    return (dx, dscale, dbias) + zeros
+    return (dx, None, dscale, dbias) + zeros
 
 
 _renorm_explicit.defvjp(_renorm_explicit_fwd, _renorm_explicit_bwd)
@@ -362,6 +461,7 @@ def train(
     config: BatchRenormConfig = BatchRenormConfig(),
     *,
     dtype=None,
+    mask=None,
 ):
     """One training step of Batch Renormalization.
 
@@ -373,80 +473,111 @@ def train(
         ``config.schedule.limits(state.step)``.
       config: :class:`BatchRenormConfig` (static).
       dtype: output dtype (default: ``x.dtype``).
+      mask: optional, broadcastable to ``x`` (True or nonzero selects), as
+        ``flax.linen.BatchNorm`` takes it: the statistics are those of the
+        selected values, per group and feature (see the module docstring).
 
     Returns:
       ``(y, new_state, diagnostics)``. The new state keeps the dtypes of
       ``state`` (``step`` is int32, see :func:`step_count`) and carries no
       gradient. A batch of 0 examples returns an
       empty ``y`` and ``state`` itself (``step`` included), with clip
-      fractions 0.
+      fractions 0; a mask that selects nothing returns the state unchanged
+      too (``diagnostics.empty``).
     """
     x, info = checked_input(x, config, training=True, num_features=state.mean.shape[0])
+    mask = checked_mask(mask, x)
     state = state._replace(step=step_count(state.step))
     ax, num_features = info.axis, info.num_features
-    cdt = compute_dtype(x.dtype)
+    cdt = _compute_dtype(x.dtype, dtype, config)
     out_dtype = x.dtype if dtype is None else dtype
     batch = x.shape[0]
     if batch == 0:
         # No example, no statistic, no step. The output keeps its (zero) gradient path to the parameters.
-        rmax, dmax = config.schedule.limits(state.step.astype(cdt), clip=jnp.clip)
+        rmax, dmax = _limits(config, state.step, cdt)
         zero = jnp.zeros((), jnp.float32)
         y = inference(x, params, state, config, dtype=dtype)
-        return y, state, Diagnostics(zero, zero, rmax, dmax, jnp.asarray(True))
+        return y, state, Diagnostics(zero, zero, rmax, dmax, jnp.asarray(True), jnp.asarray(True))
     groups = 1 if config.microbatch_size is None else batch // config.microbatch_size
 
     if groups == 1:
         # The whole batch is one group: no group axis (XLA's CPU backward is
         # much slower with a leading axis of size 1).
-        xg, fax = x, ax
+        xg, mg, fax = x, mask, ax
         axes = tuple(i for i in range(xg.ndim) if i != fax)
     else:
         # (B, ...) -> (G, k, ...): the feature axis moves one to the right.
         xg = x.reshape((groups, batch // groups) + x.shape[1:])
+        mg = None if mask is None else mask.reshape(xg.shape)
         fax = ax + 1
         axes = tuple(i for i in range(1, xg.ndim) if i != fax)
     fshape = _feature_shape(xg.ndim, fax, num_features)
 
     mean = lax.stop_gradient(state.mean).astype(cdt).reshape(fshape)
     stddev = lax.stop_gradient(state.stddev).astype(cdt).reshape(fshape)
-    rmax, dmax = config.schedule.limits(state.step.astype(cdt), clip=jnp.clip)
+    rmax, dmax = _limits(config, state.step, cdt)
     scale = _param(params, "scale")
     bias = _param(params, "bias")
     scale = None if scale is None else jnp.asarray(scale).astype(cdt).reshape(fshape)
     bias = None if bias is None else jnp.asarray(bias).astype(cdt).reshape(fshape)
-    spec = _Spec(config, axes, fshape, jnp.dtype(out_dtype))
+    spec = _Spec(config, axes, fshape, jnp.dtype(out_dtype), jnp.dtype(cdt))
     if config.explicit_backward:
         ones = jnp.ones(fshape, cdt)
         scale = _match_varying(ones if scale is None else scale, xg)
         bias = _match_varying(0 * ones if bias is None else bias, xg)
-        yg, aux = _renorm_explicit(spec, xg, scale, bias, mean, stddev, rmax, dmax)
+        yg, aux = _renorm_explicit(spec, xg, mg, scale, bias, mean, stddev, rmax, dmax)
     else:
-        yg, aux = _renorm(spec, xg, scale, bias, mean, stddev, rmax, dmax)
-    mu, sigma, r_raw, d_raw = (lax.stop_gradient(a) for a in aux)
+        yg, aux = _renorm(spec, xg, mg, scale, bias, mean, stddev, rmax, dmax)
+    mu, sigma, r_raw, d_raw, n = (None if a is None else lax.stop_gradient(a) for a in aux)
     y = yg.reshape(x.shape)
 
-    # Moving statistics: after y, mean over groups, skipped when not finite.
-    mu_s = lax.stop_gradient(mu).reshape(groups, num_features)
-    sigma_s = lax.stop_gradient(sigma).reshape(groups, num_features)
+    # Moving statistics: after y, mean over the groups (with a mask: those
+    # with a selected value, per feature), skipped when not finite.
+    mu_s = mu.reshape(groups, num_features)
+    sigma_s = sigma.reshape(groups, num_features)
     finite = jnp.all(jnp.isfinite(mu_s)) & jnp.all(jnp.isfinite(sigma_s))
     alpha = jnp.asarray(1.0 - config.momentum, cdt)
     mean_v = state.mean.astype(cdt)
     std_v = state.stddev.astype(cdt)
-    new_mean = jnp.where(finite, mean_v + alpha * (jnp.mean(mu_s, 0) - mean_v), mean_v)
-    new_std = jnp.where(finite, std_v + alpha * (jnp.mean(sigma_s, 0) - std_v), std_v)
+    r_out = (r_raw < 1.0 / rmax) | (r_raw > rmax)
+    d_out = (d_raw < -dmax) | (d_raw > dmax)
+    if n is None:
+        batch_mean, batch_std, update, empty = jnp.mean(mu_s, 0), jnp.mean(sigma_s, 0), finite, jnp.asarray(False)
+        r_clipped = jnp.mean(r_out, dtype=jnp.float32)
+        d_clipped = jnp.mean(d_out, dtype=jnp.float32)
+    else:
+        has = (n > 0).reshape(groups, num_features)
+        used = jnp.sum(has, 0)  # per feature: the groups with a statistic
+        div = jnp.maximum(used, 1).astype(cdt)
+        batch_mean = jnp.sum(jnp.where(has, mu_s, 0), 0) / div
+        batch_std = jnp.sum(jnp.where(has, sigma_s, 0), 0) / div
+        update = finite & (used > 0)
+        total = jnp.maximum(jnp.sum(has), 1).astype(jnp.float32)
+        r_clipped = jnp.sum(r_out.reshape(has.shape) & has, dtype=jnp.float32) / total
+        d_clipped = jnp.sum(d_out.reshape(has.shape) & has, dtype=jnp.float32) / total
+        empty = ~jnp.any(has)
+    new_mean = jnp.where(update, mean_v + alpha * (batch_mean - mean_v), mean_v)
+    new_std = jnp.where(update, std_v + alpha * (batch_std - std_v), std_v)
     new_state = BatchRenormState(
         lax.stop_gradient(new_mean.astype(state.mean.dtype)),
         lax.stop_gradient(new_std.astype(state.stddev.dtype)),
-        state.step + jnp.ones((), state.step.dtype),
+        state.step + (~empty).astype(state.step.dtype),
     )
     diagnostics = Diagnostics(
-        r_clipped=jnp.mean((r_raw < 1.0 / rmax) | (r_raw > rmax), dtype=jnp.float32),
-        d_clipped=jnp.mean((d_raw < -dmax) | (d_raw > dmax), dtype=jnp.float32),
+        r_clipped=r_clipped,
+        d_clipped=d_clipped,
         rmax=rmax,
         dmax=dmax,
         finite=finite,
+        empty=empty,
     )
     return y, new_state, diagnostics
+
+
+def _limits(config: BatchRenormConfig, step, cdt):
+    """``(rmax, dmax)`` at ``step``, evaluated in at least float32 (a bfloat16 step count is coarse), in ``cdt``."""
+    rmax, dmax = config.schedule.limits(step.astype(compute_dtype(cdt)), clip=jnp.clip)
+    return jnp.asarray(rmax).astype(cdt), jnp.asarray(dmax).astype(cdt)
 
 
 def inference(
@@ -464,7 +595,7 @@ def inference(
     """
     x, info = checked_input(x, config, training=False, num_features=state.mean.shape[0])
     ax, num_features = info.axis, info.num_features
-    cdt = compute_dtype(x.dtype)
+    cdt = _compute_dtype(x.dtype, dtype, config)
     out_dtype = x.dtype if dtype is None else dtype
     fshape = _feature_shape(x.ndim, ax, num_features)
     mean = state.mean.astype(cdt).reshape(fshape)

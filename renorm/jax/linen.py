@@ -39,7 +39,8 @@ class BatchRenorm(nn.Module):
     (``use_running_average`` with the same merge semantics, ``axis=-1``,
     ``momentum=0.99``, ``epsilon=1e-5``, ``dtype``, ``param_dtype``,
     ``use_bias``, ``use_scale``, ``bias_init``, ``scale_init``, ``axis_name``,
-    ``axis_index_groups``, ``use_fast_variance``) plus the renorm fields.
+    ``axis_index_groups``, ``use_fast_variance``, ``force_float32_reductions``,
+    and the call's ``mask``) plus the renorm fields.
     In training (``use_running_average=False``)::
 
         mu_g, sigma_g = batch (or micro-batch) mean and sqrt(var + epsilon)
@@ -53,7 +54,8 @@ class BatchRenorm(nn.Module):
     Variables: params ``scale``, ``bias`` (shape ``(C,)``, ``param_dtype``);
     ``batch_stats`` ``mean`` (zeros), ``stddev`` (ones; the moving standard
     deviation, epsilon included, not a variance) in
-    ``promote_types(param_dtype, float32)``, and ``step`` (int32, the number of
+    ``promote_types(param_dtype, float32)`` (``param_dtype`` itself with
+    ``force_float32_reductions=False``), and ``step`` (int32, the number of
     training steps taken, which drives the clipping schedule). As with
     ``BatchNorm``, the statistics are not updated while initializing, and
     ``init`` works on any batch, even one whose groups hold 1 value per
@@ -70,7 +72,17 @@ class BatchRenorm(nn.Module):
 
     A training call on a batch of 0 examples (a static shape) is no step: it
     returns an empty output, leaves ``batch_stats`` (``step`` included)
-    exactly as they were and sows nothing. Where a batch statistic is NaN or
+    exactly as they were and sows nothing.
+
+    Masks, as in ``BatchNorm``: ``mask`` (broadcastable to ``x``, True or
+    nonzero selects) restricts the batch statistics to the selected values,
+    per micro-batch and feature; every value is normalized with them (the
+    output at unselected positions is not zeroed, as in ``BatchNorm``). A
+    micro-batch and feature with no selected value is normalized with the
+    moving statistics and takes no part in their update (``BatchNorm`` would
+    give NaN); a call that selects nothing leaves ``batch_stats`` as they
+    were (``step`` included) and sows clip fractions of 0. The mask is
+    ignored (but checked) in inference. Where a batch statistic is NaN or
     Inf (or the variance overflows) the output of that feature is NaN and the
     moving statistics are kept; ``step`` advances.
 
@@ -78,7 +90,8 @@ class BatchRenorm(nn.Module):
     (``E[x^2] - E[x]^2`` cancels to 0 on offset data such as
     ``1000 + 0.01 * noise`` in float32, which gives a wrong ``r``); with
     ``dtype=None`` the output has the input's dtype (statistics and
-    normalization still run in at least float32); no ``mask``.
+    normalization still run in at least float32, unless
+    ``force_float32_reductions=False``).
 
     Attributes:
       rmax: final upper limit on ``r`` (lower limit ``1/rmax``), >= 1.
@@ -91,6 +104,11 @@ class BatchRenorm(nn.Module):
       microbatch_size: normalize groups of this many consecutive examples
         with their own statistics (``None``: the whole batch). Cannot be
         combined with ``axis_name``.
+      force_float32_reductions: as in ``BatchNorm``: True (default) computes
+        the statistics and the normalization in at least float32; False in
+        ``dtype``, or the input's dtype when ``dtype`` is None (bfloat16 in,
+        bfloat16 statistics), with ``batch_stats`` ``mean``/``stddev`` in
+        ``param_dtype``.
     """
 
     use_running_average: Optional[bool] = None
@@ -113,6 +131,7 @@ class BatchRenorm(nn.Module):
     rmax_steps: int = 0
     dmax_steps: int = 0
     microbatch_size: Optional[int] = None
+    force_float32_reductions: bool = True
 
     def __post_init__(self):
         self.config()  # validate at construction: a clear error, never a wrong result
@@ -123,7 +142,7 @@ class BatchRenorm(nn.Module):
         return F.BatchRenormConfig.from_module(self, pooled)
 
     @nn.compact
-    def __call__(self, x, use_running_average: Optional[bool] = None):
+    def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None):
         """Normalizes ``x``; training updates ``batch_stats`` unless initializing.
 
         Args:
@@ -131,6 +150,10 @@ class BatchRenorm(nn.Module):
           use_running_average: if True, use the moving statistics (inference);
             if False, batch statistics with the renorm correction (training).
             Overrides the field; one of the two must be given.
+          mask: optional array broadcastable to ``x`` (True or nonzero
+            selects): the values the batch statistics are computed from, as
+            in ``BatchNorm``. A wrong shape or dtype is an error naming
+            ``mask``.
         """
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         initializing = self.is_initializing()
@@ -139,8 +162,11 @@ class BatchRenorm(nn.Module):
             # at least 2 values (one 32x32 example whose last stage is 1x1) still builds the variables.
             use_running_average = True
         x, info = F.checked_input(x, self.config(pooled=False), training=not use_running_average)
+        mask = F.checked_mask(mask, x)
         shape = (info.num_features,)
-        state_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
+        state_dtype = (
+            jnp.promote_types(self.param_dtype, jnp.float32) if self.force_float32_reductions else self.param_dtype
+        )
         mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, state_dtype), shape)
         stddev = self.variable("batch_stats", "stddev", lambda s: jnp.ones(s, state_dtype), shape)
         step = self.variable("batch_stats", "step", lambda: jnp.zeros((), jnp.int32))
@@ -157,7 +183,9 @@ class BatchRenorm(nn.Module):
             return F.inference(x, params, state, self.config(pooled=False), dtype=self.dtype)
 
         # Like BatchNorm: at init the pooling axis need not exist.
-        y, new_state, diag = F.train(x, params, state, self.config(pooled=not initializing), dtype=self.dtype)
+        y, new_state, diag = F.train(
+            x, params, state, self.config(pooled=not initializing), dtype=self.dtype, mask=mask
+        )
         if not initializing and x.shape[0] > 0:  # an empty batch is no step: nothing changes, nothing is sown
             mean.value, stddev.value, step.value = new_state
             self.sow("intermediates", "r_clipped", diag.r_clipped)

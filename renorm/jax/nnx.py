@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typing as tp
+from types import MappingProxyType
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,7 @@ from renorm.config import check_num_features
 from renorm.conversion import check_negative_variance, stddev_from_variance, variance_from_stddev
 from renorm.jax import functional as F
 
-__all__ = ["BatchRenorm", "BatchRenormDiagnostic", "convert_batch_norm", "export_batch_norm"]
+__all__ = ["BatchRenorm", "BatchRenormDiagnostic", "convert_batch_norm", "export_batch_norm", "no_promotion"]
 
 _MISSING_FLAG = (
     "No `use_running_average` argument was provided to BatchRenorm. Consider one of the following options:\n\n"
@@ -34,6 +35,22 @@ class BatchRenormDiagnostic(nnx.BatchStat):
     with ``nnx.BatchNorm``: the diagnostics travel with the statistics. Filter
     on ``BatchRenormDiagnostic`` to pick them alone.
     """
+
+
+def no_promotion(args: tuple, /, *, dtype=None) -> tuple:
+    """The default ``promote_dtype`` of :class:`BatchRenorm`: the arrays as they are.
+
+    Called, as ``nnx.BatchNorm`` calls its ``promote_dtype``, with
+    ``(x, mean, stddev, scale, bias)`` and ``dtype=module.dtype``. Returning
+    them unchanged keeps renorm's dtype rule (``docs/SPEC.md``, section 8):
+    computation in at least float32, the output in ``dtype`` or the input's
+    dtype. Pass ``promote_dtype=flax.nnx.nn.dtypes.promote_dtype`` for
+    ``nnx.BatchNorm``'s default instead (every array cast to their common
+    type, e.g. a bfloat16 input with float32 parameters gives a float32
+    output).
+    """
+    del dtype
+    return args
 
 
 class BatchRenorm(nnx.Module):
@@ -59,10 +76,29 @@ class BatchRenorm(nnx.Module):
     changes no state (statistics, ``step``, diagnostics). ``num_features``
     must be an integer >= 1.
 
+    Masks, as in ``nnx.BatchNorm``: ``layer(x, mask=mask)`` (broadcastable
+    to ``x``, True or nonzero selects) computes the batch statistics from the
+    selected values only, per micro-batch and feature; every value is
+    normalized with them. A micro-batch and feature with no selected value
+    is normalized with the moving statistics and takes no part in their
+    update; a call that selects nothing changes no state (statistics,
+    ``step``, diagnostics). The mask is ignored (but checked) in inference.
+
+    ``promote_dtype``, ``scale_metadata``, ``bias_metadata`` as in
+    ``nnx.BatchNorm``: ``promote_dtype((x, mean, stddev, scale, bias),
+    dtype=self.dtype)`` is called on every call and its result used
+    (default :func:`no_promotion`); the moving statistics it returns are
+    used in inference, while training reads ``mean``/``stddev`` as stored
+    (they enter ``r``, ``d`` and their own update, which ``nnx.BatchNorm``
+    also computes from the stored values). The metadata dictionaries are
+    given to the ``nnx.Param`` of ``scale`` and ``bias`` (e.g.
+    ``{"out_sharding": ("model",)}``).
+
     Differences from ``nnx.BatchNorm``: ``use_fast_variance`` defaults to
     False (the fast formula cancels to 0 on offset data in float32); with
-    ``dtype=None`` the output has the input's dtype; no ``mask`` or
-    ``promote_dtype``.
+    ``dtype=None`` and the default ``promote_dtype`` the output has the
+    input's dtype; a micro-batch (or batch) with no selected value is
+    normalized with the moving statistics (``nnx.BatchNorm`` gives NaN).
     """
 
     def __init__(
@@ -89,7 +125,10 @@ class BatchRenorm(nnx.Module):
         rmax_steps: int = 0,
         dmax_steps: int = 0,
         microbatch_size: tp.Optional[int] = None,
+        promote_dtype: tp.Callable = no_promotion,
         rngs: nnx.Rngs,
+        bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+        scale_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
     ):
         self.num_features = num_features = check_num_features(num_features)
         self.use_running_average = use_running_average
@@ -110,6 +149,7 @@ class BatchRenorm(nnx.Module):
         self.rmax_steps = rmax_steps
         self.dmax_steps = dmax_steps
         self.microbatch_size = microbatch_size
+        self.promote_dtype = promote_dtype
         self.config()  # validate at construction
 
         shape = (num_features,)
@@ -117,8 +157,14 @@ class BatchRenorm(nnx.Module):
         self.mean = nnx.BatchStat(jnp.zeros(shape, state_dtype))
         self.stddev = nnx.BatchStat(jnp.ones(shape, state_dtype))
         self.step = nnx.BatchStat(jnp.zeros((), jnp.int32))
-        self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype)) if use_scale else nnx.data(None)
-        self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype)) if use_bias else nnx.data(None)
+        if use_scale:
+            self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
+        else:
+            self.scale = nnx.data(None)
+        if use_bias:
+            self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
+        else:
+            self.bias = nnx.data(None)
         self.r_clipped = BatchRenormDiagnostic(jnp.zeros((), jnp.float32))
         self.d_clipped = BatchRenormDiagnostic(jnp.zeros((), jnp.float32))
 
@@ -126,28 +172,41 @@ class BatchRenorm(nnx.Module):
         """The functional configuration of the current attributes (validated)."""
         return F.BatchRenormConfig.from_module(self)
 
-    def __call__(self, x, use_running_average: tp.Optional[bool] = None):
-        """Normalizes ``x``; in training updates the statistics and diagnostics."""
+    def __call__(self, x, use_running_average: tp.Optional[bool] = None, *, mask=None):
+        """Normalizes ``x``; in training updates the statistics and diagnostics.
+
+        Args:
+          x: the input, batch on axis 0, features on ``axis``.
+          use_running_average: overrides the attribute (``model.train()`` /
+            ``model.eval()`` set it).
+          mask: optional array broadcastable to ``x`` (True or nonzero
+            selects): the values the batch statistics are computed from, as
+            in ``nnx.BatchNorm``.
+        """
         use_running_average = first_from(
             use_running_average, self.use_running_average, error_msg=_MISSING_FLAG
         )
-        params = {}
-        if self.scale is not None:
-            params["scale"] = self.scale[...]
-        if self.bias is not None:
-            params["bias"] = self.bias[...]
-        state = F.BatchRenormState(self.mean[...], self.stddev[...], self.step[...])
+        scale = self.scale[...] if self.scale is not None else None
+        bias = self.bias[...] if self.bias is not None else None
+        x, mean, stddev, scale, bias = self.promote_dtype(
+            (x, self.mean[...], self.stddev[...], scale, bias), dtype=self.dtype
+        )
+        params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
         config = self.config()
         if use_running_average:
-            return F.inference(x, params, state, config, dtype=self.dtype)
-        y, new_state, diag = F.train(x, params, state, config, dtype=self.dtype)
+            F.checked_mask(mask, jnp.asarray(x))
+            return F.inference(x, params, F.BatchRenormState(mean, stddev, self.step[...]), config, dtype=self.dtype)
+        # Training reads the moving statistics as stored (they enter r, d and their own update).
+        state = F.BatchRenormState(self.mean[...], self.stddev[...], self.step[...])
+        y, new_state, diag = F.train(x, params, state, config, dtype=self.dtype, mask=mask)
         if jnp.shape(x)[0] == 0:  # an empty batch is no step: statistics, step and diagnostics stay
             return y
         self.mean[...] = new_state.mean
         self.stddev[...] = new_state.stddev
         self.step.set_value(new_state.step)  # int32 again after a pmean made it float
-        self.r_clipped[...] = diag.r_clipped
-        self.d_clipped[...] = diag.d_clipped
+        # A call that selected nothing (diag.empty) keeps the last step's diagnostics.
+        self.r_clipped[...] = jnp.where(diag.empty, self.r_clipped[...], diag.r_clipped)
+        self.d_clipped[...] = jnp.where(diag.empty, self.d_clipped[...], diag.d_clipped)
         return y
 
     def set_view(self, use_running_average: tp.Optional[bool] = None):

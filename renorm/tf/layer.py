@@ -10,7 +10,7 @@ from keras import constraints, initializers, regularizers
 
 from renorm.config import check_config, check_input, check_pooling
 from renorm.schedule import ClipSchedule
-from renorm.tf.ops import _batch_renorm
+from renorm.tf.ops import _batch_renorm, _cross_replica
 
 __all__ = ["BatchRenormalization", "batch_norm_config_to_renorm"]
 
@@ -114,7 +114,22 @@ class BatchRenormalization(keras.layers.Layer):
     replicas (an empty replica contributes nothing and takes the same update
     as the others). Without it each replica updates from its own batch and the
     strategy averages the replicas' new values (``aggregation="mean"``), an
-    empty replica's being its unchanged ones; ``step`` is the first replica's.
+    empty replica's being its unchanged ones. ``step`` counts the steps of the
+    global batch: it advances on every replica when any replica had examples
+    (the same on every worker of a ``MultiWorkerMirroredStrategy``).
+
+    Masks, as in ``BatchNormalization``: ``layer(x, training=True,
+    mask=mask)``, or a mask Keras propagates (``Embedding(mask_zero=True)``,
+    ``Masking``), has the input's shape without the feature axis (for the
+    default ``axis=-1``: ``x.shape[:-1]``, Keras' own rule), boolean or
+    numeric (nonzero selects). The batch statistics of each group (micro-batch)
+    are those of its selected positions; every position is normalized with
+    them, and the mask is passed on to the next layer. A group with no
+    selected position is normalized with the moving statistics and takes no
+    part in their update (Keras' batch norm would pull them towards 0); a
+    batch that selects nothing is no step, like an empty batch. In inference
+    the mask is checked and ignored. A masked call does not use the fused
+    kernels.
 
     Unlike Keras' batch norm the moving statistic is the standard deviation
     (``epsilon`` included), as in the paper, not the variance.
@@ -302,8 +317,6 @@ class BatchRenormalization(keras.layers.Layer):
         return s.limits(t, clip=tf.clip_by_value)
 
     def call(self, inputs, training=None, mask=None):
-        if mask is not None:
-            raise NotImplementedError("BatchRenormalization does not support masks; pass mask=None.")
         training = bool(training) and self.trainable
         x = tf.convert_to_tensor(inputs)
         # batch_renorm raises the input errors of docs/SPEC.md, section 10 (dtype, rank, axis,
@@ -326,6 +339,7 @@ class BatchRenormalization(keras.layers.Layer):
             synchronized=self.synchronized,
             explicit_gradient=self.explicit_gradient,
             fused=self.fused,
+            mask=mask,
         )
         if training:
             self._update(out)
@@ -348,6 +362,14 @@ class BatchRenormalization(keras.layers.Layer):
                 r_frac = tf.where(out.empty, tf.convert_to_tensor(self._r_clipped), r_frac)
                 d_frac = tf.where(out.empty, tf.convert_to_tensor(self._d_clipped), d_frac)
                 advance = tf.cast(tf.logical_not(out.empty), "int64")
+                if _cross_replica():
+                    # The step is a step of the global batch: it advances on every replica when any
+                    # replica had examples. "only_first_replica" takes each worker's own first
+                    # replica under MultiWorkerMirroredStrategy, so a worker whose replica got 0
+                    # examples would otherwise fall one step behind the others.
+                    ctx = tf.distribute.get_replica_context()
+                    seen = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(advance, tf.float32))
+                    advance = tf.cast(seen > 0, "int64")
             self._r_clipped.assign(r_frac)
             self._d_clipped.assign(d_frac)
             self.step.assign_add(advance)

@@ -68,6 +68,16 @@ Numerics and speed, written once here:
 - Limits given as tensors are checked in the graph (``rmax >= 1``,
   ``dmax >= 0``, finite) with the messages of :mod:`renorm.config`; Python
   numbers are checked at once, as by the layer.
+- Masks (Keras' rule: the input's shape without the feature axis, nonzero
+  selects; ``docs/SPEC.md``, section 3): the moments of a group are those of
+  its selected positions (``tf.where``, so that unselected NaN or Inf never
+  enter; with ``synchronized`` the masked sums and counts are pooled). Every
+  value is normalized with its group's statistics. A group with no selected
+  position is normalized with the moving statistics (``r = 1``, ``d = 0``),
+  takes no part in the update or the clip fractions, and a batch that
+  selects nothing is no step (``empty``). A masked call runs the generic
+  path (plain two-pass moments; explicit gradient with the statistics terms
+  on the selected positions only), never the fused kernels.
 """
 
 from __future__ import annotations
@@ -83,6 +93,7 @@ from renorm.config import (
     batch_not_divisible_message,
     check_config,
     check_input,
+    check_mask,
     check_pooling,
     check_schedule,
     dmax_message,
@@ -105,9 +116,10 @@ class BatchRenormOutput(NamedTuple):
         inference and for an empty batch. float32 scalars.
       finite: scalar bool, False when a batch statistic was NaN or Inf.
       empty: scalar bool, True when the training batch (pooled over the
-        replicas with ``synchronized``) held no example: the moving
-        statistics are then returned unchanged, and a layer leaves its step
-        counter and diagnostics as they were. False in inference.
+        replicas with ``synchronized``) held no example, or its mask selected
+        no position: the moving statistics are then returned unchanged, and a
+        layer leaves its step counter and diagnostics as they were. False in
+        inference.
     """
 
     y: tf.Tensor
@@ -224,38 +236,60 @@ def _cross_replica() -> bool:
     return ctx is not None and ctx.num_replicas_in_sync > 1
 
 
-def _pooled_moments(xg, red):
-    """Mean and biased variance of the concatenated global batch across replicas, and its count.
+def _pooled_moments(xg, red, wg=None):
+    """Mean and biased variance of the concatenated global batch across replicas, and its counts.
 
     Two all-reduces, two passes: the global mean first (sums and counts), then
     the global sum of squared deviations from it. Counts are pooled with the
     sums, so a replica with an empty batch contributes nothing; the sums
     divide by ``max(count, 1)`` so that an empty global batch gives finite
     (unused) statistics. The global batch must hold 0 or at least 2 values
-    per feature (a run-time assertion).
+    per feature (a run-time assertion). With a mask ``wg`` (bool, feature
+    axis of size 1) the sums run over the selected positions and their
+    counts are pooled too. Returns ``(mean, var, count, n)``: ``count`` the
+    pooled values per feature, ``n`` the pooled selected ones (``None``
+    without a mask).
     """
     ctx = tf.distribute.get_replica_context()
-    local_sum = tf.reduce_sum(xg, axis=red, keepdims=True)
+    xs = xg if wg is None else tf.where(wg, xg, tf.zeros([], xg.dtype))
+    local_sum = tf.reduce_sum(xs, axis=red, keepdims=True)
     count = tf.cast(tf.size(xg) // tf.size(local_sum), xg.dtype)
+    parts = [tf.reshape(local_sum, [-1])]
+    if wg is not None:
+        local_n = tf.reduce_sum(tf.cast(wg, xg.dtype), axis=red, keepdims=True)
+        parts.append(tf.reshape(local_n, [-1]))
+
+    def squares(mean):
+        sq = tf.math.squared_difference(xs, mean)
+        if wg is not None:
+            sq = tf.where(wg, sq, tf.zeros([], sq.dtype))
+        return tf.reduce_sum(sq, axis=red, keepdims=True)
+
     if ctx is None or ctx.num_replicas_in_sync == 1:
-        mean = local_sum / tf.maximum(count, 1.0)
-        var = tf.reduce_sum(tf.math.squared_difference(xg, mean), axis=red, keepdims=True) / tf.maximum(count, 1.0)
-        return mean, var, count
-    total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([tf.reshape(local_sum, [-1]), [count]], 0))
-    n = total[-1]
+        n = count if wg is None else local_n
+        mean = local_sum / tf.maximum(n, 1.0)
+        return mean, squares(mean) / tf.maximum(n, 1.0), count, (None if wg is None else n)
+    total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat(parts + [[count]], 0))
+    count = total[-1]
     what = f"batch pooled over {ctx.num_replicas_in_sync} replicas"
-    check = _graph_assert((n >= 2) | tf.equal(n, 0), lambda v: too_few_values_message(v, what), tf.cast(n, tf.int64))
+    check = _graph_assert(
+        (count >= 2) | tf.equal(count, 0), lambda v: too_few_values_message(v, what), tf.cast(count, tf.int64)
+    )
+    size = tf.size(local_sum)
+    n = count if wg is None else tf.reshape(total[size:-1], tf.shape(local_n))
     with tf.control_dependencies([] if check is None else [check]):
-        mean = tf.reshape(total[:-1], tf.shape(local_sum)) / tf.maximum(n, 1.0)
-    local_sq = tf.reduce_sum(tf.math.squared_difference(xg, mean), axis=red, keepdims=True)
-    return mean, ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_sq) / tf.maximum(n, 1.0), n
+        mean = tf.reshape(total[:size], tf.shape(local_sum)) / tf.maximum(n, 1.0)
+    var = ctx.all_reduce(tf.distribute.ReduceOp.SUM, squares(mean)) / tf.maximum(n, 1.0)
+    return mean, var, count, (None if wg is None else n)
 
 
-def _corrections(mu, sigma, mean, stddev, rmax, dmax, mu_minus_mean=None):
+def _corrections(mu, sigma, mean, stddev, rmax, dmax, mu_minus_mean=None, valid=None):
     """``r``, ``d`` (clipped, no gradient) and the clipped fractions.
 
     Where ``mu`` or ``sigma`` is not finite, ``r`` and ``d`` are NaN (and not
     counted as clipped), so that the output there is NaN, never a clipped constant.
+    ``valid`` (bool, broadcastable to ``mu``; with a mask, the entries with a
+    selected value) restricts the fractions to those entries.
     """
     ok = tf.math.is_finite(mu) & tf.math.is_finite(sigma)
     nan = tf.constant(np.nan, sigma.dtype)
@@ -264,8 +298,14 @@ def _corrections(mu, sigma, mean, stddev, rmax, dmax, mu_minus_mean=None):
     rmin = 1.0 / rmax
     r = tf.stop_gradient(tf.clip_by_value(r_raw, rmin, rmax))
     d = tf.stop_gradient(tf.clip_by_value(d_raw, -dmax, dmax))
-    r_frac = tf.reduce_mean(tf.cast((r_raw < rmin) | (r_raw > rmax), tf.float32))
-    d_frac = tf.reduce_mean(tf.cast((d_raw < -dmax) | (d_raw > dmax), tf.float32))
+    r_out = (r_raw < rmin) | (r_raw > rmax)
+    d_out = (d_raw < -dmax) | (d_raw > dmax)
+    if valid is None:
+        return r, d, tf.reduce_mean(tf.cast(r_out, tf.float32)), tf.reduce_mean(tf.cast(d_out, tf.float32))
+    valid = tf.broadcast_to(valid, tf.shape(r_out))
+    total = tf.maximum(tf.reduce_sum(tf.cast(valid, tf.float32)), 1.0)
+    r_frac = tf.reduce_sum(tf.cast(r_out & valid, tf.float32)) / total
+    d_frac = tf.reduce_sum(tf.cast(d_out & valid, tf.float32)) / total
     return r, d, r_frac, d_frac
 
 
@@ -278,19 +318,24 @@ def _count(xv, red):
     return n if isinstance(n, int) else tf.maximum(tf.cast(n, xv.dtype), 1.0)
 
 
-def _train(xg, gamma, beta, mean, stddev, rmax, dmax, epsilon, red, pooled, explicit_gradient):
-    """Grouped training forward; returns ``(y, mu, sigma, r_frac, d_frac, pooled_count)``.
+def _train(xg, gamma, beta, mean, stddev, rmax, dmax, epsilon, red, pooled, explicit_gradient, wg=None):
+    """Grouped training forward; returns ``(y, mu, sigma, r_frac, d_frac, pooled_count, n)``.
 
     ``xg`` is the grouped view in the compute dtype; ``gamma``, ``beta``,
     ``mean``, ``stddev`` are already shaped to broadcast against it.
     ``pooled_count`` is the number of values per feature pooled over the
-    replicas (``None`` when not pooled).
+    replicas (``None`` when not pooled). ``wg``: the grouped mask (bool, the
+    feature axis of size 1) or ``None``; ``n`` is then the number of selected
+    positions per group (``None`` without a mask), and where it is 0 ``mu``
+    and ``sigma`` are the moving statistics.
     """
+    if wg is not None:
+        return _train_masked(xg, wg, gamma, beta, mean, stddev, rmax, dmax, epsilon, red, pooled, explicit_gradient)
     pooled_count = []
 
     def stats(xv):
         if pooled:
-            mu, var, n = _pooled_moments(xv, red)
+            mu, var, n, _ = _pooled_moments(xv, red)
             pooled_count.append(n)
         else:
             count = _count(xv, red)
@@ -310,7 +355,7 @@ def _train(xg, gamma, beta, mean, stddev, rmax, dmax, epsilon, red, pooled, expl
         mu, sigma, r, d, r_frac, d_frac = stats(xg)
         y = (xg - mu) * (gamma * r / sigma) + (beta + gamma * d)
         n = pooled_count[0] if pooled_count else None
-        return y, tf.stop_gradient(mu), tf.stop_gradient(sigma), r_frac, d_frac, n
+        return y, tf.stop_gradient(mu), tf.stop_gradient(sigma), r_frac, d_frac, n, None
 
     @tf.custom_gradient
     def forward(xv, gamma_v, beta_v):
@@ -349,7 +394,68 @@ def _train(xg, gamma, beta, mean, stddev, rmax, dmax, epsilon, red, pooled, expl
 
     y, mu, sigma, r_frac, d_frac = forward(xg, gamma, beta)
     return (y, tf.stop_gradient(mu), tf.stop_gradient(sigma), tf.stop_gradient(r_frac), tf.stop_gradient(d_frac),
-            None)
+            None, None)
+
+
+def _train_masked(xg, wg, gamma, beta, mean, stddev, rmax, dmax, epsilon, red, pooled, explicit_gradient):
+    """:func:`_train` with a mask: moments over the selected positions of each group.
+
+    Plain two-pass moments of ``where(wg, x, 0)`` (unselected NaN or Inf
+    never enter), divided by the selected count ``n``; where ``n`` is 0 the
+    moving statistics stand in (``r = 1``, ``d = 0``). The explicit gradient
+    is the paper's with the sums over the whole group divided by ``n`` and
+    the statistics terms on the selected positions only::
+
+        dx = dy * a - where(w, a * (sum(dy) + (x - mu) * sum(dy * (x - mu)) / sigma^2) / n, 0)
+    """
+    pooled_count = []
+    zero = tf.zeros([], xg.dtype)
+
+    def stats(xv):
+        if pooled:
+            mu, var, count, n = _pooled_moments(xv, red, wg)
+            pooled_count.append(count)
+        else:
+            xs = tf.where(wg, xv, zero)
+            n = tf.reduce_sum(tf.cast(wg, xv.dtype), axis=red, keepdims=True)
+            div = tf.maximum(n, 1.0)
+            mu = tf.reduce_sum(xs, axis=red, keepdims=True) / div
+            sq = tf.where(wg, tf.math.squared_difference(xs, tf.stop_gradient(mu)), zero)
+            var = tf.reduce_sum(sq, axis=red, keepdims=True) / div
+        has = n > 0
+        mu = tf.where(has, mu, mean)
+        sigma = tf.where(has, tf.sqrt(var + epsilon), stddev)
+        r, d, r_frac, d_frac = _corrections(mu, sigma, mean, stddev, rmax, dmax, valid=has)
+        return mu, sigma, r, d, r_frac, d_frac, n
+
+    if pooled or not explicit_gradient:
+        mu, sigma, r, d, r_frac, d_frac, n = stats(xg)
+        y = (xg - mu) * (gamma * r / sigma) + (beta + gamma * d)
+        count = pooled_count[0] if pooled_count else None
+        return y, tf.stop_gradient(mu), tf.stop_gradient(sigma), r_frac, d_frac, count, tf.stop_gradient(n)
+
+    @tf.custom_gradient
+    def forward(xv, gamma_v, beta_v):
+        mu, sigma, r, d, r_frac, d_frac, n = stats(xv)
+        xc = xv - mu
+        a = gamma_v * (r / sigma)
+        y = xc * a + (beta_v + gamma_v * d)
+
+        def grad(dy, *unused):
+            sum_dy = _group_sum(dy, red)
+            sum_dyxc = _group_sum(dy * xc, red)
+            div = tf.maximum(n, 1.0)
+            dx = dy * a - tf.where(wg, a * (sum_dy + xc * (sum_dyxc / tf.square(sigma))) / div, zero)
+            red_all = [0] + list(red)
+            dgamma = tf.reduce_sum((r / sigma) * sum_dyxc + d * sum_dy, axis=red_all, keepdims=True)
+            dbeta = tf.reduce_sum(sum_dy, axis=red_all, keepdims=True)
+            return dx, tf.reshape(dgamma, tf.shape(gamma_v)), tf.reshape(dbeta, tf.shape(beta_v))
+
+        return (y, mu, sigma, r_frac, d_frac, n), grad
+
+    y, mu, sigma, r_frac, d_frac, n = forward(xg, gamma, beta)
+    return (y, tf.stop_gradient(mu), tf.stop_gradient(sigma), tf.stop_gradient(r_frac), tf.stop_gradient(d_frac),
+            None, tf.stop_gradient(n))
 
 
 def _group_sum(v, red):
@@ -530,6 +636,7 @@ def batch_renorm(
     synchronized: bool = False,
     explicit_gradient: bool = True,
     fused: Optional[bool] = None,
+    mask=None,
 ) -> BatchRenormOutput:
     """Batch Renormalization of ``x``, a pure function (no variable is touched).
 
@@ -558,6 +665,11 @@ def batch_renorm(
         which otherwise runs on the kernel in inference mode for
         float32/float16/bfloat16 where the moving mean is within 16 moving
         standard deviations of 0).
+      mask: optional, as ``keras.layers.BatchNormalization`` takes it: the
+        input's shape without the feature axis (a size may be 1), boolean or
+        numeric (nonzero selects). In training the statistics of each group
+        are those of its selected positions (see the module docstring); in
+        inference it is checked and ignored. Not with ``fused=True``.
 
     Returns:
       :class:`BatchRenormOutput` ``(y, moving_mean, moving_stddev,
@@ -567,13 +679,13 @@ def batch_renorm(
     return _batch_renorm(
         x, gamma, beta, moving_mean, moving_stddev, training=training, rmax=rmax, dmax=dmax, momentum=momentum,
         epsilon=epsilon, axis=axis, microbatch_size=microbatch_size, synchronized=synchronized,
-        explicit_gradient=explicit_gradient, fused=fused, limit_checks=limit_checks,
+        explicit_gradient=explicit_gradient, fused=fused, limit_checks=limit_checks, mask=mask,
     )
 
 
 def _batch_renorm(
     x, gamma, beta, moving_mean, moving_stddev, *, training, rmax, dmax, momentum, epsilon, axis, microbatch_size,
-    synchronized, explicit_gradient, fused, limit_checks=(),
+    synchronized, explicit_gradient, fused, limit_checks=(), mask=None,
 ) -> BatchRenormOutput:
     """:func:`batch_renorm` with limits already checked (``limit_checks``: graph assertions to run first).
 
@@ -600,6 +712,16 @@ def _batch_renorm(
     ax = info.axis
     nd = x.shape.rank
     c = info.num_features
+    if mask is not None:
+        mask = tf.convert_to_tensor(mask)
+        if mask.shape.rank is None:
+            raise ValueError(f"`mask` must have a known rank, got a mask of shape {mask.shape}.")
+        check_mask(
+            mask.shape.as_list(), shape, dtype_name=mask.dtype.name,
+            is_valid_dtype=mask.dtype.is_bool or mask.dtype.is_floating or mask.dtype.is_integer, feature_axis=ax,
+        )
+        if not mask.dtype.is_bool:
+            mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
     cdt = compute_dtype(x.dtype)
     state_dtype = moving_mean.dtype
     mean_c = tf.cast(moving_mean, cdt)
@@ -612,7 +734,7 @@ def _batch_renorm(
         zero = tf.zeros([], tf.float32)
         return BatchRenormOutput(y, moving_mean, moving_stddev, zero, zero, tf.constant(True), tf.constant(False))
 
-    eligible = fused_eligible(
+    eligible = mask is None and fused_eligible(
         x, axis=ax, epsilon=epsilon, microbatch_size=microbatch_size, synchronized=synchronized,
         explicit_gradient=explicit_gradient,
     )
@@ -620,10 +742,10 @@ def _batch_renorm(
         raise ValueError(
             "`fused=True` needs a float32/float16/bfloat16 input with the features on the last axis (or on "
             "axis 1 of a 4-D input), "
-            "microbatch_size=None, synchronized=False, explicit_gradient=True and epsilon >= 1.001e-5; got "
-            f"an input of shape {tuple(x.shape)} and dtype {x.dtype.name}, axis={axis}, "
+            "microbatch_size=None, synchronized=False, explicit_gradient=True, epsilon >= 1.001e-5 and no mask; "
+            f"got an input of shape {tuple(x.shape)} and dtype {x.dtype.name}, axis={axis}, "
             f"microbatch_size={microbatch_size}, synchronized={synchronized}, "
-            f"explicit_gradient={explicit_gradient}, epsilon={epsilon}."
+            f"explicit_gradient={explicit_gradient}, epsilon={epsilon}, mask={'given' if mask is not None else None}."
         )
     checks = list(limit_checks) + _runtime_checks(x, info, microbatch_size, cross_replica)
     if x.shape[0] == 0 and not cross_replica:
@@ -653,10 +775,17 @@ def _batch_renorm(
     xc = tf.cast(x, cdt)
     with tf.control_dependencies(checks):
         dims = _dims(x)
+        wg = None
+        if mask is not None:  # the positions of x, the feature axis of size 1
+            mshape = list(dims)
+            mshape[ax] = 1
+            wg = tf.broadcast_to(tf.expand_dims(mask, ax), mshape)
         if microbatch_size is None:
             xg = tf.expand_dims(xc, 0)  # (1, B, ...): one group
+            wg = None if wg is None else tf.expand_dims(wg, 0)
         else:
             xg = tf.reshape(xc, [-1, microbatch_size] + dims[1:])  # (G, k, ...)
+            wg = None if wg is None else tf.reshape(wg, [-1, microbatch_size] + mshape[1:])
     # Grouped view: groups on 0, features on ax + 1; reduce over everything else.
     red = [i for i in range(1, nd + 1) if i != ax + 1]
     gshape = [1] * (nd + 1)
@@ -667,7 +796,7 @@ def _batch_renorm(
 
     rmax_c = _as(rmax, cdt)
     dmax_c = _as(dmax, cdt)
-    yg, mu, sigma, r_frac, d_frac, pooled_count = _train(
+    yg, mu, sigma, r_frac, d_frac, pooled_count, selected = _train(
         xg,
         shaped(gamma_c),
         shaped(beta_c),
@@ -679,27 +808,43 @@ def _batch_renorm(
         red,
         pooled=synchronized,
         explicit_gradient=explicit_gradient,
+        wg=wg,
     )
     if pooled_count is not None:  # an empty replica takes the pooled update like the others
         nonempty = pooled_count > 0
     return _finish(
-        x, tf.reshape(yg, dims), mu, sigma, r_frac, d_frac, mean_c, std_c, momentum, state_dtype, c, nonempty
+        x, tf.reshape(yg, dims), mu, sigma, r_frac, d_frac, mean_c, std_c, momentum, state_dtype, c, nonempty,
+        selected,
     )
 
 
-def _finish(x, y, mu, sigma, r_frac, d_frac, mean_c, std_c, momentum, state_dtype, c, nonempty=None):
+def _finish(x, y, mu, sigma, r_frac, d_frac, mean_c, std_c, momentum, state_dtype, c, nonempty=None,
+            selected=None):
     """The state update and the output tuple.
 
     The update is skipped where a statistic is not finite, and where the batch
     is empty (``nonempty``: a scalar bool tensor, or ``None`` where the batch
     is known to hold examples); the clip fractions of an empty batch are 0.
+    ``selected`` (with a mask): the number of selected positions per group;
+    the mean over groups then runs over those with one, per feature, and a
+    batch with none is empty.
     """
     cdt = mean_c.dtype
     finite = tf.reduce_all(tf.math.is_finite(mu)) & tf.reduce_all(tf.math.is_finite(sigma))
     update = finite if nonempty is None else finite & nonempty
     alpha = _as(1.0 - momentum, cdt)
-    batch_mean = tf.reshape(tf.reduce_mean(mu, axis=0), [c])
-    batch_std = tf.reshape(tf.reduce_mean(sigma, axis=0), [c])
+    if selected is None:
+        batch_mean = tf.reshape(tf.reduce_mean(mu, axis=0), [c])
+        batch_std = tf.reshape(tf.reduce_mean(sigma, axis=0), [c])
+    else:
+        has = tf.reshape(tf.broadcast_to(selected > 0, tf.shape(mu)), [-1, c])  # (G, C)
+        used = tf.reduce_sum(tf.cast(has, cdt), axis=0)
+        zero = tf.zeros([], cdt)
+        batch_mean = tf.reduce_sum(tf.where(has, tf.reshape(mu, [-1, c]), zero), axis=0) / tf.maximum(used, 1.0)
+        batch_std = tf.reduce_sum(tf.where(has, tf.reshape(sigma, [-1, c]), zero), axis=0) / tf.maximum(used, 1.0)
+        update = update & (used > 0)
+        any_selected = tf.reduce_any(has)
+        nonempty = any_selected if nonempty is None else nonempty & any_selected
     new_mean = tf.where(update, mean_c + alpha * (batch_mean - mean_c), mean_c)
     new_std = tf.where(update, std_c + alpha * (batch_std - std_c), std_c)
     if nonempty is None:
