@@ -10,6 +10,8 @@ Layout of an experiment's output folder ``OUT``::
         metrics.csv              one row per evaluation (METRIC_COLUMNS, then the
                                  experiment's extra evaluations: metric_columns(cfg))
         checkpoints/             tf.train.CheckpointManager files
+        tensorboard/             TensorBoard event files: the log's columns and each layer's clip
+                                 diagnostics, at the log's steps (renorm_repro.tensorboard_log)
         done.json                written last; a run without it is incomplete
     OUT/summary.md, summary.json, accuracy.png, accuracy.svg   (from the logs only)
     OUT/.lock                    who runs the experiment now (pid, host, start); see ExperimentLock
@@ -27,6 +29,9 @@ What a crash (``kill -9``, power loss) can leave, and what resuming does about i
   checkpoint's step are dropped (training recomputes them identically); a row
   the checkpoint has passed but the log lacks is an error naming the steps,
   never a silent loss.
+- The TensorBoard events are written with each row, after it and before the
+  checkpoint; on resume the points after the checkpoint's step are dropped
+  the same way (:meth:`renorm_repro.tensorboard_log.EventLog.start`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ One call of :func:`train_run` trains one (arm, seed) into its own run directory:
   inside the compiled step;
 - the step is a ``tf.function`` (``jit_compile`` optional), under a
   ``tf.distribute`` strategy (``mirrored`` splits each batch into consecutive
-  per-replica slices; each replica normalizes its own micro-batches);
+  per-replica slices; each replica normalizes its own micro-batches;
+  ``multiworker`` does the same over the workers of ``TF_CONFIG``, worker ``w``
+  feeding the slices of its own replicas);
 - Adam (default) or RMSProp; optional EMA of the trainable weights, used for
   evaluation; optional mixed precision (``mixed_float16`` with loss scaling, or
   ``mixed_bfloat16``);
@@ -19,16 +21,19 @@ One call of :func:`train_run` trains one (arm, seed) into its own run directory:
   with batch statistics on test minibatches built like the training ones
   (``eval_batch_stats``: the layers run in training mode, and every moving
   statistic, step counter and diagnostic is restored afterwards, so training
-  is unaffected); one row in ``metrics.csv``, one log line; every ``checkpoint_every`` steps a
+  is unaffected); one row in ``metrics.csv``, the same scalars and each
+  normalization layer's clip fractions and limits in TensorBoard event files
+  (``tensorboard/``), one log line; every ``checkpoint_every`` steps a
   ``tf.train.CheckpointManager`` checkpoint of the model, optimizer, step, EMA
   and the running training metrics (the data order needs only the step), saved
-  after that step's log row is on disk.
+  after that step's log row and events are on disk.
 
 Resuming (``resume=True``) restores the newest intact checkpoint: each
 candidate is read in full (every tensor's checksum) before it is used; a
 damaged one is reported and the next older one tried; a save that a crash cut
 short (a checkpoint the state file does not name yet) is skipped. The log is
-then reconciled with the checkpoint (:meth:`renorm_repro.runs.MetricsLog.start`).
+then reconciled with the checkpoint (:meth:`renorm_repro.runs.MetricsLog.start`,
+:meth:`renorm_repro.tensorboard_log.EventLog.start`).
 So a run killed at any point and resumed ends with the log of an uninterrupted
 run (every column but ``elapsed_s``).
 """
@@ -50,6 +55,26 @@ from renorm_repro.runs import Interrupted, MetricsLog, RunDirError, _write_atomi
 from renorm_repro.tensorboard_log import TENSORBOARD_DIR, EventLog, layer_scalars
 
 __all__ = ["make_norm_layer", "build_model", "train_run", "train_eval_subset", "TrainResult"]
+
+_MULTIWORKER = []  # the process's one MultiWorkerMirroredStrategy: it can be created only once
+
+
+def _strategy(name: str):
+    """The ``tf.distribute`` strategy of ``cfg.strategy``."""
+    import os
+
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        if not _MULTIWORKER:
+            if not os.environ.get("TF_CONFIG"):
+                raise RunDirError("strategy=multiworker reads the cluster from the TF_CONFIG environment variable, "
+                                  "which is not set (see the README, 'Several GPUs and several machines').")
+            _MULTIWORKER.append(tf.distribute.MultiWorkerMirroredStrategy())
+        return _MULTIWORKER[0]
+    return tf.distribute.get_strategy()
 
 
 def train_eval_subset(num_train: int, size: int, seed: int = 1_000_003) -> np.ndarray:
@@ -300,7 +325,8 @@ def train_run(
     keras.utils.set_random_seed(seed)
     keras.mixed_precision.set_global_policy(cfg.precision)
     try:
-        strategy = tf.distribute.MirroredStrategy() if cfg.strategy == "mirrored" else tf.distribute.get_strategy()
+        strategy = _strategy(cfg.strategy)
+        distributed = cfg.strategy in ("mirrored", "multiworker")
         replicas = strategy.num_replicas_in_sync
         if cfg.batch_size % replicas or (cfg.batch_size // replicas) % cfg.arm_spec(arm)["microbatch_size"]:
             raise RunDirError(
@@ -364,6 +390,23 @@ def train_run(
         opts.deterministic = True
         ds = ds.with_options(opts)
         dist_ds = strategy.experimental_distribute_dataset(ds) if cfg.strategy == "mirrored" else ds
+        if cfg.strategy == "multiworker":
+            per = cfg.batch_size // replicas
+
+            def worker_dataset(ctx):
+                """This worker's replicas' slices of each global batch, in replica order."""
+                local = replicas // ctx.num_input_pipelines
+                first = ctx.input_pipeline_id * local
+
+                def slices():
+                    for xb, yb in batches():
+                        for r in range(first, first + local):
+                            yield xb[r * per:(r + 1) * per], yb[r * per:(r + 1) * per]
+
+                spec = (tf.TensorSpec((per,) + dataset.image_shape, tf.uint8), tf.TensorSpec((per,), tf.int64))
+                return tf.data.Dataset.from_generator(slices, output_signature=spec).prefetch(tf.data.AUTOTUNE)
+
+            dist_ds = strategy.distribute_datasets_from_function(worker_dataset)
 
         def prep(x):
             return (tf.cast(x, tf.float32) / 255.0 - mean) / std
@@ -393,7 +436,7 @@ def train_run(
 
         @tf.function
         def train_step(x, y):
-            if cfg.strategy == "mirrored":
+            if distributed:
                 strategy.run(_step_fn, args=(x, y))
             else:
                 _step_fn(x, y)

@@ -160,11 +160,17 @@ def test_event_log_recovers_from_a_crash_inside_its_own_rewrite(tmp_path):
     assert not (d / ".kept.ready").exists() and not (d / ".kept.tmp").exists()
 
 
-def test_no_tensorboard_writes_no_event_files(tmp_path, cache, capsys):
+def test_no_tensorboard_writes_no_event_files_and_a_later_resume_says_what_they_lack(tmp_path, cache, capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     assert "--no-tensorboard" in capsys.readouterr().out
     out = tmp_path / "out"
-    assert main(_args(out, cache, "brn", "--no-tensorboard", steps=2)) == 0
+    assert main(_args(out, cache, "brn", "--no-tensorboard", "--stop-after", "5", steps=6)) == 0
     rdir = out / "runs" / "brn" / "seed0"
-    assert (rdir / "done.json").is_file() and not (rdir / "tensorboard").exists()
+    assert [r["step"] for r in read_metrics(rdir / "metrics.csv")] == [2, 4]
+    assert not (rdir / "tensorboard").exists()
+    capsys.readouterr()
+    assert main(_args(out, cache, "brn", "--resume", steps=6)) == 0  # with events from here on
+    assert "[brn seed0] the TensorBoard events lack steps 2..4 (2 evaluations; metrics.csv has them); " \
+           "continuing" in capsys.readouterr().out
+    assert {tag: [s for s, _ in pts] for tag, pts in read_events(rdir / "tensorboard").items()}["val_loss"] == [6]
