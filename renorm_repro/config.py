@@ -66,7 +66,7 @@ __all__ = [
 
 OPTIMIZERS = ("adam", "rmsprop")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-STRATEGIES = ("default", "mirrored")
+STRATEGIES = ("default", "mirrored", "multiworker")
 LR_SCHEDULES = ("constant", "cosine", "step")
 
 
