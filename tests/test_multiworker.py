@@ -94,3 +94,26 @@ def test_repro_multiworker_needs_tf_config(tmp_path, monkeypatch):
                                            "cache_dir": str(tmp_path / "cache")})
     with pytest.raises(RunDirError, match="TF_CONFIG"):
         run_experiment(cfg, tmp_path / "out", progress=False, log=lambda m: None)
+
+
+def test_launcher_kills_the_other_workers_when_one_fails_or_time_runs_out():
+    """The launcher itself: a failed worker takes the others down after the grace period, and a
+    deadline kills every worker; the ports handed out are on 127.0.0.1 and distinct."""
+    import time
+
+    code = ("import os, sys, time, json; i = int(os.environ['MW_INDEX']); "
+            "print(os.environ['TF_CONFIG'].replace(' ', ''), os.environ['JAX_COORDINATOR_ADDRESS']); "
+            "sys.stdout.flush(); "
+            "sys.exit(3) if i == 0 else time.sleep(300)")
+    t0 = time.monotonic()
+    (rc0, out0), (rc1, out1) = run_workers(lambda i: ["-c", code], timeout=120, grace=1)
+    assert rc0 == 3 and rc1 == -9 and time.monotonic() - t0 < 60
+    cluster = json.loads(out1.split()[0])
+    assert cluster["task"] == {"type": "worker", "index": 1}
+    hosts = cluster["cluster"]["worker"]
+    assert len(set(hosts)) == 2 and all(h.startswith("127.0.0.1:") for h in hosts)
+    assert out1.split()[1] == hosts[0]
+
+    t0 = time.monotonic()
+    results = run_workers(lambda i: ["-c", "import time; time.sleep(300)"], timeout=2, grace=1)
+    assert [rc for rc, _ in results] == [-9, -9] and time.monotonic() - t0 < 60
