@@ -113,4 +113,27 @@ jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.stack([b] * 4)), u
 # 4. The init of a module with axis_name works outside any mapped axis (as flax's BatchNorm).
 v = module.init(jax.random.key(0), x, use_running_average=False)
 assert int(v["batch_stats"]["step"]) == 0
+# 5. A mask selecting different numbers of values on each device: the pooled sums and counts give the
+#    statistics of the selected values of the global batch (docs/SPEC.md, section 3), both gradients.
+rng = np.random.default_rng(12)
+mask = rng.random((16, 2, 1)) < np.repeat([0.9, 0.6, 0.3, 0.8], 4)[:, None, None]
+for explicit in (True, False):
+    cfg = BatchRenormConfig(momentum=0.9, rmax=1.2, dmax=0.3, axis_name="b", explicit_backward=explicit)
+    masked = jax.shard_map(lambda x, m, params, state: F.train(x, params, state, cfg, mask=m), mesh=mesh,
+                           in_specs=(P("b"), P("b"), P(), P()), out_specs=(P("b"), P(), P()))
+
+    def masked_loss(x, params):
+        y, new_state, diag = masked(x, mask, params, state)
+        return jnp.sum(y * dy), (y, new_state, diag)
+
+    (_, (y, new_state, diag)), (dx, dparams) = jax.jit(
+        jax.value_and_grad(masked_loss, argnums=(0, 1), has_aux=True))(x, params)
+    ref = BatchRenormReference(3, momentum=0.9, epsilon=1e-5, rmax=1.2, dmax=0.3, **p)
+    y_ref = ref.train(np.asarray(x), mask=mask)
+    dx_ref, dg_ref, db_ref = ref.backward(np.asarray(dy))
+    assert_close(y, y_ref, "float64", "value", f"masked {explicit=} y")
+    assert_close(new_state.mean, ref.mean, "float64", "value", f"masked {explicit=} mean")
+    assert_close(new_state.stddev, ref.stddev, "float64", "value", f"masked {explicit=} stddev")
+    assert_close(dx, dx_ref, "float64", "grad", f"masked {explicit=} dx")
+    assert_close(dparams["scale"], dg_ref, "float64", "grad", f"masked {explicit=} dscale")
 print("multidevice OK")

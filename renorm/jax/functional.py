@@ -88,6 +88,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from renorm.config import check_config, check_input, check_mask, check_pooling
@@ -225,11 +226,13 @@ def checked_mask(mask, x):
     """
     if mask is None:
         return None
-    mask = jnp.asarray(mask)
+    if not hasattr(mask, "dtype"):
+        mask = np.asarray(mask)
     check_mask(
-        mask.shape, x.shape, dtype_name=str(mask.dtype),
-        is_valid_dtype=bool(mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.number)),
+        np.shape(mask), x.shape, dtype_name=str(mask.dtype),
+        is_valid_dtype=bool(mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.number)),
     )
+    mask = jnp.asarray(mask)
     return jnp.broadcast_to(mask if mask.dtype == jnp.bool_ else mask != 0, x.shape)
 
 

@@ -717,8 +717,8 @@ def _batch_renorm(
         if mask.shape.rank is None:
             raise ValueError(f"`mask` must have a known rank, got a mask of shape {mask.shape}.")
         check_mask(
-            mask.shape.as_list(), shape, dtype_name=mask.dtype.name,
-            is_valid_dtype=mask.dtype.is_bool or mask.dtype.is_floating or mask.dtype.is_integer, feature_axis=ax,
+            mask.shape.as_list(), shape, dtype_name=mask.dtype.name, feature_axis=axis,
+            is_valid_dtype=mask.dtype.is_bool or mask.dtype.is_floating or mask.dtype.is_integer,
         )
         if not mask.dtype.is_bool:
             mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
