@@ -226,19 +226,18 @@ def _checkpoint_problem(prefix: Path) -> Optional[str]:
     return None
 
 
-def _restore_newest_intact(ckpt, ckpt_dir: Path, label: str, log) -> Optional[int]:
-    """Restore the newest intact checkpoint in ``ckpt_dir`` into ``ckpt``; its number, or None if there is none.
+def _scan_checkpoints(ckpt_dir: Path, label: str, log, at_most: Optional[int] = None, problems=None):
+    """The newest intact checkpoint number ``<= at_most`` in ``ckpt_dir`` (or None), and what was found on the way.
 
-    Raises :class:`RunDirError` when checkpoint files exist but none can be
-    restored (the run would otherwise silently start over). Leaves a state
-    file naming the restored checkpoint and the older ones, for the
-    ``CheckpointManager`` to read.
+    Returns ``(chosen, damaged, state_problem, on_disk)``: ``damaged`` lists the
+    committed checkpoints that cannot be read (``"path (why)"``), newest first.
+    ``problems`` caches :func:`_checkpoint_problem` per number across calls.
+    Removes the shards of saves that a crash cut short and logs each skipped
+    unfinished save (unless ``log`` is None).
     """
+    problems = {} if problems is None else problems
     state_path = ckpt_dir / "checkpoint"
     committed, state_problem = _read_checkpoint_state(state_path)
-    if state_problem:
-        log(f"{label} the checkpoint state file {state_path} is damaged ({state_problem}); "
-            f"looking for checkpoints by name")
     on_disk = {int(m.group(1)) for f in ckpt_dir.iterdir() if (m := _CKPT_FILE.fullmatch(f.name))} \
         if ckpt_dir.is_dir() else set()
     for leftover in ckpt_dir.glob("ckpt-*_temp") if ckpt_dir.is_dir() else ():
@@ -246,22 +245,58 @@ def _restore_newest_intact(ckpt, ckpt_dir: Path, label: str, log) -> Optional[in
             shutil.rmtree(leftover)  # the shards of a save that a crash cut short (no one else writes here)
     damaged, chosen = [], None
     for n in sorted(on_disk | set(committed or ()), reverse=True):
-        problem = _checkpoint_problem(ckpt_dir / f"ckpt-{n}")
+        if at_most is not None and n > at_most:
+            continue
+        if n not in problems:
+            problems[n] = _checkpoint_problem(ckpt_dir / f"ckpt-{n}")
+        problem = problems[n]
         if problem is None:
             chosen = n
             break
         if committed is not None and n not in committed:  # the save of ckpt-n did not finish (a crash)
-            log(f"{label} skipping ckpt-{n}, a save that did not finish ({problem})")
+            if log is not None:
+                log(f"{label} skipping ckpt-{n}, a save that did not finish ({problem})")
         else:
             damaged.append(f"{ckpt_dir / f'ckpt-{n}'} ({problem})")
-    if chosen is None:
-        if damaged or (state_problem and on_disk):
-            raise RunDirError(
-                f"no intact checkpoint in {ckpt_dir}: " + "; ".join(damaged or [f"state file {state_path} "
-                                                                                   f"({state_problem})"])
+    return chosen, damaged, state_problem, on_disk
+
+
+def _no_intact_checkpoint(ckpt_dir: Path, damaged, state_problem, on_disk) -> Optional[str]:
+    """Why the run cannot go on when no checkpoint is intact (files exist, none readable), or None."""
+    if damaged or (state_problem and on_disk):
+        state_path = ckpt_dir / "checkpoint"
+        return (f"no intact checkpoint in {ckpt_dir}: "
+                + "; ".join(damaged or [f"state file {state_path} ({state_problem})"])
                 + f". Restore the files, or delete {ckpt_dir.parent} to train this run again from step 0.")
+    return None
+
+
+def _restore_newest_intact(ckpt, ckpt_dir: Path, label: str, log, at_most: Optional[int] = None) -> Optional[int]:
+    """Restore the newest intact checkpoint in ``ckpt_dir`` into ``ckpt``; its number, or None if there is none.
+
+    Raises :class:`RunDirError` when checkpoint files exist but none can be
+    restored (the run would otherwise silently start over). Leaves a state
+    file naming the restored checkpoint and the older ones, for the
+    ``CheckpointManager`` to read. ``at_most``: restore the newest intact
+    checkpoint at or before that step (the step every worker of a
+    ``multiworker`` run can restore, :func:`_agree_on_checkpoint`) and delete
+    the newer ones, so that a later resume cannot pick them up.
+    """
+    state_path = ckpt_dir / "checkpoint"
+    chosen, damaged, state_problem, on_disk = _scan_checkpoints(ckpt_dir, label, log, at_most)
+    if state_problem:
+        log(f"{label} the checkpoint state file {state_path} is damaged ({state_problem}); "
+            f"looking for checkpoints by name")
+    newer = sorted(n for n in on_disk if at_most is not None and n > at_most)
+    if newer:
+        log(f"{label} dropping {', '.join(f'ckpt-{n}' for n in newer)}: newer than the checkpoint every worker holds")
+    if chosen is None:
+        why = _no_intact_checkpoint(ckpt_dir, damaged, state_problem, on_disk - set(newer))
+        if why:
+            raise RunDirError(why)
         if state_path.exists():
-            state_path.unlink()  # it names nothing that exists
+            state_path.unlink()  # it names nothing that exists, or only checkpoints the other workers lack
+        _remove_checkpoints(ckpt_dir, newer)
         return None
     prefix = ckpt_dir / f"ckpt-{chosen}"
     if damaged:
@@ -276,7 +311,75 @@ def _restore_newest_intact(ckpt, ckpt_dir: Path, label: str, log) -> Optional[in
     kept = sorted(n for n in on_disk if n <= chosen and (ckpt_dir / f"ckpt-{n}.index").is_file())
     _write_atomic(state_path, (f'model_checkpoint_path: "ckpt-{chosen}"\n'
                                + "".join(f'all_model_checkpoint_paths: "ckpt-{n}"\n' for n in kept)).encode())
+    _remove_checkpoints(ckpt_dir, newer)  # after the state file stopped naming them
     return chosen
+
+
+def _remove_checkpoints(ckpt_dir: Path, numbers) -> None:
+    for n in numbers:
+        for f in ckpt_dir.glob(f"ckpt-{n}.*"):
+            if _CKPT_FILE.fullmatch(f.name):
+                f.unlink()
+
+
+def _gather_from_workers(strategy, values) -> np.ndarray:
+    """``values`` (floats) of every replica of every worker: one row per replica, in replica order.
+
+    One SUM all-reduce of a one-hot matrix, the only reduction every
+    collective implementation has; each worker's replicas report the same row.
+    """
+    import tensorflow as tf
+
+    n = strategy.num_replicas_in_sync
+    local = tf.constant(np.asarray(values, np.float64)[None, :])
+
+    def replica_fn():
+        ctx = tf.distribute.get_replica_context()
+        onehot = tf.one_hot(ctx.replica_id_in_sync_group, n, dtype=tf.float64)[:, None]
+        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, onehot * local)
+
+    result = tf.function(lambda: strategy.run(replica_fn))()
+    return strategy.experimental_local_results(result)[0].numpy()
+
+
+def _agree_on_checkpoint(strategy, ckpt_dir: Path, *, resume: bool, done: bool, label: str, log):
+    """The checkpoint every worker of a ``multiworker`` run restores: ``(step or None, every worker done)``.
+
+    Workers die at different moments (one may have saved step N, or finished
+    the run, while another was killed during that save), so each would
+    resume from a different step and the collectives would mismatch or hang.
+    Each worker reports its newest intact checkpoint; all take the minimum
+    ``c``; each reports its newest intact one at or before ``c``; and so on
+    until every worker has ``c`` itself (the newest checkpoint all of them
+    hold; older ones are kept, ``max_to_keep=2``, for this). ``None``: some
+    worker has none, so all start again from step 0. A worker whose
+    checkpoint files are all damaged makes every worker stop with
+    :class:`RunDirError`, before anything is changed.
+    """
+    problems = {}
+    bound = None
+    local, why = 0, None
+    if resume:
+        chosen, damaged, state_problem, on_disk = _scan_checkpoints(ckpt_dir, label, None, None, problems)
+        local = chosen or 0
+        why = None if chosen else _no_intact_checkpoint(ckpt_dir, damaged, state_problem, on_disk)
+    task = getattr(strategy.cluster_resolver, "task_id", 0) or 0
+    rows = _gather_from_workers(strategy, [local, float(done), float(why is not None), task])
+    if rows[:, 2].any():
+        if why:
+            raise RunDirError(why)
+        bad = ", ".join(str(int(t)) for t in sorted(set(rows[rows[:, 2] > 0, 3])))
+        raise RunDirError(f"worker {bad} has checkpoint files of {ckpt_dir.parent.relative_to(ckpt_dir.parents[3])} "
+                          f"but none intact (its output names them), so the workers cannot resume together. "
+                          f"Nothing was changed here.")
+    if rows[:, 1].all():
+        return None, True
+    while True:
+        bound = int(rows[:, 0].min())
+        if (rows[:, 0] == bound).all() or bound == 0:
+            return (bound or None), False
+        chosen = _scan_checkpoints(ckpt_dir, label, None, bound, problems)[0] if resume else None
+        rows = _gather_from_workers(strategy, [chosen or 0])
 
 
 def train_run(
@@ -314,7 +417,8 @@ def train_run(
     done = rdir / "done.json"
     if rdir.exists() and any(rdir.iterdir()) and not resume:
         raise RunDirError(f"Run directory {rdir} is not empty; pass --resume to continue it.")
-    if done.is_file():
+    # Under multiworker every worker must skip or train this run together (the workers agree below).
+    if done.is_file() and cfg.strategy != "multiworker":
         log(f"[{arm} seed{seed}] already complete ({done}); skipping.")
         return TrainResult(final_step=json.loads(done.read_text())["final_step"], stopped=False)
     rdir.mkdir(parents=True, exist_ok=True)
@@ -352,13 +456,30 @@ def train_run(
                                    correct_sum=correct_sum, count_sum=count_sum,
                                    ema={f"v{i}": e for i, e in enumerate(ema)})
         label = f"[{arm} seed{seed}]"
-        restored = _restore_newest_intact(ckpt, rdir / "checkpoints", label, log) if resume else None
+        agreed = None
+        if cfg.strategy == "multiworker":
+            agreed, all_done = _agree_on_checkpoint(strategy, rdir / "checkpoints", resume=resume,
+                                                    done=done.is_file(), label=label, log=log)
+            if all_done:
+                log(f"{label} already complete ({done}) on every worker; skipping.")
+                return TrainResult(final_step=json.loads(done.read_text())["final_step"], stopped=False)
+            if done.is_file():
+                log(f"{label} complete here, but not on every worker: training again from "
+                    f"{'step 0' if agreed is None else f'the common checkpoint at step {agreed}'} with them")
+                done.unlink()
+        restored = None
+        if resume:
+            restored = _restore_newest_intact(ckpt, rdir / "checkpoints", label, log,
+                                              at_most=(agreed or 0) if cfg.strategy == "multiworker" else None)
         start = 0
         if restored is not None:
             start = int(step.numpy())
-            log(f"{label} resumed from {rdir / 'checkpoints' / f'ckpt-{restored}'} at step {start}")
+            log(f"{label} resumed from {rdir / 'checkpoints' / f'ckpt-{restored}'} at step {start}"
+                + (" (the newest checkpoint every worker holds)" if cfg.strategy == "multiworker" else ""))
         elif resume and (rdir / "metrics.csv").exists():
-            log(f"{label} no checkpoint in {rdir}; starting this run over from step 0")
+            log(f"{label} no checkpoint in {rdir}"
+                + (" that every worker holds" if cfg.strategy == "multiworker" else "")
+                + "; starting this run over from step 0")
         manager = tf.train.CheckpointManager(ckpt, str(rdir / "checkpoints"), max_to_keep=2)
         metrics = MetricsLog(rdir / "metrics.csv", metric_columns(cfg))
         metrics.start(start, evaluation_steps(cfg, start))
