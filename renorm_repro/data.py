@@ -606,7 +606,7 @@ def write_synthetic_cifar100(
     sums = {}
     for name, obj in files.items():
         data = pickle.dumps(obj, protocol=2)
-        (folder / name).write_bytes(data)
+        _replace_with(folder / name, data)
         sums[name] = md5sum(data)
     if tarball:
         archive = root / CIFAR100_ARCHIVE
@@ -614,8 +614,17 @@ def write_synthetic_cifar100(
             for name in files:
                 tar.add(folder / name, arcname=f"{CIFAR100_FOLDER}/{name}")
         sums["archive"] = md5sum(archive)
-    (root / "checksums.json").write_text(json.dumps(sums, indent=2))
+    _replace_with(root / "checksums.json", json.dumps(sums, indent=2).encode())
     return sums
+
+
+def _replace_with(path: Path, data: bytes) -> None:
+    """Write ``path`` through a temporary file of this process and a rename: processes that write the
+    same cache at once (the workers of a multiworker run) write the same bytes, and a reader never sees
+    a file half written."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def load_synthetic(cache_dir, *, num_train=512, num_test=256, num_classes=10, seed=0) -> Dataset:
