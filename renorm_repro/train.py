@@ -35,7 +35,12 @@ short (a checkpoint the state file does not name yet) is skipped. The log is
 then reconciled with the checkpoint (:meth:`renorm_repro.runs.MetricsLog.start`,
 :meth:`renorm_repro.tensorboard_log.EventLog.start`).
 So a run killed at any point and resumed ends with the log of an uninterrupted
-run (every column but ``elapsed_s``).
+run (every column but ``elapsed_s``). Under ``multiworker`` the workers first
+agree on the newest checkpoint every one of them holds
+(:func:`_agree_on_checkpoint`; a worker killed during a save may lack the
+newest one, or the others may have finished the run), restore it, drop newer
+ones and reconcile their logs with it; a run is skipped only when complete on
+every worker.
 """
 
 from __future__ import annotations
