@@ -61,6 +61,16 @@ FD_CASES = [c for c in CASES if c.name in {
 }]
 
 
+def _fd(f, v, h=1e-3):
+    """Fourth-order central differences of the scalar ``f`` at ``v``: truncation O(h^4) ~ 1e-12, round-off ~ 1e-13."""
+    g = np.zeros_like(v)
+    for idx in np.ndindex(v.shape):
+        e = np.zeros_like(v)
+        e[idx] = h
+        g[idx] = (8 * (f(v + e) - f(v - e)) - (f(v + 2 * e) - f(v - 2 * e))) / (12 * h)
+    return g
+
+
 @pytest.mark.parametrize("case", FD_CASES, ids=[c.name for c in FD_CASES])
 def test_backward_matches_central_finite_differences(case, monkeypatch):
     """dL/dx, dL/dgamma, dL/dbeta of L = sum(y * dy), with r and d held constant (stop-gradient)."""
@@ -83,21 +93,10 @@ def test_backward_matches_central_finite_differences(case, monkeypatch):
         q = dict(p, gamma=gamma_, beta=beta_)
         return float(np.sum(_fwd(x_, q, case).y * dy))
 
-    h = 1e-3
-
-    def fd(f, v):
-        # Fourth-order central differences: truncation O(h^4) ~ 1e-12, round-off ~ 1e-13.
-        g = np.zeros_like(v)
-        for idx in np.ndindex(v.shape):
-            e = np.zeros_like(v)
-            e[idx] = h
-            g[idx] = (8 * (f(v + e) - f(v - e)) - (f(v + 2 * e) - f(v - 2 * e))) / (12 * h)
-        return g
-
-    assert rel_err(dx, fd(loss, x)) < 1e-7
-    assert rel_err(dgamma, fd(lambda g_: loss(x, gamma_=g_), p["gamma"])) < 1e-7
+    assert rel_err(dx, _fd(loss, x)) < 1e-7
+    assert rel_err(dgamma, _fd(lambda g_: loss(x, gamma_=g_), p["gamma"])) < 1e-7
     if case.center:
-        assert rel_err(dbeta, fd(lambda b_: loss(x, beta_=b_), p["beta"])) < 1e-7
+        assert rel_err(dbeta, _fd(lambda b_: loss(x, beta_=b_), p["beta"])) < 1e-7
 
 
 # --------------------------------------------------------------------------- rmax=1, dmax=0 is batch norm
@@ -626,19 +625,9 @@ def test_masked_backward_matches_central_finite_differences(name, per_feature, m
     def loss(x_, gamma_=p["gamma"], beta_=p["beta"]):
         return float(np.sum(_masked_fwd(x_, dict(p, gamma=gamma_, beta=beta_), case, mask).y * dy))
 
-    h = 1e-3
-
-    def fd(f, v):
-        g = np.zeros_like(v)
-        for idx in np.ndindex(v.shape):
-            e = np.zeros_like(v)
-            e[idx] = h
-            g[idx] = (8 * (f(v + e) - f(v - e)) - (f(v + 2 * e) - f(v - 2 * e))) / (12 * h)
-        return g
-
-    assert rel_err(dx, fd(loss, x)) < 1e-7
-    assert rel_err(dgamma, fd(lambda g_: loss(x, gamma_=g_), p["gamma"])) < 1e-7
-    assert rel_err(dbeta, fd(lambda b_: loss(x, beta_=b_), p["beta"])) < 1e-7
+    assert rel_err(dx, _fd(loss, x)) < 1e-7
+    assert rel_err(dgamma, _fd(lambda g_: loss(x, gamma_=g_), p["gamma"])) < 1e-7
+    assert rel_err(dbeta, _fd(lambda b_: loss(x, beta_=b_), p["beta"])) < 1e-7
     # sum(dL/dx) = 0 per group and feature still holds (every value shifts the group's output alike).
     dxg = core.group_view(dx, case.axis % x.ndim, case.microbatch_size)
     np.testing.assert_allclose(dxg.sum(axis=1)[res.count > 0], 0.0, atol=1e-10)
