@@ -291,6 +291,34 @@ def test_nnx_model_in_and_out():
     assert rel(as_bn(x), model(x)) <= 1e-5
 
 
+def test_nnx_convert_carries_promote_dtype_and_param_metadata():
+    """A converted batch norm computes in the same dtypes and keeps its Params' sharding; export carries them back."""
+    meta = dict(scale_metadata={"out_sharding": ("model",), "note": "s"}, bias_metadata={"out_sharding": (None,)})
+    mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        bn = nnx.BatchNorm(4, rngs=nnx.Rngs(0), **meta)
+    bn.scale[...] = jnp.asarray([0.5, 1.0, 1.5, 2.0])
+    x = jnp.asarray(np.random.default_rng(3).normal(1.0, 2.0, (8, 4)), jnp.bfloat16)
+    for layer in (rnnx.convert_batch_norm(bn), rnnx.export_batch_norm(rnnx.convert_batch_norm(bn))):
+        assert layer.promote_dtype is bn.promote_dtype
+        for name in ("scale", "bias"):
+            new, old = getattr(layer, name), getattr(bn, name)
+            assert new.get_metadata() == old.get_metadata(), (name, new.get_metadata())
+            assert new[...].sharding == old[...].sharding
+            np.testing.assert_array_equal(new[...], old[...])
+        # Flax's promote_dtype carried: bfloat16 in, float32 parameters -> float32 out, as the batch norm.
+        layer.eval()
+        assert layer(x).dtype == nnx.BatchNorm(4, use_running_average=True, rngs=nnx.Rngs(0))(x).dtype == jnp.float32
+    specs = nnx.get_partition_spec(nnx.state(rnnx.convert_batch_norm(bn), nnx.Param))
+    assert specs["scale"].get_value() == jax.sharding.PartitionSpec("model")
+    # renorm's own default (no promotion) is not carried out: the export needs no renorm.
+    out = rnnx.export_batch_norm(rnnx.BatchRenorm(4, rngs=nnx.Rngs(0)))
+    assert out.promote_dtype is nnx.BatchNorm(4, rngs=nnx.Rngs(0)).promote_dtype
+    assert "renorm" not in out.promote_dtype.__module__
+    spy = lambda args, /, *, dtype=None: args  # noqa: E731
+    assert rnnx.export_batch_norm(rnnx.BatchRenorm(4, promote_dtype=spy, rngs=nnx.Rngs(0))).promote_dtype is spy
+
+
 def test_nnx_convert_errors():
     with pytest.raises(TypeError, match="epsilon"):
         rnnx.convert_batch_norm(CNN(rngs=nnx.Rngs(0)), epsilon=1e-3)

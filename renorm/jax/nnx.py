@@ -269,16 +269,32 @@ def _copy(dst, src):
     dst.set_value(jnp.asarray(src, dtype=dst.get_value().dtype))
 
 
+def _copy_params(dst, src):
+    """``src``'s ``scale`` and ``bias`` Params into ``dst``, with their metadata (sharding annotations included).
+
+    The Param objects are copied whole (value and metadata), so an annotated
+    value keeps its sharding without a mesh in scope; the value is cast to
+    ``dst``'s ``param_dtype`` (the same, as ``param_dtype`` is a shared field).
+    """
+    for name in ("scale", "bias"):
+        old = getattr(src, name)
+        if old is not None:
+            new = old.copy()
+            new.set_value(jnp.asarray(old.get_value(), dtype=getattr(dst, name).get_value().dtype))
+            setattr(dst, name, new)
+
+
 def convert_batch_norm(model, **renorm_options):
     """A copy of ``model`` with every ``nnx.BatchNorm`` replaced by :class:`BatchRenorm`.
 
     Each new layer takes the batch norm's ``num_features``, ``axis``,
     ``momentum``, ``epsilon``, ``dtype``, ``param_dtype``, ``use_bias``,
-    ``use_scale``, ``axis_name``, ``axis_index_groups`` and train/eval mode,
-    plus ``renorm_options`` (``rmax``, ``dmax``, ``warmup_steps``,
+    ``use_scale``, ``axis_name``, ``axis_index_groups``, ``promote_dtype``
+    and train/eval mode, plus ``renorm_options`` (``rmax``, ``dmax``, ``warmup_steps``,
     ``rmax_steps``, ``dmax_steps``, ``microbatch_size``,
-    ``explicit_backward``, ``use_fast_variance``), and its state: ``scale``,
-    ``bias``, ``mean`` copied, ``stddev = sqrt(var + epsilon)`` (float64, then
+    ``explicit_backward``, ``use_fast_variance``), and its state: ``scale`` and
+    ``bias`` copied with their metadata (sharding annotations included),
+    ``mean`` copied, ``stddev = sqrt(var + epsilon)`` (float64, then
     rounded), ``step`` 0. The inference outputs are the original's to
     rounding. ``model`` itself is not changed; every other module is copied
     (``nnx.clone``). To convert a checkpoint, restore it into the batch-norm
@@ -293,12 +309,10 @@ def convert_batch_norm(model, **renorm_options):
 
     def make(bn, name):
         layer = BatchRenorm(
-            bn.num_features, **{k: getattr(bn, k) for k in _SHARED}, **renorm_options, rngs=nnx.Rngs(0)
+            bn.num_features, **{k: getattr(bn, k) for k in _SHARED}, promote_dtype=bn.promote_dtype,
+            **renorm_options, rngs=nnx.Rngs(0)
         )
-        if bn.scale is not None:
-            _copy(layer.scale, bn.scale[...])
-        if bn.bias is not None:
-            _copy(layer.bias, bn.bias[...])
+        _copy_params(layer, bn)
         _copy(layer.mean, bn.mean[...])
         _copy(layer.stddev, stddev_from_variance(bn.var[...], bn.epsilon, name=name))
         return layer
@@ -309,8 +323,12 @@ def convert_batch_norm(model, **renorm_options):
 def export_batch_norm(model, *, negative_variance: str = "raise"):
     """A copy of ``model`` with every :class:`BatchRenorm` replaced by ``nnx.BatchNorm``.
 
-    ``var = stddev**2 - epsilon`` (float64, then rounded); ``scale``, ``bias``,
-    ``mean`` and the shared fields carried; ``step``, the diagnostics and the
+    ``var = stddev**2 - epsilon`` (float64, then rounded); ``scale`` and
+    ``bias`` (with their metadata), ``mean``, the shared fields and a
+    ``promote_dtype`` other than :func:`no_promotion` carried (with the
+    default, the batch norm gets Flax's own ``promote_dtype``, so that the
+    result needs no ``renorm``; its output then comes in the promoted
+    dtype, e.g. float32 for a bfloat16 input with float32 parameters); ``step``, the diagnostics and the
     renorm options dropped (``use_fast_variance`` is carried, so training the
     result further keeps renorm's two-pass variance unless changed). The
     inference outputs are the original's to rounding, and the result needs
@@ -320,16 +338,15 @@ def export_batch_norm(model, *, negative_variance: str = "raise"):
     check_negative_variance(negative_variance)
 
     def make(layer, name):
+        promote = {} if layer.promote_dtype is no_promotion else {"promote_dtype": layer.promote_dtype}
         bn = nnx.BatchNorm(
             layer.num_features,
             **{k: getattr(layer, k) for k in _SHARED},
             use_fast_variance=layer.use_fast_variance,
+            **promote,
             rngs=nnx.Rngs(0),
         )
-        if layer.scale is not None:
-            _copy(bn.scale, layer.scale[...])
-        if layer.bias is not None:
-            _copy(bn.bias, layer.bias[...])
+        _copy_params(bn, layer)
         _copy(bn.mean, layer.mean[...])
         variance = variance_from_stddev(
             np.asarray(layer.stddev[...]), layer.epsilon, name=name,
