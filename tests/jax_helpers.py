@@ -78,3 +78,16 @@ def infer_fn(module):
 
     return infer
 
+
+
+def batch_norm_pair_inputs(shape, axis, seed):
+    """float64 inputs for comparing rmax=1, dmax=0 with Flax's batch norm: x, dy, a mask, params, a moving mean."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(3.0 + 2.0 * rng.standard_normal(shape))
+    dy = jnp.asarray(rng.standard_normal(shape))
+    c = shape[axis]
+    mshape = list(shape)
+    mshape[axis] = 1
+    mask = jnp.asarray(rng.random(mshape) < 0.6)
+    params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, c)), "bias": jnp.asarray(rng.normal(size=c))}
+    return x, dy, mask, params, jnp.asarray(rng.normal(size=c))

@@ -20,8 +20,8 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-from jax_helpers import linen_module, oracle, variables
-from parity import MASK_CASE_IDS, MASK_CASES, TOL, assert_close, make_masks, make_params, make_steps, rel_err
+from jax_helpers import batch_norm_pair_inputs, linen_module, oracle, variables
+from parity import MASK_CASE_IDS, MASK_CASES, assert_close, make_masks, make_params, make_steps
 from renorm.jax import BatchRenorm
 from renorm.jax import functional as F
 from renorm.jax import nnx as rnnx
@@ -144,46 +144,7 @@ def test_masked_nnx_matches_oracle_and_keeps_diagnostics_when_nothing_is_selecte
 
 
 # ---------------------------------------------------------------- rmax=1, dmax=0 is flax's batch norm
-def _batch_norm_pair_inputs(shape, axis, seed):
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(3.0 + 2.0 * rng.standard_normal(shape))
-    dy = jnp.asarray(rng.standard_normal(shape))
-    c = shape[axis]
-    mshape = list(shape)
-    mshape[axis] = 1
-    mask = jnp.asarray(rng.random(mshape) < 0.6)
-    params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, c)), "bias": jnp.asarray(rng.normal(size=c))}
-    return x, dy, mask, params, jnp.asarray(rng.normal(size=c))
-
-
-@pytest.mark.parametrize("explicit", [True, False])
-@pytest.mark.parametrize("shape,axis", [((8, 5, 3), -1), ((6, 3, 2, 2), 1)])
-def test_masked_rmax1_dmax0_is_flax_linen_batch_norm(shape, axis, explicit, x64):
-    """With the same mask: outputs, gradients and moving mean of nn.BatchNorm (two-pass variance)."""
-    x, dy, mask, params, mean0 = _batch_norm_pair_inputs(shape, axis, 4)
-    c = shape[axis]
-    kw = dict(axis=axis, momentum=0.9, epsilon=1e-3, param_dtype=jnp.float64)
-    ours = BatchRenorm(rmax=1.0, dmax=0.0, explicit_backward=explicit, **kw)
-    theirs = nn.BatchNorm(use_fast_variance=False, dtype=jnp.float64, **kw)
-    stats_ours = {"mean": mean0, "stddev": jnp.full(c, 7.0), "step": jnp.zeros((), jnp.int32)}
-    stats_theirs = {"mean": mean0, "var": jnp.ones(c)}
-
-    def run(module, stats):
-        def fwd(params, x):
-            return module.apply({"params": params, "batch_stats": stats}, x, use_running_average=False,
-                                mask=mask, mutable=["batch_stats"])
-        y, vjp, upd = jax.vjp(fwd, params, x, has_aux=True)
-        return y, vjp(dy), upd["batch_stats"]
-
-    y1, (dp1, dx1), s1 = jax.jit(run, static_argnums=0)(ours, stats_ours)
-    y2, (dp2, dx2), s2 = jax.jit(run, static_argnums=0)(theirs, stats_theirs)
-    assert_close(y1, y2, "float64", "value", "y")
-    assert_close(dx1, dx2, "float64", "grad", "dx")
-    assert_close(dp1["scale"], dp2["scale"], "float64", "grad", "dscale")
-    assert_close(dp1["bias"], dp2["bias"], "float64", "grad", "dbias")
-    assert_close(s1["mean"], s2["mean"], "float64", "value", "moving mean")
-
-
+# (linen: test_jax_parity.test_rmax1_dmax0_is_flax_batchnorm, with and without a mask)
 # nnx.BatchNorm writes its float64 update into its float32 statistics (its own code, not ours).
 @pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types:FutureWarning")
 def test_masked_rmax1_dmax0_is_nnx_batch_norm(x64):
@@ -191,7 +152,7 @@ def test_masked_rmax1_dmax0_is_nnx_batch_norm(x64):
 
     nnx.BatchNorm keeps its statistics in float32 whatever the dtypes, hence the float32 tolerance there.
     """
-    x, dy, mask, params, mean0 = _batch_norm_pair_inputs((8, 5, 3), -1, 5)
+    x, dy, mask, params, mean0 = batch_norm_pair_inputs((8, 5, 3), -1, 5)
     ours = rnnx.BatchRenorm(3, rmax=1.0, dmax=0.0, momentum=0.9, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
     theirs = nnx.BatchNorm(3, momentum=0.9, use_fast_variance=False, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
 

@@ -10,7 +10,7 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-from jax_helpers import infer_fn, linen_module, oracle, train_step_fn, variables
+from jax_helpers import batch_norm_pair_inputs, infer_fn, linen_module, oracle, train_step_fn, variables
 from parity import CASE_IDS, CASES, TOL, assert_close, make_params, make_steps, rel_err
 from renorm.jax import BatchRenorm
 from renorm.jax import nnx as rnnx
@@ -111,17 +111,17 @@ def test_parity_cases_exercise_clipping(x64):
 
 
 # ---------------------------------------------------------------- batch norm
-@pytest.mark.parametrize("shape,axis", [((8, 5), -1), ((4, 3, 2, 3), 1)])
-def test_rmax1_dmax0_is_flax_batchnorm(shape, axis, x64):
-    """rmax=1, dmax=0 is exactly flax.linen.BatchNorm in training: outputs, gradients, moving mean."""
-    rng = np.random.default_rng(3)
-    x = jnp.asarray(3.0 + 2.0 * rng.standard_normal(shape))
-    dy = jnp.asarray(rng.standard_normal(shape))
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])
+@pytest.mark.parametrize("explicit", [True, False])
+@pytest.mark.parametrize("shape,axis", [((8, 5, 3), -1), ((6, 3, 2, 2), 1)])
+def test_rmax1_dmax0_is_flax_batchnorm(shape, axis, explicit, masked, x64):
+    """rmax=1, dmax=0 is exactly flax.linen.BatchNorm in training (two-pass variance), given the same mask or none:
+    outputs, gradients, moving mean."""
+    x, dy, mask, params, mean0 = batch_norm_pair_inputs(shape, axis, 4)
+    mask = mask if masked else None
     c = shape[axis]
-    params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, c)), "bias": jnp.asarray(rng.normal(size=c))}
-    mean0 = jnp.asarray(rng.normal(size=c))
     kw = dict(axis=axis, momentum=0.9, epsilon=1e-3, param_dtype=jnp.float64)
-    ours = BatchRenorm(rmax=1.0, dmax=0.0, **kw)
+    ours = BatchRenorm(rmax=1.0, dmax=0.0, explicit_backward=explicit, **kw)
     theirs = nn.BatchNorm(use_fast_variance=False, dtype=jnp.float64, **kw)
     stats_ours = {"mean": mean0, "stddev": jnp.full(c, 7.0), "step": jnp.zeros((), jnp.int32)}
     stats_theirs = {"mean": mean0, "var": jnp.ones(c)}
@@ -129,7 +129,7 @@ def test_rmax1_dmax0_is_flax_batchnorm(shape, axis, x64):
     def run(module, stats):
         def fwd(params, x):
             return module.apply({"params": params, "batch_stats": stats}, x, use_running_average=False,
-                                mutable=["batch_stats"])
+                                mask=mask, mutable=["batch_stats"])
         y, vjp, upd = jax.vjp(fwd, params, x, has_aux=True)
         return y, vjp(dy), upd["batch_stats"]
 
@@ -140,6 +140,10 @@ def test_rmax1_dmax0_is_flax_batchnorm(shape, axis, x64):
     assert_close(dp1["scale"], dp2["scale"], "float64", "grad", "dscale")
     assert_close(dp1["bias"], dp2["bias"], "float64", "grad", "dbias")
     assert_close(s1["mean"], s2["mean"], "float64", "value", "moving mean")
+    if masked:  # the mask mattered: the unmasked output differs
+        y0 = ours.apply({"params": params, "batch_stats": stats_ours}, x, use_running_average=False,
+                        mutable=["batch_stats"])[0]
+        assert rel_err(y0, y1) > 1e-3
 
 
 # ------------------------------------------------------------- linen vs nnx

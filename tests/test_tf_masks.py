@@ -96,36 +96,7 @@ def test_masked_unknown_batch_size_and_nothing_selected_in_a_graph():
     assert ref.step == 2
 
 
-@pytest.mark.parametrize("explicit", [True, False])
-def test_masked_rmax1_dmax0_is_keras_batch_norm(explicit):
-    """Same mask: keras.layers.BatchNormalization's outputs, gradients and moving mean.
-
-    Keras divides its masked sums by ``count + 1e-7`` (``keras.backend.epsilon()``), a relative
-    difference of about 1e-7 / count: the comparison is at the float32 tolerance, in float64.
-    """
-    rng = np.random.default_rng(0)
-    ours = BatchRenormalization(rmax=1.0, dmax=0.0, momentum=0.8, dtype="float64", explicit_gradient=explicit)
-    bn = keras.layers.BatchNormalization(momentum=0.8, dtype="float64")
-    for layer in (ours, bn):
-        layer.build((16, 5, 3))
-    for w in ("gamma", "beta"):
-        value = rng.uniform(0.5, 1.5, 3)
-        getattr(ours, w).assign(value)
-        getattr(bn, w).assign(value)
-    for _ in range(2):
-        x = tf.constant(rng.normal(3.0, 2.0, (16, 5, 3)))
-        dy = tf.constant(rng.standard_normal((16, 5, 3)))
-        mask = tf.constant(rng.random((16, 5)) < 0.6)
-        results = []
-        for layer in (ours, bn):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                y = layer(x, training=True, mask=mask)
-                loss = tf.reduce_sum(y * dy)
-            results.append([y] + tape.gradient(loss, [x, layer.gamma, layer.beta]))
-        for a, b, what in zip(*results, ["y", "dx", "dgamma", "dbeta"]):
-            assert_close(a.numpy(), b.numpy(), "float32", "value" if what == "y" else "grad", what)
-        assert_close(ours.moving_mean.numpy(), bn.moving_mean.numpy(), "float32", "value", "moving_mean")
+# rmax=1, dmax=0 with a mask is Keras's batch norm: test_tf_parity.test_rmax1_dmax0_is_keras_batch_norm.
 
 
 def test_mask_from_embedding_reaches_the_layer_and_is_passed_on():

@@ -12,7 +12,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from parity import CASE_IDS, CASES, assert_close, make_steps  # noqa: E402
+from parity import CASE_IDS, CASES, assert_close, make_steps, rel_err  # noqa: E402
 from tf_helpers import check_against_oracle, make_pair  # noqa: E402
 
 from renorm.tf import BatchRenormalization  # noqa: E402
@@ -73,34 +73,45 @@ def test_unknown_batch_size_at_trace_time():
     assert len(step.get_concrete_function().graph.as_graph_def().node) > 0
 
 
-def test_rmax1_dmax0_is_keras_batch_norm():
-    """rmax=1, dmax=0 gives keras.layers.BatchNormalization's training outputs and gradients.
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])
+@pytest.mark.parametrize("explicit", [True, False])
+def test_rmax1_dmax0_is_keras_batch_norm(explicit, masked):
+    """rmax=1, dmax=0 gives keras.layers.BatchNormalization's training outputs and gradients, given the same mask
+    or none.
 
     Only the moving mean is comparable as state: Keras keeps a moving variance
     (an average of variances), we keep a moving stddev (an average of
     sqrt(var + eps)); these are not functions of each other after a step.
+    With a mask, Keras divides its masked sums by ``count + 1e-7``
+    (``keras.backend.epsilon()``), a relative difference of about 1e-7 / count:
+    that comparison is at the float32 tolerance, in float64.
     """
     rng = np.random.default_rng(0)
-    ours = BatchRenormalization(rmax=1.0, dmax=0.0, momentum=0.8, dtype="float64")
+    tol = "float32" if masked else "float64"
+    ours = BatchRenormalization(rmax=1.0, dmax=0.0, momentum=0.8, dtype="float64", explicit_gradient=explicit)
     bn = keras.layers.BatchNormalization(momentum=0.8, dtype="float64")
     for layer in (ours, bn):
-        layer.build((16, 2, 3))
+        layer.build((16, 5, 3))
     for w in ("gamma", "beta"):
         value = rng.uniform(0.5, 1.5, 3)
         getattr(ours, w).assign(value)
         getattr(bn, w).assign(value)
     for _ in range(3):
-        x = tf.constant(rng.normal(3.0, 2.0, (16, 2, 3)))
-        dy = tf.constant(rng.standard_normal((16, 2, 3)))
+        x = tf.constant(rng.normal(3.0, 2.0, (16, 5, 3)))
+        dy = tf.constant(rng.standard_normal((16, 5, 3)))
+        mask = tf.constant(rng.random((16, 5)) < 0.6) if masked else None
         results = []
         for layer in (ours, bn):
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                loss = tf.reduce_sum(layer(x, training=True) * dy)
-            results.append([loss] + tape.gradient(loss, [x, layer.gamma, layer.beta]))
-        for a, b, what in zip(*results, ["loss", "dx", "dgamma", "dbeta"]):
-            assert_close(a.numpy(), b.numpy(), "float64", "grad" if what != "loss" else "value", what)
-        assert_close(ours.moving_mean.numpy(), bn.moving_mean.numpy(), "float64", "value", "moving_mean")
+                y = layer(x, training=True, mask=mask)
+                loss = tf.reduce_sum(y * dy)
+            results.append([y] + tape.gradient(loss, [x, layer.gamma, layer.beta]))
+        for a, b, what in zip(*results, ["y", "dx", "dgamma", "dbeta"]):
+            assert_close(a.numpy(), b.numpy(), tol, "value" if what == "y" else "grad", what)
+        assert_close(ours.moving_mean.numpy(), bn.moving_mean.numpy(), tol, "value", "moving_mean")
+    if masked:  # the mask mattered: the last step without it gives another output
+        assert rel_err(bn(x, training=True).numpy(), results[1][0].numpy()) > 1e-3
 
 
 def test_keras_renorm_is_an_independent_reference():
