@@ -170,6 +170,55 @@ def test_repro_multiworker_kill_9_then_resume_both_ends_like_the_uninterrupted_r
             assert len(steps) == 4 and set(steps.values()) == {6}, steps
 
 
+@pytest.mark.slow
+def test_repro_multiworker_chief_killed_with_every_checkpoint_damaged(uninterrupted, tmp_path):
+    """kill -9 of the chief (worker 0), then every checkpoint of its run damaged: --resume of both stops on
+    both workers with one line that names the damaged worker, changing nothing; with that run's folder
+    deleted (what the line says to do), --resume trains it again from step 0 on both and ends like the
+    uninterrupted run."""
+    from renorm_repro import config as C
+
+    ref, cache = uninterrupted
+    out = [tmp_path / "worker0", tmp_path / "worker1"]
+    run0, run1 = out[0] / "runs" / "bn_micro" / "seed0", out[1] / "runs" / "bn_micro" / "seed0"
+    (rc0, _), (rc1, out1) = _run_multiworker(
+        lambda i: out[i], cache, timeout=420, grace=150, env={"PYTHONUNBUFFERED": "1"},
+        faults=[{"worker": 0, "signal": "SIGKILL", "after_file": str(run1 / "checkpoints" / "ckpt-4.index")}])[0]
+    assert rc0 == -9
+    errors = [ln for ln in out1.splitlines() if ln.startswith("renorm-repro:")]
+    assert rc1 == 1 and len(errors) == 1, out1[-4000:]  # the other worker stops by itself, with one line
+    assert "continue with --resume" in errors[0], errors[0]
+    data = sorted((run0 / "checkpoints").glob("ckpt-*.data-*"))
+    assert data, sorted(p.name for p in run0.rglob("*"))
+    for f in data:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    def files(w):  # every file of the runs (the experiment's versions.json records each invocation)
+        return sorted((p.relative_to(out[w]), p.read_bytes()) for p in (out[w] / "runs").rglob("*") if p.is_file())
+
+    before = [files(0), files(1)]
+
+    results = _run_multiworker(lambda i: out[i], cache, "--resume", timeout=420, grace=150)
+    for w, (rc, log) in enumerate(results):
+        lines = [ln for ln in log.splitlines() if ln.startswith("renorm-repro:")]
+        assert rc == 1 and len(lines) == 1, (w, log[-4000:])
+        if w == 0:
+            assert "no intact checkpoint" in lines[0] and f"delete {run0} to train" in lines[0], lines[0]
+        else:
+            assert "worker 0 has checkpoint files of runs/bn_micro/seed0 but none intact" in lines[0], lines[0]
+            assert "Nothing was changed" in lines[0]
+    assert [files(0), files(1)] == before
+
+    shutil.rmtree(run0)
+    results = _run_multiworker(lambda i: out[i], cache, "--resume", timeout=420)
+    _assert_all_ok(results, "trained 2 arms x 1 seeds")
+    assert "starting this run over from step 0" in results[1][1], results[1][1][-4000:]
+    cfg = C.get_config("smoke", overrides={**_OVERRIDES, "cache_dir": str(cache)})
+    for arm in cfg.arms:
+        for w in (0, 1):
+            rdir, rdir_ref = out[w] / "runs" / arm / "seed0", ref / f"worker{w}" / "runs" / arm / "seed0"
+            assert _rows(rdir / "metrics.csv") == _rows(rdir_ref / "metrics.csv"), (arm, w)
+
+
 def test_repro_multiworker_needs_tf_config(tmp_path, monkeypatch):
     """Without TF_CONFIG, strategy=multiworker is refused rather than run as a single worker."""
     from renorm_repro import config as C
