@@ -238,7 +238,8 @@ def test_tensorflow_learning_rate_schedule_equals_the_config():
 
 # --------------------------------------------------------- Keras's renorm arm
 def test_keras_renorm_arm_matches_the_oracle_through_the_schedule():
-    """Keras's own renorm with the swapped-in schedule follows the NumPy oracle step by step (float64)."""
+    """Keras's own renorm with the swapped-in schedule follows the NumPy oracle step by step (float64):
+    outputs, gradients, moving statistics, clip diagnostics."""
     import tensorflow as tf
 
     from renorm.numpy_ref import BatchRenormReference
@@ -255,9 +256,19 @@ def test_keras_renorm_arm_matches_the_oracle_through_the_schedule():
     for t in range(9):
         # Drifting inputs: the moving statistics lag, so the clip bites once the ramp opens.
         x = rng.normal(3.0 * t, 1.0 + t, size=(8, 4, 4, 3))
-        y = layer(tf.constant(x), training=True).numpy()
+        dy = rng.normal(size=x.shape)
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = layer(xt, training=True)
+            loss = tf.reduce_sum(y * dy)
+        dx, dgamma, dbeta = (g.numpy() for g in tape.gradient(loss, [xt, layer.gamma, layer.beta]))
         y_ref = ref.train(x)
-        np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+        dx_ref, dgamma_ref, dbeta_ref = ref.backward(dy)
+        np.testing.assert_allclose(y.numpy(), y_ref, rtol=1e-12, atol=1e-12)
+        # The gradients too (r and d constants, as the paper has them), so that training steps agree.
+        for got, want in ((dx, dx_ref), (dgamma, dgamma_ref), (dbeta, dbeta_ref)):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
         np.testing.assert_allclose(layer.moving_mean.numpy(), ref.mean, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(layer.moving_stddev.numpy(), ref.stddev, rtol=1e-12, atol=1e-12)
         assert int(layer.step.numpy()) == ref.step == t + 1
