@@ -17,8 +17,10 @@ declare -A CMD=(
   [microbatch-k4]="--experiment microbatch --preset fashion --microbatch-size 4"
   [noniid-constant-lr-momentum0.9]="--experiment noniid --preset fashion --arms bn,brn,keras_brn --lr-schedule constant --momentum 0.9"
   [noniid-constant-lr-2000steps]="--experiment noniid --preset fashion --arms bn,brn,keras_brn --lr-schedule constant --steps 2000"
+  [noniid-constant-lr-2000steps-seeds5-9]="--experiment noniid --preset fashion --arms brn,keras_brn --lr-schedule constant --steps 2000 --seeds 5,6,7,8,9"
 )
-ORDER=(noniid noniid-constant-lr microbatch-k2 microbatch-k4 iid noniid-constant-lr-momentum0.9 noniid-constant-lr-2000steps)
+ORDER=(noniid noniid-constant-lr microbatch-k2 microbatch-k4 iid noniid-constant-lr-momentum0.9 noniid-constant-lr-2000steps
+       noniid-constant-lr-2000steps-seeds5-9)
 [ "$#" -gt 0 ] && ORDER=("$@")
 for name in "${ORDER[@]}"; do
   resume=""
