@@ -20,6 +20,11 @@ from multiworker import run_workers
 pytest.importorskip("tensorflow")
 
 
+def _error_lines(log):
+    """The one-line errors (``renorm-repro: ...``) in a worker's output."""
+    return [ln for ln in log.splitlines() if ln.startswith("renorm-repro:")]
+
+
 def _assert_all_ok(results, marker):
     for i, (rc, out) in enumerate(results):
         assert rc == 0, f"worker {i} exited with {rc}:\n{out[-4000:]}"
@@ -133,7 +138,7 @@ def test_repro_multiworker_kill_9_then_resume_both_ends_like_the_uninterrupted_r
         lambda i: out[i], cache, timeout=420, grace=150, env={"PYTHONUNBUFFERED": "1"},
         faults=[{"worker": 1, "signal": "SIGKILL", "after_file": str(bn0 / "done.json")}])[0]
     assert rc1 == -9
-    errors = [ln for ln in out0.splitlines() if ln.startswith("renorm-repro:")]
+    errors = _error_lines(out0)
     assert rc0 == 1 and len(errors) == 1, out0[-4000:]  # no hang: one line when the peer is gone
     assert "UnavailableError" in errors[0] and "continue with --resume" in errors[0], errors[0]
     assert (bn1 / "checkpoints" / "ckpt-4.index").is_file()
@@ -185,13 +190,14 @@ def test_repro_multiworker_chief_killed_with_every_checkpoint_damaged(uninterrup
         lambda i: out[i], cache, timeout=420, grace=150, env={"PYTHONUNBUFFERED": "1"},
         faults=[{"worker": 0, "signal": "SIGKILL", "after_file": str(run1 / "checkpoints" / "ckpt-4.index")}])[0]
     assert rc0 == -9
-    errors = [ln for ln in out1.splitlines() if ln.startswith("renorm-repro:")]
+    errors = _error_lines(out1)
     assert rc1 == 1 and len(errors) == 1, out1[-4000:]  # the other worker stops by itself, with one line
     assert "continue with --resume" in errors[0], errors[0]
     data = sorted((run0 / "checkpoints").glob("ckpt-*.data-*"))
     assert data, sorted(p.name for p in run0.rglob("*"))
     for f in data:
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
     def files(w):  # every file of the runs (the experiment's versions.json records each invocation)
         return sorted((p.relative_to(out[w]), p.read_bytes()) for p in (out[w] / "runs").rglob("*") if p.is_file())
 
@@ -199,7 +205,7 @@ def test_repro_multiworker_chief_killed_with_every_checkpoint_damaged(uninterrup
 
     results = _run_multiworker(lambda i: out[i], cache, "--resume", timeout=420, grace=150)
     for w, (rc, log) in enumerate(results):
-        lines = [ln for ln in log.splitlines() if ln.startswith("renorm-repro:")]
+        lines = _error_lines(log)
         assert rc == 1 and len(lines) == 1, (w, log[-4000:])
         if w == 0:
             assert "no intact checkpoint" in lines[0] and f"delete {run0} to train" in lines[0], lines[0]
