@@ -68,6 +68,7 @@ OPTIMIZERS = ("adam", "rmsprop")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("default", "mirrored", "multiworker")
 LR_SCHEDULES = ("constant", "cosine", "step")
+SCHEDULE_BASES = ("paper_scaled", "paper")
 
 
 class ConfigError(ValueError):
@@ -110,6 +111,15 @@ class ExperimentConfig:
     epsilon: float = 1e-3
     rmax: float = 3.0  # final limits of the paper's schedule, reached at
     dmax: float = 5.0  # 40k/160k (rmax) and 25k/160k (dmax) of the run
+    # --- clipping schedule of the Batch Renorm arms (:meth:`schedule`). Breakpoints not given come from
+    # `schedule_base`: "paper_scaled" (the paper's 5k/40k/25k of 160k steps scaled to `steps`) or "paper"
+    # (unscaled). A warm-up given alone moves the ramps with it (their lengths stay the base's).
+    schedule_base: str = "paper_scaled"
+    warmup_steps: Optional[int] = None  # steps of plain batch norm, in absolute steps
+    # ... or in moving-average time constants, 1/(1 - momentum) steps each (not both)
+    warmup_time_constants: Optional[float] = None
+    rmax_steps: Optional[int] = None  # step at which rmax is reached; 0: no ramp (rmax right after the warm-up)
+    dmax_steps: Optional[int] = None  # the same for dmax
     # --- model and optimization
     width: int = 32
     optimizer: str = "adam"
@@ -196,6 +206,36 @@ class ExperimentConfig:
         if not 0.0 < self.threshold <= 1.0:
             bad("threshold", "must be an accuracy in (0, 1]")
         self._check()
+        self._check_schedule()
+
+    def _check_schedule(self):
+        bad = self._bad
+        if self.schedule_base not in SCHEDULE_BASES:
+            bad("schedule_base", f"must be one of {SCHEDULE_BASES}")
+        if self.warmup_steps is not None and self.warmup_time_constants is not None:
+            raise ConfigError("Give the warm-up once: `warmup_steps` or `warmup_time_constants`, got "
+                              f"warmup_steps={self.warmup_steps!r} and "
+                              f"warmup_time_constants={self.warmup_time_constants!r}.")
+        for key in ("warmup_steps", "rmax_steps", "dmax_steps"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                bad(key, "must be >= 0")
+        if self.warmup_time_constants is not None and not (
+                self.warmup_time_constants >= 0 and math.isfinite(self.warmup_time_constants)):
+            bad("warmup_time_constants", "must be a finite number >= 0")
+        warm, r_end, d_end = self._breakpoints()
+        if warm >= self.steps:
+            raise ConfigError(f"The warm-up of the Batch Renorm arms ({warm} steps) must be shorter than the run "
+                              f"(steps={self.steps}): they would be batch norm throughout.")
+        for key, end in (("rmax_steps", r_end), ("dmax_steps", d_end)):
+            given = getattr(self, key) is not None
+            if 0 < end <= warm:
+                raise ConfigError(f"`{key}` ends the ramp before the warm-up ends (warm-up {warm} steps), got "
+                                  f"{key}={end!r}{'' if given else ' (moved with the warm-up)'}; "
+                                  f"pass --{key.replace('_', '-')} 0 for no ramp or a step after {warm}.")
+            if end > self.steps:
+                raise ConfigError(f"`{key}` is after the end of the run (steps={self.steps}), got {key}={end!r}"
+                                  f"{'' if given else ' (moved with the warm-up)'}: the limit would never "
+                                  "reach its final value.")
         try:
             self.schedule()
         except ValueError as e:
@@ -205,9 +245,34 @@ class ExperimentConfig:
         """The experiment's own checks (call ``self._bad(key, why)``)."""
 
     # -------------------------------------------------------------- derived
+    def time_constant_steps(self) -> float:
+        """The moving averages' time constant, ``1 / (1 - momentum)`` steps (100 at momentum 0.99)."""
+        return 1.0 / (1.0 - self.momentum)
+
+    def _breakpoints(self) -> Tuple[int, int, int]:
+        """``(warmup_steps, rmax_steps, dmax_steps)`` of the Batch Renorm arms (see the fields' comments)."""
+        base = ClipSchedule.paper(self.steps) if self.schedule_base == "paper_scaled" else ClipSchedule.paper()
+        warm = base.warmup_steps
+        if self.warmup_steps is not None:
+            warm = self.warmup_steps
+        elif self.warmup_time_constants is not None:
+            warm = int(round(self.warmup_time_constants * self.time_constant_steps()))
+
+        def end(given, base_end):
+            if given is not None:
+                return given
+            return base_end - base.warmup_steps + warm if base_end > base.warmup_steps else 0
+
+        return warm, end(self.rmax_steps, base.rmax_steps), end(self.dmax_steps, base.dmax_steps)
+
     def schedule(self) -> ClipSchedule:
-        """The paper's schedule scaled to ``steps``, with final limits ``rmax``, ``dmax``."""
-        return dataclasses.replace(ClipSchedule.paper(self.steps), rmax=float(self.rmax), dmax=float(self.dmax))
+        """The Batch Renorm arms' clipping schedule: limits ``rmax``, ``dmax``, breakpoints of :meth:`_breakpoints`.
+
+        By default the paper's schedule scaled to ``steps`` (``ClipSchedule.paper(steps)``).
+        """
+        warm, r_end, d_end = self._breakpoints()
+        return ClipSchedule(rmax=float(self.rmax), dmax=float(self.dmax), warmup_steps=warm, rmax_steps=r_end,
+                            dmax_steps=d_end)
 
     def learning_rate_at(self, t, cos=math.cos, at_least=lambda a, b: float(a >= b)):
         """The learning rate of training step ``t`` (0-based), one expression for every backend.
@@ -286,8 +351,15 @@ class ExperimentConfig:
 
     def derived(self) -> dict:
         fwd = conv_flops_per_example(self.image_shape(), self.width, self.num_classes())
+        sched = self.schedule()
+        tau = self.time_constant_steps()
         return {
-            "schedule": self.schedule().to_dict(),
+            "schedule": sched.to_dict(),
+            # The schedule's breakpoints in moving-average time constants (1/(1 - momentum) steps).
+            "schedule_time_constants": {"time_constant_steps": round(tau, 6),
+                                        "warmup": round(sched.warmup_steps / tau, 6),
+                                        "rmax_steps": round(sched.rmax_steps / tau, 6),
+                                        "dmax_steps": round(sched.dmax_steps / tau, 6)},
             "arms": {
                 arm: {
                     "label": self.arm_label(arm),
@@ -329,7 +401,7 @@ class MicrobatchConfig(ExperimentConfig):
     def arm_specs_template(self) -> Dict[str, str]:
         return {
             "bn_micro": "batch norm on micro-batches of microbatch_size",
-            "brn_micro": "Batch Renorm on micro-batches of microbatch_size, paper schedule scaled",
+            "brn_micro": "Batch Renorm on micro-batches of microbatch_size, with the config's clipping schedule (default: the paper's, scaled)",
             "bn_32": "batch norm on groups of bn_group",
         }
 
@@ -396,7 +468,7 @@ class NoniidConfig(ExperimentConfig):
     def arm_specs_template(self) -> Dict[str, str]:
         return {
             "bn": "batch norm on the whole non-i.i.d. minibatch",
-            "brn": "Batch Renorm on the whole non-i.i.d. minibatch, paper schedule scaled",
+            "brn": "Batch Renorm on the whole non-i.i.d. minibatch, with the config's clipping schedule (default: the paper's, scaled)",
             "keras_brn": "Keras's own BatchNormalization(renorm=True) configured as the paper, same schedule",
             "bn_split": "batch norm applied separately to split_groups parts, the images of each label split "
                         "between them",
@@ -451,7 +523,7 @@ class IidConfig(ExperimentConfig):
 
     def arm_specs_template(self) -> Dict[str, str]:
         return {"bn": "batch norm on the whole minibatch",
-                "brn": "Batch Renorm on the whole minibatch, paper schedule scaled",
+                "brn": "Batch Renorm on the whole minibatch, with the config's clipping schedule (default: the paper's, scaled)",
                 "keras_brn": "Keras's own BatchNormalization(renorm=True) configured as the paper, same schedule"}
 
     def arm_spec(self, arm: str) -> dict:

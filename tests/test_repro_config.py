@@ -78,3 +78,80 @@ def test_cli_reports_bad_overrides_and_shows_configs(capsys):
     assert shown["config"]["steps"] == 16000 and shown["derived"]["schedule"]["warmup_steps"] == 500
     with pytest.raises(SystemExit):
         main(["run", "--preset", "nonsense", "--out", "x"])
+
+
+# ------------------------------------------------- the Batch Renorm arms' explicit schedule
+def test_default_schedule_is_the_paper_scaled_one_and_is_recorded_per_arm():
+    cfg = C.get_config("fashion", "iid")
+    assert cfg.schedule() == ClipSchedule.paper(cfg.steps)
+    d = cfg.derived()
+    assert d["arms"]["brn"]["schedule"] == ClipSchedule.paper(4000).to_dict()
+    assert d["arms"]["bn"]["schedule"] == ClipSchedule.batch_norm().to_dict()
+    assert d["schedule_time_constants"]["warmup"] == 1.25
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    # absolute steps, no ramps: the issue's small limits
+    ({"warmup_steps": "1000", "rmax": "1.5", "dmax": "0.5", "rmax_steps": "0", "dmax_steps": "0"},
+     dict(rmax=1.5, dmax=0.5, warmup_steps=1000, rmax_steps=0, dmax_steps=0)),
+    # a warm-up in time constants at momentum 0.99 (100 steps each) moves the scaled ramps with it
+    ({"warmup_time_constants": "10"}, dict(rmax=3.0, dmax=5.0, warmup_steps=1000, rmax_steps=1875, dmax_steps=1500)),
+    # ... and at momentum 0.9 a time constant is 10 steps
+    ({"warmup_time_constants": "5", "momentum": "0.9"},
+     dict(rmax=3.0, dmax=5.0, warmup_steps=50, rmax_steps=925, dmax_steps=550)),
+    # explicit ramp ends win over the moved ones
+    ({"warmup_time_constants": "10", "rmax_steps": "2000", "dmax_steps": "1500"},
+     dict(rmax=3.0, dmax=5.0, warmup_steps=1000, rmax_steps=2000, dmax_steps=1500)),
+    # the paper's breakpoints unscaled, in a run long enough for them
+    ({"schedule_base": "paper", "steps": "40000"},
+     dict(rmax=3.0, dmax=5.0, warmup_steps=5000, rmax_steps=40000, dmax_steps=25000)),
+])
+def test_explicit_schedules(overrides, expected):
+    cfg = C.get_config("fashion", "iid", overrides)
+    assert cfg.schedule() == ClipSchedule(**expected)
+    for arm in ("brn", "keras_brn"):
+        assert cfg.arm_spec(arm)["schedule"] == ClipSchedule(**expected)
+    assert cfg.arm_spec("bn")["schedule"] == ClipSchedule.batch_norm()
+    tau = 10.0 if cfg.momentum == 0.9 else 100.0
+    assert cfg.time_constant_steps() == pytest.approx(tau, rel=1e-12)
+    assert cfg.derived()["schedule_time_constants"]["warmup"] == pytest.approx(expected["warmup_steps"] / tau)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"warmup_steps": "1000", "rmax_steps": "500"}, r"`rmax_steps` ends the ramp before the warm-up ends.*500"),
+    ({"warmup_steps": "1000", "dmax_steps": "1000"}, r"`dmax_steps` ends the ramp before the warm-up"),
+    ({"warmup_steps": "1000", "warmup_time_constants": "5"}, r"Give the warm-up once"),
+    ({"warmup_steps": "-1"}, r"warmup_steps=-1"),
+    ({"warmup_time_constants": "-2"}, r"warmup_time_constants=-2"),
+    ({"warmup_time_constants": "nan"}, r"warmup_time_constants=nan"),
+    ({"rmax": "0.5"}, r"rmax=0.5"),
+    ({"dmax": "-1"}, r"dmax=-1"),
+    ({"rmax": "inf"}, r"rmax=inf"),
+    ({"warmup_steps": "4000"}, r"warm-up of the Batch Renorm arms \(4000 steps\) must be shorter than the run"),
+    ({"warmup_time_constants": "35"}, r"`rmax_steps` is after the end of the run.*moved with the warm-up"),
+    ({"schedule_base": "paper"}, r"warm-up .*5000 steps"),
+    ({"schedule_base": "scaled"}, r"schedule_base"),
+])
+def test_schedule_overrides_that_make_no_sense_are_refused(overrides, match):
+    with pytest.raises(C.ConfigError, match=match):
+        C.get_config("fashion", "iid", overrides)
+
+
+def test_cli_show_prints_the_schedule_and_refuses_a_bad_one_in_one_line(capsys):
+    assert main(["show", "--experiment", "iid", "--preset", "fashion", "--warmup-steps", "1000", "--rmax", "1.5",
+                 "--dmax", "0.5", "--rmax-steps", "0", "--dmax-steps", "0"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["derived"]["arms"]["brn"]["schedule"] == dict(rmax=1.5, dmax=0.5, warmup_steps=1000, rmax_steps=0,
+                                                                dmax_steps=0)
+    assert shown["config"]["warmup_steps"] == 1000
+    assert main(["show", "--experiment", "iid", "--preset", "fashion", "--warmup-steps", "1000",
+                 "--rmax-steps", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "rmax_steps" in err
+
+
+def test_old_config_files_without_the_schedule_fields_read_as_the_paper_scaled_schedule():
+    cfg = C.get_config("fashion", "iid")
+    old = {k: v for k, v in C.config_to_dict(cfg).items()
+           if k not in ("schedule_base", "warmup_steps", "warmup_time_constants", "rmax_steps", "dmax_steps")}
+    assert C.config_from_dict(old).schedule() == ClipSchedule.paper(4000)
