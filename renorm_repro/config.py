@@ -144,6 +144,9 @@ class ExperimentConfig:
     # mean/stddev against the statistics of its input over this many fixed training examples under
     # the current weights (inference mode upstream); 0 turns it off. Columns lag_mean_norm<i>, lag_std_norm<i>.
     eval_lag_examples: int = 0
+    # Log r_clipped_mean/d_clipped_mean: the clipped fractions of r and d averaged over every training step
+    # since the previous evaluation (r_clipped/d_clipped are those of the last step before it only).
+    log_clip_means: bool = False
     checkpoint_every: int = 1000
     threshold: float = 0.5  # accuracy for "steps to reach" in the summary
     # --- speed

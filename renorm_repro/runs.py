@@ -87,13 +87,15 @@ NORM_LAYERS = 4
 #: training accuracy in inference mode (``eval_train_examples > 0``); validation with batch
 #: statistics on minibatches built like the training ones (``eval_batch_stats``); the test split
 #: when a validation split is held out (``val_examples > 0``); the learning rate (a schedule other
-#: than constant); how far each layer's moving statistics lag its input's (``eval_lag_examples > 0``).
+#: than constant); how far each layer's moving statistics lag its input's (``eval_lag_examples > 0``); the
+#: clipped fractions averaged over every step since the previous evaluation (``log_clip_means``).
 EXTRA_METRIC_COLUMNS = {
     "train_eval": ("train_eval_loss", "train_eval_accuracy"),
     "batchstat": ("val_batchstat_loss", "val_batchstat_accuracy"),
     "test": ("test_loss", "test_accuracy"),
     "lr": ("learning_rate",),
     "lag": tuple(f"lag_{k}_norm{i}" for k in ("mean", "std") for i in range(1, NORM_LAYERS + 1)),
+    "clip_mean": ("r_clipped_mean", "d_clipped_mean"),
 }
 
 
@@ -110,6 +112,8 @@ def metric_columns(cfg) -> tuple:
         cols += EXTRA_METRIC_COLUMNS["lr"]
     if cfg.eval_lag_examples > 0:
         cols += EXTRA_METRIC_COLUMNS["lag"]
+    if cfg.log_clip_means:
+        cols += EXTRA_METRIC_COLUMNS["clip_mean"]
     return cols
 
 

@@ -449,16 +449,18 @@ def train_run(
             optimizer.build(model.trainable_variables)
             step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             acc_vars = [tf.Variable(0.0, dtype=tf.float64, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
-                                    aggregation=tf.VariableAggregation.SUM) for _ in range(3)]
+                                    aggregation=tf.VariableAggregation.SUM) for _ in range(6 if cfg.log_clip_means else 3)]
             ema = [tf.Variable(v, trainable=False, name="ema") for v in model.trainable_variables] \
                 if cfg.ema_decay > 0 else []
-        loss_sum, correct_sum, count_sum = acc_vars
+        loss_sum, correct_sum, count_sum = acc_vars[:3]
+        clip_sums = {"r_clip_sum": acc_vars[3], "d_clip_sum": acc_vars[4], "clip_steps": acc_vars[5]} \
+            if cfg.log_clip_means else {}
         norm_layers = [l for l in model.layers if l.name.startswith("norm")]
         mean = tf.constant(dataset.mean / 255.0, tf.float32)
         std = tf.constant(dataset.std / 255.0, tf.float32)
 
         ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, loss_sum=loss_sum,
-                                   correct_sum=correct_sum, count_sum=count_sum,
+                                   correct_sum=correct_sum, count_sum=count_sum, **clip_sums,
                                    ema={f"v{i}": e for i, e in enumerate(ema)})
         label = f"[{arm} seed{seed}]"
         agreed = None
@@ -555,6 +557,11 @@ def train_run(
             loss_sum.assign_add(tf.cast(tf.reduce_sum(per_ex), tf.float64))
             correct_sum.assign_add(correct)
             count_sum.assign_add(tf.cast(tf.shape(y)[0], tf.float64))
+            if clip_sums:  # this step's clipped fractions, averaged over layers (per replica; summed on read)
+                for key, attr in (("r_clip_sum", "r_clipped_fraction"), ("d_clip_sum", "d_clipped_fraction")):
+                    clip_sums[key].assign_add(tf.add_n([tf.cast(getattr(l, attr), tf.float64)
+                                                        for l in norm_layers]) / len(norm_layers))
+                clip_sums["clip_steps"].assign_add(tf.constant(1.0, tf.float64))
 
         @tf.function(jit_compile=cfg.jit_compile)
         def _step_fn(x, y):
@@ -697,6 +704,9 @@ def train_run(
                         "d_clipped": float(np.mean([l.d_clipped_fraction.numpy() for l in norm_layers])),
                         "elapsed_s": time.perf_counter() - t0,
                         "learning_rate": float(cfg.learning_rate_at(cur - 1)),
+                        **({"r_clipped_mean": clip_sums["r_clip_sum"].numpy() / max(clip_sums["clip_steps"].numpy(), 1.0),
+                            "d_clipped_mean": clip_sums["d_clip_sum"].numpy() / max(clip_sums["clip_steps"].numpy(), 1.0)}
+                           if clip_sums else {}),
                         **evals,
                     }
                     for v in acc_vars:

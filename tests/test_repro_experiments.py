@@ -258,3 +258,36 @@ def test_iid_smoke_end_to_end(tmp_path):
     brn = _rows(out / "runs" / "brn" / "seed0" / "metrics.csv")
     assert float(brn[-1]["rmax"]) == 3.0 and tuple(brn[0]) == METRIC_COLUMNS
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_explicit_schedule_is_recorded_and_clip_means_average_every_step_of_the_interval(tmp_path):
+    """--warmup-steps/--rmax/--dmax reach the layers (rmax column, config.json); r_clipped_mean is the mean
+    over the interval's steps: with an evaluation every step it is that step's r_clipped, and with one every
+    3 steps it is the mean of those 3 (training does not depend on the evaluations)."""
+    pytest.importorskip("tensorflow")
+    from renorm_repro.cli import main
+
+    rows = {}
+    for every in (1, 3):
+        out = tmp_path / f"every{every}"
+        assert main(["run", "--experiment", "iid", "--preset", "smoke", "--out", str(out), "--arms", "brn",
+                     "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--no-tensorboard",
+                     "--warmup-steps", "2", "--rmax", "1.05", "--dmax", "0.01", "--rmax-steps", "0",
+                     "--dmax-steps", "4", "--log-clip-means", "true", "--eval-every", str(every)]) == 0
+        rows[every] = _rows(out / "runs" / "brn" / "seed0" / "metrics.csv")
+        recorded = json.loads((out / "runs" / "brn" / "seed0" / "config.json").read_text())
+        assert recorded["normalization"]["schedule"] == dict(rmax=1.05, dmax=0.01, warmup_steps=2, rmax_steps=0,
+                                                             dmax_steps=4)
+        assert json.loads((out / "config.json").read_text())["derived"]["arms"]["brn"]["schedule"] == \
+            recorded["normalization"]["schedule"]
+    every1, every3 = rows[1], rows[3]
+    assert [float(r["rmax"]) for r in every1] == [1.0, 1.0, 1.05, 1.05, 1.05, 1.05]
+    assert [float(r["dmax"]) for r in every1] == pytest.approx([0, 0, 0, 0.005, 0.01, 0.01])
+    for r in every1:
+        assert float(r["r_clipped_mean"]) == float(r["r_clipped"])
+        assert float(r["d_clipped_mean"]) == float(r["d_clipped"])
+    assert any(float(r["r_clipped"]) > 0 for r in every1)  # the limits bind: the means are not all 0
+    for j, r in enumerate(every3):
+        for col in ("r_clipped", "d_clipped"):
+            want = np.mean([float(every1[3 * j + i][col]) for i in range(3)])
+            assert float(r[col + "_mean"]) == pytest.approx(want, rel=1e-12, abs=1e-15)

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Every Fashion-MNIST experiment of results/fashion-mnist, in order, one after the other.
 # Rerunnable: a folder that exists is continued with --resume (finished runs are skipped).
-# Usage: bash results/fashion-mnist/run_all.sh [NAME ...]   (default: all, in this order), from the repository
+# Usage: bash results/fashion-mnist/run_all.sh [NAME ...]   (default: all but the sweep, in this order; the queue
+# names sweep-iid and sweep-mbk4 stand for the schedule sweep's folders, sweep/...), from the repository
 # root with the package installed. RENORM_SRC (the source tree to run, e.g. a `git worktree` of one
 # revision, so that every run of the study uses the same code) and RENORM_OUT (where the folders go)
 # are optional. Two queues may run at once on different NAMEs (each folder is locked by its writer).
 # After each experiment: renorm-repro plot --out results/fashion-mnist/NAME (run also does it).
 set -u
+ARGS=("$@")
 cd "${RENORM_SRC:-$(dirname "$0")/../..}"
 OUT="${RENORM_OUT:-results/fashion-mnist}"
 declare -A CMD=(
@@ -19,9 +21,34 @@ declare -A CMD=(
   [noniid-constant-lr-2000steps]="--experiment noniid --preset fashion --arms bn,brn,keras_brn --lr-schedule constant --steps 2000"
   [noniid-constant-lr-2000steps-seeds5-9]="--experiment noniid --preset fashion --arms brn,keras_brn --lr-schedule constant --steps 2000 --seeds 5,6,7,8,9"
 )
+# The schedule study (issue: "the verdict rests on a clipping schedule it never varied"). Sweep: the Batch
+# Renorm arm of Figure 1 (i.i.d.) and Figure 2 at k=4 under warm-ups of 1.25, 5, 10 and 20 moving-average time
+# constants (100 steps each at momentum 0.99; the ramps keep the scaled paper schedule's lengths after the
+# warm-up) x final limits rmax/dmax 1.5/0.5 and 3/5, on seeds 10-11 only (the final comparison uses other
+# seeds), with batch norm on the same seeds; the schedule is chosen on the validation split.
+SWEEP_SEEDS="--seeds 10,11 --log-clip-means true"
+SWEEP_IID=(sweep/iid-bn) SWEEP_MBK4=(sweep/mbk4-bn)
+CMD[sweep/iid-bn]="--experiment iid --preset fashion --arms bn $SWEEP_SEEDS"
+CMD[sweep/mbk4-bn]="--experiment microbatch --preset fashion --microbatch-size 4 --arms bn_micro $SWEEP_SEEDS"
+for lim in "1.5 0.5" "3 5"; do
+  set -- $lim
+  for tau in 1.25 5 10 20; do
+    SWEEP_IID+=("sweep/iid-tau$tau-r$1-d$2") SWEEP_MBK4+=("sweep/mbk4-tau$tau-r$1-d$2")
+    CMD[sweep/iid-tau$tau-r$1-d$2]="--experiment iid --preset fashion --arms brn --warmup-time-constants $tau --rmax $1 --dmax $2 $SWEEP_SEEDS"
+    CMD[sweep/mbk4-tau$tau-r$1-d$2]="--experiment microbatch --preset fashion --microbatch-size 4 --arms brn_micro --warmup-time-constants $tau --rmax $1 --dmax $2 $SWEEP_SEEDS"
+  done
+done
+set --
 ORDER=(noniid noniid-constant-lr microbatch-k2 microbatch-k4 iid noniid-constant-lr-momentum0.9 noniid-constant-lr-2000steps
        noniid-constant-lr-2000steps-seeds5-9)
-[ "$#" -gt 0 ] && ORDER=("$@")
+[ "${#ARGS[@]}" -gt 0 ] && ORDER=()
+for a in "${ARGS[@]}"; do  # a queue name stands for its folders
+  case "$a" in
+    sweep-iid) ORDER+=("${SWEEP_IID[@]}") ;;
+    sweep-mbk4) ORDER+=("${SWEEP_MBK4[@]}") ;;
+    *) [ -n "${CMD[$a]+x}" ] || { echo "run_all.sh: unknown experiment $a" >&2; exit 2; }; ORDER+=("$a") ;;
+  esac
+done
 for name in "${ORDER[@]}"; do
   resume=""
   [ -f "$OUT/$name/config.json" ] && resume="--resume"
