@@ -161,7 +161,40 @@ def _parser(experiment: str = _DEFAULT_EXPERIMENT, preset=None):
     compare.add_argument("--arms", default=None, help="comma-separated arms (default: every arm of both)")
     compare.add_argument("--figure", default=None, help="write the figure here (.png; an .svg beside it)")
     compare.add_argument("--table", default=None, help="write the Markdown table here")
-    return p, {"run": run, "plot": plot, "show": show, "bench": bench, "compare": compare}
+    pool = sub.add_parser("pool", help="one experiment's seeds spread over several folders, pooled: per arm the "
+                                       "mean over every seed, per pair the paired difference (renorm_repro.study)",
+                          parents=[common], allow_abbrev=False)
+    pool.add_argument("folders", nargs="+", help="experiment folders whose configs differ only in seeds and arms")
+    pool.add_argument("--table", default=None, help="write the Markdown table here (and the JSON beside it)")
+    sweep = sub.add_parser("sweep", help="folders that each ran one Batch Renorm schedule on the same seeds, "
+                                         "against a batch norm reference; the best chosen on validation",
+                           parents=[common], allow_abbrev=False)
+    sweep.add_argument("folders", nargs="+", help="one experiment folder per configuration")
+    sweep.add_argument("--reference", required=True, help="folder of batch norm on the same seeds")
+    sweep.add_argument("--select", default="val_last4", help="validation scalar to choose on (default val_last4)")
+    sweep.add_argument("--table", default=None, help="write the Markdown table here (and the JSON beside it)")
+    sweep.add_argument("--figure", default=None, help="write the figure here (.png; an .svg beside it)")
+    return p, {"run": run, "plot": plot, "show": show, "bench": bench, "compare": compare, "pool": pool,
+               "sweep": sweep}
+
+
+def _study_command(args) -> int:
+    """``pool`` and ``sweep`` (:mod:`renorm_repro.study`): tables (and a figure) from the folders' logs."""
+    from renorm_repro import study
+
+    if args.command == "pool":
+        result = study.pool(args.folders)
+        text = study.pool_table(result)
+    else:
+        result = study.sweep(args.folders, args.reference, select=args.select)
+        text = study.sweep_table(result)
+        if args.figure:
+            print("figures: " + ", ".join(str(p) for p in study.plot_sweep(result, args.figure)))
+    print(text)
+    if args.table:
+        Path(args.table).write_text(text)
+        Path(args.table).with_suffix(".json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return 0
 
 
 def _check_options(rest, parser, experiment: str) -> None:
@@ -372,6 +405,10 @@ def main(argv=None):
                                       arms=arms or sorted({r["arm"] for r in result["rows"]}))
                 print("figures: " + ", ".join(str(p) for p in paths))
             return 0
+        if args.command in ("pool", "sweep"):
+            if rest:
+                raise ConfigError(f"`{args.command}` takes no config overrides, got {rest}.")
+            return _study_command(args)
         if args.command in ("run", "bench") and not args.tf_logs and "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
             _quiet_tensorflow()
         if args.command == "plot":

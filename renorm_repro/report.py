@@ -72,6 +72,10 @@ def _scalar_table():
     table["lag_late"] = ("moving-mean lag |moving mean - mean| / std (mean over features and layers), mean over "
                          "the second half of training", "lag_mean", True, np.mean)
     table["lag_max"] = ("moving-mean lag, largest evaluation", "lag_mean", False, max)
+    for c in ("r", "d"):  # logged with --log-clip-means only
+        table[f"{c}_clipped_mean_late"] = (f"fraction of {c} values the clip changed, averaged over every training "
+                                           "step of the second half of training and over layers",
+                                           f"{c}_clipped_mean", True, np.mean)
     return table
 
 

@@ -1,0 +1,257 @@
+"""Across experiment folders: seeds pooled from several folders, and a schedule sweep chosen on validation.
+
+Both read only the folders' logs (through :func:`renorm_repro.report.aggregate`), like the report.
+
+:func:`pool` treats folders that ran the *same* experiment on different seeds (say seeds 0-4, then 5-9 in a
+second folder) as one: the configs must be equal but for ``seeds`` and ``arms``, and no seed may appear twice
+for an arm. Per arm and scalar it gives the mean with a 95% t interval over every seed, and per pair of the
+experiment's comparisons the paired difference over the seeds both arms hold, with the seeds where ``b > a``
+and an exact two-sided sign test.
+
+:func:`sweep` reads folders that each ran one Batch Renorm arm under one clipping schedule, on the same
+seeds, and a reference folder (batch norm on those seeds). Each configuration gets its validation and test
+scalars and its paired difference from the reference; the configuration with the highest mean validation
+scalar is *chosen* (the test columns are reported, never used). :func:`plot_sweep` draws the validation scalar
+against the warm-up, one line per pair of final limits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from renorm_repro.config import config_to_dict
+from renorm_repro.report import LAST_N, SCALARS, _ci, aggregate
+from renorm_repro.runs import RunDirError, read_experiment_config
+from renorm_repro.stats import mean_ci, paired_difference
+
+__all__ = ["sign_test_p", "pool", "pool_table", "sweep", "sweep_table", "plot_sweep"]
+
+#: Config keys that may differ between the folders :func:`pool` joins.
+POOLABLE_KEYS = ("seeds", "arms")
+
+
+def sign_test_p(wins: int, n: int) -> float:
+    """Exact two-sided sign test: P(a split at least as uneven as ``wins`` of ``n``) under a fair coin.
+
+    Ties (a difference of exactly 0) should be left out of ``n`` by the caller. 5 of 5 gives 0.0625.
+    """
+    if not (isinstance(n, int) and isinstance(wins, int) and 0 <= wins <= n):
+        raise ValueError(f"`wins` must be an integer in [0, n], got wins={wins!r}, n={n!r}.")
+    if n == 0:
+        return 1.0
+    k = min(wins, n - wins)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def _paired(a: Dict[int, float], b: Dict[int, float]) -> dict:
+    d = paired_difference(a, b)
+    nonzero = [x for x in d["differences"] if x != 0]
+    d["sign_test_p"] = sign_test_p(sum(x > 0 for x in nonzero), len(nonzero))
+    return d
+
+
+# ----------------------------------------------------------------------------------- pooling
+def pool(folders: Sequence, scalars: Optional[Sequence[str]] = None) -> dict:
+    """Seeds of the same experiment in several ``folders`` joined (see the module docstring)."""
+    folders = [Path(f) for f in folders]
+    if len(folders) < 2:
+        raise RunDirError(f"pool needs at least 2 folders, got {[str(f) for f in folders]}.")
+    cfgs = [config_to_dict(read_experiment_config(f)) for f in folders]
+    base = {k: v for k, v in cfgs[0].items() if k not in POOLABLE_KEYS}
+    for f, c in zip(folders[1:], cfgs[1:]):
+        other = {k: v for k, v in c.items() if k not in POOLABLE_KEYS}
+        diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
+        if diff:
+            raise RunDirError(f"{f} ran another experiment than {folders[0]}: its config differs in "
+                              + ", ".join(f"{k} ({base.get(k)!r} vs {other.get(k)!r})" for k in diff)
+                              + f"; only {', '.join(POOLABLE_KEYS)} may differ between pooled folders.")
+    aggs = [aggregate(f) for f in folders]
+    names = list(scalars or SCALARS)
+    arms: Dict[str, dict] = {}
+    for f, agg in zip(folders, aggs):
+        for arm, a in agg["arms"].items():
+            entry = arms.setdefault(arm, {"label": a["label"], "folders": {}, "per_seed": {}})
+            entry["folders"][str(f)] = sorted(a["scalars"].get(names[0], {}).get("per_seed", {}))
+            for name in names:
+                per_seed = a["scalars"].get(name, {}).get("per_seed", {})
+                have = entry["per_seed"].setdefault(name, {})
+                twice = sorted(set(have) & set(per_seed))
+                if twice:
+                    raise RunDirError(f"arm {arm!r} has seed {twice[0]} in two folders ({f} and another): "
+                                      "a seed may be pooled once.")
+                have.update(per_seed)
+    for a in arms.values():
+        a["scalars"] = {n: dict(mean_ci(list(v.values())), per_seed=v) for n, v in a["per_seed"].items() if v}
+        del a["per_seed"]
+    cls = type(read_experiment_config(folders[0]))
+    paired = []
+    for a, b in cls.COMPARISONS:
+        if a in arms and b in arms:
+            for name in names:
+                sa, sb = arms[a]["scalars"].get(name), arms[b]["scalars"].get(name)
+                if sa and sb and set(sa["per_seed"]) & set(sb["per_seed"]):
+                    paired.append(dict(_paired(sa["per_seed"], sb["per_seed"]), a=a, b=b, scalar=name))
+    return {"folders": [str(f) for f in folders], "experiment": cfgs[0]["experiment"], "arms": arms,
+            "paired": paired}
+
+
+def _scale(name: str):
+    return (1.0, 3) if name.startswith("lag") else (100.0, 2)
+
+
+def pool_table(result: dict, scalars: Sequence[str] = (f"test_last{LAST_N}", f"val_last{LAST_N}")) -> str:
+    """Markdown of :func:`pool`: per arm the pooled seeds and scalars; per pair the paired difference."""
+    lines = ["Pooled folders: " + ", ".join(f"`{f}`" for f in result["folders"]), "",
+             "| arm | seeds (folder) |" + "".join(f" {s} |" for s in scalars),
+             "| --- | --- |" + " --- |" * len(scalars)]
+    for arm, a in result["arms"].items():
+        seeds = "; ".join(f"{','.join(map(str, s))} ({Path(f).name})" for f, s in a["folders"].items() if s)
+        lines.append(f"| {a['label']} | {seeds} |" + "".join(
+            f" {_ci(a['scalars'][s], *_scale(s))} |" if s in a["scalars"] else " – |" for s in scalars))
+    if result["paired"]:
+        lines += ["", "Paired b - a over the seeds both arms hold: mean [95% t interval], seeds where b > a, "
+                      "exact two-sided sign test p", "", "| b - a |" + "".join(f" {s} |" for s in scalars),
+                  "| --- |" + " --- |" * len(scalars)]
+        by_pair: Dict[tuple, dict] = {}
+        for p in result["paired"]:
+            by_pair.setdefault((p["a"], p["b"]), {})[p["scalar"]] = p
+        for (a, b), ps in by_pair.items():
+            cells = "".join(f" {_ci(ps[s], *_scale(s))}, {ps[s]['wins']}/{ps[s]['n']}, p={ps[s]['sign_test_p']:.3g} |"
+                            if s in ps else " – |" for s in scalars)
+            lines.append(f"| {result['arms'][b]['label']} - {result['arms'][a]['label']} |{cells}")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------- the sweep
+def _renorm_arm(folder: Path, agg: dict) -> str:
+    """The folder's one arm with a clipping schedule other than batch norm's (``rmax > 1`` or ``dmax > 0``)."""
+    derived = json.loads((folder / "config.json").read_text())["derived"]["arms"]
+    arms = [a for a in agg["arms"] if derived[a]["schedule"]["rmax"] > 1 or derived[a]["schedule"]["dmax"] > 0]
+    if len(arms) != 1:
+        raise RunDirError(f"{folder} must hold exactly one Batch Renorm arm (rmax > 1 or dmax > 0) to be a sweep "
+                          f"configuration; it holds {arms or 'none'}.")
+    return arms[0]
+
+
+def sweep(folders: Sequence, reference, select: str = f"val_last{LAST_N}") -> dict:
+    """Each folder's Batch Renorm arm against ``reference``'s batch norm arm; the best on ``select`` chosen.
+
+    ``select`` must be a validation scalar (``val_*``): the test split is never used to choose.
+    """
+    if not select.startswith("val_") or select not in SCALARS:
+        raise RunDirError(f"--select must be a validation scalar (val_*) of {sorted(SCALARS)}, got {select!r}: "
+                          "the sweep chooses on the validation split only.")
+    reference = Path(reference)
+    ref_agg = aggregate(reference)
+    ref_arms = list(ref_agg["arms"])
+    if len(ref_arms) != 1:
+        raise RunDirError(f"--reference {reference} must hold one arm (batch norm), it holds {ref_arms}.")
+    ref = ref_agg["arms"][ref_arms[0]]
+    test_name = "test" + select[3:]
+    rows = []
+    for f in map(Path, folders):
+        agg = aggregate(f)
+        arm = _renorm_arm(f, agg)
+        a = agg["arms"][arm]
+        cfg = read_experiment_config(f)
+        sched = cfg.arm_spec(arm)["schedule"]
+        tau = cfg.time_constant_steps()
+        row = {"folder": str(f), "name": f.name, "arm": arm, "label": a["label"], "schedule": sched.to_dict(),
+               "warmup_time_constants": round(sched.warmup_steps / tau, 6), "complete_runs": a["complete_runs"],
+               "seeds": sorted(a["scalars"].get(select, {}).get("per_seed", {}))}
+        for name in (select, test_name, "r_clipped_mean_late", "d_clipped_mean_late"):
+            if name in a["scalars"]:
+                row[name] = {k: v for k, v in a["scalars"][name].items()}
+            if name in a["scalars"] and name in ref["scalars"]:
+                row[name + "_minus_reference"] = _paired(ref["scalars"][name]["per_seed"],
+                                                         a["scalars"][name]["per_seed"])
+        rows.append(row)
+    seeds = {tuple(r["seeds"]) for r in rows}
+    if len(seeds) > 1:
+        raise RunDirError(f"sweep configurations must be complete on the same seeds; they have {sorted(seeds)}.")
+    scored = [r for r in rows if select in r]
+    chosen = max(scored, key=lambda r: r[select]["mean"])["name"] if scored else None
+    return {"select": select, "test": test_name, "reference": str(reference), "reference_label": ref["label"],
+            "reference_scalars": {k: ref["scalars"][k] for k in (select, test_name) if k in ref["scalars"]},
+            "configurations": len(rows), "rows": rows, "chosen": chosen}
+
+
+def sweep_table(result: dict) -> str:
+    """Markdown of :func:`sweep`, one line per configuration, the chosen one in bold."""
+    sel, test = result["select"], result["test"]
+    lines = [f"{result['configurations']} configurations; chosen on `{sel}` (validation split) only: "
+             f"**{result['chosen']}**. Reference: {result['reference_label']} (`{result['reference']}`): "
+             f"{sel} {_ci(result['reference_scalars'][sel])}"
+             + (f", {test} {_ci(result['reference_scalars'][test])}" if test in result["reference_scalars"] else "")
+             + ".", "",
+             "| configuration | warm-up (time constants) | rmax / dmax (reached at step) | runs | "
+             f"{sel} (%) | minus reference | {test} (%) | minus reference | r clipped, 2nd half | d clipped, 2nd half |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(result["rows"], key=lambda r: (r["schedule"]["rmax"], r["warmup_time_constants"])):
+        s = r["schedule"]
+
+        def cell(name, scale=100.0, digits=2):
+            return _ci(r[name], scale, digits) if name in r else "–"
+
+        def diff(name):
+            d = r.get(name + "_minus_reference")
+            return f"{_ci(d)}, {d['wins']}/{d['n']}" if d else "–"
+
+        name = f"**{r['name']}**" if r["name"] == result["chosen"] else r["name"]
+        lines.append(f"| {name} | {r['warmup_time_constants']:g} ({s['warmup_steps']} steps) | "
+                     f"{s['rmax']:g} ({s['rmax_steps']}) / {s['dmax']:g} ({s['dmax_steps']}) | {r['complete_runs']} | "
+                     f"{cell(sel)} | {diff(sel)} | {cell(test)} | {diff(test)} | "
+                     f"{cell('r_clipped_mean_late', 1.0, 3)} | {cell('d_clipped_mean_late', 1.0, 3)} |")
+    lines += ["", "Mean [95% t interval] over the seeds; \"minus reference\": paired per seed, seeds where the "
+                  "configuration is above the reference. Clipped fractions: mean over every training step of the "
+                  "second half (`--log-clip-means`), averaged over layers."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(result: dict, path) -> List[Path]:
+    """Validation (left) and test (right) scalar against the warm-up, one line per pair of final limits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel, test = result["select"], result["test"]
+    panels = [sel] + ([test] if all(test in r for r in result["rows"]) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.4), dpi=150, squeeze=False)
+    groups: Dict[tuple, list] = {}
+    for r in result["rows"]:
+        groups.setdefault((r["schedule"]["rmax"], r["schedule"]["dmax"]), []).append(r)
+    for ax, name in zip(axes[0], panels):
+        for (rmax, dmax), rs in sorted(groups.items()):
+            rs = sorted(rs, key=lambda r: r["warmup_time_constants"])
+            x = [r["warmup_time_constants"] for r in rs]
+            y = [r[name]["mean"] * 100 for r in rs]
+            err = [0.0 if math.isnan(r[name]["half_width"]) else r[name]["half_width"] * 100 for r in rs]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"Batch Renorm, rmax {rmax:g} / dmax {dmax:g}")
+        ref = result["reference_scalars"].get(name)
+        if ref:
+            ax.axhline(ref["mean"] * 100, color="black", linestyle="--", linewidth=1,
+                       label=f"{result['reference_label']} (reference)")
+        for r in result["rows"]:
+            if r["name"] == result["chosen"]:
+                ax.plot([r["warmup_time_constants"]], [r[name]["mean"] * 100], marker="*", markersize=14,
+                        color="gold", markeredgecolor="black", linestyle="none",
+                        label="chosen (on validation)" if name == sel else "chosen (on validation)")
+        ax.set_xscale("log")
+        ax.set_xlabel("warm-up (moving-average time constants, log scale)")
+        split = "validation" if name == sel else "test"
+        ax.set_ylabel(f"{split} accuracy, mean of last {LAST_N} evaluations (%)")
+        ax.set_title(f"{split} split (95% t intervals over seeds)", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    paths = [path.with_suffix(".png"), path.with_suffix(".svg")]
+    for p in paths:
+        fig.savefig(p)
+    plt.close(fig)
+    return paths

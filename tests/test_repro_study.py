@@ -1,0 +1,123 @@
+"""renorm_repro.study: seeds pooled across folders, and the schedule sweep chosen on validation (no TensorFlow)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from renorm_repro import study
+from renorm_repro.cli import main
+from renorm_repro.config import config_to_dict, get_config
+from renorm_repro.runs import RunDirError, metric_columns
+
+
+def _folder(root, cfg, accs, val_offset=-0.01):
+    """An experiment folder whose runs evaluate ``accs[arm][seed]`` (test) and that minus 0.01 (val) at every step."""
+    root.mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps({"config": config_to_dict(cfg), "derived": cfg.derived()}))
+    cols = metric_columns(cfg)
+    for arm, by_seed in accs.items():
+        for seed, acc in by_seed.items():
+            d = root / "runs" / arm / f"seed{seed}"
+            d.mkdir(parents=True)
+            lines = [",".join(cols)]
+            for step in range(250, cfg.steps + 1, 250):
+                row = {c: 0.25 for c in cols}
+                row.update(test_accuracy=acc, val_accuracy=acc + val_offset)
+                lines.append(",".join(str(step) if c == "step" else repr(row[c]) for c in cols))
+            (d / "metrics.csv").write_text("\n".join(lines) + "\n")
+            (d / "done.json").write_text("{}")
+    return root
+
+
+def test_sign_test():
+    assert study.sign_test_p(5, 5) == pytest.approx(0.0625) and study.sign_test_p(0, 5) == pytest.approx(0.0625)
+    assert study.sign_test_p(6, 10) == pytest.approx(2 * sum(math.comb(10, i) for i in range(5)) / 1024)
+    assert study.sign_test_p(5, 10) == 1.0 and study.sign_test_p(0, 0) == 1.0
+    with pytest.raises(ValueError, match="wins=6"):
+        study.sign_test_p(6, 5)
+
+
+def test_pool_joins_seeds_of_two_folders_and_pairs_them(tmp_path):
+    a_cfg = get_config("fashion", "iid", {"arms": "bn,brn,keras_brn", "seeds": "0,1,2"})
+    b_cfg = get_config("fashion", "iid", {"arms": "brn,keras_brn", "seeds": "3,4"})
+    brn = {0: 0.80, 1: 0.82, 2: 0.84, 3: 0.70, 4: 0.90}
+    keras = {0: 0.81, 1: 0.81, 2: 0.86, 3: 0.72, 4: 0.89}
+    _folder(tmp_path / "a", a_cfg, {"bn": {0: 0.9, 1: 0.9, 2: 0.9}, "brn": {s: brn[s] for s in (0, 1, 2)},
+                                    "keras_brn": {s: keras[s] for s in (0, 1, 2)}})
+    _folder(tmp_path / "b", b_cfg, {"brn": {s: brn[s] for s in (3, 4)}, "keras_brn": {s: keras[s] for s in (3, 4)}})
+    res = study.pool([tmp_path / "a", tmp_path / "b"])
+    s = res["arms"]["brn"]["scalars"]["test_last4"]
+    assert s["n"] == 5 and s["mean"] == pytest.approx(np.mean(list(brn.values())))
+    assert res["arms"]["bn"]["scalars"]["test_last4"]["n"] == 3
+    p = next(p for p in res["paired"] if (p["a"], p["b"], p["scalar"]) == ("brn", "keras_brn", "test_last4"))
+    diffs = [keras[k] - brn[k] for k in range(5)]
+    assert p["seeds"] == [0, 1, 2, 3, 4] and p["wins"] == 3
+    np.testing.assert_allclose(p["differences"], diffs, atol=1e-12)
+    assert p["hi"] - p["mean"] == pytest.approx(2.776445 * np.std(diffs, ddof=1) / np.sqrt(5))
+    assert p["sign_test_p"] == pytest.approx(study.sign_test_p(3, 5))
+    text = study.pool_table(res)
+    assert "0,1,2 (a); 3,4 (b)" in text and f"{p['mean'] * 100:.2f} [{p['lo'] * 100:.2f}" in text
+
+
+def test_pool_refuses_other_experiments_and_seeds_given_twice(tmp_path):
+    cfg = get_config("fashion", "iid", {"arms": "bn", "seeds": "0,1"})
+    _folder(tmp_path / "a", cfg, {"bn": {0: 0.9, 1: 0.9}})
+    _folder(tmp_path / "b", get_config("fashion", "iid", {"arms": "bn", "seeds": "0,1", "momentum": "0.9"}),
+            {"bn": {0: 0.9, 1: 0.9}})
+    with pytest.raises(RunDirError, match=r"config differs in momentum \(0.99 vs 0.9\)"):
+        study.pool([tmp_path / "a", tmp_path / "b"])
+    _folder(tmp_path / "c", get_config("fashion", "iid", {"arms": "bn", "seeds": "1,2"}), {"bn": {1: 0.9, 2: 0.9}})
+    with pytest.raises(RunDirError, match="seed 1 in two folders"):
+        study.pool([tmp_path / "a", tmp_path / "c"])
+    with pytest.raises(RunDirError, match="at least 2 folders"):
+        study.pool([tmp_path / "a"])
+
+
+def _sweep_folders(tmp_path):
+    seeds = {10: 0.0, 11: 0.01}
+    ref = _folder(tmp_path / "bn", get_config("fashion", "iid", {"arms": "bn", "seeds": "10,11"}),
+                  {"bn": {s: 0.90 + o for s, o in seeds.items()}})
+    folders = []
+    # val and test disagree on purpose: the best on test (tau 20) is not the best on validation (tau 10)
+    for tau, lim, acc, val_offset in ((1.25, (3, 5), 0.87, -0.01), (10, (1.5, 0.5), 0.895, -0.001),
+                                      (20, (1.5, 0.5), 0.899, -0.02)):
+        cfg = get_config("fashion", "iid", {"arms": "brn", "seeds": "10,11", "warmup_time_constants": str(tau),
+                                            "rmax": str(lim[0]), "dmax": str(lim[1])})
+        folders.append(_folder(tmp_path / f"tau{tau}", cfg, {"brn": {s: acc + o for s, o in seeds.items()}},
+                               val_offset=val_offset))
+    return ref, folders
+
+
+def test_sweep_chooses_on_validation_never_on_test(tmp_path):
+    ref, folders = _sweep_folders(tmp_path)
+    res = study.sweep(folders, ref)
+    assert res["configurations"] == 3 and res["chosen"] == "tau10"  # tau20 is higher on test, lower on val
+    best_test = max(res["rows"], key=lambda r: r["test_last4"]["mean"])["name"]
+    assert best_test == "tau20"
+    row = next(r for r in res["rows"] if r["name"] == "tau10")
+    assert row["schedule"]["warmup_steps"] == 1000 and row["warmup_time_constants"] == 10
+    d = row["val_last4_minus_reference"]
+    assert d["mean"] == pytest.approx(0.894 - 0.89) and d["wins"] == 2
+    text = study.sweep_table(res)
+    assert "**tau10**" in text and "3 configurations" in text and "10 (1000 steps)" in text
+    paths = study.plot_sweep(res, tmp_path / "sweep")
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(RunDirError, match="validation scalar"):
+        study.sweep(folders, ref, select="test_last4")
+    with pytest.raises(RunDirError, match="exactly one Batch Renorm arm"):
+        study.sweep([ref], ref)
+
+
+def test_pool_and_sweep_commands(tmp_path, capsys):
+    ref, folders = _sweep_folders(tmp_path)
+    table = tmp_path / "out" / "sweep.md"
+    table.parent.mkdir()
+    assert main(["sweep", *map(str, folders), "--reference", str(ref), "--table", str(table),
+                 "--figure", str(tmp_path / "out" / "sweep.png")]) == 0
+    assert "**tau10**" in table.read_text() and json.loads(table.with_suffix(".json").read_text())["chosen"] == "tau10"
+    assert (tmp_path / "out" / "sweep.svg").is_file()
+    capsys.readouterr()
+    assert main(["pool", str(ref), str(folders[0])]) == 1
+    assert "only seeds, arms may differ" in capsys.readouterr().err
