@@ -1,0 +1,253 @@
+"""Batch Renormalization as PyTorch functions (the core of :mod:`renorm.torch`'s modules).
+
+Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
+Batch-Normalized Models", NeurIPS 2017, arXiv:1702.03275, Algorithm 1,
+extended with micro-batches (``docs/SPEC.md``). Features are on dim 1, as in
+``torch.nn.BatchNorm*d``. Per normalization group ``g`` (``G = B / k``
+groups of ``k`` consecutive examples, or the whole batch) and feature ``c``::
+
+    mu_g    = mean(x)                                 over the group
+    sigma_g = sqrt(mean((x - mu_g)**2) + eps)         biased
+    r_g     = clip(sigma_g / running_std, 1/rmax(t), rmax(t))           a constant for the gradient
+    d_g     = clip((mu_g - running_mean) / running_std, -dmax(t), dmax(t))  a constant for the gradient
+    y       = weight * ((x - mu_g) / sigma_g * r_g + d_g) + bias
+
+Numerics, written once here:
+
+- Statistics and normalization run in float64 for float64 inputs and in
+  float32 for every narrower float (float16, bfloat16, and under
+  ``torch.autocast``); the output has the input's dtype.
+- The variance is ``torch.var_mean(..., correction=0)``: PyTorch's CPU and
+  CUDA kernels compute it with Welford's update or around the mean, never
+  as ``E[x^2] - E[x]^2`` (tested on ``1000 + 0.01 * noise`` in float32).
+- Micro-batches are a free view ``(B, C, ...) -> (G, k, C, ...)`` of any
+  memory format (channels-last included): no copy, no Python loop.
+- Where ``mu_g`` or ``sigma_g`` is not finite, ``r_g`` and ``d_g`` are NaN
+  (never clipped to a finite-looking constant), and the caller keeps the
+  moving statistics (``docs/SPEC.md``, section 3).
+- With a ``process_group`` (``synchronized=True`` in the modules) the sums
+  and counts are all-reduced (two all-reduces, the variance around the
+  global mean), so the statistics are those of the concatenated global
+  batch; the backward all-reduces its two sums likewise, as
+  ``torch.nn.SyncBatchNorm`` does. The gradients of ``weight`` and ``bias``
+  stay per process (DDP averages them).
+
+Gradients: ``r`` and ``d`` are constants, as in the paper.
+:class:`BatchRenormFunction` is a ``torch.autograd.Function`` whose backward
+is the paper's explicit formula (``docs/SPEC.md``, section 6), per group with
+``g = dy * weight``::
+
+    dx = r / sigma * (g - mean(g) - (x - mu) * mean(g * (x - mu)) / sigma**2)
+
+It saves only the input (in its own dtype) and per-feature vectors.
+:func:`renorm_autodiff` is the same forward in plain differentiable ops, the
+tested reference (``explicit_backward=False`` in the modules).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "BatchRenormFunction",
+    "compute_dtype",
+    "group_view",
+    "renorm_autodiff",
+    "renorm_explicit",
+    "inference",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every narrower float is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def group_view(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``x`` (``(B, C, ...)``) as ``(G, B / G, C, ...)``, a view for any memory format."""
+    return x.view((groups, x.shape[0] // groups) + tuple(x.shape[1:]))
+
+
+def _dims(ndim: int):
+    """Reduced dims of a grouped view ``(G, k, C, ...)``: all but the group (0) and the feature (2)."""
+    return (1,) + tuple(range(3, ndim))
+
+
+def _feature(v: Optional[torch.Tensor], ndim: int, cdt) -> Optional[torch.Tensor]:
+    """A ``(C,)`` vector shaped ``(1, 1, C, 1, ...)`` for a grouped view of rank ``ndim``, in ``cdt``."""
+    if v is None:
+        return None
+    return v.to(cdt).view((1, 1, -1) + (1,) * (ndim - 3))
+
+
+def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    import torch.distributed as dist
+
+    t = t.contiguous()
+    dist.all_reduce(t, group=group)
+    return t
+
+
+def _all_reduce_autograd(t: torch.Tensor, group) -> torch.Tensor:
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t, group=group)
+
+
+def _moments(xf: torch.Tensor, dims, eps: float, group, all_reduce=_all_reduce):
+    """``mu_g``, ``sigma_g`` (keepdim) of a grouped view in its compute dtype.
+
+    Without a ``group``, ``torch.var_mean`` (biased). Pooled over ``group``:
+    ``[sum, count]`` all-reduced for the mean, then the sum of squared
+    deviations from that global mean (two-pass).
+    """
+    if group is None:
+        var, mu = torch.var_mean(xf, dim=dims, correction=0, keepdim=True)
+    else:
+        count = math.prod(xf.shape[d] for d in dims)
+        s = torch.sum(xf, dim=dims, keepdim=True)
+        pooled = all_reduce(torch.stack([s, torch.full_like(s, float(count))]), group)
+        mu = pooled[0] / pooled[1]
+        sq = all_reduce(torch.sum(torch.square(xf - mu), dim=dims, keepdim=True), group)
+        var = sq / pooled[1]
+    return mu, torch.sqrt(var + eps)
+
+
+def _corrections(mu, sigma, mean, std, rmax, dmax):
+    """``r``, ``d`` clipped, and the unclipped ``r_raw``, ``d_raw`` (NaN where a statistic is not finite)."""
+    ok = torch.isfinite(mu) & torch.isfinite(sigma)
+    nan = torch.full_like(sigma, float("nan"))
+    r_raw = torch.where(ok, sigma / std, nan)
+    d_raw = torch.where(ok, (mu - mean) / std, nan)
+    r = torch.clamp(r_raw, 1.0 / rmax, rmax)  # clamp keeps NaN
+    d = torch.clamp(d_raw, -dmax, dmax)
+    return r, d, r_raw, d_raw
+
+
+def _affine(r, d, sigma, weight, bias):
+    """``a``, ``b`` of ``y = (x - mu) * a + b``: ``a = weight * r / sigma``, ``b = bias + weight * d``."""
+    a = r / sigma
+    b = d
+    if weight is not None:
+        a = a * weight
+        b = b * weight
+    if bias is not None:
+        b = b + bias
+    return a, b
+
+
+class BatchRenormFunction(torch.autograd.Function):
+    """The training normalization of a grouped view, with the paper's explicit backward.
+
+    ``forward(xg, weight, bias, running_mean, running_std, rmax, dmax, eps, group)``:
+    ``xg`` is ``(G, k, C, ...)``; ``weight``/``bias`` ``(C,)`` or ``None``;
+    ``running_*`` ``(C,)`` (read, not written); ``rmax``/``dmax`` 0-dim
+    tensors, the limits at this step; ``group`` a process group to pool over,
+    or ``None``. Returns ``y`` (``xg``'s dtype and shape) and, without
+    gradient, ``mu``, ``sigma``, ``r_raw``, ``d_raw`` per group and feature
+    (keepdim, compute dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, xg, weight, bias, running_mean, running_std, rmax, dmax, eps, group):
+        cdt = compute_dtype(xg.dtype)
+        nd = xg.dim()
+        dims = _dims(nd)
+        xf = xg.to(cdt)
+        mu, sigma = _moments(xf, dims, eps, group)
+        mean = _feature(running_mean, nd, cdt)
+        std = _feature(running_std, nd, cdt)
+        rmax_c, dmax_c = rmax.to(cdt), dmax.to(cdt)
+        r, d, r_raw, d_raw = _corrections(mu, sigma, mean, std, rmax_c, dmax_c)
+        w = _feature(weight, nd, cdt)
+        a, b = _affine(r, d, sigma, w, _feature(bias, nd, cdt))
+        y = torch.addcmul(b, xf - mu, a).to(xg.dtype)
+        ctx.save_for_backward(xg, weight, mu, sigma, r, d)
+        ctx.group = group
+        ctx.has_weight = weight is not None
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mu, sigma, r_raw, d_raw)
+        return y, mu, sigma, r_raw, d_raw
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        """Per group, with ``g = dy * weight`` and means over the (pooled) group::
+
+            dx      = r / sigma * (g - mean(g) - (x - mu) * mean(g * (x - mu)) / sigma**2)
+            dweight = sum(dy * xhat) = sum over groups of (r / sigma * sum(dy * (x - mu)) + d * sum(dy))
+            dbias   = sum(dy)
+
+        ``docs/SPEC.md``'s section 6 form ``g r/sigma + dL/dsigma (x - mu)/(m sigma) + dL/dmu / m``,
+        rearranged. ``dweight``/``dbias`` are this process's sums.
+        """
+        xg, weight, mu, sigma, r, d = ctx.saved_tensors
+        cdt = mu.dtype
+        nd = xg.dim()
+        dims = _dims(nd)
+        dyf = dy.to(cdt)
+        xc = xg.to(cdt) - mu
+        sum_dy = torch.sum(dyf, dim=dims, keepdim=True)
+        sum_dy_xc = torch.sum(dyf * xc, dim=dims, keepdim=True)
+        count = float(math.prod(xg.shape[i] for i in dims))
+        if ctx.group is None:
+            tot_dy, tot_dy_xc = sum_dy, sum_dy_xc
+        else:
+            pooled = _all_reduce(torch.stack([sum_dy, sum_dy_xc, torch.full_like(sum_dy, count)]), ctx.group)
+            tot_dy, tot_dy_xc, count = pooled[0], pooled[1], pooled[2]
+        w = _feature(weight, nd, cdt)
+        a = r / sigma if w is None else w * r / sigma
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (a * (dyf - tot_dy / count - xc * (tot_dy_xc / (count * torch.square(sigma))))).to(xg.dtype)
+        dweight = dbias = None
+        if ctx.has_weight and ctx.needs_input_grad[1]:
+            dweight = torch.sum(r / sigma * sum_dy_xc + d * sum_dy, dim=0).reshape(weight.shape).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = torch.sum(sum_dy, dim=0).reshape(-1).to(ctx.bias_dtype)
+        return dx, dweight, dbias, None, None, None, None, None, None
+
+
+def renorm_explicit(xg, weight, bias, running_mean, running_std, rmax, dmax, eps: float, group=None):
+    """:class:`BatchRenormFunction` applied (the default, explicit gradient)."""
+    return BatchRenormFunction.apply(xg, weight, bias, running_mean, running_std, rmax, dmax, eps, group)
+
+
+def renorm_autodiff(xg, weight, bias, running_mean, running_std, rmax, dmax, eps: float, group=None):
+    """The same forward as :class:`BatchRenormFunction` in plain ops, differentiated by autograd.
+
+    ``r`` and ``d`` are detached (the paper's stop-gradient); pooling uses the
+    differentiable ``torch.distributed.nn.functional.all_reduce``.
+    """
+    cdt = compute_dtype(xg.dtype)
+    nd = xg.dim()
+    xf = xg.to(cdt)
+    mu, sigma = _moments(xf, _dims(nd), eps, group, all_reduce=_all_reduce_autograd)
+    mean = _feature(running_mean, nd, cdt).detach()
+    std = _feature(running_std, nd, cdt).detach()
+    r, d, r_raw, d_raw = _corrections(mu.detach(), sigma.detach(), mean, std, rmax.to(cdt), dmax.to(cdt))
+    y = (xf - mu) / sigma * r + d
+    if weight is not None:
+        y = y * _feature(weight, nd, cdt)
+    if bias is not None:
+        y = y + _feature(bias, nd, cdt)
+    return y.to(xg.dtype), mu.detach(), sigma.detach(), r_raw, d_raw
+
+
+def inference(x, weight, bias, running_mean, running_std):
+    """``y = weight * (x - running_mean) / running_std + bias`` (features on dim 1).
+
+    Only the moving statistics enter; ``running_std`` already includes
+    epsilon. Computed in :func:`compute_dtype` of the input, returned in its dtype.
+    """
+    cdt = compute_dtype(x.dtype)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    a = 1.0 / running_std.to(cdt).view(shape)
+    if weight is not None:
+        a = a * weight.to(cdt).view(shape)
+    xc = x.to(cdt) - running_mean.to(cdt).view(shape)
+    y = xc * a if bias is None else torch.addcmul(bias.to(cdt).view(shape), xc, a)
+    return y.to(x.dtype)
