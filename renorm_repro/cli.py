@@ -270,7 +270,11 @@ def benchmark(cfg, arm, steps, gpu_tflops=100.0, log=print):
                  rng.integers(0, 256, (n,) + shape, dtype=np.uint8), labels, classes)
     bcfg = dataclasses.replace(cfg, steps=steps + 1, eval_every=steps + 1, checkpoint_every=10 ** 9,
                                eval_batch_size=min(cfg.eval_batch_size, n), eval_train_examples=0,
-                               eval_batch_stats=False, val_examples=0, eval_lag_examples=0)
+                               eval_batch_stats=False, val_examples=0, eval_lag_examples=0,
+                               # the layers' cost does not depend on the breakpoints; a few timed steps
+                               # cannot hold a warm-up meant for the whole run
+                               schedule_base="paper_scaled", warmup_steps=None, warmup_time_constants=None,
+                               rmax_steps=None, dmax_steps=None)
     with tempfile.TemporaryDirectory() as tmp:
         res = train_run(bcfg, arm, 0, tmp + "/run", ds, progress=False, tensorboard=False, log=lambda m: None)
     rate = res["train_steps_per_s"]
