@@ -54,9 +54,24 @@ def test_jax_layer_suite_runs(tmp_path):
     assert all("vs_whole" in r for r in data["rows"] if r["candidate"] in ("renorm mb=2", "renorm mb=4"))
 
 
+def test_study_suite_runs_and_splits_a_run_into_its_parts(tmp_path):
+    pytest.importorskip("tensorflow")
+    out = tmp_path / "study_tf.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.study_tf", "--quick", "--rounds", "1", "--warmup", "1",
+                    "--out", str(out)], check=True, capture_output=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+    data = json.loads(out.read_text())
+    assert {(r["experiment"], r["candidate"]) for r in data["rows"]} == {
+        (e, c) for e in ("iid", "mbk4") for c in ("none", "bn", "brn")}
+    assert all(r["vs_no_norm"] == 1.0 for r in data["rows"] if r["candidate"] == "none")
+    for r in data["run_split"]:
+        parts = r["training_steps"] + r["evaluations_inference"] + r["lag_diagnostic"]
+        assert parts == pytest.approx(1.0) and min(r["training_steps"], r["lag_diagnostic"]) > 0
+    assert data["full"] is False
+
+
 # ----------------------------------------------------------------- partial runs never touch the committed results
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SUITES = ["layers_tf", "layers_jax", "step_tf", "step_jax", "jax_clip_fusion"]
+SUITES = ["layers_tf", "layers_jax", "step_tf", "step_jax", "jax_clip_fusion", "study_tf"]
 
 
 def _step_extra(p):

@@ -39,6 +39,11 @@ for lim in "1.5 0.5" "3 5"; do
   done
 done
 set --
+# Toward the paper's regime: non-i.i.d. 4 x 8 with the convnet at width 8 for 40000 steps (~23 epochs) and the
+# paper's breakpoints unscaled (batch norm for 5000 steps = 50 time constants, dmax -> 5 at 25000, rmax -> 3 at
+# 40000), an evaluation every 1000 steps; batch norm, Batch Renorm, Keras's renorm, batch norm on i.i.d.
+# minibatches (the loss to recover). Long: resumable, queue it alone (`run_all.sh long-noniid-w8`).
+CMD[long-noniid-w8]="--experiment noniid --preset fashion --width 8 --steps 40000 --schedule-base paper --eval-every 1000 --checkpoint-every 2000 --arms bn,brn,keras_brn,bn_iid --log-clip-means true"
 ORDER=(noniid noniid-constant-lr microbatch-k2 microbatch-k4 iid noniid-constant-lr-momentum0.9 noniid-constant-lr-2000steps
        noniid-constant-lr-2000steps-seeds5-9)
 [ "${#ARGS[@]}" -gt 0 ] && ORDER=()
