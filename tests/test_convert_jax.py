@@ -134,7 +134,7 @@ def test_linen_checkpoint_in_and_out():
     bn_model, rn_model = resnet(nn.BatchNorm), resnet(BatchRenorm)
     checkpoint = randomize(initialized(bn_model))
     target = initialized(rn_model)  # shapes and dtypes are all a target needs
-    converted = convert_batch_norm(checkpoint, target)
+    converted = convert_batch_norm(checkpoint, target, epsilon=1e-5)
     assert jax.tree.structure(converted) == jax.tree.structure(target)
     assert jax.tree.map(lambda a: a.dtype, converted) == jax.tree.map(lambda a: a.dtype, target)
     var = checkpoint["batch_stats"]["ResNetBlock_2"]["norm_proj"]["var"]
@@ -147,7 +147,7 @@ def test_linen_checkpoint_in_and_out():
     y_bn = infer(bn_model)(checkpoint, x)
     assert rel(infer(rn_model)(converted, x), y_bn) <= 1e-5
 
-    exported = export_batch_norm(converted, initialized(bn_model))
+    exported = export_batch_norm(converted, initialized(bn_model), epsilon=1e-5)
     assert jax.tree.structure(exported) == jax.tree.structure(checkpoint)
     for a, e in zip(jax.tree.leaves(exported), jax.tree.leaves(checkpoint)):
         np.testing.assert_allclose(a, e, rtol=2e-6, atol=1e-7)
@@ -160,16 +160,71 @@ def test_linen_mismatched_restore_is_an_error():
     partial_ckpt = {"params": checkpoint["params"], "batch_stats": dict(checkpoint["batch_stats"])}
     del partial_ckpt["batch_stats"]["bn_init"]
     with pytest.raises(ValueError, match="have no source: .*batch_stats/bn_init/stddev"):
-        convert_batch_norm(partial_ckpt, target)
+        convert_batch_norm(partial_ckpt, target, epsilon=1e-5)
     bigger = initialized(ResNet(stage_sizes=[1, 1, 1, 1], num_classes=5, norm_cls=BatchRenorm, num_filters=16))
     with pytest.raises(ValueError, match="shape mismatch"):
-        convert_batch_norm(checkpoint, bigger)
+        convert_batch_norm(checkpoint, bigger, epsilon=1e-5)
     deeper = initialized(ResNet(stage_sizes=[1, 1, 1], num_classes=5, norm_cls=BatchRenorm))
     with pytest.raises(ValueError, match="no place in the target"):
-        convert_batch_norm(checkpoint, deeper)
-    converted = convert_batch_norm(checkpoint, target)
+        convert_batch_norm(checkpoint, deeper, epsilon=1e-5)
+    converted = convert_batch_norm(checkpoint, target, epsilon=1e-5)
     with pytest.raises(ValueError, match="have no source: extra/a"):
-        export_batch_norm(converted, {**initialized(resnet(nn.BatchNorm)), "extra": {"a": jnp.ones(1)}})
+        export_batch_norm(converted, {**initialized(resnet(nn.BatchNorm)), "extra": {"a": jnp.ones(1)}}, epsilon=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-1.0, -4.0, 0.0, float("nan"), float("inf"), True, "1e-3", None])
+def test_linen_epsilon_must_be_a_positive_number(bad):
+    """issue 22: epsilon=-1 gave stddev 0 (inf outputs) and -4 NaN, with a NumPy warning only."""
+    checkpoint = randomize(initialized(resnet(nn.BatchNorm)))
+    target = initialized(resnet(BatchRenorm))
+    error = TypeError if bad is None else ValueError
+    with pytest.raises(error, match="epsilon"):
+        convert_batch_norm(checkpoint, target, epsilon=bad)
+    converted = convert_batch_norm(checkpoint, target, epsilon=1e-5)
+    with pytest.raises(error, match="epsilon"):
+        export_batch_norm(converted, initialized(resnet(nn.BatchNorm)), epsilon=bad)
+    with pytest.raises(ValueError, match="epsilon"):
+        convert_batch_norm(checkpoint, target, epsilon={"bn_init": bad if bad is not None else -1.0})
+
+
+def test_linen_epsilon_is_required_and_read_from_the_modules():
+    """A model built with epsilon 1e-3 (Keras's default): the old 1e-5 default was silently off."""
+    from renorm.jax.convert import batch_norm_epsilons
+
+    class Net(nn.Module):
+        norm: Any = nn.BatchNorm
+
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = nn.Dense(6)(x)
+            x = self.norm(use_running_average=not train, epsilon=1e-3)(x)
+            x = nn.relu(nn.Dense(5)(x))
+            return self.norm(use_running_average=not train, epsilon=1e-2, name="head_norm")(x)
+
+    x = jax.random.normal(jax.random.key(2), (4, 3))
+    bn_model, rn_model = Net(), Net(norm=BatchRenorm)
+    checkpoint = randomize(jax.eval_shape(bn_model.init, jax.random.key(0), x))
+    for name in ("BatchNorm_0", "head_norm"):  # small variances, where epsilon matters
+        checkpoint["batch_stats"][name]["var"] = checkpoint["batch_stats"][name]["var"] * 1e-3
+    target = jax.eval_shape(rn_model.init, jax.random.key(0), x)
+    with pytest.raises(TypeError, match="needs the batch norms' epsilon"):
+        convert_batch_norm(checkpoint, target)
+    eps = batch_norm_epsilons(bn_model, x)
+    assert eps == {"BatchNorm_0": 1e-3, "head_norm": 1e-2}
+    converted = convert_batch_norm(checkpoint, target, epsilon=eps)
+    y_bn = bn_model.apply(checkpoint, x)
+    assert rel(rn_model.apply(converted, x), y_bn) <= 1e-5
+    wrong = convert_batch_norm(checkpoint, target, epsilon=1e-5)
+    assert rel(rn_model.apply(wrong, x), y_bn) > 1e-2  # what a wrong epsilon does, silently
+    # Back: the renorm model's own epsilons.
+    assert batch_norm_epsilons(rn_model, x) == {"BatchRenorm_0": 1e-3, "head_norm": 1e-2}
+    exported = export_batch_norm(converted, jax.eval_shape(bn_model.init, jax.random.key(0), x),
+                                 epsilon=batch_norm_epsilons(rn_model, x))
+    assert rel(bn_model.apply(exported, x), y_bn) <= 1e-5
+    with pytest.raises(ValueError, match="names no epsilon for 1 norm module.*head_norm"):
+        convert_batch_norm(checkpoint, target, epsilon={"BatchNorm_0": 1e-3})
+    with pytest.raises(ValueError, match="no nn.BatchNorm"):
+        batch_norm_epsilons(nn.Dense(3), x)
 
 
 def test_linen_export_negative_variance():

@@ -12,7 +12,11 @@
   rounding; it runs without ``renorm``).
 
 Both take the ``target``: the variables of the model to convert *to* (from
-its ``init``), and return variables of exactly that structure. Every leaf of
+its ``init``), and return variables of exactly that structure, and the
+norms' ``epsilon``, which variables do not record: a number, or per module
+(:func:`batch_norm_epsilons` reads it from a model's modules). It has no
+default: Flax's ``1e-5`` is silently wrong for a model built with ``1e-3``
+(Keras's default, and models ported from Keras). Every leaf of
 the target must come from the source and every leaf of the source must land
 in the target, with the same shape; anything else is a ``ValueError`` that
 lists the paths. A partial or mismatched restore is never silent.
@@ -24,6 +28,8 @@ Explicit names (``norm(name="bn_init")``) stay as they are.
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from typing import Mapping
 
@@ -35,7 +41,7 @@ from flax.core import FrozenDict, unfreeze
 
 from renorm.conversion import check_negative_variance, stddev_from_variance, variance_from_stddev
 
-__all__ = ["convert_batch_norm", "export_batch_norm"]
+__all__ = ["convert_batch_norm", "export_batch_norm", "batch_norm_epsilons"]
 
 _SHOW = 12  # paths listed in an error
 
@@ -104,7 +110,71 @@ def _wrap(result, like):
     return FrozenDict(result) if isinstance(like, FrozenDict) else result
 
 
-def convert_batch_norm(bn_variables, target, *, epsilon: float = 1e-5):
+def batch_norm_epsilons(model, *args, method=None, **kwargs):
+    """``{"path/of/norm": epsilon}`` of every ``nn.BatchNorm`` (or :class:`renorm.jax.BatchRenorm`) in ``model``.
+
+    Read from the modules themselves by tracing ``model.init(key, *args,
+    **kwargs)`` abstractly (``jax.eval_shape``: nothing is computed), so the
+    result is exactly what the model uses, whatever its constructor defaults.
+    Pass it as ``epsilon=`` to :func:`convert_batch_norm` or
+    :func:`export_batch_norm`::
+
+        eps = renorm.jax.convert.batch_norm_epsilons(bn_model, x, train=False)
+        variables = renorm.jax.convert_batch_norm(bn_checkpoint, target, epsilon=eps)
+    """
+    import flax.linen as nn
+
+    from renorm.jax.linen import BatchRenorm
+
+    found = {}
+
+    def record(next_fun, call_args, call_kwargs, context):
+        if isinstance(context.module, (nn.BatchNorm, BatchRenorm)) and context.method_name == "__call__":
+            found["/".join(map(str, context.module.path))] = float(context.module.epsilon)
+        return next_fun(*call_args, **call_kwargs)
+
+    init = model.init if method is None else functools.partial(model.init, method=method)
+    with nn.intercept_methods(record):
+        jax.eval_shape(init, jax.random.key(0), *args, **kwargs)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no nn.BatchNorm or BatchRenorm module (called with these "
+                         f"inputs), so it has no epsilon to read.")
+    return found
+
+
+def _check_epsilon(value, where):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(float(value)) or not float(value) > 0:
+        raise ValueError(f"`epsilon` must be a finite number > 0 (the batch norms' epsilon{where}), got "
+                         f"epsilon={value!r}.")
+    return float(value)
+
+
+def _epsilons(epsilon, modules, rename, function):
+    """``{module path tuple: epsilon}`` for ``modules`` (the source's norm paths) from a number or a mapping."""
+    if epsilon is None:
+        raise TypeError(f"{function}() needs the batch norms' epsilon: epsilon=1e-5 (Flax's default), 1e-3 "
+                        f"(Keras's, and models ported from it), or epsilon=renorm.jax.convert.batch_norm_epsilons(model, x) "
+                        f"to read it from the model's modules. A wrong epsilon changes every output silently.")
+    if not isinstance(epsilon, Mapping):
+        eps = _check_epsilon(epsilon, "")
+        return {m: eps for m in modules}
+    given = {str(k): _check_epsilon(v, f" of {k}") for k, v in epsilon.items()}
+    out, missing = {}, []
+    for m in modules:
+        names = ("/".join(map(str, m)), "/".join(map(str, rename(m))))
+        key = next((n for n in names if n in given), None)
+        if key is None:
+            missing.append(names[0])
+        else:
+            out[m] = given[key]
+    if missing:
+        raise ValueError(f"`epsilon` names no epsilon for {len(missing)} norm module(s): {', '.join(missing[:_SHOW])}"
+                         f" (it has {', '.join(sorted(given)[:_SHOW])}). Nothing was converted.")
+    return out
+
+
+def convert_batch_norm(bn_variables, target, *, epsilon=None):
     """The variables of a ``nn.BatchNorm`` model, as variables of the same model with ``BatchRenorm``.
 
     Args:
@@ -114,9 +184,12 @@ def convert_batch_norm(bn_variables, target, *, epsilon: float = 1e-5):
       target: the renorm model's variables, e.g. ``model.init(key, x)``, or
         only their shapes: ``jax.eval_shape(model.init, key, x)`` (nothing is
         computed); their structure, shapes and dtypes are used.
-      epsilon: the batch norms' epsilon (Flax's default ``1e-5``); it goes into
-        ``stddev = sqrt(var + epsilon)``, so that the inference outputs are the
-        batch-norm model's. Give the renorm layers the same epsilon.
+      epsilon: the batch norms' epsilon, required: a number (Flax's default is
+        ``1e-5``, Keras's ``1e-3``), or ``{"path/of/norm": epsilon}`` for
+        every norm, e.g. :func:`batch_norm_epsilons` of the batch-norm model
+        (read from its modules). It goes into ``stddev = sqrt(var + epsilon)``,
+        so that the inference outputs are the batch-norm model's. Give the
+        renorm layers the same epsilon.
 
     Returns:
       Variables of exactly ``target``'s structure and dtypes: every
@@ -125,13 +198,20 @@ def convert_batch_norm(bn_variables, target, *, epsilon: float = 1e-5):
 
     Raises:
       ValueError: a target leaf without a source, a source leaf without a
-        place in the target, a shape mismatch, or a negative ``var``.
+        place in the target, a shape mismatch, a negative ``var``, or an
+        ``epsilon`` that is not a finite number > 0 (or names no epsilon for
+        some norm).
+      TypeError: no ``epsilon`` given.
     """
     src = _flat(bn_variables, "bn_variables")
     tgt = _flat(target, "target")
     target_norms = set(_norm_modules(tgt, ("mean", "stddev", "step")))
+    modules = _norm_modules(src, ("mean", "var"))
+    eps = _epsilons(epsilon, modules, lambda m: _rename(m, "BatchNorm", "BatchRenorm", target_norms),
+                    "convert_batch_norm")
     out = {}
-    for path in _norm_modules(src, ("mean", "var")):
+    for path in modules:
+        epsilon = eps[path]
         new = _rename(path, "BatchNorm", "BatchRenorm", target_norms)
         for col in list(src):
             if col[1:-1] == path:
@@ -148,7 +228,7 @@ def convert_batch_norm(bn_variables, target, *, epsilon: float = 1e-5):
     return _wrap(_match(out, tgt, "batch-norm variables to renorm"), target)
 
 
-def export_batch_norm(variables, target, *, epsilon: float = 1e-5, negative_variance: str = "raise"):
+def export_batch_norm(variables, target, *, epsilon=None, negative_variance: str = "raise"):
     """The variables of a ``BatchRenorm`` model, as variables of the same model with ``nn.BatchNorm``.
 
     ``var = stddev**2 - epsilon`` (float64, then rounded), ``step`` and the
@@ -162,6 +242,10 @@ def export_batch_norm(variables, target, *, epsilon: float = 1e-5, negative_vari
     ``"raise"`` (default) a ``ValueError`` naming the layer, ``"clamp"``
     ``var = 0`` with a warning naming the layer (``docs/SPEC.md``, section 14).
 
+    ``epsilon`` is required, as in :func:`convert_batch_norm`: the renorm
+    layers' (a number, or ``{"path/of/norm": epsilon}``, e.g.
+    :func:`batch_norm_epsilons` of the renorm model).
+
     Args:
       variables: the renorm model's variables.
       target: the batch-norm model's variables (``model.init``, or
@@ -173,8 +257,12 @@ def export_batch_norm(variables, target, *, epsilon: float = 1e-5, negative_vari
     src = {k: v for k, v in src.items() if k[0] != "intermediates"}
     tgt = _flat(target, "target")
     target_norms = set(_norm_modules(tgt, ("mean", "var")))
+    modules = _norm_modules(src, ("mean", "stddev", "step"))
+    eps = _epsilons(epsilon, modules, lambda m: _rename(m, "BatchRenorm", "BatchNorm", target_norms),
+                    "export_batch_norm")
     out = {}
-    for path in _norm_modules(src, ("mean", "stddev", "step")):
+    for path in modules:
+        epsilon = eps[path]
         new = _rename(path, "BatchRenorm", "BatchNorm", target_norms)
         for col in list(src):
             if col[1:-1] == path:
