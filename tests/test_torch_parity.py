@@ -75,7 +75,8 @@ def run_parity(case, momentum, dtype, *, seed=0, explicit_backward=True, compile
     # most 3x less accurate than the float32 oracle there.
     ref32 = None if dtype == "float64" else oracle(case, momentum, p, dtype=np.float32)
     m = torch_module(case, momentum, param_dtype=param_dtype, p=p, explicit_backward=explicit_backward)
-    fwd = torch.compile(m, backend="eager" if compiled == "eager" else "inductor") if compiled else m
+    # compiled: a torch.compile backend name ("aot_eager" traces forward and backward, "inductor" generates code).
+    fwd = torch.compile(m, backend=compiled, fullgraph=True) if compiled else m
     groups = 1 if case.microbatch_size is None else case.shape[0] // case.microbatch_size
     entries = groups * case.num_features
     for i, (x_np, dy_np) in enumerate(list(zip(xs, dys))[:steps]):

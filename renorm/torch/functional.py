@@ -46,7 +46,6 @@ tested reference (``explicit_backward=False`` in the modules).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -74,6 +73,34 @@ def group_view(x: torch.Tensor, groups: int) -> torch.Tensor:
 def _dims(ndim: int):
     """Reduced dims of a grouped view ``(G, k, C, ...)``: all but the group (0) and the feature (2)."""
     return (1,) + tuple(range(3, ndim))
+
+
+@torch.library.custom_op("renorm::snapshot", mutates_args=())
+def snapshot(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` that ``torch.compile`` cannot re-read later.
+
+    The modules read their buffers (moving statistics, step counter) through
+    this before updating them in place. A plain read or ``clone`` is
+    "recomputable": AOTAutograd's partitioner (torch 2.13) may then re-read
+    the buffer in the backward, *after* the in-place update, and compute the
+    gradient with the new statistics: silently wrong gradients
+    (pytorch/pytorch#197039, open). An opaque custom op is saved, not
+    recomputed; eagerly it is one ``clone`` of a ``(C,)`` vector.
+    """
+    return t.clone()
+
+
+@snapshot.register_fake
+def _(t):
+    return torch.empty_like(t)
+
+
+def _count(shape, dims) -> int:
+    """Values per feature in a group of a grouped view (a loop, not a generator: torch.compile traces it)."""
+    count = 1
+    for d in dims:
+        count *= int(shape[d])
+    return count
 
 
 def _feature(v: Optional[torch.Tensor], ndim: int, cdt) -> Optional[torch.Tensor]:
@@ -107,7 +134,7 @@ def _moments(xf: torch.Tensor, dims, eps: float, group, all_reduce=_all_reduce):
     if group is None:
         var, mu = torch.var_mean(xf, dim=dims, correction=0, keepdim=True)
     else:
-        count = math.prod(xf.shape[d] for d in dims)
+        count = _count(xf.shape, dims)
         s = torch.sum(xf, dim=dims, keepdim=True)
         pooled = all_reduce(torch.stack([s, torch.full_like(s, float(count))]), group)
         mu = pooled[0] / pooled[1]
@@ -167,6 +194,7 @@ class BatchRenormFunction(torch.autograd.Function):
         y = torch.addcmul(b, xf - mu, a).to(xg.dtype)
         ctx.save_for_backward(xg, weight, mu, sigma, r, d)
         ctx.group = group
+        ctx.count = float(_count(xg.shape, dims))
         ctx.has_weight = weight is not None
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -192,7 +220,7 @@ class BatchRenormFunction(torch.autograd.Function):
         xc = xg.to(cdt) - mu
         sum_dy = torch.sum(dyf, dim=dims, keepdim=True)
         sum_dy_xc = torch.sum(dyf * xc, dim=dims, keepdim=True)
-        count = float(math.prod(xg.shape[i] for i in dims))
+        count = ctx.count
         if ctx.group is None:
             tot_dy, tot_dy_xc = sum_dy, sum_dy_xc
         else:

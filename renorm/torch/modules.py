@@ -246,7 +246,7 @@ class BatchRenorm(nn.Module):
     def _moving(self, x):
         """The moving statistics, or ``0`` and ``1`` without running statistics (then ``r = 1``, ``d = 0``)."""
         if self.track_running_stats:
-            return self.running_mean, self.running_std
+            return F.snapshot(self.running_mean), F.snapshot(self.running_std)
         cdt = F.compute_dtype(x.dtype)
         return (torch.zeros(self.num_features, dtype=cdt, device=x.device),
                 torch.ones(self.num_features, dtype=cdt, device=x.device))
@@ -256,7 +256,7 @@ class BatchRenorm(nn.Module):
         if not self.track_running_stats:  # nothing to correct towards: batch norm
             one = torch.ones((), dtype=cdt, device=self.r_clipped.device)
             return one, one * 0.0
-        t = self.num_batches_tracked.to(torch.float64 if cdt == torch.float64 else torch.float32)
+        t = F.snapshot(self.num_batches_tracked).to(torch.float64 if cdt == torch.float64 else torch.float32)
         rmax, dmax = self.schedule.limits(t, clip=torch.clamp)
         return rmax.to(cdt), dmax.to(cdt)
 
