@@ -11,6 +11,7 @@
 """
 
 from renorm.torch import functional
+from renorm.torch.convert import convert_batch_norm, export_batch_norm
 from renorm.torch.functional import BatchRenormFunction
 from renorm.torch.modules import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
@@ -20,5 +21,7 @@ __all__ = [
     "BatchRenorm2d",
     "BatchRenorm3d",
     "BatchRenormFunction",
+    "convert_batch_norm",
+    "export_batch_norm",
     "functional",
 ]
