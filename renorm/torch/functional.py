@@ -119,9 +119,13 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
 
 
 def _all_reduce_autograd(t: torch.Tensor, group) -> torch.Tensor:
+    import warnings
+
     from torch.distributed.nn.functional import all_reduce
 
-    return all_reduce(t, group=group)
+    with warnings.catch_warnings():  # deprecated in favour of a private module; still the differentiable one
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(t, group=group)
 
 
 def _moments(xf: torch.Tensor, dims, eps: float, group, all_reduce=_all_reduce):

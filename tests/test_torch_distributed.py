@@ -1,0 +1,110 @@
+"""The PyTorch port on 2 processes (torch.distributed, Gloo, 127.0.0.1, CPU) against the oracle (docs/SPEC.md, section 11).
+
+The test starts this file twice as a script through ``tests/multiworker.py`` (its own process group,
+killed on timeout; a network namespace with only the loopback interface where the machine allows it).
+Each worker checks, in float64, over 3 training steps:
+
+- ``synchronized=True`` (explicit and autodiff gradients): each process's output and input gradient
+  are the oracle's on the concatenated global batch, restricted to its shard; the parameter gradients
+  summed over the processes are the oracle's; the moving statistics are the global batch's on both.
+- ``synchronized=False`` (the per-replica layout): each process normalizes its own batch of ``k``
+  examples; with the moving statistics averaged over the processes after each step (what mirrored
+  variables do in TensorFlow), 2 processes equal one process with ``microbatch_size = k`` on the
+  concatenated batch: outputs, gradients and state.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+SHAPE = (8, 3, 2, 2)  # the global batch: 4 examples per process
+STEPS = 3
+
+
+def _worker() -> None:
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from parity import assert_close
+    from renorm.numpy_ref import BatchRenormReference
+    from renorm.torch import BatchRenorm2d
+
+    rank, world = int(os.environ["MW_INDEX"]), int(os.environ["MW_COUNT"])
+    port = os.environ["MW_PORTS"].split(",")[0]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    k = SHAPE[0] // world
+    rows = slice(rank * k, (rank + 1) * k)
+    c = SHAPE[1]
+
+    def check(name, synchronized, explicit):
+        rng = np.random.default_rng(0)  # the same draws on every process
+        p = dict(gamma=rng.uniform(0.5, 1.5, c), beta=rng.normal(0, 0.5, c), mean=rng.normal(0, 1, c),
+                 stddev=rng.uniform(0.5, 2.0, c))
+        kw = dict(rmax=1.3, dmax=0.2)
+        ref = BatchRenormReference(c, momentum=0.5, epsilon=1e-5, axis=1,
+                                   microbatch_size=None if synchronized else k, **kw, **p)
+        m = BatchRenorm2d(c, momentum=0.5, dtype=torch.float64, synchronized=synchronized,
+                          explicit_backward=explicit, **kw)
+        with torch.no_grad():
+            for t, v in ((m.weight, "gamma"), (m.bias, "beta"), (m.running_mean, "mean"), (m.running_std, "stddev")):
+                t.copy_(torch.from_numpy(p[v]))
+        for step in range(STEPS):
+            x_all = rng.normal(1.0, 2.0, SHAPE) * rng.uniform(0.5, 2.0, (1, c, 1, 1))
+            dy_all = rng.standard_normal(SHAPE)
+            x = torch.from_numpy(x_all[rows]).requires_grad_(True)
+            m.zero_grad(set_to_none=True)
+            y = m(x)
+            y.backward(torch.from_numpy(dy_all[rows]))
+            if not synchronized:  # the per-replica layout: average the state updates over the processes
+                for buf in (m.running_mean, m.running_std):
+                    dist.all_reduce(buf)
+                    buf /= world
+            gw, gb = m.weight.grad.clone(), m.bias.grad.clone()
+            dist.all_reduce(gw)
+            dist.all_reduce(gb)
+            y_ref = ref.train(x_all)
+            dx_ref, dg_ref, db_ref = ref.backward(dy_all)
+            what = f"{name} rank {rank} step {step}"
+            assert_close(y.detach().numpy(), y_ref[rows], "float64", "value", f"{what} y")
+            assert_close(x.grad.numpy(), dx_ref[rows], "float64", "grad", f"{what} dx")
+            assert_close(gw.numpy(), dg_ref, "float64", "grad", f"{what} dweight")
+            assert_close(gb.numpy(), db_ref, "float64", "grad", f"{what} dbias")
+            assert_close(m.running_mean.numpy(), ref.mean, "float64", "value", f"{what} running_mean")
+            assert_close(m.running_std.numpy(), ref.stddev, "float64", "value", f"{what} running_std")
+            assert int(m.num_batches_tracked) == ref.step == step + 1
+        # The limits were active (the test could see a clip) and the layouts differ (it could see the pooling).
+        assert ref.r_clipped > 0 or ref.d_clipped > 0, name
+        print(f"ok {name}", flush=True)
+
+    check("synchronized explicit", True, True)
+    check("synchronized autodiff", True, False)
+    check("per-replica", False, True)
+    # The two layouts give different outputs on the same data (else the checks above could not tell them apart).
+    x = torch.from_numpy(np.random.default_rng(5).normal(size=SHAPE)[rows] * (1 + rank))
+    ys = [BatchRenorm2d(c, dtype=torch.float64, synchronized=s, rmax=1.0, dmax=0.0)(x).detach() for s in (True, False)]
+    assert float((ys[0] - ys[1]).abs().max()) > 1e-3
+    dist.barrier()
+    dist.destroy_process_group()
+    print("ALL OK", flush=True)
+
+
+def test_gloo_two_processes():
+    from multiworker import run_workers
+
+    results = run_workers(lambda i: [os.path.abspath(__file__)], n=2, timeout=150,
+                          env={"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
+    for i, (rc, out) in enumerate(results):
+        assert rc == 0 and "ALL OK" in out, f"worker {i} exited {rc}:\n{out[-4000:]}"
+        for name in ("synchronized explicit", "synchronized autodiff", "per-replica"):
+            assert f"ok {name}" in out
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    _worker()
