@@ -267,3 +267,24 @@ def test_exported_model_loads_without_renorm(tmp_path):
                           timeout=180, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert rel(np.load(tmp_path / "y.npy"), y) <= 1e-5
+
+
+# ------------------------------------------------------ epsilon (issue 22)
+@pytest.mark.parametrize("epsilon", [0.0, -2.0, -1e-3, float("inf"), float("nan")])
+def test_convert_refuses_a_batch_norm_epsilon_that_is_not_positive_and_finite(epsilon):
+    """The converter reads epsilon from each batch norm (it takes none as argument); a bad one names it."""
+    bn = keras.layers.BatchNormalization(epsilon=epsilon, name="bad_bn")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3), bn])
+    with pytest.raises(ValueError) as info:
+        convert_batch_norm(model)
+    assert f"epsilon={epsilon!r}" in str(info.value) and "'bad_bn'" in str(info.value)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, -1e-3, float("inf"), float("nan")])
+def test_export_refuses_a_renorm_epsilon_that_is_not_positive_and_finite(epsilon):
+    """The layer refuses such an epsilon at construction; one set on the layer afterwards is refused by export."""
+    model = _renorm_model([1.0, 1.0, 1.0])
+    model.layers[0].epsilon = epsilon
+    with pytest.raises(ValueError) as info:
+        export_batch_norm(model)
+    assert f"epsilon={epsilon!r}" in str(info.value) and "'brn'" in str(info.value)

@@ -1,5 +1,9 @@
 """TensorFlow / Keras 3 port of Batch Renormalization (imports TensorFlow and Keras only, never JAX).
 
+``BatchRenormalization``, ``convert_batch_norm`` and ``export_batch_norm`` are
+the multi-backend ones of :mod:`renorm.keras` (the same objects); on the
+TensorFlow backend the layer runs the fused kernels of :mod:`renorm.tf.ops`.
+
 - :class:`BatchRenormalization`: a ``keras.layers.Layer``, drop-in for
   ``keras.layers.BatchNormalization`` (it also accepts a batch norm's config);
 - :func:`batch_renorm`: the pure function the layer calls, usable from raw

@@ -1,0 +1,428 @@
+"""``BatchRenormalization``: one Keras 3 layer for every Keras backend, drop-in for ``keras.layers.BatchNormalization``.
+
+The math is written once in ``keras.ops`` (:mod:`renorm.keras.ops`) and runs
+on JAX and PyTorch; on the TensorFlow backend the layer calls the fused
+TensorFlow kernels of :mod:`renorm.tf.ops` instead (its fast path, the same
+numbers). TensorFlow is imported only on the TensorFlow backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import constraints, initializers, ops, regularizers
+
+from renorm.config import check_config, check_input, check_pooling
+from renorm.keras import ops as kops
+from renorm.schedule import ClipSchedule
+
+__all__ = ["BatchRenormalization", "batch_norm_config_to_renorm"]
+
+def _step_dtype():
+    """int64, except on JAX without ``jax_enable_x64`` (int32: JAX would narrow an int64 with a warning)."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            return "int32"
+    return "int64"
+
+
+# Keys of ``keras.layers.BatchNormalization.get_config()`` that this layer does not take as such.
+_BATCH_NORM_ONLY = ("moving_variance_initializer", "renorm", "renorm_clipping", "renorm_momentum")
+
+
+def _constant_value(initializer, name):
+    """The value of a constant initializer (``Zeros``, ``Ones``, ``Constant`` with a scalar)."""
+    init = initializers.get(initializer)
+    if isinstance(init, initializers.Zeros):
+        return 0.0
+    if isinstance(init, initializers.Ones):
+        return 1.0
+    if isinstance(init, initializers.Constant):
+        value = init.get_config().get("value")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(
+        f"`{name}` can only be converted when it is a constant initializer (zeros, ones or a scalar "
+        f"Constant), got {name}={initializer!r}. Pass the converted initializer yourself instead."
+    )
+
+
+def batch_norm_config_to_renorm(config):
+    """A ``keras.layers.BatchNormalization`` config, made acceptable to :class:`BatchRenormalization`.
+
+    - ``moving_variance_initializer`` (a constant ``v``) becomes
+      ``moving_stddev_initializer = Constant(sqrt(v + epsilon))``, so that the
+      layer's initial inference output is batch norm's; a non-constant one is
+      an error (there is no exact mapping), and so is giving both.
+    - ``renorm=False`` (with ``renorm_clipping``, ``renorm_momentum``, which
+      Keras then ignores) is dropped; ``renorm=True`` is an error that says
+      which arguments to use instead.
+
+    A config without these keys is returned unchanged (a copy).
+    """
+    config = dict(config)
+    if config.get("renorm"):
+        clipping = config.get("renorm_clipping")
+        raise ValueError(
+            "BatchRenormalization cannot take a config with renorm=True (Keras' own batch renormalization, "
+            f"renorm_clipping={clipping!r}, renorm_momentum={config.get('renorm_momentum')!r}): this layer "
+            "is batch renormalization. Remove `renorm`, `renorm_clipping` and `renorm_momentum` and pass "
+            "rmax=R, dmax=D (Keras' renorm_clipping={'rmax': R, 'rmin': 1/R, 'dmax': D}); the moving "
+            "statistics and r, d all use `momentum`, and a schedule is warmup_steps/rmax_steps/dmax_steps."
+        )
+    for key in ("renorm", "renorm_clipping", "renorm_momentum"):
+        config.pop(key, None)
+    if "moving_variance_initializer" in config:
+        variance_init = config.pop("moving_variance_initializer")
+        if config.get("moving_stddev_initializer") is not None:
+            raise ValueError(
+                "Got both moving_variance_initializer and moving_stddev_initializer; BatchRenormalization "
+                "keeps a moving standard deviation only. Pass moving_stddev_initializer alone."
+            )
+        epsilon = float(config.get("epsilon", 1e-3))
+        value = _constant_value(variance_init, "moving_variance_initializer")
+        if value < 0:
+            raise ValueError(f"moving_variance_initializer must be >= 0, got the constant {value!r}.")
+        config["moving_stddev_initializer"] = initializers.serialize(
+            initializers.Constant(float(math.sqrt(value + epsilon)))
+        )
+    return config
+
+
+@keras.saving.register_keras_serializable(package="renorm")
+class BatchRenormalization(keras.layers.Layer):
+    """Batch Renormalization (Ioffe, 2017, arXiv:1702.03275), Algorithm 1.
+
+    One layer for every Keras 3 backend (TensorFlow, JAX, PyTorch): the math
+    is ``keras.ops`` (:mod:`renorm.keras.ops`), and on TensorFlow the fused TF
+    kernels of :mod:`renorm.tf.ops` run instead. Backend differences:
+    ``synchronized=True`` and ``fused=True`` are TensorFlow-only (a
+    ``ValueError`` elsewhere, as Keras' own ``synchronized``); ``step`` is
+    int64, except on JAX without ``jax_enable_x64``, where it is int32.
+
+    A drop-in for ``keras.layers.BatchNormalization``: same arguments and
+    defaults where the concept is the same (``axis``, ``momentum=0.99``,
+    ``epsilon=1e-3``, ``center``, ``scale``, initializers, regularizers,
+    constraints, ``synchronized``), and the same rule: batch statistics and a
+    state update only when ``training`` is true *and* the layer is trainable.
+
+    In training, per normalization group ``g`` and feature::
+
+        mu_g, sigma_g = batch mean, sqrt(biased batch variance + epsilon)
+        r = stop_gradient(clip(sigma_g / moving_stddev, 1/rmax(t), rmax(t)))
+        d = stop_gradient(clip((mu_g - moving_mean) / moving_stddev, -dmax(t), dmax(t)))
+        y = gamma * ((x - mu_g) / sigma_g * r + d) + beta
+
+    then ``moving_mean``/``moving_stddev`` move by ``1 - momentum`` towards the
+    mean over groups of ``mu_g``/``sigma_g`` (unless a statistic is NaN/Inf)
+    and ``step`` advances. In inference
+    ``y = gamma * (x - moving_mean) / moving_stddev + beta``.
+
+    Non-finite statistics: where ``mu_g`` or ``sigma_g`` is NaN or Inf (NaN/Inf
+    input, or a variance that overflows, ``|x - mu_g|`` beyond about ``1.8e19``
+    in float32), the output of that group and feature is NaN, never a clipped
+    constant, and the moving statistics keep their values (``step`` still
+    advances).
+
+    Empty batches: a training call on 0 examples (such as one replica's share
+    of a short last batch) returns an empty output and is not a step: the
+    moving statistics, ``step`` and the diagnostics stay exactly as they were.
+    With ``synchronized`` the moments are those of the examples of all
+    replicas (an empty replica contributes nothing and takes the same update
+    as the others). Without it each replica updates from its own batch and the
+    strategy averages the replicas' new values (``aggregation="mean"``), an
+    empty replica's being its unchanged ones. ``step`` counts the steps of the
+    global batch: it advances on every replica when any replica had examples
+    (the same on every worker of a ``MultiWorkerMirroredStrategy``).
+
+    Masks, as in ``BatchNormalization``: ``layer(x, training=True,
+    mask=mask)``, or a mask Keras propagates (``Embedding(mask_zero=True)``,
+    ``Masking``), has the input's shape without the feature axis (for the
+    default ``axis=-1``: ``x.shape[:-1]``, Keras' own rule), boolean or
+    numeric (nonzero selects). The batch statistics of each group (micro-batch)
+    are those of its selected positions; every position is normalized with
+    them, and the mask is passed on to the next layer. A group with no
+    selected position is normalized with the moving statistics and takes no
+    part in their update (Keras' batch norm would pull them towards 0); a
+    batch that selects nothing is no step, like an empty batch. In inference
+    the mask is checked and ignored. A masked call does not use the fused
+    kernels.
+
+    Unlike Keras' batch norm the moving statistic is the standard deviation
+    (``epsilon`` included), as in the paper, not the variance.
+
+    Args:
+      axis: the feature axis (an integer, not 0).
+      momentum, epsilon, center, scale: as in ``BatchNormalization``.
+      beta_initializer, gamma_initializer, moving_mean_initializer,
+        moving_stddev_initializer: initializers (``"zeros"``, ``"ones"``,
+        ``"zeros"``, ``"ones"``).
+      beta_regularizer, gamma_regularizer, beta_constraint, gamma_constraint:
+        as in ``BatchNormalization``.
+      rmax, dmax: final clipping limits on ``r`` (to ``[1/rmax, rmax]``) and
+        ``|d|``; ``rmax=1, dmax=0`` is batch norm.
+      warmup_steps, rmax_steps, dmax_steps: the schedule of
+        :class:`renorm.ClipSchedule`, driven by the layer's ``step`` weight.
+      microbatch_size: ``None`` (whole batch) or ``k``: the batch is split into
+        groups of ``k`` consecutive examples, each normalized by its own
+        statistics; the batch must be divisible by ``k``.
+      synchronized: pool the batch moments over all replicas of a
+        ``tf.distribute`` strategy (whole batches only).
+      explicit_gradient: backward by the paper's explicit formula (default,
+        two reductions and four element-wise passes) or by autodiff (``False``).
+      fused: train on TensorFlow's fused batch-norm kernels (``FusedBatchNormV3``
+        and its gradient): ``None`` (default) where they apply (4-D input,
+        features on axis 1 or 3, float32/float16/bfloat16, no micro-batches,
+        not synchronized, explicit gradient), ``True`` to require them (an
+        error otherwise), ``False`` never. Same numbers, fewer kernels.
+        Inference runs on the kernel in inference mode (one pass) for
+        float32/float16/bfloat16 where ``|moving_mean| <= 16 * moving_stddev``,
+        the exact three-pass form elsewhere; ``fused=False`` never.
+
+    Weights, in this order: ``gamma`` (if ``scale``), ``beta`` (if ``center``),
+    then non-trainable ``moving_mean``, ``moving_stddev``, ``step`` (int64),
+    ``r_clipped_fraction`` and ``d_clipped_fraction`` (the diagnostics: the
+    fraction of ``r`` and ``d`` values the clip changed in the last training
+    step, over groups and features; the paper tunes ``rmax``/``dmax`` by them).
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_stddev_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        rmax=3.0,
+        dmax=5.0,
+        warmup_steps=0,
+        rmax_steps=0,
+        dmax_steps=0,
+        microbatch_size=None,
+        synchronized=False,
+        explicit_gradient=True,
+        fused=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        check_config(
+            momentum=momentum,
+            epsilon=epsilon,
+            microbatch_size=microbatch_size,
+            rmax=rmax,
+            dmax=dmax,
+            warmup_steps=warmup_steps,
+            rmax_steps=rmax_steps,
+            dmax_steps=dmax_steps,
+        )
+        check_pooling("synchronized" if synchronized else None, microbatch_size)
+        backend = keras.backend.backend()
+        if backend != "tensorflow" and synchronized:
+            raise ValueError(
+                f"synchronized=True pools the moments over tf.distribute replicas and needs the TensorFlow "
+                f"backend; the Keras backend is {backend!r} (keras.layers.BatchNormalization refuses it too)."
+            )
+        if backend != "tensorflow" and fused:
+            raise ValueError(
+                f"fused=True asks for TensorFlow's fused batch-norm kernels and needs the TensorFlow backend; "
+                f"the Keras backend is {backend!r}. Use fused=None (the default) or False."
+            )
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"`axis` must be a single integer (the feature axis), got axis={axis!r}.")
+        self.axis = int(axis)
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_stddev_initializer = initializers.get(moving_stddev_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.schedule = ClipSchedule(rmax, dmax, warmup_steps, rmax_steps, dmax_steps)
+        self.microbatch_size = None if microbatch_size is None else int(microbatch_size)
+        self.synchronized = bool(synchronized)
+        self.explicit_gradient = bool(explicit_gradient)
+        if fused not in (None, True, False):
+            raise TypeError(f"`fused` must be None, True or False, got fused={fused!r}.")
+        self.fused = fused
+        self.supports_masking = True
+        self.gamma = self.beta = None
+        self.moving_mean = self.moving_stddev = self.step = None
+        self._r_clipped = self._d_clipped = None
+        self._num_features = None
+
+    # ------------------------------------------------------------ properties
+    rmax = property(lambda self: self.schedule.rmax)
+    dmax = property(lambda self: self.schedule.dmax)
+    warmup_steps = property(lambda self: self.schedule.warmup_steps)
+    rmax_steps = property(lambda self: self.schedule.rmax_steps)
+    dmax_steps = property(lambda self: self.schedule.dmax_steps)
+
+    @property
+    def r_clipped_fraction(self):
+        """Fraction of ``r`` values the clip changed in the last training step (a variable)."""
+        return self._r_clipped
+
+    @property
+    def d_clipped_fraction(self):
+        """Fraction of ``d`` values the clip changed in the last training step (a variable)."""
+        return self._d_clipped
+
+    # ----------------------------------------------------------------- build
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        info = check_input(input_shape, dtype_name="float32", is_floating=True, axis=self.axis, training=False)
+        c = info.num_features
+        if c is None:
+            raise ValueError(
+                f"The feature axis {self.axis} of the input must have a known size, got input shape {input_shape}."
+            )
+        self._num_features = int(c)
+        shape = (self._num_features,)
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape,
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape,
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        # Replicas that saw different batches (synchronized=False) average
+        # their updates, so the state stays the same on every replica.
+        stat = dict(trainable=False, autocast=False, aggregation="mean")
+        self.moving_mean = self.add_weight(
+            shape=shape, name="moving_mean", initializer=self.moving_mean_initializer, **stat
+        )
+        self.moving_stddev = self.add_weight(
+            shape=shape, name="moving_stddev", initializer=self.moving_stddev_initializer, **stat
+        )
+        self.step = self.add_weight(
+            shape=(),
+            name="step",
+            dtype=_step_dtype(),
+            initializer="zeros",
+            trainable=False,
+            autocast=False,
+            aggregation="only_first_replica",
+        )
+        self._r_clipped = self.add_weight(shape=(), name="r_clipped_fraction", initializer="zeros", **stat)
+        self._d_clipped = self.add_weight(shape=(), name="d_clipped_fraction", initializer="zeros", **stat)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    # ------------------------------------------------------------------ call
+    def limits(self, dtype="float64"):
+        """``(rmax(t), dmax(t))`` for the next training step, from the ``step`` weight (in ``dtype``)."""
+        s = self.schedule
+        if s.warmup_steps == 0 and s.rmax_steps == 0 and s.dmax_steps == 0:
+            return s.rmax, s.dmax  # constant: no need to read the step
+        if keras.backend.backend() == "tensorflow":
+            from renorm.tf.layer import tf_limits
+
+            return tf_limits(self)
+        t = ops.cast(ops.convert_to_tensor(self.step), dtype)
+        return s.limits(t, clip=ops.clip)
+
+    def call(self, inputs, training=None, mask=None):
+        training = bool(training) and self.trainable
+        if keras.backend.backend() == "tensorflow":
+            from renorm.tf.layer import tf_call
+
+            return tf_call(self, inputs, training, mask)
+        x = ops.convert_to_tensor(inputs)
+        info, mask = kops.check(x, axis=self.axis, microbatch_size=self.microbatch_size,
+                                num_features=self._num_features, training=training, mask=mask)
+        gamma = None if self.gamma is None else self.gamma.value
+        beta = None if self.beta is None else self.beta.value
+        mean, stddev = self.moving_mean.value, self.moving_stddev.value
+        if not training:
+            return ops.cast(kops.infer(x, gamma, beta, mean, stddev, axis=info.axis), self.compute_dtype)
+        rmax, dmax = self.limits(kops.compute_dtype(x.dtype))
+        out = kops.train(
+            x, gamma, beta, mean, stddev, rmax=rmax, dmax=dmax, momentum=self.momentum, epsilon=self.epsilon,
+            axis=info.axis, microbatch_size=self.microbatch_size, explicit_gradient=self.explicit_gradient,
+            mask=mask,
+        )
+        self._update(out)
+        return ops.cast(out.y, self.compute_dtype)
+
+    def _update(self, out):
+        """Assign the new state of a training step; an empty batch keeps step and diagnostics."""
+        self.moving_mean.assign(out.moving_mean)
+        self.moving_stddev.assign(out.moving_stddev)
+        r_frac = ops.cast(out.r_clipped_fraction, self._r_clipped.dtype)
+        d_frac = ops.cast(out.d_clipped_fraction, self._d_clipped.dtype)
+        if out.empty is True:
+            return
+        if out.empty is False:
+            self._r_clipped.assign(r_frac)
+            self._d_clipped.assign(d_frac)
+            self.step.assign(self.step.value + ops.ones((), self.step.dtype))
+            return
+        self._r_clipped.assign(ops.where(out.empty, self._r_clipped.value, r_frac))
+        self._d_clipped.assign(ops.where(out.empty, self._d_clipped.value, d_frac))
+        self.step.assign(self.step.value + ops.cast(ops.logical_not(out.empty), self.step.dtype))
+
+    # ---------------------------------------------------------------- config
+    @classmethod
+    def from_config(cls, config):
+        """The layer of ``config``; a ``BatchNormalization`` config is accepted too.
+
+        Batch-norm-only keys are mapped by :func:`batch_norm_config_to_renorm`
+        (``moving_variance_initializer`` to ``moving_stddev_initializer``,
+        ``renorm=False`` dropped, ``renorm=True`` an error).
+        """
+        return super().from_config(batch_norm_config_to_renorm(config))
+
+    def get_config(self):
+        config = {
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
+            "moving_stddev_initializer": initializers.serialize(self.moving_stddev_initializer),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "microbatch_size": self.microbatch_size,
+            "synchronized": self.synchronized,
+            "explicit_gradient": self.explicit_gradient,
+            "fused": self.fused,
+            **self.schedule.to_dict(),
+        }
+        return {**super().get_config(), **config}
