@@ -188,7 +188,15 @@ class BatchRenormFunction(torch.autograd.Function):
         nd = xg.dim()
         dims = _dims(nd)
         xf = xg.to(cdt)
-        mu, sigma = _moments(xf, dims, eps, group)
+        # One group, one process, float32/float64: PyTorch's own batch-norm kernels for the moments and the
+        # backward (the same formulas, fused; see _native_backward). Otherwise the grouped view in plain ops
+        # (float16/bfloat16 too: torch's CPU moments of a bfloat16 input lose about 1e-4 of the variance).
+        native = group is None and xg.shape[0] == 1 and xg.dtype == cdt
+        if native:
+            mu, var = torch.batch_norm_update_stats(xg[0], None, None, 0.0)  # biased variance, not E[x^2]-E[x]^2
+            mu, sigma = _feature(mu, nd, cdt), _feature(torch.sqrt(var.to(cdt) + eps), nd, cdt)
+        else:
+            mu, sigma = _moments(xf, dims, eps, group)
         mean = _feature(running_mean, nd, cdt)
         std = _feature(running_std, nd, cdt)
         rmax_c, dmax_c = rmax.to(cdt), dmax.to(cdt)
@@ -198,6 +206,7 @@ class BatchRenormFunction(torch.autograd.Function):
         y = torch.addcmul(b, xf - mu, a).to(xg.dtype)
         ctx.save_for_backward(xg, weight, mu, sigma, r, d)
         ctx.group = group
+        ctx.native = native
         ctx.count = float(_count(xg.shape, dims))
         ctx.has_weight = weight is not None
         ctx.has_bias = bias is not None
@@ -219,6 +228,8 @@ class BatchRenormFunction(torch.autograd.Function):
         xg, weight, mu, sigma, r, d = ctx.saved_tensors
         cdt = mu.dtype
         nd = xg.dim()
+        if ctx.native:
+            return _native_backward(ctx, dy, xg, weight, mu, sigma, r, d)
         dims = _dims(nd)
         dyf = dy.to(cdt)
         xc = xg.to(cdt) - mu
@@ -241,6 +252,31 @@ class BatchRenormFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = torch.sum(sum_dy, dim=0).reshape(-1).to(ctx.bias_dtype)
         return dx, dweight, dbias, None, None, None, None, None, None
+
+
+def _native_backward(ctx, dy, xg, weight, mu, sigma, r, d):
+    """The backward of one whole-batch group by ``aten.native_batch_norm_backward``.
+
+    Batch norm's training backward with weight ``w' = weight * r`` and
+    ``save_invstd = 1 / sigma`` is exactly the explicit formula of
+    :meth:`BatchRenormFunction.backward`: ``dx = w' / sigma * (dy - mean(dy) -
+    (x - mu) * mean(dy * (x - mu)) / sigma**2)``. Its weight gradient is
+    ``sum(dy * (x - mu) / sigma)``, so ``dweight = r * that + d * sum(dy)``.
+    """
+    cdt = mu.dtype
+    r1, d1 = r.reshape(-1), d.reshape(-1)
+    w1 = r1 if weight is None else weight.to(cdt) * r1
+    x0 = xg[0]
+    need_dx = ctx.needs_input_grad[0]
+    dx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+        dy[0], x0, w1, None, None, mu.reshape(-1), 1.0 / sigma.reshape(-1), True, 0.0, [need_dx, True, True]
+    )
+    dweight = dbias = None
+    if ctx.has_weight and ctx.needs_input_grad[1]:
+        dweight = (r1 * gw.to(cdt) + d1 * gb.to(cdt)).to(weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        dbias = gb.to(ctx.bias_dtype)
+    return (None if dx is None else dx.unsqueeze(0)), dweight, dbias, None, None, None, None, None, None
 
 
 def renorm_explicit(xg, weight, bias, running_mean, running_std, rmax, dmax, eps: float, group=None):

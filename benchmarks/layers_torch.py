@@ -1,0 +1,94 @@
+"""Layer suite, PyTorch: renorm.torch.BatchRenorm2d/1d against torch.nn.BatchNorm2d/1d, side by side.
+
+    python -m benchmarks.layers_torch [--quick] [--no-compile] [--out FILE]
+
+For each shape: one training forward+backward (``y.backward(dy)``: gradients
+of the input and the parameters, moving statistics updated), for batch norm,
+renorm on the whole batch and renorm with micro-batches of 4 and 2, eagerly
+and under ``torch.compile`` (inductor, CPU), interleaved in one process
+(``benchmarks/common.py``). Ratios are per round: ``vs_baseline`` to eager
+``torch.nn.BatchNorm``, ``vs_whole`` of a micro-batch candidate to renorm
+on the whole batch in the same mode, ``vs_floor`` to one eager
+``torch.addcmul`` pass over the tensor. The machine this ran on is shared
+and loaded (see the JSON's ``machine`` and the spread); trust the paired
+ratios, not the milliseconds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.common import machine_info, markdown_table, measure, parse_args, summarize, write_results
+from renorm.torch import BatchRenorm1d, BatchRenorm2d
+
+SHAPES = [(256, 64, 32, 32), (256, 256, 8, 8), (4096, 1024)]
+QUICK_SHAPES = [(16, 8, 4, 4), (64, 32)]
+COMPILED_SHAPES = [(256, 64, 32, 32), (4096, 1024)]  # inductor compiles take about a minute each here
+MICROBATCHES = [None, 4, 2]
+
+
+def _step(module, x, dy):
+    def run():
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        y = module(x)
+        y.backward(dy)
+        return x.grad
+
+    return run
+
+
+def run(args):
+    torch.manual_seed(0)
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
+    compiled_shapes = shapes if (args.quick or args.shapes) else COMPILED_SHAPES
+    rows, raw = [], {}
+    for shape in shapes:
+        x = torch.randn(shape).requires_grad_(True)
+        dy = torch.randn(shape)
+        c = shape[1]
+        bn_cls = torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d
+        br_cls = BatchRenorm2d if len(shape) == 4 else BatchRenorm1d
+        fshape = (1, c) + (1,) * (len(shape) - 2)
+        a, b = torch.full(fshape, 1.5), torch.full(fshape, 0.5)
+        cands = {"floor: addcmul": lambda: torch.addcmul(b, x.detach(), a)}
+        modes = ["eager"] + ([] if args.no_compile or shape not in compiled_shapes else ["compiled"])
+        for mode in modes:
+            wrap = (lambda m: torch.compile(m)) if mode == "compiled" else (lambda m: m)
+            cands[f"{mode} BatchNorm"] = _step(wrap(bn_cls(c)), x, dy)
+            for k in MICROBATCHES:
+                cands[f"{mode} renorm mb={k}"] = _step(wrap(br_cls(c, microbatch_size=k)), x, dy)
+        times = measure(cands, rounds=args.rounds, warmup=args.warmup)
+        summary = summarize(times, baseline="eager BatchNorm", floor="floor: addcmul")
+        for mode in modes:  # micro-batches against the whole batch of the same mode
+            for k in MICROBATCHES[1:]:
+                name = f"{mode} renorm mb={k}"
+                summary[name]["vs_whole"] = summarize(
+                    {n: times[n] for n in (name, f"{mode} renorm mb=None")}, whole=f"{mode} renorm mb=None"
+                )[name]["vs_whole"]
+            if mode == "compiled":
+                for k in MICROBATCHES:
+                    name = f"compiled renorm mb={k}"
+                    summary[name]["vs_compiled_bn"] = summarize(
+                        {n: times[n] for n in (name, "compiled BatchNorm")}, baseline="compiled BatchNorm"
+                    )[name]["vs_baseline"]
+        raw[str(shape)] = {"times_s": times, "summary": summary}
+        for name, s in summary.items():
+            rows.append({"shape": str(shape), "candidate": name, **s})
+            print(f"{str(shape):20s} {name:24s} {s['median_ms']:9.2f} ms  spread {s['spread']:.2f}  "
+                  f"x{s['vs_baseline']:.3f} of eager BN" + (f"  x{s['vs_whole']:.2f} of whole batch" if "vs_whole" in s
+                                                          else ""), flush=True)
+    table = markdown_table(rows, ["shape", "candidate", "median_ms", "spread", "vs_baseline", "vs_compiled_bn",
+                                  "vs_whole", "vs_floor"])
+    print(table)
+    write_results(args.out, {"suite": "layers_torch", "machine": machine_info(), "torch": torch.__version__,
+                             "threads": torch.get_num_threads(), "rounds": args.rounds, "rows": rows, "raw": raw,
+                             "table": table, "note": "shared machine, loaded by other jobs during the run"}, args)
+
+
+def _extra(p):
+    p.add_argument("--no-compile", action="store_true", help="eager candidates only (a partial run)")
+
+
+if __name__ == "__main__":
+    run(parse_args(__doc__.splitlines()[0], "benchmarks/results/layers_torch.json", extra=_extra))
