@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import machine_info, markdown_table, measure, parse_args, summarize, write_results
+import os
+
+from benchmarks.common import (machine_info, markdown_table, measure, parse_args, scratch_path, summarize,
+                               write_results)
 from renorm.torch import BatchRenorm1d, BatchRenorm2d
 
 SHAPES = [(256, 64, 32, 32), (256, 256, 8, 8), (4096, 1024)]
@@ -90,5 +93,18 @@ def _extra(p):
     p.add_argument("--no-compile", action="store_true", help="eager candidates only (a partial run)")
 
 
+RESULTS = "benchmarks/results/layers_torch.json"
+
+
+def parse(argv=None):
+    """``benchmarks.common.parse_args``, with ``--no-compile`` a partial run too (it never writes :data:`RESULTS`)."""
+    args = parse_args(__doc__.splitlines()[0], RESULTS, argv, extra=_extra)
+    if args.no_compile and args.full:
+        args.full = False
+        if os.path.abspath(args.out) == os.path.abspath(RESULTS):
+            args.out = scratch_path(RESULTS)
+    return args
+
+
 if __name__ == "__main__":
-    run(parse_args(__doc__.splitlines()[0], "benchmarks/results/layers_torch.json", extra=_extra))
+    run(parse())
