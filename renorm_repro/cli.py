@@ -17,35 +17,58 @@ directory), then aggregates and plots. ``plot`` reads only the logs in
 keys and wrong types are refused (``run --help`` lists every field). Options
 are never abbreviated. Experiments: ``microbatch`` (Figure 2, the default),
 ``noniid`` (Figure 3), ``iid`` (Figure 1); each has the presets ``paper``,
-``quick``, ``digits`` (the committed results) and ``smoke``.
+``quick``, ``digits`` (the committed results), ``fashion`` (Fashion-MNIST,
+results/fashion-mnist) and ``smoke``; the microbatch experiment also ``seed``
+(CIFAR-100). ``show`` prints a preset's config, derived values and cost
+(FLOPs, CPU and GPU time estimates, whether data is downloaded).
 
-A run killed at any point (Ctrl-C, ``kill -9``, a crash) continues with the
-same command and ``--resume``; it ends with the metrics of an uninterrupted
-run. One process at a time writes into an ``--out`` folder (``OUT/.lock``).
+A run killed at any point (Ctrl-C, ``kill -9``, a crash) continues with
+``--resume`` (the folder's config.json is used; ``--preset`` and the overrides
+need not be repeated, ``--steps N`` extends a finished run when that is exactly
+a longer run); it ends with the metrics of an uninterrupted run. ``--resume``
+of a complete experiment changes no file. One process at a time writes into an ``--out`` folder (``OUT/.lock``).
 Each run also writes TensorBoard event files (``tensorboard --logdir
 OUT/runs``; ``--no-tensorboard`` turns them off), kept consistent with
 ``metrics.csv`` on ``--resume``.
 TensorFlow's start-up log lines are hidden unless ``--tf-logs`` is given (or
 ``TF_CPP_MIN_LOG_LEVEL`` is set). Errors are one line ``renorm-repro: error:
-...`` (exit 2: a bad command line or config; 1: data, folders, files); an
-interrupted run exits with 130.
+...`` (exit 2: a bad command line or config; 1: data, folders, files), and
+come before TensorFlow is imported where the command line decides them;
+Ctrl-C (SIGINT) or SIGTERM at any moment prints one line and exits with 130 or
+143. Progress bars are drawn only when stderr is a terminal.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import difflib
-import json
 import os
 import sys
-import tempfile
-import time
-import typing
-from pathlib import Path
 
-from renorm_repro.config import (EXPERIMENTS, PRESETS_BY_EXPERIMENT, ConfigError, dumps, get_config,
-                                 parse_override_tokens, preset_names)
+from renorm_repro import interrupts as _interrupts
+
+
+def _is_command() -> bool:
+    """Whether this process is the ``renorm-repro`` command (the script, or ``python -m renorm_repro.cli``)."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name == "renorm-repro" or (name == "cli.py" and os.path.basename(os.path.dirname(sys.argv[0]))
+                                       == "renorm_repro")
+
+
+if _is_command():  # before the imports below (NumPy; later TensorFlow): a signal from now on is honoured
+    _interrupts.install()
+
+with _interrupts.exit_now("before anything was written; run the command again"):
+    import argparse
+    import dataclasses
+    import difflib
+    import json
+    import signal
+    import tempfile
+    import time
+    import typing
+    from pathlib import Path
+
+    from renorm_repro.config import (EXPERIMENTS, PRESETS_BY_EXPERIMENT, ConfigError, dumps, get_config,
+                                     parse_override_tokens, preset_names)
 
 __all__ = ["main", "run_experiment"]
 
@@ -72,30 +95,100 @@ def _value_text(v) -> str:
     return str(v) if v != "" else "''"
 
 
+#: One line of help per config field (every field of every experiment has one; tests/test_repro_cli.py checks).
+FIELD_HELP = {
+    "dataset": "the data",
+    "data_dir": "cifar100: the extracted folder or the tarball; fashion_mnist: the folder of IDX files",
+    "val_examples": "training examples held out for validation (0: none; val_* is then the test split)",
+    "cache_dir": "where downloaded and synthetic data are kept (default $RENORM_DATA or ~/.cache/renorm_repro)",
+    "synthetic_train": "synthetic data only: training examples",
+    "synthetic_test": "synthetic data only: test examples",
+    "synthetic_classes": "synthetic data only: classes",
+    "arms": "the arms to train, comma-separated",
+    "seeds": "the seeds (same seed: same initial weights and data order in every arm)",
+    "batch_size": "examples per training step",
+    "momentum": "moving-average momentum (the statistics move by 1 - momentum per step)",
+    "epsilon": "added to the variance (inside the moving stddev)",
+    "rmax": "final clipping limit of r (Batch Renorm arms)",
+    "dmax": "final clipping limit of d (Batch Renorm arms)",
+    "schedule_base": "breakpoints not given: the paper's scaled to steps, or unscaled",
+    "warmup_steps": "steps of plain batch norm before clipping opens (none: from schedule_base)",
+    "warmup_time_constants": "the warm-up in 1/(1 - momentum)-step time constants (not with --warmup-steps)",
+    "rmax_steps": "step at which rmax is reached (0: no ramp; none: from schedule_base)",
+    "dmax_steps": "step at which dmax is reached (0: no ramp; none: from schedule_base)",
+    "width": "channels of the first convolution (then 2x, 4x, 8x)",
+    "optimizer": "the optimizer",
+    "learning_rate": "the (initial) learning rate",
+    "lr_schedule": "constant; cosine to 0 at steps; step (x lr_decay_factor at lr_decay_at)",
+    "lr_decay_at": "step schedule: fractions of the run at which the rate is multiplied",
+    "lr_decay_factor": "step schedule: the factor",
+    "steps": "training steps per run",
+    "ema_decay": "EMA of the weights for evaluation (0: raw weights)",
+    "eval_every": "steps between evaluations (one metrics.csv row each, and the last step)",
+    "eval_batch_size": "examples per evaluation batch",
+    "eval_train_examples": "training accuracy in inference mode on this many fixed examples (0: off)",
+    "eval_batch_stats": "also validate with batch statistics on minibatches built like the training ones",
+    "eval_lag_examples": "log the moving statistics' lag against this many fixed training examples (0: off)",
+    "log_clip_means": "log r/d clipped fractions averaged over every step since the previous evaluation",
+    "checkpoint_every": "steps between checkpoints (and the last step)",
+    "threshold": "accuracy for 'steps to reach' in the summary (a fraction)",
+    "jit_compile": "XLA-compile the steps (needs --deterministic false)",
+    "precision": "float32 or mixed precision",
+    "strategy": "tf.distribute strategy (multiworker reads TF_CONFIG)",
+    "deterministic": "deterministic TensorFlow ops",
+    "microbatch_size": "k: examples per normalization group of the micro-batch arms",
+    "bn_group": "group size of the bn_32 arm",
+    "labels_per_batch": "labels drawn (with replacement) per minibatch",
+    "per_label": "distinct images per drawn label",
+    "split_groups": "parts of the minibatch the bn_split arm normalizes separately",
+}
+
+
+def _allowed(name: str, cls):
+    """The allowed values of a field with a fixed set of them, else None."""
+    from renorm_repro.config import DATASETS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, SCHEDULE_BASES, STRATEGIES
+
+    known = {"dataset": tuple(DATASETS), "optimizer": OPTIMIZERS, "precision": PRECISIONS, "strategy": STRATEGIES,
+             "lr_schedule": LR_SCHEDULES, "schedule_base": SCHEDULE_BASES}
+    if name == "arms":
+        return tuple(cls().arm_specs_template())
+    return known.get(name)
+
+
 def _fields_epilog(experiment: str, preset=None) -> str:
-    """Every config field of ``experiment``: its option, type, default (and value under ``preset``)."""
+    """Every config field of ``experiment``: its option, type, value (under ``preset`` when given), help, and
+    the allowed values where there is a fixed set."""
     cls = EXPERIMENTS[experiment]
     hints = typing.get_type_hints(cls)
-    default = cls()
-    at_preset = None
+    shown = cls()
     if preset in PRESETS_BY_EXPERIMENT[experiment]:
         try:
-            at_preset = get_config(preset, experiment)
+            shown = get_config(preset, experiment)
         except ConfigError:  # pragma: no cover - every preset is valid
-            at_preset = None
+            preset = None
+    else:
+        preset = None
     others = ", ".join(e for e in sorted(EXPERIMENTS) if e != experiment)
+    value_head = f"--preset {preset}" if preset else "base value"
     lines = [f"config overrides of --experiment {experiment} (--key VALUE or --key=VALUE; other experiments: "
              f"--experiment {{{others}}} --help):",
-             f"  {'option':<26} {'type':<10} default" + (f" (--preset {preset})" if at_preset else "")]
+             f"  {'option':<26} {'type':<10} {value_head:<16} help"]
     for f in dataclasses.fields(cls):
         if f.name == "experiment":
             continue
-        text = _value_text(getattr(default, f.name))
-        if at_preset is not None and getattr(at_preset, f.name) != getattr(default, f.name):
-            text += f" ({_value_text(getattr(at_preset, f.name))})"
-        lines.append(f"  --{f.name.replace('_', '-'):<24} {_type_name(hints[f.name]):<10} {text}")
-    lines.append("Defaults are the experiment's; a preset changes some of them (`renorm-repro show --preset P` "
-                 "prints them all).")
+        value = _value_text(getattr(shown, f.name))
+        text = FIELD_HELP.get(f.name, "")
+        allowed = _allowed(f.name, cls)
+        if allowed:
+            text += " {" + ", ".join(allowed) + "}"
+        lines.append(f"  --{f.name.replace('_', '-'):<24} {_type_name(hints[f.name]):<10} {value:<16} {text}")
+    if preset:
+        lines.append(f"Values are --preset {preset}'s. `renorm-repro show --preset {preset}` prints them with the "
+                     f"derived values and the cost.")
+    else:
+        lines.append("Values are the experiment's base (the paper-scale CIFAR-100 setup that presets start from); "
+                     "add --preset P to --help to see P's values, or `renorm-repro show --preset P`. Presets: "
+                     + ", ".join(sorted(PRESETS_BY_EXPERIMENT[experiment])) + ".")
     return "\n".join(lines)
 
 
@@ -118,14 +211,17 @@ def _parser(experiment: str = _DEFAULT_EXPERIMENT, preset=None):
     common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     common.add_argument("--tf-logs", action="store_true",
                         help="show TensorFlow's log lines (hidden by default unless TF_CPP_MIN_LOG_LEVEL is set)")
-    p = argparse.ArgumentParser(prog="renorm-repro", description=__doc__.split("\n\n")[0], formatter_class=raw,
-                                epilog=__doc__, allow_abbrev=False)
+    doc = __doc__.replace("``", "").replace("::", ":")
+    p = argparse.ArgumentParser(prog="renorm-repro", description=doc.split("\n\n")[0], formatter_class=raw,
+                                epilog=doc.split("\n\n", 1)[1], allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
     fields = _fields_epilog(experiment, preset)
     run = sub.add_parser("run", help="train every arm x seed, then aggregate and plot", parents=[common],
                          allow_abbrev=False, formatter_class=raw, epilog=fields)
-    run.add_argument("--preset", required=True, choices=preset_names())
-    run.add_argument("--experiment", default=_DEFAULT_EXPERIMENT, choices=sorted(EXPERIMENTS))
+    run.add_argument("--preset", default=None, choices=preset_names(),
+                     help="the preset (required, except with --resume: then the folder's config.json is used)")
+    run.add_argument("--experiment", default=None, choices=sorted(EXPERIMENTS),
+                     help=f"the experiment (default: {_DEFAULT_EXPERIMENT}, or with --resume the folder's)")
     run.add_argument("--out", required=True, help="output folder (new, or the same one with --resume)")
     run.add_argument("--resume", action="store_true",
                      help="continue the experiment in --out (which must exist) from its checkpoints")
@@ -234,14 +330,16 @@ def _quiet_tensorflow() -> None:
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            import tensorflow as tf
+            with _interrupts.exit_now("before anything was written; run the command again", fd=saved):
+                import tensorflow as tf
 
-            tf.config.list_physical_devices()
-            tf.get_logger().setLevel("ERROR")
-        except BaseException:
+                tf.config.list_physical_devices()
+                tf.get_logger().setLevel("ERROR")
+        except BaseException as e:
             os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode("utf-8", "replace"))
+            if not isinstance(e, KeyboardInterrupt):  # a signal: one line, not TensorFlow's start-up noise
+                captured.seek(0)
+                sys.stderr.write(captured.read().decode("utf-8", "replace"))
             raise
         finally:
             os.dup2(saved, 2)
@@ -320,8 +418,13 @@ def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, te
     from renorm_repro.runs import ExperimentLock, check_experiment_dir, run_dir, write_experiment_record
     from renorm_repro.train import train_run
 
+    from renorm_repro.runs import experiment_complete, report_without_runs
+
     out = Path(out)
     mode = check_experiment_dir(out, cfg, resume=resume)  # before touching anything
+    if mode == "resume" and (experiment_complete(out, cfg) or report_without_runs(out)):
+        log(_complete_line(out, cfg))  # nothing is written, not even the lock file
+        return {"summary": "", "figures": [], "complete": True}
     lock = None
     try:
         if out.is_dir():
@@ -341,6 +444,9 @@ def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, te
             log(f"{out} holds an experiment none of whose runs started training; starting it with this config")
         elif mode == "new" and resume:
             log(f"{out} holds no experiment yet (a run stopped before writing its config); starting it")
+        elif mode == "extend":
+            log(f"extending the experiment in {out} to {cfg.steps} steps (it continues exactly as if it had been "
+                f"started with them)")
         write_experiment_record(out, cfg, mode)
         t0 = time.perf_counter()
         stopped = False
@@ -350,12 +456,15 @@ def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, te
                                 stop_after=stop_after, progress=progress, tensorboard=tensorboard, log=log)
                 stopped |= bool(res.get("stopped"))
         log(f"trained {len(cfg.arms)} arms x {len(cfg.seeds)} seeds in {time.perf_counter() - t0:.1f} s")
-        report = write_report(out)
+        with _interrupts.deferred():  # the report's files are written whole; a signal is honoured after them
+            report = write_report(out)
     finally:
         if lock is not None:
             lock.release()
+    _interrupts.check()
     log(report["summary"])
     log("figures: " + ", ".join(str(p) for p in report["figures"]))
+    log(report["aggregate"]["finding"])  # the last line: what the run measured
     if stopped:
         log("stopped early (--stop-after); continue with --resume")
     return report
@@ -384,8 +493,155 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _command_config(args, rest, subparsers):
+    """The config of ``run``, ``show`` or ``bench``: the preset and overrides, or with ``run --resume`` and no
+    ``--preset`` the folder's own ``config.json`` and the overrides (``--steps`` may extend it). No TensorFlow."""
+    stored = None
+    if args.command == "run" and args.resume and (Path(args.out) / "config.json").is_file():
+        from renorm_repro.runs import RunDirError, read_experiment_config
+
+        try:
+            stored = read_experiment_config(args.out)
+        except ConfigError:
+            raise
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise RunDirError(f"{Path(args.out) / 'config.json'} is not a readable experiment config ({e!r}); "
+                              f"restore it, or start a new --out.") from None
+    experiment = args.experiment
+    if args.preset is None:
+        if stored is None:
+            raise ConfigError("`run` needs --preset (only `run --resume` of a folder holding config.json reads "
+                              "the config from there); `renorm-repro run --help` lists the presets.")
+        if experiment not in (None, stored.experiment):
+            raise ConfigError(f"--experiment {experiment}, but {Path(args.out) / 'config.json'} holds a "
+                              f"{stored.experiment} experiment.")
+        experiment = stored.experiment
+    experiment = experiment or _DEFAULT_EXPERIMENT
+    _check_options(rest, subparsers[args.command], experiment)
+    overrides = parse_override_tokens(rest)
+    if args.preset is None:
+        from renorm_repro.config import apply_overrides
+
+        return apply_overrides(stored, overrides)
+    return get_config(args.preset, experiment, overrides)
+
+
+#: Effective training rates behind ``show``'s time estimates. CPU: the shared 2-core CPU of the committed results
+#: (``renorm-repro bench``: about 2e11 FLOP/s on the CIFAR-100 presets' convnets, and at most ~250 steps/s
+#: however small the model, results/commands.txt). GPU: 25-50 TFLOP/s effective, a range for one H100 on a
+#: small convnet (not measured here). ``renorm-repro bench`` measures this machine's rate.
+CPU_FLOPS, CPU_STEP_OVERHEAD_S, GPU_FLOPS_RANGE = 2e11, 1 / 250, (5e13, 2.5e13)
+
+
+def cost(cfg) -> dict:
+    """What running ``cfg`` takes: steps, FLOPs, CPU and GPU time estimates, and whether data is downloaded."""
+    from renorm_repro.data import CIFAR100_ARCHIVE, CIFAR100_FOLDER, DATASETS, debian_fashion_mnist_dir, \
+        default_cache_dir
+
+    d = cfg.derived()
+    runs = len(cfg.arms) * len(cfg.seeds)
+    flops = d["train_flops_per_run"] * runs
+    cpu_s = runs * cfg.steps * (d["train_flops_per_step"] / CPU_FLOPS + CPU_STEP_OVERHEAD_S)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    if cfg.dataset == "cifar100":
+        have = bool(cfg.data_dir) or (cache / CIFAR100_FOLDER).exists() or (cache / CIFAR100_ARCHIVE).exists()
+        download = "no (--data-dir or the cache holds it)" if have else \
+            f"yes: the CIFAR-100 archive (161 MB, MD5-checked) into {cache}, unless --data-dir PATH is given"
+    elif cfg.dataset == "fashion_mnist":
+        have = bool(cfg.data_dir) or debian_fashion_mnist_dir() is not None or (cache / "fashion-mnist").is_dir()
+        download = "no (installed, --data-dir or cached)" if have else \
+            f"yes: the four Fashion-MNIST files (30 MB) into {cache}, unless installed (apt-get install " \
+            "dataset-fashion-mnist) or --data-dir PATH is given"
+    else:
+        download = "no (" + DATASETS[cfg.dataset].description + ")"
+    return {
+        "runs": runs, "steps_per_run": cfg.steps, "train_flops_per_step": d["train_flops_per_step"],
+        "train_flops_total": flops,
+        "cpu_hours_estimate": round(cpu_s / 3600, 3),
+        "gpu_hours_estimate": [round(flops / f / 3600, 3) for f in GPU_FLOPS_RANGE],
+        "estimate_method": (f"training only, evaluation excluded: CPU at {CPU_FLOPS:.0e} FLOP/s plus "
+                            f"{CPU_STEP_OVERHEAD_S * 1e3:.0f} ms per step (the shared 2-core CPU of the committed "
+                            f"results); GPU at {GPU_FLOPS_RANGE[0]:.1e}-{GPU_FLOPS_RANGE[1]:.1e} FLOP/s effective "
+                            f"(not measured); `renorm-repro bench` measures this machine"),
+        "download": download,
+    }
+
+
+def show_text(cfg) -> str:
+    """``show``'s output: the config, its derived values and :func:`cost`, as JSON."""
+    record = json.loads(dumps(cfg))
+    record["cost"] = cost(cfg)
+    return json.dumps(record, indent=2, sort_keys=True)
+
+
+def _check_bench(cfg, args) -> None:
+    if args.bench_steps < 1:
+        raise ConfigError(f"--bench-steps must be >= 1, got {args.bench_steps}.")
+    if args.arm is not None and args.arm not in cfg.arms:
+        raise ConfigError(f"--arm must be one of {cfg.arms}, got {args.arm!r}.")
+    if not args.gpu_tflops > 0:
+        raise ConfigError(f"--gpu-tflops must be > 0, got {args.gpu_tflops}.")
+
+
+def _complete_line(out, cfg) -> str:
+    from renorm_repro.runs import report_without_runs
+
+    if report_without_runs(out):
+        return (f"{out}: a finished experiment whose runs are not here (only its report and config are "
+                f"committed): nothing to resume, no file changed. To reproduce it, run the same command with a new "
+                f"--out and compare its summary.md with {Path(out) / 'summary.md'}.")
+    return (f"{out}: complete ({len(cfg.arms)} arms x {len(cfg.seeds)} seeds at {cfg.steps} steps, report written): "
+            f"nothing to do, no file changed (`renorm-repro plot --out {out}` rewrites the report).")
+
+
+def _signal_word(signum) -> str:
+    return "interrupted" if signum in (None, signal.SIGINT) else f"terminated ({_interrupts.signal_name(signum)})"
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """The ``renorm-repro`` command; ``argv`` given: called from Python, returns the exit code.
+
+    Without ``argv`` this process is the command: SIGINT and SIGTERM are
+    recorded from the start (:mod:`renorm_repro.interrupts`), a signal that
+    no step reported still ends the command with its line and code (never a
+    silent exit 0), and the process leaves with ``os._exit`` once its output
+    is flushed (a TensorFlow import cut short by a signal can crash the
+    interpreter's teardown).
+    """
+    if argv is not None:
+        return _main(list(argv))
+    _interrupts.install()
+    try:
+        _interrupts.check()  # one received while this module imported
+        code = _main(sys.argv[1:])
+    except SystemExit as e:  # argparse: --help, usage errors (already printed)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    except KeyboardInterrupt as e:  # a signal outside _main's handlers (while parsing the command line)
+        code = _fail(f"{_signal_word(getattr(e, 'signum', None))} before anything was written; run the command "
+                     f"again", _interrupts.exit_code(getattr(e, "signum", None)))
+    except BaseException:  # noqa: BLE001 - print it as Python would, then leave the same way
+        if _interrupts.pending() is None:
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        else:  # whatever a signal turned into (an exception raised from inside a library)
+            code = _fail(f"{_signal_word(_interrupts.pending())}; continue with --resume if the run had started",
+                         _interrupts.exit_code(_interrupts.pending()))
+    if _interrupts.pending() is not None and code == 0:
+        code = _fail(f"{_signal_word(_interrupts.pending())} after the command had finished its work (nothing is "
+                     f"lost; --resume reports a complete run)", _interrupts.exit_code(_interrupts.pending()))
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code if isinstance(code, int) else 1)
+
+
+def _main(argv):
     parser, subparsers = _parser(*_prescan(argv))
     args, rest = parser.parse_known_args(argv)
     resumable = args.command == "run" and (Path(args.out) / "config.json").is_file()
@@ -413,8 +669,6 @@ def main(argv=None):
             if rest:
                 raise ConfigError(f"`{args.command}` takes no config overrides, got {rest}.")
             return _study_command(args)
-        if args.command in ("run", "bench") and not args.tf_logs and "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
-            _quiet_tensorflow()
         if args.command == "plot":
             if rest:
                 raise ConfigError(f"`plot` takes only --out, got {rest}.")
@@ -424,29 +678,51 @@ def main(argv=None):
             print(report["summary"])
             print("figures: " + ", ".join(str(p) for p in report["figures"]))
             return 0
-        _check_options(rest, subparsers[args.command], args.experiment)
-        cfg = get_config(args.preset, args.experiment, parse_override_tokens(rest))
+        # Everything about the command line, the config and --out is checked here, before TensorFlow is imported.
+        cfg = _command_config(args, rest, subparsers)
+        if args.command == "show":
+            print(show_text(cfg))
+            return 0
+        if args.command == "bench":
+            _check_bench(cfg, args)
+        else:
+            from renorm_repro.runs import check_experiment_dir, experiment_complete, report_without_runs
+
+            if args.stop_after is not None and args.stop_after < 1:
+                raise ConfigError(f"--stop-after must be >= 1, got {args.stop_after}.")
+            mode = check_experiment_dir(args.out, cfg, resume=args.resume)
+            if mode == "resume" and (experiment_complete(args.out, cfg) or report_without_runs(args.out)):
+                print(_complete_line(args.out, cfg))
+                return 0
+            _check_data_dir(cfg)
+        if not args.tf_logs and "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+            _quiet_tensorflow()
+        with _interrupts.exit_now("before anything was written; run the command again"):
+            import keras  # noqa: F401 - imported here, where a signal ends the process at once
+            import tensorflow  # noqa: F401
+
+            import renorm.tf  # noqa: F401
+            import renorm_repro.train  # noqa: F401
+        _interrupts.check()  # a signal whose exception an import swallowed
         if args.command == "bench":
             benchmark(cfg, args.arm, args.bench_steps, args.gpu_tflops)
             return 0
-        if args.command == "show":
-            print(dumps(cfg))
-            return 0
-        if args.stop_after is not None and args.stop_after < 1:
-            raise ConfigError(f"--stop-after must be >= 1, got {args.stop_after}.")
         run_experiment(cfg, args.out, resume=args.resume, stop_after=args.stop_after,
-                       progress=not args.no_progress, tensorboard=not args.no_tensorboard)
+                       progress=not args.no_progress and sys.stderr.isatty(), tensorboard=not args.no_tensorboard)
+        _interrupts.check()
         return 0
     except KeyboardInterrupt as e:
         from renorm_repro.runs import Interrupted
 
+        signum = getattr(e, "signum", None) or _interrupts.pending()
+        word, code = _signal_word(signum), _interrupts.exit_code(signum)
         resumable = resumable or (args.command == "run" and (Path(args.out) / "config.json").is_file())
         if isinstance(e, Interrupted):
             ckpt = f"last checkpoint at step {e.checkpoint_step}" if e.checkpoint_step is not None \
                 else "no checkpoint yet"
-            return _fail(f"interrupted at step {e.step} ({e.run}, {ckpt}); continue with --resume", 130)
-        return _fail("interrupted; continue with --resume" if resumable else
-                     "interrupted before anything was written; run the command again", 130)
+            return _fail(f"{word} at step {e.step} ({e.run}, {ckpt}); continue with --resume", code)
+        return _fail(f"{word}; continue with --resume" if resumable else
+                     f"{word} before anything was written; run the command again", code)
     except ConfigError as e:
         return _fail(f"error: {e}", 2)
     except Exception as e:  # noqa: BLE001 - user-facing errors from data, run folders, files and the disk

@@ -176,6 +176,7 @@ def aggregate(out) -> dict:
             "best_accuracy_mean": float(np.mean(bests)),
             "best_accuracy_std": _std(bests),
             "threshold": cfg.threshold,
+            "steps_to_threshold_per_seed": {seed: step for seed, step in zip(runs, reached)},
             "steps_to_threshold_mean": float(np.mean(hit)) if hit else None,
             "steps_to_threshold_std": _std(hit) if hit else None,
             "runs_reaching_threshold": len(hit),
@@ -191,9 +192,51 @@ def aggregate(out) -> dict:
             sa, sb = arms[a]["scalars"].get(name), arms[b]["scalars"].get(name)
             if sa and sb and set(sa["per_seed"]) & set(sb["per_seed"]):
                 paired.append(dict(paired_difference(sa["per_seed"], sb["per_seed"]), a=a, b=b, scalar=name))
-    return {"experiment": cfg.experiment, "dataset": cfg.dataset, "steps": cfg.steps,
-            "batch_size": cfg.batch_size, "title": cfg.title(), "curves": CURVES, "arms": arms,
-            "paired": paired, "scalar_descriptions": {k: v[0] for k, v in SCALARS.items()}}
+    result = {"experiment": cfg.experiment, "dataset": cfg.dataset, "steps": cfg.steps,
+              "batch_size": cfg.batch_size, "title": cfg.title(), "curves": CURVES, "arms": arms,
+              "paired": paired, "scalar_descriptions": {k: v[0] for k, v in SCALARS.items()},
+              "comparisons": [list(c) for c in cfg.comparisons() if c[0] in arms and c[1] in arms]}
+    result["finding"] = finding(result)
+    return result
+
+
+def _resolved(d) -> str:
+    if d["n"] < 2:
+        return "1 seed: no interval"
+    return "a difference the seeds resolve" if d["lo"] > 0 or d["hi"] < 0 else "within noise"
+
+
+def finding(agg) -> str:
+    """One sentence: what the run measured for the paper's claim (the experiment's first comparison).
+
+    Steps to the threshold (mean over the seeds, and the paired difference over the seeds where both arms
+    reached it) and the final validation accuracy (paired difference, percentage points), each with its 95%
+    t interval over seeds; accuracy intervals are clipped to what an accuracy can be ([0, 100] for a mean,
+    [-100, 100] for a difference).
+    """
+    if not agg.get("comparisons"):
+        return "Finding: no comparison (the experiment's paired arms were not both run)."
+    a, b = agg["comparisons"][0]
+    A, B = agg["arms"][a], agg["arms"][b]
+    th = f"{A['threshold'] * 100:.0f}%"
+    parts = []
+    sa, sb = A.get("steps_to_threshold_per_seed", {}), B.get("steps_to_threshold_per_seed", {})
+    both = [s for s in sa if s in sb and sa[s] is not None and sb[s] is not None]
+    if both:
+        d = paired_difference({s: sa[s] for s in both}, {s: sb[s] for s in both})
+        interval = f" [{d['lo']:+.0f}, {d['hi']:+.0f}]" if d["n"] > 1 else ""
+        parts.append(f"{B['label']} reached {th} in {np.mean([sb[s] for s in both]):.0f} steps vs "
+                     f"{np.mean([sa[s] for s in both]):.0f} for {A['label']} ({d['mean']:+.0f} steps{interval} "
+                     f"over the {len(both)} seeds where both did: {_resolved(d)})")
+    else:
+        parts.append(f"{th} reached by {B['runs_reaching_threshold']}/{len(B['seeds'])} runs of {B['label']} and "
+                     f"{A['runs_reaching_threshold']}/{len(A['seeds'])} of {A['label']}")
+    p = next((p for p in agg.get("paired", []) if (p["a"], p["b"]) == (a, b) and p["scalar"] == "val_final"), None)
+    if p is not None:
+        fa, fb = A["scalars"]["val_final"]["mean"], B["scalars"]["val_final"]["mean"]
+        parts.append(f"final accuracy {fb * 100:.2f}% vs {fa * 100:.2f}%, {_ci(p, 100.0, 2, (-1.0, 1.0))} pp "
+                     f"over {p['n']} seeds: {_resolved(p)}")
+    return "Finding (" + f"{B['label']} vs {A['label']}" + "): " + "; ".join(parts) + "."
 
 
 def _has(agg, col) -> bool:
@@ -215,6 +258,8 @@ def write_summary(agg: dict, out) -> str:
              "val_batchstat_accuracy": "final val. acc., batch statistics (%)"}
     lines = [
         f"# {agg['experiment']}: {agg['dataset']}, {agg['title']}, {agg['steps']} steps",
+        "",
+        f"**{agg['finding']}** (Paired over seeds, 95% t intervals; accuracy intervals clipped to [0, 100].)",
         "",
         f"| arm | runs | final accuracy (%) | best accuracy (%) | steps to {th * 100:.0f}% |"
         + "".join(f" {heads[c]} |" for c in extra),
@@ -252,10 +297,16 @@ def write_summary(agg: dict, out) -> str:
     return text
 
 
-def _ci(d, scale=100.0, digits=2) -> str:
+def _ci(d, scale=100.0, digits=2, bounds=None) -> str:
+    """``mean [lo, hi]``; ``bounds`` (``(0, 1)`` for an accuracy, ``(-1, 1)`` for a difference of two): the t
+    interval clipped to them, marked ``†`` where it was."""
     if d["n"] < 2:
         return f"{d['mean'] * scale:.{digits}f} (1 run)"
-    return f"{d['mean'] * scale:.{digits}f} [{d['lo'] * scale:.{digits}f}, {d['hi'] * scale:.{digits}f}]"
+    lo, hi = d["lo"], d["hi"]
+    mark = ""
+    if bounds is not None and (lo < bounds[0] or hi > bounds[1]):
+        lo, hi, mark = max(lo, bounds[0]), min(hi, bounds[1]), "†"
+    return f"{d['mean'] * scale:.{digits}f} [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]{mark}"
 
 
 #: Scalars of the statistics tables, in this order, with their column heads and scales (x100: percent).
@@ -272,12 +323,17 @@ def _stats_section(agg) -> List[str]:
     cols = [c for c in cols if any(c[0] in a["scalars"] for a in agg["arms"].values())]
     if not cols:
         return []
+    acc = {k for k, _, sc in cols if sc == 100.0}
     lines = ["", "## Over seeds: mean [95% confidence interval]", "",
+             "Two-sided 95% Student-t intervals over seeds; an accuracy's interval is clipped to [0, 100] and a "
+             "difference of accuracies to [-100, 100] (marked †: the t interval, symmetric, went past them; "
+             "summary.json keeps it unclipped).", "",
              "| arm | complete runs |" + "".join(f" {h} |" for _, h, _ in cols),
              "| --- | --- |" + " --- |" * len(cols)]
     for a in agg["arms"].values():
         lines.append(f"| {a['label']} | {a['complete_runs']} |"
-                     + "".join(f" {_ci(a['scalars'][k], sc, 3 if sc == 1.0 else 2)} |" if k in a["scalars"]
+                     + "".join(f" {_ci(a['scalars'][k], sc, 3 if sc == 1.0 else 2, (0.0, 1.0) if k in acc else None)} |"
+                               if k in a["scalars"]
                                else " – |" for k, _, sc in cols))
     if agg.get("paired"):
         lines += ["", "## Paired differences: b - a over the same seeds (same initial weights and data order), "
@@ -291,12 +347,14 @@ def _stats_section(agg) -> List[str]:
             cells = []
             for k, _, sc in cols:
                 p = ps.get(k)
-                cells.append(f" {_ci(p, sc, 3 if sc == 1.0 else 2)}, {p['wins']}/{p['n']} |" if p else " – |")
+                cells.append(f" {_ci(p, sc, 3 if sc == 1.0 else 2, (-1.0, 1.0) if k in acc else None)}, "
+                             f"{p['wins']}/{p['n']} |" if p else " – |")
             lines.append(f"| {lb} - {la} |" + "".join(cells))
         lines += ["", "Differences in percentage points (accuracies) or in standard deviations (lag). An interval "
                       "that excludes 0 is a difference the seeds resolve; one that includes 0 is not."]
-    lines += ["", "Scalars per complete run: " + "; ".join(
-        f"`{k}`: {d}" for k, d in agg.get("scalar_descriptions", {}).items()) + "."]
+    shown = {k for k, _, _ in cols}
+    lines += ["", "Scalars per complete run (the columns above): " + "; ".join(
+        f"`{k}`: {d}" for k, d in agg.get("scalar_descriptions", {}).items() if k in shown) + "."]
     return lines
 
 
@@ -417,8 +475,11 @@ def compare_table(result: dict) -> str:
     for r in result["rows"]:
         sc = 1.0 if r["scalar"].startswith("lag") else 100.0
         dg = 3 if sc == 1.0 else 2
-        lines.append(f"| {r['label']} | {r['scalar']} | {_ci(r['a'], sc, dg)} | {_ci(r['b'], sc, dg)} | "
-                     f"{_ci(r['diff'], sc, dg)}, {r['diff']['wins']}/{r['diff']['n']} |")
+        acc, dacc = ((0.0, 1.0), (-1.0, 1.0)) if sc == 100.0 else (None, None)
+        lines.append(f"| {r['label']} | {r['scalar']} | {_ci(r['a'], sc, dg, acc)} | {_ci(r['b'], sc, dg, acc)} | "
+                     f"{_ci(r['diff'], sc, dg, dacc)}, {r['diff']['wins']}/{r['diff']['n']} |")
+    lines += ["", "Two-sided 95% Student-t intervals over seeds, clipped to [0, 100] for accuracies and [-100, 100] "
+                  "for their differences (marked †)."]
     return "\n".join(lines) + "\n"
 
 

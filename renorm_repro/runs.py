@@ -67,6 +67,10 @@ __all__ = [
     "ExperimentLock",
     "check_experiment_dir",
     "write_experiment_record",
+    "record_versions",
+    "experiment_complete",
+    "report_without_runs",
+    "steps_extension_problem",
     "prepare_experiment_dir",
     "run_dir",
     "evaluation_steps",
@@ -136,9 +140,9 @@ class RunDirError(RuntimeError):
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during training: which run, at which step, and its last checkpoint."""
 
-    def __init__(self, run: str, step: int, checkpoint_step: Optional[int]):
+    def __init__(self, run: str, step: int, checkpoint_step: Optional[int], signum: Optional[int] = None):
         super().__init__(f"{run} interrupted at step {step}")
-        self.run, self.step, self.checkpoint_step = run, step, checkpoint_step
+        self.run, self.step, self.checkpoint_step, self.signum = run, step, checkpoint_step, signum
 
 
 def _git_revision() -> str:
@@ -263,7 +267,9 @@ def check_experiment_dir(out, cfg, *, resume: bool) -> str:
     """Whether ``cfg`` may run into ``out``, without writing anything.
 
     Returns ``"new"`` (no experiment there yet), ``"resume"`` (continue the
-    experiment in ``out``: its ``config.json`` equals ``cfg``) or ``"restart"``
+    experiment in ``out``: its ``config.json`` equals ``cfg``), ``"extend"``
+    (``cfg`` differs only by more ``steps``, and :func:`steps_extension_problem`
+    finds nothing against it) or ``"restart"``
     (``out`` holds an experiment none of whose runs started training, e.g. its
     data failed to load: it is started again, with ``cfg``). Raises
     :class:`RunDirError` otherwise: results would be overwritten, ``--resume``
@@ -297,6 +303,14 @@ def check_experiment_dir(out, cfg, *, resume: bool) -> str:
     diff = _config_diff(cfg_path, cfg)
     if not started and set(diff) <= set(DATA_SOURCE_FIELDS):
         return "restart" if diff else "resume"
+    if set(diff) == {"steps"}:
+        old = config_from_dict(json.loads(cfg_path.read_text())["config"])
+        why = steps_extension_problem(old, cfg)
+        if why:
+            raise RunDirError(f"--resume --steps {cfg.steps}: the experiment in {str(out)!r} ({old.steps} steps) "
+                              f"cannot continue exactly as if it had been started with {cfg.steps} steps: {why}. "
+                              f"Nothing was changed.")
+        return "extend"
     if diff:
         hint = (" No run there has started training: drop --resume to start it again with this config."
                 if not started else " Resume with the same preset and overrides, or choose a new --out.")
@@ -307,14 +321,107 @@ def check_experiment_dir(out, cfg, *, resume: bool) -> str:
     return "resume"
 
 
+def record_versions(path) -> None:
+    """Record this invocation in ``path`` (a ``versions.json``): provenance is appended, never overwritten.
+
+    The first invocation's record is the file's top level (the packages, git
+    revision, platform and command that started the folder); each later one
+    (a ``--resume`` that trains) is appended to its ``later_invocations`` list,
+    with the time. A file that cannot be read as such a record is kept beside
+    it (``versions.json.damaged``) and a new one started.
+    """
+    path = Path(path)
+    now = dict(versions(), recorded=time.strftime("%Y-%m-%d %H:%M:%S %z"))
+    record = None
+    if path.exists():
+        try:
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict) or not isinstance(record.get("later_invocations", []), list):
+                raise ValueError("not a versions record")
+        except (OSError, ValueError, UnicodeDecodeError):
+            path.replace(path.with_name(path.name + ".damaged"))
+            record = None
+    if record is None:
+        record = now
+    else:
+        record["later_invocations"] = list(record.get("later_invocations", [])) + [now]
+    _write_json(path, record)
+
+
 def write_experiment_record(out, cfg, mode: str) -> Path:
-    """Create ``out`` and write its ``config.json`` (unless ``mode == "resume"``) and ``versions.json``."""
+    """Create ``out`` and write its ``config.json`` (unless ``mode == "resume"``); record this invocation in
+    ``versions.json`` (:func:`record_versions`). ``mode == "extend"`` rewrites ``config.json`` with the new
+    ``steps`` (:func:`steps_extension_problem` said it may)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if mode != "resume":
         _write_json(out / "config.json", {"config": config_to_dict(cfg), "derived": cfg.derived()})
-    _write_json(out / "versions.json", versions())
+    if mode in ("new", "restart"):
+        path = out / "versions.json"
+        if path.exists():
+            path.unlink()  # a folder none of whose runs trained: its provenance starts with this invocation
+    record_versions(out / "versions.json")
     return out
+
+
+def experiment_complete(out, cfg) -> bool:
+    """Whether every (arm, seed) of ``cfg`` in ``out`` is complete at ``cfg.steps`` and the report is written."""
+    out = Path(out)
+    if not all((out / name).is_file() for name in ("summary.md", "summary.json")):
+        return False
+    for arm in cfg.arms:
+        for seed in cfg.seeds:
+            try:
+                done = json.loads((run_dir(out, arm, seed) / "done.json").read_text())
+            except (OSError, ValueError):
+                return False
+            if not isinstance(done, dict) or done.get("final_step") != cfg.steps:
+                return False
+    return True
+
+
+def report_without_runs(out) -> bool:
+    """A committed report of a finished experiment whose runs are not there (``results/iid``: no ``runs/``)."""
+    out = Path(out)
+    return (out / "summary.json").is_file() and not _has_training(out)
+
+
+def steps_extension_problem(old, new) -> Optional[str]:
+    """Why ``old`` (a config) cannot be continued to ``new.steps`` as if it had been started with them; None if
+    it can.
+
+    ``new`` must equal ``old`` but for ``steps``, and be longer. Every training step ``t < old.steps`` must
+    have had the same clipping limits (every arm) and learning rate under ``new``, and the old last step
+    must be an evaluation step of the longer run (its row is kept).
+    """
+    if new.steps <= old.steps:
+        return f"--steps {new.steps} does not extend the run (it has {old.steps} steps)"
+    if old.steps % old.eval_every:
+        return (f"its last row (step {old.steps}) is not an evaluation step of a {new.steps}-step run "
+                f"(eval_every={old.eval_every}), which would have no row there")
+    for t in range(old.steps):
+        a, b = old.learning_rate_at(t), new.learning_rate_at(t)
+        if a != b:
+            return (f"the learning rate depends on steps (lr_schedule={old.lr_schedule}): at step {t + 1} it was "
+                    f"{a:.6g}, a {new.steps}-step run would have used {b:.6g}")
+    import numpy as np
+
+    steps = np.arange(old.steps, dtype=np.float64)
+    for arm in old.arms:
+        sa, sb = old.arm_spec(arm)["schedule"], new.arm_spec(arm)["schedule"]
+        if sa == sb:
+            continue
+        (ra, da), (rb, db) = sa.limits(steps), sb.limits(steps)
+        differ = np.flatnonzero((np.broadcast_to(ra, steps.shape) != rb) | (np.broadcast_to(da, steps.shape) != db))
+        if differ.size:
+            t = int(differ[0])
+            how = (" (schedule_base=paper_scaled scales the breakpoints to steps; start runs you may extend "
+                   "with --warmup-steps, --rmax-steps and --dmax-steps given)"
+                   if old.schedule_base == "paper_scaled" else "")
+            return (f"the clipping schedule of arm {arm} depends on steps{how}: at step {t + 1} its limits "
+                    f"(rmax, dmax) were {tuple(float(v) for v in sa.limits(float(t)))}, a {new.steps}-step run "
+                    f"would have used {tuple(float(v) for v in sb.limits(float(t)))}")
+    return None
 
 
 def prepare_experiment_dir(out, cfg, *, resume: bool) -> Path:
@@ -370,8 +477,10 @@ def _parse_row(columns, fields) -> Dict[str, float]:
 class _Log:
     """A parsed ``metrics.csv``: the header, the complete rows (parsed and raw), the unfinished last line if any."""
 
-    def __init__(self, path):
+    def __init__(self, path, lenient: bool = False):
+        """``lenient``: stop at the first damaged row (its line number in :attr:`damaged_line`) instead of raising."""
         self.path = Path(path)
+        self.damaged_line = None
         text = self.path.read_bytes().decode("utf-8", "replace")
         lines = text.split("\n")
         #: What follows the last newline: an unfinished write (a crash), or "" in a whole file.
@@ -393,6 +502,9 @@ class _Log:
             try:
                 row = _parse_row(self.columns, _parse_line(line))
             except ValueError as e:
+                if lenient:
+                    self.damaged_line = number
+                    break
                 raise RunDirError(f"{self.path} line {number} is damaged ({e}): {line[:80]!r}.") from None
             self.rows.append(row)
             self.raw.append(line)
@@ -411,13 +523,40 @@ class MetricsLog:
         self.path = Path(path)
         self.columns = tuple(columns)
 
-    def start(self, resume_step: int = 0, expected_steps: Optional[Sequence[int]] = None) -> int:
+    def damaged_bound(self, cfg):
+        """``(bound, line)`` when a row of the log is damaged (not only an unfinished last line), else None.
+
+        ``bound``: the last step a checkpoint may have for the rows before the
+        damaged line to be exactly its rows (:func:`evaluation_steps`); a
+        resume falls back to the newest intact checkpoint at or before it and
+        drops the rest of the log, as it does for a damaged checkpoint.
+        """
+        if not self.path.exists():
+            return None
+        try:
+            _Log(self.path)
+            return None
+        except RunDirError:
+            log = _Log(self.path, lenient=True)  # a damaged header still raises: nothing to fall back to
+        if log.damaged_line is None:  # pragma: no cover - _Log raised for a row, so lenient stops at one
+            return None
+        expected = evaluation_steps(cfg, cfg.steps)
+        steps = [r["step"] for r in log.rows]
+        k = 0
+        while k < len(steps) and k < len(expected) and steps[k] == expected[k]:
+            k += 1
+        return (expected[k] - 1 if k < len(expected) else cfg.steps), log.damaged_line
+
+    def start(self, resume_step: int = 0, expected_steps: Optional[Sequence[int]] = None,
+              lenient: bool = False) -> int:
         """Start the log, or continue it from a checkpoint at ``resume_step``; returns the rows kept.
 
         ``expected_steps``: the steps ``<= resume_step`` that have a row
         (:func:`evaluation_steps`); the kept rows must be exactly these, else
         :class:`RunDirError` names the steps the log lacks. Rows after
-        ``resume_step`` and an unfinished last line are dropped.
+        ``resume_step`` and an unfinished last line are dropped; with
+        ``lenient`` (after :meth:`damaged_bound`) so is everything from the
+        first damaged row on.
         """
         header = _csv_line(self.columns)
         if resume_step == 0:
@@ -431,7 +570,7 @@ class MetricsLog:
                                   f"file, or delete {self.path.parent} to train this run again.")
             _write_atomic(self.path, header.encode())
             return 0
-        log = _Log(self.path)
+        log = _Log(self.path, lenient=lenient)
         if log.columns != self.columns:
             raise RunDirError(f"{self.path} has columns {list(log.columns)}, but this config logs "
                               f"{list(self.columns)}: it belongs to another experiment.")

@@ -81,6 +81,27 @@ def layer_scalars(layer) -> Dict[str, float]:
             f"{layer.name}/rmax": float(rmax), f"{layer.name}/dmax": float(dmax)}
 
 
+def _span(steps) -> str:
+    steps = sorted(steps)
+    return ", ".join(map(str, steps)) if len(steps) <= 4 else f"{steps[0]}..{steps[-1]}"
+
+
+def _scalar_event(step: int, scalars: Dict[str, float]) -> bytes:
+    """One event record of ``{tag: value}`` at ``step``, as :meth:`EventLog.append` writes them."""
+    import time
+
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+    from tensorflow.core.util import event_pb2
+
+    meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+    values = [summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tf.make_tensor_proto(np.float32(v)))
+              for tag, v in scalars.items()]
+    return event_pb2.Event(wall_time=time.time(), step=int(step),
+                           summary=summary_pb2.Summary(value=values)).SerializeToString()
+
+
 class EventLog:
     """The TensorBoard event files of one run: :meth:`start` (reconcile), :meth:`append` per log row, :meth:`close`.
 
@@ -94,16 +115,25 @@ class EventLog:
         self.enabled = bool(enabled)
         self._writer = None
         self._metadata = None
+        self.damage = None
 
-    def start(self, resume_step: int = 0) -> List[int]:
+    def start(self, resume_step: int = 0, rows=None) -> List[int]:
         """Keep the points at steps ``<= resume_step`` (none when 0); returns their steps.
 
+        ``rows``: the log's rows up to ``resume_step`` (``metrics.csv``, which
+        is reconciled first). When a file is damaged (TensorFlow stops reading
+        a file at its first bad record: flipped bytes, a cut), a point of one
+        of the log's columns that the files lack is rewritten from the row; what cannot be
+        rewritten (the layers' clip diagnostics of such steps) is lost. Either
+        way :attr:`damage` says what happened, in one sentence, for the run's
+        log (None when nothing at or before ``resume_step`` was missing).
         The writer (a new file) opens at the first :meth:`append`.
         """
         self.close()
-        return self._reconcile(resume_step) if self.logdir.is_dir() else []
+        self.damage = None
+        return self._reconcile(resume_step, rows or []) if self.logdir.is_dir() else []
 
-    def _reconcile(self, resume_step: int) -> List[int]:
+    def _reconcile(self, resume_step: int, rows) -> List[int]:
         from tensorflow.core.util import event_pb2
 
         d = self.logdir
@@ -113,17 +143,48 @@ class EventLog:
                 f.unlink()
             (d / _READY).replace(d / KEPT_NAME)
         files = _event_files(d)
+        rows = [r for r in rows if r["step"] <= resume_step]
         if not files:
             return []
-        kept, steps, version = [], set(), None
+        kept, steps, version, damaged = [], set(), None, []
+        present = {}  # step -> the tags the files hold there
         for f in files:
-            for rec in _records(f)[0]:
-                ev = event_pb2.Event.FromString(rec)
+            records, cut = _records(f)
+            if cut:
+                damaged.append(f.name)
+            for rec in records:
+                try:
+                    ev = event_pb2.Event.FromString(rec)
+                except Exception:  # noqa: BLE001 - a record whose checksum held but whose content does not parse
+                    damaged.append(f.name)
+                    continue
                 if ev.HasField("file_version"):
                     version = rec if version is None else version
                 elif ev.HasField("summary") and ev.step <= resume_step:
-                    kept.append(rec)
+                    tags = {v.tag for v in ev.summary.value}
+                    if tags <= present.get(int(ev.step), set()):
+                        continue  # a point twice (a file written again by hand): once is enough
+                    kept.append((int(ev.step), rec))
                     steps.add(int(ev.step))
+                    present.setdefault(int(ev.step), set()).update(tags)
+        # What the damage took: columns of the log are rewritten from it, the layers' diagnostics are lost.
+        layer_tags = {t for tags in present.values() for t in tags if "/" in t}
+        rebuilt, lost = 0, set()
+        for row in rows if damaged else ():  # steps no file ever held (--no-tensorboard) are reported by the caller
+            have = present.get(row["step"], set())
+            missing = [k for k in row if k != "step" and k not in have]
+            if missing:
+                kept.append((row["step"], _scalar_event(row["step"], {k: row[k] for k in missing})))
+                steps.add(row["step"])
+                rebuilt += len(missing)
+            if layer_tags - have:
+                lost.add(row["step"])
+        if rebuilt or lost:
+            what = f"{rebuilt} point(s) of the log's columns rewritten from metrics.csv" + (
+                f"; the layers' clip diagnostics of {len(lost)} step(s) ({_span(lost)}) are lost" if lost else "")
+            self.damage = (f"the TensorBoard events were damaged or cut"
+                           + (f" ({', '.join(sorted(set(damaged)))})" if damaged else "") + f": {what}")
+        kept = [rec for _, rec in sorted(kept, key=lambda sr: sr[0])]  # stable: each step's points in file order
         if kept:
             import tensorflow as tf
 

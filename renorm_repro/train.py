@@ -54,9 +54,10 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
+from renorm_repro import interrupts
 from renorm_repro.data import Dataset
 from renorm_repro.runs import Interrupted, MetricsLog, RunDirError, _write_atomic, _write_json, config_to_dict, \
-    evaluation_steps, metric_columns, versions
+    evaluation_steps, metric_columns, read_metrics, record_versions
 from renorm_repro.tensorboard_log import TENSORBOARD_DIR, EventLog, layer_scalars
 
 __all__ = ["make_norm_layer", "build_model", "train_run", "train_eval_subset", "TrainResult"]
@@ -276,7 +277,8 @@ def _no_intact_checkpoint(ckpt_dir: Path, damaged, state_problem, on_disk) -> Op
     return None
 
 
-def _restore_newest_intact(ckpt, ckpt_dir: Path, label: str, log, at_most: Optional[int] = None) -> Optional[int]:
+def _restore_newest_intact(ckpt, ckpt_dir: Path, label: str, log, at_most: Optional[int] = None,
+                           newer_why: Optional[str] = None) -> Optional[int]:
     """Restore the newest intact checkpoint in ``ckpt_dir`` into ``ckpt``; its number, or None if there is none.
 
     Raises :class:`RunDirError` when checkpoint files exist but none can be
@@ -294,7 +296,8 @@ def _restore_newest_intact(ckpt, ckpt_dir: Path, label: str, log, at_most: Optio
             f"looking for checkpoints by name")
     newer = sorted(n for n in on_disk if at_most is not None and n > at_most)
     if newer:
-        log(f"{label} dropping {', '.join(f'ckpt-{n}' for n in newer)}: newer than the checkpoint every worker holds")
+        log(f"{label} dropping {', '.join(f'ckpt-{n}' for n in newer)}: "
+            + (newer_why or "newer than the checkpoint every worker holds"))
     if chosen is None:
         why = _no_intact_checkpoint(ckpt_dir, damaged, state_problem, on_disk - set(newer))
         if why:
@@ -387,6 +390,15 @@ def _agree_on_checkpoint(strategy, ckpt_dir: Path, *, resume: bool, done: bool, 
         rows = _gather_from_workers(strategy, [chosen or 0])
 
 
+def _done_step(done: Path) -> Optional[int]:
+    """The ``final_step`` of a ``done.json``, or None when it cannot be read."""
+    try:
+        final = json.loads(done.read_text()).get("final_step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return final if isinstance(final, int) else None
+
+
 def train_run(
     cfg,
     arm: str,
@@ -424,8 +436,16 @@ def train_run(
         raise RunDirError(f"Run directory {rdir} is not empty; pass --resume to continue it.")
     # Under multiworker every worker must skip or train this run together (the workers agree below).
     if done.is_file() and cfg.strategy != "multiworker":
-        log(f"[{arm} seed{seed}] already complete ({done}); skipping.")
-        return TrainResult(final_step=json.loads(done.read_text())["final_step"], stopped=False)
+        final = _done_step(done)
+        if final == cfg.steps:
+            log(f"[{arm} seed{seed}] already complete ({done}); skipping.")
+            return TrainResult(final_step=final, stopped=False)
+        if final is not None and final < cfg.steps:
+            log(f"[{arm} seed{seed}] complete at step {final}; extending it to {cfg.steps} steps")
+        else:
+            log(f"[{arm} seed{seed}] {done} is damaged or names another length ({final}); resuming the run from "
+                f"its checkpoints")
+        done.unlink()
     rdir.mkdir(parents=True, exist_ok=True)
     (rdir / "checkpoints").mkdir(exist_ok=True)
 
@@ -475,9 +495,16 @@ def train_run(
                     f"{'step 0' if agreed is None else f'the common checkpoint at step {agreed}'} with them")
                 done.unlink()
         restored = None
+        metrics = MetricsLog(rdir / "metrics.csv", metric_columns(cfg))
+        damaged_log = metrics.damaged_bound(cfg) if resume and cfg.strategy != "multiworker" else None
+        if damaged_log:
+            log(f"{label} {metrics.path} line {damaged_log[1]} is damaged: falling back to the newest intact "
+                f"checkpoint at or before step {damaged_log[0]}, whose rows are intact, and dropping the log from "
+                f"that line on (training recomputes it)")
         if resume:
-            restored = _restore_newest_intact(ckpt, rdir / "checkpoints", label, log,
-                                              at_most=(agreed or 0) if cfg.strategy == "multiworker" else None)
+            at_most = (agreed or 0) if cfg.strategy == "multiworker" else (damaged_log[0] if damaged_log else None)
+            restored = _restore_newest_intact(ckpt, rdir / "checkpoints", label, log, at_most=at_most,
+                                              newer_why="newer than the damaged log's rows" if damaged_log else None)
         start = 0
         if restored is not None:
             start = int(step.numpy())
@@ -488,10 +515,11 @@ def train_run(
                 + (" that every worker holds" if cfg.strategy == "multiworker" else "")
                 + "; starting this run over from step 0")
         manager = tf.train.CheckpointManager(ckpt, str(rdir / "checkpoints"), max_to_keep=2)
-        metrics = MetricsLog(rdir / "metrics.csv", metric_columns(cfg))
-        metrics.start(start, evaluation_steps(cfg, start))
+        metrics.start(start, evaluation_steps(cfg, start), lenient=bool(damaged_log))
         events = EventLog(rdir / TENSORBOARD_DIR, enabled=tensorboard)
-        kept = events.start(start)
+        kept = events.start(start, read_metrics(metrics.path) if tensorboard and start else None)
+        if events.damage:
+            log(f"{label} {events.damage}; continuing")
         lacking = sorted(set(evaluation_steps(cfg, start)) - set(kept)) if tensorboard else []
         if lacking:
             log(f"{label} the TensorBoard events lack steps {lacking[0]}..{lacking[-1]} ({len(lacking)} "
@@ -501,7 +529,7 @@ def train_run(
                                     for k, v in cfg.arm_spec(arm).items()},
                   "dataset": dataset.summary(), "replicas": replicas}
         _write_json(rdir / "config.json", record)
-        _write_json(rdir / "versions.json", versions())
+        record_versions(rdir / "versions.json")
 
         x_train, y_train = dataset.x_train, dataset.y_train
 
@@ -678,62 +706,66 @@ def train_run(
         stopped = False
         t_first = t_last = None  # wall clock after the first (compiling) and the last training step
         try:
-            for x, y in dist_ds:
-                train_step(x, y)
-                cur += 1
-                bar.update(1)
-                if cur == start + 1 or cur == cfg.steps or cur % cfg.eval_every == 0:
-                    step.numpy()  # wait for the device
-                    now = time.perf_counter()
-                    t_first = now if t_first is None else t_first
-                    t_last = now
-                if cur % cfg.eval_every == 0 or cur == cfg.steps:
-                    evals = evaluate()
-                    val_loss, val_acc = evals["val_loss"], evals["val_accuracy"]
-                    cnt = max(count_sum.numpy(), 1.0)
-                    rmax_t, dmax_t = schedule.limits(cur - 1)
-                    row = {
-                        "step": cur,
-                        "train_loss": loss_sum.numpy() / cnt,
-                        "train_accuracy": correct_sum.numpy() / cnt,
-                        "val_loss": val_loss,
-                        "val_accuracy": val_acc,
-                        "rmax": float(rmax_t),
-                        "dmax": float(dmax_t),
-                        "r_clipped": float(np.mean([l.r_clipped_fraction.numpy() for l in norm_layers])),
-                        "d_clipped": float(np.mean([l.d_clipped_fraction.numpy() for l in norm_layers])),
-                        "elapsed_s": time.perf_counter() - t0,
-                        "learning_rate": float(cfg.learning_rate_at(cur - 1)),
-                        **({"r_clipped_mean": clip_sums["r_clip_sum"].numpy() / max(clip_sums["clip_steps"].numpy(), 1.0),
-                            "d_clipped_mean": clip_sums["d_clip_sum"].numpy() / max(clip_sums["clip_steps"].numpy(), 1.0)}
-                           if clip_sums else {}),
-                        **evals,
-                    }
-                    for v in acc_vars:
-                        v.assign(0.0)
-                    metrics.append(row)
-                    events.append(cur, {**{k: row[k] for k in metrics.columns if k != "step"},
-                                        **{k: v for l in norm_layers for k, v in layer_scalars(l).items()}})
-                    msg = (f"[{arm} seed{seed}] step {cur}/{cfg.steps} train_loss {row['train_loss']:.4f} "
-                           f"train_acc {row['train_accuracy']:.4f} val_loss {val_loss:.4f} val_acc {val_acc:.4f} "
-                           f"rmax {row['rmax']:.2f} dmax {row['dmax']:.2f} r_clip {row['r_clipped']:.3f} "
-                           f"d_clip {row['d_clipped']:.3f}"
-                           + (f" train_eval_acc {row['train_eval_accuracy']:.4f}"
-                              if "train_eval_accuracy" in row else "")
-                           + (f" val_batchstat_acc {row['val_batchstat_accuracy']:.4f}"
-                              if "val_batchstat_accuracy" in row else ""))
-                    bar.write(msg) if progress else log(msg)
-                    bar.set_postfix(val_acc=f"{val_acc:.3f}")
-                if cur % cfg.checkpoint_every == 0 or cur == cfg.steps:
-                    manager.save(checkpoint_number=cur)
-                    saved = cur
-                if stop_after is not None and cur - start >= stop_after and cur < cfg.steps:
-                    stopped = True
-                    break
-        except KeyboardInterrupt:
+            with interrupts.deferred():  # a signal is recorded, and raised between steps
+                for x, y in dist_ds:
+                    interrupts.check()
+                    train_step(x, y)
+                    cur += 1
+                    bar.update(1)
+                    if cur == start + 1 or cur == cfg.steps or cur % cfg.eval_every == 0:
+                        step.numpy()  # wait for the device
+                        now = time.perf_counter()
+                        t_first = now if t_first is None else t_first
+                        t_last = now
+                    if cur % cfg.eval_every == 0 or cur == cfg.steps:
+                        evals = evaluate()
+                        val_loss, val_acc = evals["val_loss"], evals["val_accuracy"]
+                        cnt = max(count_sum.numpy(), 1.0)
+                        rmax_t, dmax_t = schedule.limits(cur - 1)
+                        row = {
+                            "step": cur,
+                            "train_loss": loss_sum.numpy() / cnt,
+                            "train_accuracy": correct_sum.numpy() / cnt,
+                            "val_loss": val_loss,
+                            "val_accuracy": val_acc,
+                            "rmax": float(rmax_t),
+                            "dmax": float(dmax_t),
+                            "r_clipped": float(np.mean([l.r_clipped_fraction.numpy() for l in norm_layers])),
+                            "d_clipped": float(np.mean([l.d_clipped_fraction.numpy() for l in norm_layers])),
+                            "elapsed_s": time.perf_counter() - t0,
+                            "learning_rate": float(cfg.learning_rate_at(cur - 1)),
+                            **({"r_clipped_mean": clip_sums["r_clip_sum"].numpy() / max(clip_sums["clip_steps"].numpy(), 1.0),
+                                "d_clipped_mean": clip_sums["d_clip_sum"].numpy() / max(clip_sums["clip_steps"].numpy(), 1.0)}
+                               if clip_sums else {}),
+                            **evals,
+                        }
+                        for v in acc_vars:
+                            v.assign(0.0)
+                        metrics.append(row)
+                        events.append(cur, {**{k: row[k] for k in metrics.columns if k != "step"},
+                                            **{k: v for l in norm_layers for k, v in layer_scalars(l).items()}})
+                        msg = (f"[{arm} seed{seed}] step {cur}/{cfg.steps} train_loss {row['train_loss']:.4f} "
+                               f"train_acc {row['train_accuracy']:.4f} val_loss {val_loss:.4f} val_acc {val_acc:.4f} "
+                               f"rmax {row['rmax']:.2f} dmax {row['dmax']:.2f} r_clip {row['r_clipped']:.3f} "
+                               f"d_clip {row['d_clipped']:.3f}"
+                               + (f" train_eval_acc {row['train_eval_accuracy']:.4f}"
+                                  if "train_eval_accuracy" in row else "")
+                               + (f" val_batchstat_acc {row['val_batchstat_accuracy']:.4f}"
+                                  if "val_batchstat_accuracy" in row else ""))
+                        bar.write(msg) if progress else log(msg)
+                        bar.set_postfix(val_acc=f"{val_acc:.3f}")
+                    if cur % cfg.checkpoint_every == 0 or cur == cfg.steps:
+                        manager.save(checkpoint_number=cur)
+                        saved = cur
+                    if stop_after is not None and cur - start >= stop_after and cur < cfg.steps:
+                        stopped = True
+                        break
+                interrupts.check()  # one received during the last step
+        except KeyboardInterrupt as e:
             bar.close()
-            raise Interrupted(f"{arm} seed{seed}", cur, saved) from None
+            raise Interrupted(f"{arm} seed{seed}", cur, saved, getattr(e, "signum", None)) from None
         finally:
+            bar.close()
             events.close()
         bar.close()
         if not stopped:

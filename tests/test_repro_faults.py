@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
@@ -422,3 +423,64 @@ def test_kill_9_at_any_point_then_resume_ends_with_the_same_metrics(tmp_path, ca
     assert _rows(out) == reference, killed
     # The TensorBoard events too: each logged scalar once, at exactly the logged steps, with the log's values.
     assert_events_match_metrics(rdir, metric_columns(read_experiment_config(out)))
+
+
+# ------------------------------------------------------------- issue 22: damaged metrics.csv, damaged events
+def _garble_row(path, step):
+    lines = path.read_bytes().split(b"\r\n")
+    i = next(i for i, ln in enumerate(lines) if ln.startswith(f"{step},".encode()))
+    lines[i] = lines[i][:5] + b"#garbled#" + lines[i][14:]
+    path.write_bytes(b"\r\n".join(lines))
+    return i + 1
+
+
+@pytest.mark.parametrize("step, restored", [(6, "ckpt-4"), (2, None)])
+def test_a_damaged_metrics_row_falls_back_to_an_older_checkpoint(stopped, cache, capsys, reference, step, restored):
+    """Before: one line telling the user to delete the run. Now: the newest checkpoint whose rows are intact."""
+    path = _rdir(stopped) / "metrics.csv"
+    line = _garble_row(path, step)
+    log = _resume(stopped, cache, capsys).out
+    assert f"metrics.csv line {line} is damaged: falling back" in log, log
+    if restored:
+        assert f"resumed from {_rdir(stopped) / 'checkpoints' / restored} at step 4" in log, log
+        assert "dropping ckpt-8: newer than the damaged log's rows" in log, log
+    else:
+        assert "starting this run over from step 0" in log, log
+    assert _rows(stopped) == reference
+
+
+def _event_file(rdir):
+    files = sorted(p for p in (rdir / "tensorboard").iterdir() if "tfevents" in p.name)
+    assert len(files) == 1, files
+    return files[0]
+
+
+def _flip_8_bytes(f):
+    data = bytearray(f.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 8] = bytes(b ^ 0xFF for b in data[mid:mid + 8])
+    f.write_bytes(bytes(data))
+
+
+def _cut_to_2000(f):
+    f.write_bytes(f.read_bytes()[:2000])
+
+
+@pytest.mark.parametrize("damage", [_flip_8_bytes, _cut_to_2000])
+def test_a_damaged_event_file_is_reported_and_its_columns_rewritten(stopped, cache, capsys, reference, damage):
+    from test_repro_tensorboard import read_events
+
+    rdir = _rdir(stopped)
+    damage(_event_file(rdir))
+    log = _resume(stopped, cache, capsys).out
+    line = next((ln for ln in log.splitlines() if "TensorBoard events were damaged" in ln), None)
+    assert line is not None, log  # before: rc 0, no message, 23 of 24 tags at one step
+    assert "rewritten from metrics.csv" in line and line.endswith("; continuing"), line
+    assert _rows(stopped) == reference
+    rows = read_metrics(rdir / "metrics.csv")
+    events = read_events(rdir / "tensorboard")
+    columns = metric_columns(read_experiment_config(stopped))
+    for c in columns:
+        if c != "step":  # every column of the log at every logged step, once, with the log's values
+            assert [s for s, _ in events[c]] == [r["step"] for r in rows], c
+            assert [v for _, v in events[c]] == [float(np.float32(r[c])) for r in rows], c

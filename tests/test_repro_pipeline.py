@@ -100,9 +100,14 @@ def test_rerun_into_the_same_folder_is_refused(smoke_out, capsys):
     assert "already holds an experiment" in capsys.readouterr().err
     # --resume with another config is refused too; nothing is overwritten.
     assert main(["run", "--preset", "smoke", "--out", str(out), "--cache-dir", str(cache), "--resume",
+                 "--width", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "config differs" in err and "width: 2 -> 4" in err
+    # More --steps would extend it, but the preset's clipping schedule scales with steps: refused, saying why.
+    assert main(["run", "--preset", "smoke", "--out", str(out), "--cache-dir", str(cache), "--resume",
                  "--steps", "16"]) == 1
     err = capsys.readouterr().err
-    assert "config differs" in err and "steps: 12 -> 16" in err
+    assert "cannot continue exactly as if it had been started with 16 steps" in err and "paper_scaled" in err
     assert (out / "runs" / "bn_micro" / "seed0" / "metrics.csv").read_bytes() == before
 
 
