@@ -484,3 +484,16 @@ def test_a_damaged_event_file_is_reported_and_its_columns_rewritten(stopped, cac
         if c != "step":  # every column of the log at every logged step, once, with the log's values
             assert [s for s, _ in events[c]] == [r["step"] for r in rows], c
             assert [v for _, v in events[c]] == [float(np.float32(r[c])) for r in rows], c
+
+
+@pytest.mark.parametrize("content", [b"{\"final_st", b"[1, 2]"])
+def test_a_damaged_done_json_resumes_from_the_checkpoint(tmp_path, cache, capsys, reference, content):
+    """Before: a JSONDecodeError traceback (or a TypeError); now the run is continued from its checkpoints."""
+    out = tmp_path / "out"
+    assert main(_args(out, cache)) == 0
+    done = _rdir(out) / "done.json"
+    done.write_bytes(content)
+    log = _resume(out, cache, capsys).out
+    assert f"{done} is damaged or names another length" in log, log
+    assert json.loads(done.read_text())["final_step"] == STEPS
+    assert _rows(out) == reference
