@@ -318,3 +318,14 @@ def test_export_and_trace_in_eval():
     torch.testing.assert_close(ep.module()(x), m(x), rtol=0, atol=0)
     traced = torch.jit.trace(m, (x,))
     torch.testing.assert_close(traced(x * 2), m(x * 2), rtol=0, atol=0)
+
+
+def test_import_loads_no_other_framework():
+    """``import renorm.torch`` imports neither TensorFlow, Keras, JAX nor Flax (docs/torch.md)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, renorm.torch; bad = [m for m in ('tensorflow', 'keras', 'jax', 'flax') if m in sys.modules]; "
+            "assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
