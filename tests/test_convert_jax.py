@@ -385,3 +385,22 @@ def test_nnx_convert_errors():
         bn = rnnx.export_batch_norm(layer, negative_variance="clamp")
     assert isinstance(bn, nnx.BatchNorm)
     np.testing.assert_allclose(bn.var[...], [0.99, 0.0, 0.0], atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [None, 3, {"bn": 1}])
+def test_nnx_converters_refuse_what_is_not_a_module(bad):
+    """issue 22: convert_batch_norm(None) returned None."""
+    for fn in (rnnx.convert_batch_norm, rnnx.export_batch_norm):
+        with pytest.raises(TypeError, match="`model` must be an nnx.Module"):
+            fn(bad)
+
+
+def test_nnx_convert_under_eval_shape_builds_the_abstract_model():
+    """issue 22: nnx.eval_shape (the usual abstract model for an orbax restore) failed with a tracer error."""
+    abstract = nnx.eval_shape(lambda: rnnx.convert_batch_norm(CNN(rngs=nnx.Rngs(0)), rmax=3.0, dmax=5.0))
+    concrete = rnnx.convert_batch_norm(CNN(rngs=nnx.Rngs(0)), rmax=3.0, dmax=5.0)
+    shapes = lambda m: jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(m))  # noqa: E731
+    assert shapes(abstract) == shapes(concrete)
+    assert isinstance(abstract.bn1, rnnx.BatchRenorm) and abstract.blocks[0].epsilon == 1e-3
+    back = nnx.eval_shape(lambda: rnnx.export_batch_norm(rnnx.convert_batch_norm(CNN(rngs=nnx.Rngs(0)))))
+    assert shapes(back) == shapes(CNN(rngs=nnx.Rngs(0)))

@@ -241,8 +241,18 @@ _RENORM_OPTIONS = (
 )
 
 
+def _abstract(value) -> bool:
+    """Whether ``value`` is a tracer (``nnx.eval_shape``, ``jax.jit``): no number to check or compute in NumPy."""
+    import jax
+
+    return isinstance(value, jax.core.Tracer)
+
+
 def _replace_modules(model, cls, make):
     """A copy of ``model`` with every ``cls`` sub-module replaced by ``make(old)`` (``model`` untouched)."""
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"`model` must be an nnx.Module (a model holding {cls.__name__} layers), got "
+                        f"{type(model).__name__}.")
     if isinstance(model, cls):
         return make(model, type(model).__name__)
     model = nnx.clone(model)
@@ -314,7 +324,10 @@ def convert_batch_norm(model, **renorm_options):
         )
         _copy_params(layer, bn)
         _copy(layer.mean, bn.mean[...])
-        _copy(layer.stddev, stddev_from_variance(bn.var[...], bn.epsilon, name=name))
+        var = bn.var[...]
+        # Under nnx.eval_shape (an abstract model for orbax) the variance is a tracer: the same expression in jnp.
+        _copy(layer.stddev, jnp.sqrt(var + bn.epsilon) if _abstract(var)
+              else stddev_from_variance(var, bn.epsilon, name=name))
         return layer
 
     return _replace_modules(model, nnx.BatchNorm, make)
@@ -348,9 +361,9 @@ def export_batch_norm(model, *, negative_variance: str = "raise"):
         )
         _copy_params(bn, layer)
         _copy(bn.mean, layer.mean[...])
-        variance = variance_from_stddev(
-            np.asarray(layer.stddev[...]), layer.epsilon, name=name,
-            negative_variance=negative_variance, stacklevel=5,
+        stddev = layer.stddev[...]
+        variance = jnp.maximum(stddev * stddev - layer.epsilon, 0.0) if _abstract(stddev) else variance_from_stddev(
+            np.asarray(stddev), layer.epsilon, name=name, negative_variance=negative_variance, stacklevel=5,
         )
         _copy(bn.var, variance)
         return bn
