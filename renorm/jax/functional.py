@@ -176,6 +176,10 @@ class BatchRenormConfig:
             dmax_steps=self.dmax_steps,
         )
         check_pooling("axis_name" if self.axis_name is not None else None, self.microbatch_size)
+        for name in ("use_fast_variance", "explicit_backward", "force_float32_reductions"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):  # "no" is a true string: never guess
+                raise TypeError(f"`{name}` must be True or False, got {name}={value!r}.")
         if self.axis_index_groups is not None:
             # Hashable, so that the config can be a static argument of jit.
             object.__setattr__(
