@@ -5,7 +5,9 @@ provenance appended, ``--resume`` reads the folder's config and extends a run by
 Runs train in-process (``main([...])``) on the i.i.d. smoke preset; the timing tests start the real command.
 """
 
+import contextlib
 import csv
+import io
 import json
 import os
 import shutil
@@ -160,7 +162,10 @@ def _rows(out, arm="brn"):
 def finished(tmp_path_factory):
     pytest.importorskip("tensorflow")
     out = tmp_path_factory.mktemp("finished") / "out"
-    assert main(_iid(out, "--cache-dir", str(out.parent / "cache"), *EXTENDABLE)) == 0
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(_iid(out, "--cache-dir", str(out.parent / "cache"), *EXTENDABLE)) == 0
+    (out.parent / "stdout.txt").write_text(buf.getvalue())
     return out
 
 
@@ -259,6 +264,19 @@ def test_resume_steps_is_refused_when_the_run_would_have_differed(tmp_path, extr
 
 
 # ------------------------------------------------------------- item 6: progress bars
+@pytest.mark.parametrize("tty, flag, expected", [(False, [], False), (True, [], True), (True, ["--no-progress"], False)])
+def test_progress_bars_only_on_a_terminal(tmp_path, monkeypatch, tty, flag, expected):
+    import renorm_repro.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "run_experiment", lambda cfg, out, **kw: seen.update(kw))
+    monkeypatch.setattr(cli, "_quiet_tensorflow", lambda: None)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    assert main(["run", "--preset", "smoke", "--out", str(tmp_path / "o"), *flag]) == 0
+    assert seen["progress"] is expected
+
+
+@pytest.mark.slow
 def test_no_progress_bar_when_stderr_is_not_a_terminal(finished, tmp_path):
     pytest.importorskip("tensorflow")
     res = _repro("run", "--experiment", "iid", "--preset", "smoke", "--out", str(tmp_path / "o"), "--arms", "bn",
@@ -310,9 +328,6 @@ def test_summary_states_the_finding_first_with_intervals_bounded_to_accuracies(t
     assert "lag_max" not in foot and "r_clipped_mean_late" not in foot
 
 
-def test_the_run_ends_with_the_finding_in_the_terminal(finished, tmp_path, capsys):
-    assert main(["run", "--experiment", "iid", "--preset", "smoke", "--out", str(tmp_path / "o"), "--arms",
-                 "bn,brn", "--steps", "3", "--eval-every", "3", "--cache-dir", str(finished.parent / "cache"),
-                 "--no-progress"]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+def test_the_run_ends_with_the_finding_in_the_terminal(finished):
+    last = (finished.parent / "stdout.txt").read_text().strip().splitlines()[-1]
     assert last.startswith("Finding (Batch Renorm") and "final accuracy" in last, last

@@ -434,7 +434,7 @@ def _garble_row(path, step):
     return i + 1
 
 
-@pytest.mark.parametrize("step, restored", [(6, "ckpt-4"), (2, None)])
+@pytest.mark.parametrize("step, restored", [(6, "ckpt-4"), pytest.param(2, None, marks=pytest.mark.slow)])
 def test_a_damaged_metrics_row_falls_back_to_an_older_checkpoint(stopped, cache, capsys, reference, step, restored):
     """Before: one line telling the user to delete the run. Now: the newest checkpoint whose rows are intact."""
     path = _rdir(stopped) / "metrics.csv"
@@ -466,7 +466,7 @@ def _cut_to_2000(f):
     f.write_bytes(f.read_bytes()[:2000])
 
 
-@pytest.mark.parametrize("damage", [_flip_8_bytes, _cut_to_2000])
+@pytest.mark.parametrize("damage", [_flip_8_bytes, pytest.param(_cut_to_2000, marks=pytest.mark.slow)])
 def test_a_damaged_event_file_is_reported_and_its_columns_rewritten(stopped, cache, capsys, reference, damage):
     from test_repro_tensorboard import read_events
 
@@ -486,7 +486,7 @@ def test_a_damaged_event_file_is_reported_and_its_columns_rewritten(stopped, cac
             assert [v for _, v in events[c]] == [float(np.float32(r[c])) for r in rows], c
 
 
-@pytest.mark.parametrize("content", [b"{\"final_st", b"[1, 2]"])
+@pytest.mark.parametrize("content", [b"{\"final_st", pytest.param(b"[1, 2]", marks=pytest.mark.slow)])
 def test_a_damaged_done_json_resumes_from_the_checkpoint(tmp_path, cache, capsys, reference, content):
     """Before: a JSONDecodeError traceback (or a TypeError); now the run is continued from its checkpoints."""
     out = tmp_path / "out"
