@@ -21,11 +21,11 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 
-def measure(candidates: Dict[str, Callable[[], object]], *, rounds: int, warmup: int,
-            sync: Callable[[object], object] = lambda out: out) -> Dict[str, List[float]]:
+def measure(candidates: dict[str, Callable[[], object]], *, rounds: int, warmup: int,
+            sync: Callable[[object], object] = lambda out: out) -> dict[str, list[float]]:
     """Times of each candidate over ``rounds`` interleaved rounds, in seconds.
 
     Each candidate runs ``warmup`` times first (tracing, compilation, caches).
@@ -34,7 +34,7 @@ def measure(candidates: Dict[str, Callable[[], object]], *, rounds: int, warmup:
     for fn in candidates.values():
         for _ in range(warmup):
             sync(fn())
-    times: Dict[str, List[float]] = {name: [] for name in candidates}
+    times: dict[str, list[float]] = {name: [] for name in candidates}
     names = list(candidates)
     for r in range(rounds):
         # Alternate the order so that no candidate always runs right after the same one.
@@ -46,13 +46,13 @@ def measure(candidates: Dict[str, Callable[[], object]], *, rounds: int, warmup:
     return times
 
 
-def paired_ratio(times: Dict[str, List[float]], a: str, b: str) -> float:
+def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
     """Median over rounds of ``time(a) / time(b)``, both timed in the same round."""
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
-def summarize(times: Dict[str, List[float]], baseline: Optional[str] = None, floor: Optional[str] = None,
-              whole: Optional[str] = None) -> Dict[str, dict]:
+def summarize(times: dict[str, list[float]], baseline: str | None = None, floor: str | None = None,
+              whole: str | None = None) -> dict[str, dict]:
     """Median, spread (interquartile range / median) and paired ratios per candidate.
 
     ``vs_baseline``, ``vs_floor`` and (for micro-batch candidates, whose name

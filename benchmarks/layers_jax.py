@@ -70,7 +70,8 @@ def run(args):
             for name, s in summary.items():
                 rows.append({"shape": str(shape), "mode": mode, "candidate": name, **s})
                 print(f"{mode:5s} {str(shape):20s} {name:18s} {s['median_ms']:9.2f} ms  "
-                      f"x{s.get('vs_baseline', float('nan')):.3f} of BN  x{s.get('vs_floor', float('nan')):.2f} of floor"
+                      f"x{s.get('vs_baseline', float('nan')):.3f} of BN  "
+                      f"x{s.get('vs_floor', float('nan')):.2f} of floor"
                       + (f"  x{s['vs_whole']:.2f} of whole batch" if "vs_whole" in s else ""), flush=True)
     table = markdown_table(rows, ["shape", "mode", "candidate", "median_ms", "spread", "vs_baseline", "vs_whole",
                                   "vs_floor"])

@@ -60,7 +60,7 @@ def run(args):
         x = tf.constant(rng.standard_normal(shape, np.float32))
         dy = tf.constant(rng.standard_normal(shape, np.float32))
         c = shape[-1]
-        a, b = tf.fill([c], 1.5), tf.fill([c], 0.5)
+        a = tf.fill([c], 1.5)
         floor = tf.function(lambda x: x * a)  # one kernel: one read and one write of the tensor
         for mode in ("train", "infer"):
             for jit in jits:

@@ -71,7 +71,8 @@ def layers_jax(data) -> str:
         lines.append(
             f"| {s} | {_fmt(g('train', 'renorm mb=None'))} | {_fmt(g('train', 'renorm mb=4', 'vs_whole'))} | "
             f"{_fmt(g('train', 'renorm mb=2', 'vs_whole'))} | {_fmt(g('infer', 'renorm'))} | "
-            f"{_fmt(g('train', 'flax BatchNorm', 'vs_floor'), 1)} | {_fmt(g('train', 'renorm mb=None', 'vs_floor'), 1)} |"
+            f"{_fmt(g('train', 'flax BatchNorm', 'vs_floor'), 1)} | "
+            f"{_fmt(g('train', 'renorm mb=None', 'vs_floor'), 1)} |"
         )
     return "\n".join(lines)
 

@@ -86,7 +86,8 @@ def _step_fn(norm, batch, width, seed=0):
 
 
 def run(args):
-    run_step_suite(args, suite="step_jax", norms=NORMS, step_fn=_step_fn, baseline="flax BN", sync=jax.block_until_ready,
+    run_step_suite(args, suite="step_jax", norms=NORMS, step_fn=_step_fn, baseline="flax BN",
+                   sync=jax.block_until_ready,
                    extra={"devices": [str(d) for d in jax.devices()], "jax": jax.__version__})
 
 

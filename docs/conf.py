@@ -167,7 +167,9 @@ def _drop_the_type_docstring(app, what, name, obj, options, lines):
     import inspect
 
     doc = getattr(type(obj), "__doc__", None)
-    if what in ("data", "attribute") and isinstance(doc, str) and "\n".join(lines).strip() == inspect.cleandoc(doc).strip():
+    if what not in ("data", "attribute") or not isinstance(doc, str):
+        return
+    if "\n".join(lines).strip() == inspect.cleandoc(doc).strip():
         lines.clear()
 
 

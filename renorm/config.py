@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 __all__ = [
     "check_schedule",
@@ -44,15 +44,15 @@ __all__ = [
 ]
 
 
-def _is_real(value) -> bool:
+def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _real(name: str, value) -> float:
+def _real(name: str, value: object) -> float:
     if not _is_real(value):
         raise TypeError(f"`{name}` must be a real number, got {name}={value!r} ({type(value).__name__}).")
     value = float(value)
@@ -61,21 +61,25 @@ def _real(name: str, value) -> float:
     return value
 
 
-def _int(name: str, value) -> int:
+def _int(name: str, value: object) -> int:
     if not _is_int(value):
         raise TypeError(f"`{name}` must be an integer, got {name}={value!r} ({type(value).__name__}).")
     return int(value)
 
 
-def rmax_message(value) -> str:
+def rmax_message(value: object) -> str:
+    """The error for an ``rmax`` that is not a finite number >= 1 (``value`` as it should be shown)."""
     return f"`rmax` must be a finite number >= 1 (r is clipped to [1/rmax, rmax]), got rmax={value}."
 
 
-def dmax_message(value) -> str:
+def dmax_message(value: object) -> str:
+    """The error for a ``dmax`` that is not a finite number >= 0 (``value`` as it should be shown)."""
     return f"`dmax` must be a finite number >= 0 (d is clipped to [-dmax, dmax]), got dmax={value}."
 
 
-def check_schedule(*, rmax, dmax, warmup_steps=0, rmax_steps=0, dmax_steps=0) -> None:
+def check_schedule(
+    *, rmax: object, dmax: object, warmup_steps: object = 0, rmax_steps: object = 0, dmax_steps: object = 0
+) -> None:
     """Validate the clipping limits and schedule steps (``docs/SPEC.md``, section 5).
 
     - ``rmax >= 1`` (``r`` is clipped to ``[1/rmax, rmax]``) and finite;
@@ -111,14 +115,14 @@ def check_schedule(*, rmax, dmax, warmup_steps=0, rmax_steps=0, dmax_steps=0) ->
 
 def check_config(
     *,
-    momentum,
-    epsilon,
-    microbatch_size=None,
-    rmax=3.0,
-    dmax=5.0,
-    warmup_steps=0,
-    rmax_steps=0,
-    dmax_steps=0,
+    momentum: object,
+    epsilon: object,
+    microbatch_size: object = None,
+    rmax: object = 3.0,
+    dmax: object = 5.0,
+    warmup_steps: object = 0,
+    rmax_steps: object = 0,
+    dmax_steps: object = 0,
 ) -> None:
     """Validate a layer's whole configuration (``docs/SPEC.md``, section 10).
 
@@ -141,7 +145,7 @@ def check_config(
     check_schedule(rmax=rmax, dmax=dmax, warmup_steps=warmup_steps, rmax_steps=rmax_steps, dmax_steps=dmax_steps)
 
 
-def check_pooling(pooled_by: Optional[str], microbatch_size) -> None:
+def check_pooling(pooled_by: str | None, microbatch_size: object) -> None:
     """Pooling moments across replicas is per whole batch (``docs/SPEC.md``, section 11).
 
     ``pooled_by`` names the option that turned pooling on (``"synchronized"``,
@@ -154,7 +158,7 @@ def check_pooling(pooled_by: Optional[str], microbatch_size) -> None:
         )
 
 
-def check_num_features(num_features) -> int:
+def check_num_features(num_features: object) -> int:
     """``num_features`` as an ``int``: an integer >= 1 (a statistic is kept per feature)."""
     n = _int("num_features", num_features)
     if n < 1:
@@ -162,7 +166,7 @@ def check_num_features(num_features) -> int:
     return n
 
 
-def normalize_axis(axis, ndim: int) -> int:
+def normalize_axis(axis: object, ndim: int) -> int:
     """The non-negative feature axis for an input of rank ``ndim``.
 
     Axis 0 is the batch and cannot be the feature axis.
@@ -180,14 +184,16 @@ def normalize_axis(axis, ndim: int) -> int:
     return axis % ndim
 
 
-def batch_not_divisible_message(batch, microbatch_size) -> str:
+def batch_not_divisible_message(batch: object, microbatch_size: object) -> str:
+    """The error for a batch that ``microbatch_size`` does not divide (either may be a tensor's value)."""
     return (
         f"The batch size must be divisible by `microbatch_size`: got a batch of {batch} examples "
         f"and microbatch_size={microbatch_size}."
     )
 
 
-def too_few_values_message(count, group) -> str:
+def too_few_values_message(count: object, group: str) -> str:
+    """The error for a normalization ``group`` (a word: "micro-batch", "batch") of fewer than 2 values."""
     return (
         f"Each normalization group must hold at least 2 values per feature (its variance is 0 otherwise): "
         f"a {group} holds {count}. Use a larger `microbatch_size` or batch."
@@ -204,7 +210,7 @@ class InputInfo(tuple):
 
     __slots__ = ()
 
-    def __new__(cls, axis, num_groups, group_count, num_features):
+    def __new__(cls, axis: int, num_groups: int | None, group_count: int | None, num_features: int) -> InputInfo:
         return super().__new__(cls, (axis, num_groups, group_count, num_features))
 
     axis = property(lambda self: self[0])
@@ -214,13 +220,13 @@ class InputInfo(tuple):
 
 
 def check_input(
-    shape: Sequence[Optional[int]],
+    shape: Sequence[int | None],
     *,
     dtype_name: str,
     is_floating: bool,
-    axis,
-    microbatch_size=None,
-    num_features: Optional[int] = None,
+    axis: object,
+    microbatch_size: object = None,
+    num_features: int | None = None,
     training: bool = True,
 ) -> InputInfo:
     """Validate an input against the layer (``docs/SPEC.md``, section 10).
@@ -286,12 +292,12 @@ def check_input(
 
 
 def check_mask(
-    mask_shape: Sequence[Optional[int]],
-    input_shape: Sequence[Optional[int]],
+    mask_shape: Sequence[int | None],
+    input_shape: Sequence[int | None],
     *,
     dtype_name: str,
     is_valid_dtype: bool,
-    feature_axis: Optional[int] = None,
+    feature_axis: int | None = None,
 ) -> None:
     """Validate a mask against the input it selects from (``docs/SPEC.md``, sections 3 and 10).
 

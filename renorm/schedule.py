@@ -24,7 +24,8 @@ a framework.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from renorm.config import check_schedule
 
@@ -57,7 +58,7 @@ class ClipSchedule:
     rmax_steps: int = 0
     dmax_steps: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_schedule(
             rmax=self.rmax,
             dmax=self.dmax,
@@ -73,7 +74,7 @@ class ClipSchedule:
 
     # ------------------------------------------------------------------ named
     @classmethod
-    def paper(cls, total_steps: int | None = None) -> "ClipSchedule":
+    def paper(cls, total_steps: int | None = None) -> ClipSchedule:
         """The paper's ImageNet schedule, optionally scaled to a shorter run.
 
         ``warmup_steps=5000``, ``rmax=3`` at ``rmax_steps=40000``, ``dmax=5`` at
@@ -87,11 +88,11 @@ class ClipSchedule:
         return sched.scaled(total_steps / PAPER_TOTAL_STEPS)
 
     @classmethod
-    def batch_norm(cls) -> "ClipSchedule":
+    def batch_norm(cls) -> ClipSchedule:
         """``rmax = 1, dmax = 0`` at every step: plain batch norm."""
         return cls(rmax=1.0, dmax=0.0)
 
-    def scaled(self, factor: float) -> "ClipSchedule":
+    def scaled(self, factor: float) -> ClipSchedule:
         """The same schedule with every breakpoint multiplied by ``factor``.
 
         Breakpoints are rounded to the nearest step; a ramp that was present
@@ -101,7 +102,7 @@ class ClipSchedule:
             raise ValueError(f"`factor` must be > 0, got factor={factor!r}.")
         warm = int(round(self.warmup_steps * factor))
 
-        def end(steps):
+        def end(steps: int) -> int:
             if steps <= self.warmup_steps:  # no ramp: keep it that way
                 return 0
             return max(int(round(steps * factor)), warm + 1)
@@ -111,7 +112,7 @@ class ClipSchedule:
         )
 
     # ----------------------------------------------------------------- values
-    def _ramp(self, t, end, clip):
+    def _ramp(self, t: Any, end: int, clip: Callable) -> Any:
         w = self.warmup_steps
         if end <= w:
             # A step function: 0 before the warm-up ends, 1 from then on.
@@ -120,7 +121,7 @@ class ClipSchedule:
         # Before the warm-up (t < w) this is already 0.
         return clip((t - w) / float(end - w), 0.0, 1.0)
 
-    def limits(self, t: Any, clip: Callable | None = None):
+    def limits(self, t: Any, clip: Callable | None = None) -> tuple[Any, Any]:
         """``(rmax(t), dmax(t))`` for the step counter ``t``.
 
         ``t`` is a Python number, a NumPy array or any backend's floating

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from renorm.numpy_ref import BatchRenormReference
 from renorm.jax import BatchRenorm
+from renorm.numpy_ref import BatchRenormReference
 
 
 def linen_module(case, momentum, epsilon=1e-5, param_dtype=jnp.float32, **kw):
@@ -45,7 +45,7 @@ def variables(case, p, param_dtype):
     return params, stats
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def train_step_fn(module):
     """Jitted ``(params, stats, x, dy) -> (y, dparams, dx, new_stats, intermediates)``.
 
@@ -70,7 +70,7 @@ def train_step_fn(module):
     return step
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def infer_fn(module):
     @jax.jit
     def infer(params, stats, x):

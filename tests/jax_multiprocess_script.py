@@ -79,7 +79,10 @@ def oracle(microbatch_size=None):
 
 
 def train_mapped(fn, cfg, label, microbatch_size=None, one_process=None):
-    """``fn(x, params, state) -> (y, state, (r_clipped, d_clipped))`` mapped over the 2 processes; every step against the oracle."""
+    """``fn(x, params, state) -> (y, state, (r_clipped, d_clipped))`` mapped over the 2 processes.
+
+    Every step is checked against the oracle.
+    """
     sharded = jax.shard_map(fn, mesh=mesh, in_specs=(P("b"), P(), P()), out_specs=(P("b"), P(), P()))
 
     @jax.jit

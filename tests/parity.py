@@ -9,7 +9,6 @@ against the port itself.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import numpy as np
 
@@ -51,7 +50,7 @@ class Case:
     name: str
     shape: tuple
     axis: int = -1
-    microbatch_size: Optional[int] = None
+    microbatch_size: int | None = None
     rmax: float = 3.0
     dmax: float = 5.0
     warmup_steps: int = 0
@@ -94,7 +93,9 @@ CASES = [
     Case("seq_axis1", (6, 4, 3), axis=1, microbatch_size=3),
     Case("loose", (8, 4), rmax=1e3, dmax=1e3),
     Case("batchnorm", (8, 4), microbatch_size=4, rmax=1.0, dmax=0.0),
-    Case("schedule", (8, 3), microbatch_size=2, rmax=2.0, dmax=1.0, warmup_steps=2, rmax_steps=5, dmax_steps=4, steps=7),
+    Case(
+        "schedule", (8, 3), microbatch_size=2, rmax=2.0, dmax=1.0, warmup_steps=2, rmax_steps=5, dmax_steps=4, steps=7
+    ),
     Case("schedule_step", (6, 3), rmax=1.5, dmax=0.5, warmup_steps=3, steps=5),
     Case("no_center_scale", (8, 4), microbatch_size=2, center=False, scale=False),
     Case("no_center", (8, 4), center=False, rmax=1.2, dmax=0.2),

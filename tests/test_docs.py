@@ -37,7 +37,12 @@ def _public_modules() -> dict[str, Path]:
 def _all_names(path: Path) -> list[str] | None:
     """The literal ``__all__`` of a module, read without importing it (None if it has none)."""
     for node in ast.parse(path.read_text()).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign):
+            targets = [node.target]
+        else:
+            continue
         if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets) and node.value is not None:
             return [ast.literal_eval(element) for element in node.value.elts]
     return None
@@ -65,13 +70,13 @@ def test_the_api_reference_covers_every_public_module():
     assert "autosummary_ignore_module_all = True" in conf  # every submodule gets a page, not only those in __all__
     for name, path in _public_modules().items():
         assert name.split(".")[0] in listed, name
-        assert _all_names(path) is not None or name in PACKAGES, f"{name} has no __all__: its public names are undefined"
+        assert _all_names(path) is not None or name in PACKAGES, f"{name} has no __all__: no public names"
 
 
 def test_every_public_name_is_in_the_built_api_reference():
     inventory_path = _inventory_path()
     if inventory_path is None:
-        pytest.skip("no built documentation: run `sphinx-build -W -b html docs docs/_build/html` (or set RENORM_DOCS_HTML)")
+        pytest.skip("no built docs: run `sphinx-build -W -b html docs docs/_build/html` (or set RENORM_DOCS_HTML)")
     from sphinx.util.inventory import InventoryFile
 
     with inventory_path.open("rb") as stream:

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from flax import nnx
-
 from jax_helpers import batch_norm_pair_inputs, linen_module, oracle, variables
 from parity import MASK_CASE_IDS, MASK_CASES, assert_close, make_masks, make_params, make_steps
+
 from renorm.jax import BatchRenorm
 from renorm.jax import functional as F
 from renorm.jax import nnx as rnnx
@@ -34,7 +34,7 @@ def x64():
         yield
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def masked_step_fn(module):
     """Jitted ``(params, stats, x, dy, mask) -> (y, dparams, dx, new_stats, intermediates)``."""
 

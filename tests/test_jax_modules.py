@@ -8,13 +8,13 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
-from flax import nnx
-from flax import serialization
-
+from flax import nnx, serialization
 from jax_helpers import oracle, variables
 from parity import CASES, assert_close, make_params, make_steps
 from parity import CONFIG_ERRORS as PORT_CONFIG_ERRORS
-from renorm.jax import BatchRenorm, BatchRenormConfig, functional as F
+
+from renorm.jax import BatchRenorm, BatchRenormConfig
+from renorm.jax import functional as F
 from renorm.jax import nnx as rnnx
 
 X = jnp.asarray(np.random.default_rng(0).normal(2.0, 3.0, (8, 4)), jnp.float32)

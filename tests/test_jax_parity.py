@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from flax import nnx
-
 from jax_helpers import batch_norm_pair_inputs, infer_fn, linen_module, oracle, train_step_fn, variables
 from parity import CASE_IDS, CASES, TOL, assert_close, make_params, make_steps, rel_err
+
 from renorm.jax import BatchRenorm
 from renorm.jax import nnx as rnnx
 
@@ -196,4 +196,5 @@ def test_linen_and_nnx_identical(case):
         assert float(inter["r_clipped"][0]) == float(layer.r_clipped[...])
         assert float(inter["d_clipped"][0]) == float(layer.d_clipped[...])
     layer.eval()
-    np.testing.assert_array_equal(infer_fn(module)(params, stats, jnp.asarray(x_eval)), nnx_fwd(layer, jnp.asarray(x_eval)))
+    x_eval = jnp.asarray(x_eval)
+    np.testing.assert_array_equal(infer_fn(module)(params, stats, x_eval), nnx_fwd(layer, x_eval))

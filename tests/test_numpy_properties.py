@@ -3,9 +3,9 @@
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from parity import rel_err
 
 from renorm.numpy_ref import inference_forward, train_backward, train_forward
-from parity import rel_err
 
 
 @st.composite
@@ -16,7 +16,8 @@ def problems(draw):
     rank = draw(st.integers(2, 4))
     inner = draw(st.lists(st.integers(1, 3), min_size=rank - 1, max_size=rank - 1))
     shape = (groups * k, *inner)
-    axis = draw(st.integers(1, rank - 1)) * draw(st.sampled_from([1, -1])) if rank > 2 else draw(st.sampled_from([1, -1]))
+    sign = st.sampled_from([1, -1])
+    axis = draw(st.integers(1, rank - 1)) * draw(sign) if rank > 2 else draw(sign)
     if axis < 0:
         axis = axis if -axis < rank else -1
     per_example = int(np.prod([s for i, s in enumerate(shape) if i not in (0, axis % rank)]))

@@ -9,20 +9,18 @@ import itertools
 
 import numpy as np
 import pytest
-
-import renorm.numpy_ref.core as core
-from renorm.numpy_ref import BatchRenormReference, inference_forward, train_backward, train_forward
 from parity import (
     CASE_IDS,
     CASES,
-    MASK_CASE_IDS,
-    MASK_CASES,
     assert_close,
     make_masks,
     make_params,
     make_steps,
     rel_err,
 )
+
+import renorm.numpy_ref.core as core
+from renorm.numpy_ref import BatchRenormReference, inference_forward, train_backward, train_forward
 
 EPS = 1e-3
 
@@ -118,7 +116,9 @@ def _batch_norm(x, dy, gamma, beta, case, epsilon):
         ys.append(gamma.reshape(shp) * xhat + beta.reshape(shp))
         dxhat = dyg * gamma.reshape(shp)
         dxs.append(
-            inv / m * (m * dxhat - dxhat.sum(axis=red, keepdims=True) - xhat * (dxhat * xhat).sum(axis=red, keepdims=True))
+            inv
+            / m
+            * (m * dxhat - dxhat.sum(axis=red, keepdims=True) - xhat * (dxhat * xhat).sum(axis=red, keepdims=True))
         )
     return np.concatenate(ys), np.concatenate(dxs)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import jax.numpy as jnp
 from flax import linen as nn
@@ -111,17 +111,17 @@ class BatchRenorm(nn.Module):
         ``param_dtype``.
     """
 
-    use_running_average: Optional[bool] = None
+    use_running_average: bool | None = None
     axis: int = -1
     momentum: float = 0.99
     epsilon: float = 1e-5
-    dtype: Optional[Any] = None
+    dtype: Any | None = None
     param_dtype: Any = jnp.float32
     use_bias: bool = True
     use_scale: bool = True
     bias_init: Any = initializers.zeros
     scale_init: Any = initializers.ones
-    axis_name: Optional[str] = None
+    axis_name: str | None = None
     axis_index_groups: Any = None
     use_fast_variance: bool = False
     explicit_backward: bool = True
@@ -130,7 +130,7 @@ class BatchRenorm(nn.Module):
     warmup_steps: int = 0
     rmax_steps: int = 0
     dmax_steps: int = 0
-    microbatch_size: Optional[int] = None
+    microbatch_size: int | None = None
     force_float32_reductions: bool = True
 
     def __post_init__(self):
@@ -142,7 +142,7 @@ class BatchRenorm(nn.Module):
         return F.BatchRenormConfig.from_module(self, pooled)
 
     @nn.compact
-    def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None):
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         """Normalizes ``x``; training updates ``batch_stats`` unless initializing.
 
         Args:

@@ -8,8 +8,8 @@ from types import MappingProxyType
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.nnx.nn import initializers
 from flax.nnx.module import first_from
+from flax.nnx.nn import initializers
 
 from renorm.config import check_num_features
 from renorm.conversion import check_negative_variance, stddev_from_variance, variance_from_stddev
@@ -105,7 +105,7 @@ class BatchRenorm(nnx.Module):
         self,
         num_features: int,
         *,
-        use_running_average: tp.Optional[bool] = False,
+        use_running_average: bool | None = False,
         axis: int = -1,
         momentum: float = 0.99,
         epsilon: float = 1e-5,
@@ -115,7 +115,7 @@ class BatchRenorm(nnx.Module):
         use_scale: bool = True,
         bias_init=initializers.zeros_init(),
         scale_init=initializers.ones_init(),
-        axis_name: tp.Optional[str] = None,
+        axis_name: str | None = None,
         axis_index_groups: tp.Any = None,
         use_fast_variance: bool = False,
         explicit_backward: bool = True,
@@ -124,7 +124,7 @@ class BatchRenorm(nnx.Module):
         warmup_steps: int = 0,
         rmax_steps: int = 0,
         dmax_steps: int = 0,
-        microbatch_size: tp.Optional[int] = None,
+        microbatch_size: int | None = None,
         promote_dtype: tp.Callable = no_promotion,
         rngs: nnx.Rngs,
         bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
@@ -172,7 +172,7 @@ class BatchRenorm(nnx.Module):
         """The functional configuration of the current attributes (validated)."""
         return F.BatchRenormConfig.from_module(self)
 
-    def __call__(self, x, use_running_average: tp.Optional[bool] = None, *, mask=None):
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         """Normalizes ``x``; in training updates the statistics and diagnostics.
 
         Args:
@@ -209,7 +209,7 @@ class BatchRenorm(nnx.Module):
         self.d_clipped[...] = jnp.where(diag.empty, self.d_clipped[...], diag.d_clipped)
         return y
 
-    def set_view(self, use_running_average: tp.Optional[bool] = None):
+    def set_view(self, use_running_average: bool | None = None):
         """Used by ``nnx.view``."""
         if use_running_average is not None:
             self.use_running_average = use_running_average

@@ -29,9 +29,10 @@ has the input's dtype, the returned state the dtype of the state passed in.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from renorm.config import check_config, check_input, check_mask
 
@@ -50,13 +51,13 @@ __all__ = [
 ]
 
 
-def is_floating_dtype(dtype) -> bool:
+def is_floating_dtype(dtype: DTypeLike) -> bool:
     """True for NumPy floats and the ml_dtypes ones (bfloat16, ...)."""
     dtype = np.dtype(dtype)
     return bool(np.issubdtype(dtype, np.floating) or dtype.name.startswith(("bfloat", "float")))
 
 
-def compute_dtype(dtype) -> np.dtype:
+def compute_dtype(dtype: DTypeLike) -> np.dtype:
     """float64 stays float64; every narrower float is computed in float32."""
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.floating) and dtype.itemsize >= 8:
@@ -64,7 +65,7 @@ def compute_dtype(dtype) -> np.dtype:
     return np.dtype(np.float32)
 
 
-def group_view(x: np.ndarray, axis: int, microbatch_size: Optional[int]) -> np.ndarray:
+def group_view(x: np.ndarray, axis: int, microbatch_size: int | None) -> np.ndarray:
     """``x`` as ``(G, m, C)``: groups, values per feature in a group, features.
 
     ``axis`` is the non-negative feature axis (not 0). The feature axis moves
@@ -79,14 +80,14 @@ def group_view(x: np.ndarray, axis: int, microbatch_size: Optional[int]) -> np.n
     return xt.reshape(groups, -1, xt.shape[-1])
 
 
-def ungroup(xg: np.ndarray, shape, axis: int) -> np.ndarray:
+def ungroup(xg: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray:
     """Inverse of :func:`group_view` for an input of shape ``shape``."""
     moved = list(shape)
     moved.append(moved.pop(axis))
     return np.moveaxis(xg.reshape(moved), -1, axis)
 
 
-def moments(xg: np.ndarray):
+def moments(xg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-group mean and biased variance of ``xg`` (``(G, m, C)``), two-pass.
 
     The variance is ``mean((x - mu)**2)``, never ``E[x^2] - E[x]^2``, which
@@ -98,7 +99,7 @@ def moments(xg: np.ndarray):
     return mu, var
 
 
-def masked_moments(xg: np.ndarray, wg: np.ndarray):
+def masked_moments(xg: np.ndarray, wg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`moments` over the selected values only: ``wg`` (``(G, m, C)``, bool) selects.
 
     ``mu = sum of the selected x / n``, ``var = sum of the selected
@@ -115,7 +116,15 @@ def masked_moments(xg: np.ndarray, wg: np.ndarray):
     return mu, var, n
 
 
-def corrections(mu_g, sigma_g, mean, stddev, rmax, dmax, valid=None):
+def corrections(
+    mu_g: np.ndarray,
+    sigma_g: np.ndarray,
+    mean: np.ndarray,
+    stddev: np.ndarray,
+    rmax: float,
+    dmax: float,
+    valid: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, float, float]:
     """The clipped corrections and the fraction of entries the clip changed.
 
     ``r = clip(sigma_g / stddev, 1/rmax, rmax)``,
@@ -158,10 +167,10 @@ class TrainCache(NamedTuple):
     gamma: np.ndarray  # (C,)
     shape: tuple
     axis: int
-    microbatch_size: Optional[int]
+    microbatch_size: int | None
     dtype: np.dtype  # the input's dtype
-    w: Optional[np.ndarray] = None  # (G, m, C) bool: the selected values (None: no mask, all)
-    count: Optional[np.ndarray] = None  # (G, C) number of selected values (None: no mask, m)
+    w: np.ndarray | None = None  # (G, m, C) bool: the selected values (None: no mask, all)
+    count: np.ndarray | None = None  # (G, C) number of selected values (None: no mask, m)
 
 
 class TrainResult(NamedTuple):
@@ -181,26 +190,28 @@ class TrainResult(NamedTuple):
     count: np.ndarray  # (G, C) values that entered each statistic (m without a mask)
 
 
-def _params(gamma, beta, num_features, dtype):
+def _params(
+    gamma: ArrayLike | None, beta: ArrayLike | None, num_features: int, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
     gamma = np.ones(num_features, dtype) if gamma is None else np.asarray(gamma, dtype)
     beta = np.zeros(num_features, dtype) if beta is None else np.asarray(beta, dtype)
     return gamma, beta
 
 
 def train_forward(
-    x,
-    gamma,
-    beta,
-    mean,
-    stddev,
+    x: ArrayLike,
+    gamma: ArrayLike | None,
+    beta: ArrayLike | None,
+    mean: ArrayLike,
+    stddev: ArrayLike,
     *,
     rmax: float,
     dmax: float,
     momentum: float,
     epsilon: float,
     axis: int = -1,
-    microbatch_size: Optional[int] = None,
-    mask=None,
+    microbatch_size: int | None = None,
+    mask: ArrayLike | None = None,
 ) -> TrainResult:
     """One training step: output, updated moving statistics, backward cache.
 
@@ -298,7 +309,7 @@ def train_forward(
     )
 
 
-def train_backward(dy, cache: TrainCache):
+def train_backward(dy: ArrayLike, cache: TrainCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The paper's explicit backward pass (not autodiff).
 
     Per group, with ``m`` values per feature and ``g = dL/dy * gamma``::
@@ -336,7 +347,15 @@ def train_backward(dy, cache: TrainCache):
     return dx, dgamma, dbeta
 
 
-def inference_forward(x, gamma, beta, mean, stddev, *, axis: int = -1):
+def inference_forward(
+    x: ArrayLike,
+    gamma: ArrayLike | None,
+    beta: ArrayLike | None,
+    mean: ArrayLike,
+    stddev: ArrayLike,
+    *,
+    axis: int = -1,
+) -> np.ndarray:
     """Inference: ``y = gamma * (x - mean) / stddev + beta``.
 
     Only the moving statistics are used (``stddev`` already includes epsilon),

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from renorm.config import check_config, check_num_features
 from renorm.numpy_ref.core import inference_forward, train_backward, train_forward
@@ -40,16 +39,16 @@ class BatchRenormReference:
         rmax_steps: int = 0,
         dmax_steps: int = 0,
         axis: int = -1,
-        microbatch_size: Optional[int] = None,
+        microbatch_size: int | None = None,
         center: bool = True,
         scale: bool = True,
-        dtype=np.float64,
-        gamma=None,
-        beta=None,
-        mean=None,
-        stddev=None,
+        dtype: DTypeLike = np.float64,
+        gamma: ArrayLike | None = None,
+        beta: ArrayLike | None = None,
+        mean: ArrayLike | None = None,
+        stddev: ArrayLike | None = None,
         step: int = 0,
-    ):
+    ) -> None:
         check_config(momentum=momentum, epsilon=epsilon, microbatch_size=microbatch_size)
         num_features = check_num_features(num_features)
         self.schedule = ClipSchedule(rmax, dmax, warmup_steps, rmax_steps, dmax_steps)
@@ -60,7 +59,7 @@ class BatchRenormReference:
         self.dtype = np.dtype(dtype)
         c = num_features
 
-        def init(value, default):
+        def init(value: ArrayLike | None, default: float) -> np.ndarray:
             return np.full(c, default, self.dtype) if value is None else np.array(value, self.dtype).reshape(c)
 
         self.gamma = init(gamma, 1.0) if scale else None
@@ -71,12 +70,12 @@ class BatchRenormReference:
         self.last = None
         self.r_clipped = self.d_clipped = 0.0
 
-    def limits(self):
+    def limits(self) -> tuple[float, float]:
         """``(rmax, dmax)`` for the next training step."""
         rmax, dmax = self.schedule.limits(float(self.step))
         return float(rmax), float(dmax)
 
-    def train(self, x, mask=None):
+    def train(self, x: ArrayLike, mask: ArrayLike | None = None) -> np.ndarray:
         """One training step; returns ``y``.
 
         ``mask``: optional, broadcastable to ``x`` (see :func:`train_forward`).
@@ -107,7 +106,7 @@ class BatchRenormReference:
         self.r_clipped, self.d_clipped = res.r_clipped, res.d_clipped
         return res.y
 
-    def backward(self, dy):
+    def backward(self, dy: ArrayLike) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Gradients of the last training step: ``(dx, dgamma, dbeta)``.
 
         ``dgamma``/``dbeta`` are ``None`` when ``scale``/``center`` is off.
@@ -117,7 +116,7 @@ class BatchRenormReference:
         dx, dgamma, dbeta = train_backward(dy, self.last.cache)
         return dx, (None if self.gamma is None else dgamma), (None if self.beta is None else dbeta)
 
-    def infer(self, x):
+    def infer(self, x: ArrayLike) -> np.ndarray:
         """Inference with the moving statistics; returns ``y``."""
         return inference_forward(x, self.gamma, self.beta, self.mean, self.stddev, axis=self.axis)
 
