@@ -108,10 +108,11 @@ def main(argv=None):
             print(json.dumps(r), flush=True)
     summary = {}
     for which in ("sb3-contrib", "renorm.torch"):
-        rs = [r["return_after"] for r in runs if r["which"] == which]
+        mine = [r for r in runs if r["which"] == which]
+        rs = [r["return_after"] for r in mine]
         summary[which] = {"mean_return": statistics.mean(rs), "min": min(rs), "max": max(rs), "n": len(rs),
-                          "mean_return_before": statistics.mean(r["return_before"] for r in runs if r["which"] == which),
-                          "mean_train_seconds": statistics.mean(r["train_seconds"] for r in runs if r["which"] == which)}
+                          "mean_return_before": statistics.mean(r["return_before"] for r in mine),
+                          "mean_train_seconds": statistics.mean(r["train_seconds"] for r in mine)}
     print(json.dumps(summary, indent=2))
     import sb3_contrib
     import torch

@@ -16,12 +16,11 @@ ratios, not the milliseconds.
 
 from __future__ import annotations
 
-import torch
-
 import os
 
-from benchmarks.common import (machine_info, markdown_table, measure, parse_args, scratch_path, summarize,
-                               write_results)
+import torch
+
+from benchmarks.common import machine_info, markdown_table, measure, parse_args, scratch_path, summarize, write_results
 from renorm.torch import BatchRenorm1d, BatchRenorm2d
 
 SHAPES = [(256, 64, 32, 32), (256, 256, 8, 8), (4096, 1024)]
@@ -54,7 +53,7 @@ def run(args):
         br_cls = BatchRenorm2d if len(shape) == 4 else BatchRenorm1d
         fshape = (1, c) + (1,) * (len(shape) - 2)
         a, b = torch.full(fshape, 1.5), torch.full(fshape, 0.5)
-        cands = {"floor: addcmul": lambda: torch.addcmul(b, x.detach(), a)}
+        cands = {"floor: addcmul": lambda a=a, b=b, x=x: torch.addcmul(b, x.detach(), a)}
         modes = ["eager"] + ([] if args.no_compile or shape not in compiled_shapes else ["compiled"])
         for mode in modes:
             wrap = (lambda m: torch.compile(m)) if mode == "compiled" else (lambda m: m)

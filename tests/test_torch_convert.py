@@ -10,9 +10,9 @@ import textwrap
 
 import pytest
 import torch
+from parity import assert_close
 from torch import nn
 
-from parity import assert_close
 from renorm.torch import BatchRenorm, BatchRenorm1d, BatchRenorm2d, convert_batch_norm, export_batch_norm
 
 

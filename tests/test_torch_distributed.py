@@ -1,4 +1,4 @@
-"""The PyTorch port on 2 processes (torch.distributed, Gloo, 127.0.0.1, CPU) against the oracle (docs/SPEC.md, section 11).
+"""The PyTorch port on 2 processes (torch.distributed, Gloo, 127.0.0.1, CPU) against the oracle (docs/SPEC.md, s. 11).
 
 The test starts this file twice as a script through ``tests/multiworker.py`` (its own process group,
 killed on timeout; a network namespace with only the loopback interface where the machine allows it).
@@ -29,8 +29,8 @@ def _worker() -> None:
 
     import torch
     import torch.distributed as dist
-
     from parity import assert_close
+
     from renorm.numpy_ref import BatchRenormReference
     from renorm.torch import BatchRenorm2d
 

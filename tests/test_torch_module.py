@@ -8,11 +8,11 @@ import io
 import numpy as np
 import pytest
 import torch
-
 from parity import CASES, CONFIG_ERRORS, assert_close, make_params, make_steps
+from test_torch_parity import run_parity
+
 from renorm.numpy_ref import BatchRenormReference
 from renorm.torch import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
-from test_torch_parity import from_port, run_parity, to_port
 
 
 def trained(seed=0, **kw):

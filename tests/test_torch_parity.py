@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from parity import CASE_IDS, CASES, TOL, assert_close, make_params, make_steps, rel_err
+
 from renorm.numpy_ref import BatchRenormReference
 from renorm.torch import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
@@ -153,7 +153,7 @@ def test_parity_reduced_precision(case, dtype):
     run_parity(case, 0.5, dtype)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("dense_mb2", "schedule")], ids=["dense_mb2", "schedule"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("dense_mb2", "schedule")], ids=lambda c: c.name)
 def test_momentum_none_is_a_cumulative_average(case):
     """PyTorch's momentum=None: the update rate at step t is 1 / (t + 1), checked against the oracle."""
     xs, _, dys = make_steps(case, 3)
@@ -179,7 +179,8 @@ def test_parity_cases_exercise_clipping():
 
 # ---------------------------------------------------------------- batch norm
 BN_SHAPES = [((8, 5), BatchRenorm1d, torch.nn.BatchNorm1d), ((8, 3, 4), BatchRenorm1d, torch.nn.BatchNorm1d),
-             ((6, 3, 2, 2), BatchRenorm2d, torch.nn.BatchNorm2d), ((4, 2, 2, 2, 3), BatchRenorm3d, torch.nn.BatchNorm3d)]
+             ((6, 3, 2, 2), BatchRenorm2d, torch.nn.BatchNorm2d),
+             ((4, 2, 2, 2, 3), BatchRenorm3d, torch.nn.BatchNorm3d)]
 BN_IDS = ["1d", "1d_seq", "2d", "3d"]
 
 

@@ -47,8 +47,6 @@ tested reference (``explicit_backward=False`` in the modules).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 __all__ = [
@@ -104,7 +102,7 @@ def _count(shape, dims) -> int:
     return count
 
 
-def _feature(v: Optional[torch.Tensor], ndim: int, cdt) -> Optional[torch.Tensor]:
+def _feature(v: torch.Tensor | None, ndim: int, cdt) -> torch.Tensor | None:
     """A ``(C,)`` vector shaped ``(1, 1, C, 1, ...)`` for a grouped view of rank ``ndim``, in ``cdt``."""
     if v is None:
         return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
 
 import torch
 from torch import nn
@@ -38,7 +37,7 @@ def _check_torch_args(eps, momentum) -> None:
         )
 
 
-def spec_momentum(momentum: Optional[float]) -> Optional[float]:
+def spec_momentum(momentum: float | None) -> float | None:
     """PyTorch's ``momentum`` (update rate) as the specification's (``1 - rate``); ``None`` stays ``None``."""
     return None if momentum is None else 1.0 - float(momentum)
 
@@ -58,7 +57,8 @@ class BatchRenorm(nn.Module):
     the whole batch) and feature::
 
         sigma_g = sqrt(biased var_g + eps)
-        r = clip(sigma_g / running_std, 1/rmax(t), rmax(t)),  d = clip((mu_g - running_mean) / running_std, -dmax(t), dmax(t))
+        r = clip(sigma_g / running_std, 1/rmax(t), rmax(t))
+        d = clip((mu_g - running_mean) / running_std, -dmax(t), dmax(t))
         y = weight * ((x - mu_g) / sigma_g * r + d) + bias
 
     then ``running_mean``/``running_std`` move towards the mean over groups of
@@ -97,13 +97,13 @@ class BatchRenorm(nn.Module):
     NaN (``docs/SPEC.md``, section 3).
     """
 
-    _expected_dims: Optional[tuple] = None  # ranks accepted (None: any >= 2)
+    _expected_dims: tuple | None = None  # ranks accepted (None: any >= 2)
 
     def __init__(
         self,
         num_features: int,
         eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
+        momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
         device=None,
@@ -114,7 +114,7 @@ class BatchRenorm(nn.Module):
         warmup_steps: int = 0,
         rmax_steps: int = 0,
         dmax_steps: int = 0,
-        microbatch_size: Optional[int] = None,
+        microbatch_size: int | None = None,
         explicit_backward: bool = True,
         synchronized: bool = False,
         process_group=None,
