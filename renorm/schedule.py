@@ -50,6 +50,14 @@ class ClipSchedule:
 
     With the defaults the limits are the constants ``rmax``, ``dmax`` from the
     first step. ``ClipSchedule(rmax=1, dmax=0)`` is exactly batch norm.
+
+    Example (the paper's schedule scaled to an 8000-step run)::
+
+        >>> schedule = ClipSchedule.paper(8000)
+        >>> schedule
+        ClipSchedule(rmax=3.0, dmax=5.0, warmup_steps=250, rmax_steps=2000, dmax_steps=1250)
+        >>> [float(v) for v in schedule.limits(0)], [float(v) for v in schedule.limits(8000)]
+        ([1.0, 0.0], [3.0, 5.0])
     """
 
     rmax: float = 3.0

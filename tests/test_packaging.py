@@ -22,3 +22,14 @@ def test_the_version_is_written_once():
 def test_py_typed_is_shipped():
     assert (Path(renorm.__file__).parent / "py.typed").is_file()
     assert 'renorm = ["py.typed"]' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_the_docstring_examples_run():
+    import doctest
+
+    import renorm.numpy_ref.layer
+    import renorm.schedule
+
+    for module in (renorm.schedule, renorm.numpy_ref.layer):
+        failed, attempted = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert attempted > 0 and failed == 0, module.__name__

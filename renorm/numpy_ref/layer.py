@@ -25,6 +25,19 @@ class BatchRenormReference:
 
     Attributes after a training step: ``last`` (the :class:`TrainResult`),
     ``r_clipped`` and ``d_clipped`` (fractions changed by the clip).
+
+    Example::
+
+        >>> import numpy as np
+        >>> layer = BatchRenormReference(4, momentum=0.99, epsilon=1e-3, microbatch_size=2)
+        >>> x = np.random.default_rng(0).normal(size=(8, 4))
+        >>> y = layer.train(x)                               # one step: mean, stddev, step updated
+        >>> dx, dgamma, dbeta = layer.backward(np.ones_like(y))   # the paper's explicit backward
+        >>> layer.step, y.shape, layer.infer(x).shape        # inference: the moving statistics only
+        (1, (8, 4), (8, 4))
+
+    The rules are those of the specification (``docs/SPEC.md``); the guide's
+    page on the algorithm and the oracle shows it in use.
     """
 
     def __init__(
