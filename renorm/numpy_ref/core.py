@@ -198,6 +198,59 @@ def _params(
     return gamma, beta
 
 
+def _group_statistics(
+    xg: np.ndarray,
+    shape: tuple[int, ...],
+    mask: ArrayLike | None,
+    axis: int,
+    microbatch_size: int | None,
+    epsilon: np.floating,
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(wg, mu_g, sigma_g, count, has)`` of the grouped input ``xg`` (``(G, m, C)``).
+
+    ``wg`` is the grouped mask (``None`` without one), ``count`` the values that
+    enter each ``(G, C)`` statistic and ``has`` where that count is > 0; where
+    it is 0, ``mu_g``/``sigma_g`` are placeholders the caller replaces.
+    """
+    if mask is None:
+        mu_g, var_g = moments(xg)
+        return None, mu_g, np.sqrt(var_g + epsilon), np.full(mu_g.shape, xg.shape[1]), np.ones(mu_g.shape, bool)
+    mask = np.asarray(mask)
+    check_mask(
+        mask.shape, shape, dtype_name=str(mask.dtype),
+        is_valid_dtype=bool(mask.dtype == bool or np.issubdtype(mask.dtype, np.number)),
+    )  # fmt: skip
+    wg = group_view(np.broadcast_to(mask != 0, shape), axis, microbatch_size)
+    mu_g, var_g, count = masked_moments(xg, wg)
+    return wg, mu_g, np.sqrt(var_g + epsilon), count, count > 0
+
+
+def _moving_update(
+    mu_g: np.ndarray,
+    sigma_g: np.ndarray,
+    has: np.ndarray,
+    mean: np.ndarray,
+    stddev: np.ndarray,
+    alpha: np.floating,
+) -> tuple[bool, np.ndarray, np.ndarray]:
+    """``(finite, mean, stddev)`` after the step: each moves by ``alpha = 1 - momentum`` towards the
+    mean over groups of ``mu_g``/``sigma_g`` (the groups with a statistic, ``has``).
+
+    A non-finite statistic leaves both as they were (``finite=False``), and so
+    does, per feature, a batch with no group or no selected value.
+    """
+    finite = bool(np.all(np.isfinite(mu_g[has])) and np.all(np.isfinite(sigma_g[has])))
+    if not finite:
+        return False, mean, stddev
+    groups = has.sum(axis=0)  # per feature: the groups with a statistic
+    div = np.maximum(groups, 1).astype(mean.dtype)
+    batch_mean = np.where(has, mu_g, 0).sum(axis=0) / div
+    batch_std = np.where(has, sigma_g, 0).sum(axis=0) / div
+    new_mean = np.where(groups > 0, mean + alpha * (batch_mean - mean), mean)
+    new_std = np.where(groups > 0, stddev + alpha * (batch_std - stddev), stddev)
+    return True, new_mean, new_std
+
+
 def train_forward(
     x: ArrayLike,
     gamma: ArrayLike | None,
@@ -253,21 +306,7 @@ def train_forward(
     gamma_c, beta_c = _params(gamma, beta, info.num_features, cdt)
 
     xg = group_view(x.astype(cdt), ax, microbatch_size)
-    if mask is None:
-        wg = None
-        mu_g, var_g = moments(xg)
-        count = np.full(mu_g.shape, xg.shape[1])
-        has = np.ones(mu_g.shape, bool)
-    else:
-        mask = np.asarray(mask)
-        check_mask(
-            mask.shape, x.shape, dtype_name=str(mask.dtype),
-            is_valid_dtype=bool(mask.dtype == bool or np.issubdtype(mask.dtype, np.number)),
-        )
-        wg = group_view(np.broadcast_to(mask != 0, x.shape), ax, microbatch_size)
-        mu_g, var_g, count = masked_moments(xg, wg)
-        has = count > 0
-    sigma_g = np.sqrt(var_g + cdt.type(epsilon))
+    wg, mu_g, sigma_g, count, has = _group_statistics(xg, x.shape, mask, ax, microbatch_size, cdt.type(epsilon))
     # A group and feature with no selected value is normalized with the moving statistics.
     mu_g = np.where(has, mu_g, mean_c)
     sigma_g = np.where(has, sigma_g, std_c)
@@ -279,34 +318,14 @@ def train_forward(
     yg = gamma_c * xhat + beta_c
     y = ungroup(yg, x.shape, ax).astype(x.dtype)
 
-    finite = bool(np.all(np.isfinite(mu_g[has])) and np.all(np.isfinite(sigma_g[has])))
-    alpha = cdt.type(1.0 - momentum)
-    groups = has.sum(axis=0)  # per feature: the groups with a statistic
-    if finite:  # an empty batch (no group) or no selected value leaves the state as it was
-        div = np.maximum(groups, 1).astype(cdt)
-        batch_mean = np.where(has, mu_g, 0).sum(axis=0) / div
-        batch_std = np.where(has, sigma_g, 0).sum(axis=0) / div
-        new_mean = np.where(groups > 0, mean_c + alpha * (batch_mean - mean_c), mean_c)
-        new_std = np.where(groups > 0, std_c + alpha * (batch_std - std_c), std_c)
-    else:
-        new_mean, new_std = mean_c, std_c
+    finite, new_mean, new_std = _moving_update(mu_g, sigma_g, has, mean_c, std_c, cdt.type(1.0 - momentum))
     cache = TrainCache(
         xc, sigma_g, r, xhat, gamma_c, x.shape, ax, microbatch_size, x.dtype, wg, None if mask is None else count
     )
     return TrainResult(
-        y,
-        new_mean.astype(state_dtype),
-        new_std.astype(state_dtype),
-        cache,
-        mu_g,
-        sigma_g,
-        r,
-        d,
-        r_clipped,
-        d_clipped,
-        finite,
-        count,
-    )
+        y, new_mean.astype(state_dtype), new_std.astype(state_dtype), cache,
+        mu_g, sigma_g, r, d, r_clipped, d_clipped, finite, count,
+    )  # fmt: skip
 
 
 def train_backward(dy: ArrayLike, cache: TrainCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
