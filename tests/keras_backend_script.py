@@ -177,6 +177,8 @@ def parity():
                 assert w.dtype == ("float32" if w.name != "step" else w.dtype), (w.name, w.dtype)
             n += 1
     print(f"parity: {n} runs of the registry against the oracle")
+    if BACKEND != "tensorflow":  # the layer imports TensorFlow on the TensorFlow backend only
+        assert "tensorflow" not in sys.modules, "renorm.keras imported TensorFlow on the " + BACKEND + " backend"
     print("parity OK")
 
 

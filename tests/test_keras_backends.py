@@ -5,8 +5,9 @@ The Keras backend is fixed per process, so each backend runs
 on the shared case registry (tests/parity.py) against the NumPy oracle
 (docs/SPEC.md, section 9). The TensorFlow backend's in-process tests are
 tests/test_tf_*.py (the same class: ``renorm.tf.BatchRenormalization``);
-the script on TensorFlow is marked slow. PyTorch runs when ``torch`` is
-importable.
+the script on TensorFlow is marked slow, and so are the citizen and
+applications checks on PyTorch (run them with ``pytest -m slow``). PyTorch
+runs when ``torch`` is importable.
 """
 
 import importlib.util
@@ -24,12 +25,16 @@ def installed(module):
     return importlib.util.find_spec(module) is not None
 
 
-BACKENDS = [
-    pytest.param("jax", marks=pytest.mark.skipif(not installed("jax"), reason="jax is not installed")),
-    pytest.param("torch", marks=pytest.mark.skipif(not installed("torch"), reason="torch is not installed")),
-    pytest.param("tensorflow", marks=[pytest.mark.slow, pytest.mark.skipif(not installed("tensorflow"),
-                                                                            reason="tensorflow is not installed")]),
-]
+def backend(name, slow=False):
+    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[name]
+    marks = [pytest.mark.skipif(not installed(module), reason=f"{module} is not installed")]
+    return pytest.param(name, marks=marks + ([pytest.mark.slow] if slow else []))
+
+
+# The default suite: the parity suite on JAX and PyTorch, the Keras-citizen checks and the
+# keras.applications model on JAX (about 3 minutes on 2 loaded cores); the rest is slow.
+PARITY_BACKENDS = [backend("jax"), backend("torch"), backend("tensorflow", slow=True)]
+CITIZEN_BACKENDS = [backend("jax"), backend("torch", slow=True), backend("tensorflow", slow=True)]
 
 
 def run_script(backend, *sections, x64=False, timeout=900):
@@ -46,14 +51,14 @@ def run_script(backend, *sections, x64=False, timeout=900):
     return proc.stdout
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PARITY_BACKENDS)
 def test_parity_suite_against_the_oracle(backend):
     """Every registry case, float64 and float32, explicit gradient and autodiff, masks, mixed precision."""
     out = run_script(backend, "parity", x64=True)
     assert "parity OK" in out
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CITIZEN_BACKENDS)
 def test_keras_citizen_and_applications_model(backend):
     """Errors, fit, a custom loop, save/load, from_config; keras.applications MobileNetV2 converted, fit, saved,
     reloaded and exported (default precision: on JAX without jax_enable_x64, as a user has it)."""

@@ -103,7 +103,12 @@ class BatchRenormalization(keras.layers.Layer):
     kernels of :mod:`renorm.tf.ops` run instead. Backend differences:
     ``synchronized=True`` and ``fused=True`` are TensorFlow-only (a
     ``ValueError`` elsewhere, as Keras' own ``synchronized``); ``step`` is
-    int64, except on JAX without ``jax_enable_x64``, where it is int32.
+    int64, except on JAX without ``jax_enable_x64``, where it is int32; the
+    explicit gradient is a ``keras.ops.custom_gradient`` on JAX, and on
+    PyTorch the gradient is always autodiff of the forward (the same
+    gradient, held to the oracle). On JAX, train with ``fit`` or
+    ``stateless_call`` under ``jax.jit`` (a jitted direct call cannot assign
+    the state: Keras' rule for every stateful layer).
 
     A drop-in for ``keras.layers.BatchNormalization``: same arguments and
     defaults where the concept is the same (``axis``, ``momentum=0.99``,

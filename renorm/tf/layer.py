@@ -14,8 +14,8 @@ import tensorflow as tf
 from renorm.keras.layer import BatchRenormalization, _constant_value, batch_norm_config_to_renorm
 from renorm.tf.ops import _batch_renorm, _cross_replica
 
-__all__ = ["BatchRenormalization", "batch_norm_config_to_renorm", "tf_call"]
-_constant_value = _constant_value
+__all__ = ["BatchRenormalization", "batch_norm_config_to_renorm", "tf_call", "tf_limits"]
+_constant_value = _constant_value  # re-exported: renorm.tf.layer._constant_value was importable before
 
 
 def tf_limits(self):
@@ -23,6 +23,7 @@ def tf_limits(self):
     s = self.schedule
     t = tf.cast(tf.convert_to_tensor(self.step), tf.float64)
     return s.limits(t, clip=tf.clip_by_value)
+
 
 def tf_call(self, inputs, training, mask):
     """``BatchRenormalization.call`` on the TensorFlow backend (``training`` already a bool)."""
