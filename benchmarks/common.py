@@ -6,7 +6,7 @@ every ratio is the median of the per-round ratios taken side by side within
 one run.
 
 A full run of a suite writes ``benchmarks/results/<suite>.json``, the
-committed results that ``benchmarks.report`` turns into the README's tables.
+committed results that ``benchmarks.report`` turns into the tables of docs/benchmarks.md.
 A partial run (``--quick``, ``--shapes``, ``--batches``, ``--width``,
 ``--no-xla``) writes ``benchmarks/results/scratch/<suite>.json``, which git
 ignores, and is marked ``"full": false`` so that the report skips it.

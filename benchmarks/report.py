@@ -1,4 +1,4 @@
-"""The README's performance tables, from the suites' JSON results.
+"""The performance tables of docs/benchmarks.md, from the suites' JSON results.
 
     python -m benchmarks.report [--results benchmarks/results]
 
@@ -125,7 +125,7 @@ def main(argv=None):
         print(f"#### {title}\n\n`{command(name, data)}` on {m['processor']}, {m['cpu_count']} cores "
               f"({data['rounds']} interleaved rounds per ratio).\n\n{fn(data)}\n")
     if not found:
-        raise SystemExit(f"no full-run results in {args.results!r}: run the suites first (see the README)")
+        raise SystemExit(f"no full-run results in {args.results!r}: run the suites first (see docs/benchmarks.md)")
 
 
 if __name__ == "__main__":
