@@ -39,6 +39,12 @@ for lim in "1.5 0.5" "3 5"; do
   done
 done
 set --
+# Final comparison of Figure 1 with the schedule the i.i.d. sweep chose on validation (sweep/iid.md: warm-up 20 time
+# constants, rmax/dmax 1.5/0.5) on seeds 20-24, which neither the sweep nor the pilot used. One folder per arm
+# so that two queues can run at once; `renorm-repro pool final/iid-bn final/iid-brn` pairs them by seed.
+FINAL_IID="--experiment iid --preset fashion --warmup-time-constants 20 --rmax 1.5 --dmax 0.5 --seeds 20,21,22,23,24 --log-clip-means true"
+CMD[final/iid-bn]="$FINAL_IID --arms bn"
+CMD[final/iid-brn]="$FINAL_IID --arms brn"
 # Toward the paper's regime: non-i.i.d. 4 x 8 with the convnet at width 8 for 40000 steps (~23 epochs) and the
 # paper's breakpoints unscaled (batch norm for 5000 steps = 50 time constants, dmax -> 5 at 25000, rmax -> 3 at
 # 40000), an evaluation every 1000 steps; batch norm, Batch Renorm, Keras's renorm, batch norm on i.i.d.
