@@ -218,6 +218,7 @@ def plot_sweep(result: dict, path) -> List[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     sel, test = result["select"], result["test"]
     panels = [sel] + ([test] if all(test in r for r in result["rows"]) else [])
@@ -242,6 +243,9 @@ def plot_sweep(result: dict, path) -> List[Path]:
                         color="gold", markeredgecolor="black", linestyle="none",
                         label="chosen (on validation)" if name == sel else "chosen (on validation)")
         ax.set_xscale("log")
+        ticks = sorted({r["warmup_time_constants"] for r in result["rows"]})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("warm-up (moving-average time constants, log scale)")
         split = "validation" if name == sel else "test"
         ax.set_ylabel(f"{split} accuracy, mean of last {LAST_N} evaluations (%)")
