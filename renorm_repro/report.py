@@ -425,8 +425,16 @@ def plot(agg: dict, out) -> List[Path]:
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper right" if col == "lag_mean" else "lower right", fontsize=8, frameon=True,
                   framealpha=0.85)
+    return save_figure(fig, Path(out) / "accuracy.png")
+
+
+def save_figure(fig, path) -> List[Path]:
+    """Lay out ``fig``, write it as ``path`` with the suffixes .png and .svg, close it; the two paths."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    paths = [Path(out) / "accuracy.png", Path(out) / "accuracy.svg"]
+    path = Path(path)
+    paths = [path.with_suffix(".png"), path.with_suffix(".svg")]
     for p in paths:
         fig.savefig(p)
     plt.close(fig)
@@ -530,10 +538,4 @@ def plot_settings(settings: Dict[str, object], path, arms) -> List[Path]:
         ax.set_xlabel("Training steps")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper right" if col == "lag_mean" else "lower right", fontsize=7, framealpha=0.85)
-    fig.tight_layout()
-    path = Path(path)
-    paths = [path.with_suffix(".png"), path.with_suffix(".svg")]
-    for p in paths:
-        fig.savefig(p)
-    plt.close(fig)
-    return paths
+    return save_figure(fig, path)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from renorm_repro.config import config_to_dict
-from renorm_repro.report import LAST_N, SCALARS, _ci, aggregate
+from renorm_repro.report import LAST_N, SCALARS, _ci, aggregate, save_figure
 from renorm_repro.runs import RunDirError, read_experiment_config
 from renorm_repro.stats import mean_ci, paired_difference
 
@@ -252,10 +252,4 @@ def plot_sweep(result: dict, path) -> List[Path]:
         ax.set_title(f"{split} split (95% t intervals over seeds)", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    paths = [path.with_suffix(".png"), path.with_suffix(".svg")]
-    for p in paths:
-        fig.savefig(p)
-    plt.close(fig)
-    return paths
+    return save_figure(fig, path)
