@@ -17,7 +17,6 @@ against the warm-up, one line per pair of final limits.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -60,7 +59,8 @@ def pool(folders: Sequence, scalars: Optional[Sequence[str]] = None) -> dict:
     folders = [Path(f) for f in folders]
     if len(folders) < 2:
         raise RunDirError(f"pool needs at least 2 folders, got {[str(f) for f in folders]}.")
-    cfgs = [config_to_dict(read_experiment_config(f)) for f in folders]
+    configs = [read_experiment_config(f) for f in folders]
+    cfgs = [config_to_dict(c) for c in configs]
     base = {k: v for k, v in cfgs[0].items() if k not in POOLABLE_KEYS}
     for f, c in zip(folders[1:], cfgs[1:]):
         other = {k: v for k, v in c.items() if k not in POOLABLE_KEYS}
@@ -87,9 +87,8 @@ def pool(folders: Sequence, scalars: Optional[Sequence[str]] = None) -> dict:
     for a in arms.values():
         a["scalars"] = {n: dict(mean_ci(list(v.values())), per_seed=v) for n, v in a["per_seed"].items() if v}
         del a["per_seed"]
-    cls = type(read_experiment_config(folders[0]))
     paired = []
-    for a, b in cls.COMPARISONS:
+    for a, b in type(configs[0]).COMPARISONS:
         if a in arms and b in arms:
             for name in names:
                 sa, sb = arms[a]["scalars"].get(name), arms[b]["scalars"].get(name)
@@ -127,10 +126,10 @@ def pool_table(result: dict, scalars: Sequence[str] = (f"test_last{LAST_N}", f"v
 
 
 # ----------------------------------------------------------------------------------- the sweep
-def _renorm_arm(folder: Path, agg: dict) -> str:
+def _renorm_arm(folder: Path, cfg, agg: dict) -> str:
     """The folder's one arm with a clipping schedule other than batch norm's (``rmax > 1`` or ``dmax > 0``)."""
-    derived = json.loads((folder / "config.json").read_text())["derived"]["arms"]
-    arms = [a for a in agg["arms"] if derived[a]["schedule"]["rmax"] > 1 or derived[a]["schedule"]["dmax"] > 0]
+    schedules = {a: cfg.arm_spec(a)["schedule"] for a in agg["arms"]}
+    arms = [a for a, s in schedules.items() if s.rmax > 1 or s.dmax > 0]
     if len(arms) != 1:
         raise RunDirError(f"{folder} must hold exactly one Batch Renorm arm (rmax > 1 or dmax > 0) to be a sweep "
                           f"configuration; it holds {arms or 'none'}.")
@@ -155,9 +154,9 @@ def sweep(folders: Sequence, reference, select: str = f"val_last{LAST_N}") -> di
     rows = []
     for f in map(Path, folders):
         agg = aggregate(f)
-        arm = _renorm_arm(f, agg)
-        a = agg["arms"][arm]
         cfg = read_experiment_config(f)
+        arm = _renorm_arm(f, cfg, agg)
+        a = agg["arms"][arm]
         sched = cfg.arm_spec(arm)["schedule"]
         tau = cfg.time_constant_steps()
         row = {"folder": str(f), "name": f.name, "arm": arm, "label": a["label"], "schedule": sched.to_dict(),
