@@ -291,3 +291,25 @@ def test_explicit_schedule_is_recorded_and_clip_means_average_every_step_of_the_
         for col in ("r_clipped", "d_clipped"):
             want = np.mean([float(every1[3 * j + i][col]) for i in range(3)])
             assert float(r[col + "_mean"]) == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def test_clip_means_survive_a_kill_between_checkpoint_and_evaluation(tmp_path):
+    """The interval sums of --log-clip-means are checkpointed: a run stopped after the step-3 checkpoint and
+    resumed logs, at its step-6 evaluation, the same means as an uninterrupted run."""
+    pytest.importorskip("tensorflow")
+    from renorm_repro.cli import main
+
+    args = ["--experiment", "iid", "--preset", "smoke", "--arms", "brn", "--cache-dir", str(tmp_path / "cache"),
+            "--no-progress", "--no-tensorboard", "--rmax", "1.05", "--dmax", "0.01", "--log-clip-means", "true",
+            "--eval-every", "6", "--checkpoint-every", "3"]
+    assert main(["run", *args, "--out", str(tmp_path / "whole")]) == 0
+    # The stopped run has no evaluation yet, so the report after it finds nothing to aggregate (exit 1).
+    main(["run", *args, "--out", str(tmp_path / "cut"), "--stop-after", "4"])
+    ckpts = tmp_path / "cut" / "runs" / "brn" / "seed0" / "checkpoints"
+    assert (ckpts / "ckpt-3.index").is_file() and not (ckpts / "ckpt-6.index").exists()
+    assert main(["run", "--out", str(tmp_path / "cut"), "--resume", "--no-progress", "--no-tensorboard"]) == 0
+    whole, cut = (_rows(tmp_path / d / "runs" / "brn" / "seed0" / "metrics.csv") for d in ("whole", "cut"))
+    assert len(whole) == len(cut) == 1
+    for col in ("r_clipped_mean", "d_clipped_mean", "train_loss"):
+        assert cut[0][col] == whole[0][col], col
+    assert float(whole[0]["r_clipped_mean"]) > 0
