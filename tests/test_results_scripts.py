@@ -1,0 +1,57 @@
+"""The analysis scripts committed beside the results (results/fashion-mnist/*.py), on runs the test makes."""
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+pytest.importorskip("renorm.tf")
+
+from renorm_repro.cli import main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "results" / "fashion-mnist" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_weight_norms_reads_each_runs_last_checkpoint(tmp_path, capsys):
+    wn = _script("weight_norms")
+    out = tmp_path / "exp"
+    assert main(["run", "--experiment", "noniid", "--preset", "smoke", "--arms", "bn,brn", "--seeds", "0,1",
+                 "--steps", "8", "--eval-every", "2", "--checkpoint-every", "4", "--no-progress",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    wn.main([str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [ln for ln in lines if ln.startswith("| exp/runs/")]
+    assert [r.split(" | ")[0] for r in rows] == [f"| exp/runs/{arm}/seed{s}" for arm in ("bn", "brn") for s in (0, 1)]
+    for row in rows:
+        cells = row.strip("| ").split(" | ")
+        run = tmp_path / cells[0]
+        assert cells[1] == "8"  # the last checkpoint, at the last step
+        with open(run / "metrics.csv", newline="") as f:
+            vals = [float(r["val_accuracy"]) for r in csv.DictReader(f)]
+        assert float(cells[-1]) == pytest.approx(100 * np.mean(vals[-4:]), abs=0.006)
+        # Every convolution of the model (4 layers), read back independently of the script.
+        ckpt = tf.train.load_checkpoint(str(run / "checkpoints" / "ckpt-8"))
+        kernels = sorted((k for k, s in ckpt.get_variable_to_shape_map().items()
+                          if k.startswith("optimizer/_trainable_variables/") and len(s) == 4),
+                         key=lambda k: int(k.split("/")[2]))
+        assert len(kernels) == 4 == len(cells) - 3
+        for key, cell in zip(kernels, cells[2:-1]):
+            assert float(cell) == pytest.approx(np.linalg.norm(ckpt.get_tensor(key)), abs=0.006)
+    assert sum("Pearson r" in ln for ln in lines) == 4
+
+
+def test_weight_norms_stops_with_one_line_without_checkpoints(tmp_path):
+    wn = _script("weight_norms")
+    with pytest.raises(SystemExit, match="no finished run with a checkpoint"):
+        wn.main([str(tmp_path)])
