@@ -67,8 +67,16 @@ with _interrupts.exit_now("before anything was written; run the command again"):
     import typing
     from pathlib import Path
 
-    from renorm_repro.config import (EXPERIMENTS, PRESETS_BY_EXPERIMENT, ConfigError, dumps, get_config,
-                                     parse_override_tokens, preset_names)
+    from renorm_repro.config import (
+        EXPERIMENTS,
+        PRESETS_BY_EXPERIMENT,
+        ConfigError,
+        dumps,
+        get_config,
+        optional_inner,
+        parse_override_tokens,
+        preset_names,
+    )
 
 __all__ = ["main", "run_experiment"]
 
@@ -78,8 +86,8 @@ _DEFAULT_EXPERIMENT = "microbatch"
 def _type_name(typ) -> str:
     """``INT``, ``FLOAT,...``, ``STR|none``: how a field's value is written on the command line."""
     origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin is typing.Union and type(None) in args:
-        return _type_name(next(a for a in args if a is not type(None))) + "|none"
+    if optional_inner(typ) is not None:
+        return _type_name(optional_inner(typ)) + "|none"
     if origin is tuple:
         return _type_name(args[0]) + ",..."
     return {int: "INT", float: "FLOAT", str: "STR", bool: "BOOL"}.get(typ, getattr(typ, "__name__", str(typ)))
@@ -415,10 +423,15 @@ def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, te
     """
     from renorm_repro.data import load_dataset
     from renorm_repro.report import write_report
-    from renorm_repro.runs import ExperimentLock, check_experiment_dir, run_dir, write_experiment_record
+    from renorm_repro.runs import (
+        ExperimentLock,
+        check_experiment_dir,
+        experiment_complete,
+        report_without_runs,
+        run_dir,
+        write_experiment_record,
+    )
     from renorm_repro.train import train_run
-
-    from renorm_repro.runs import experiment_complete, report_without_runs
 
     out = Path(out)
     mode = check_experiment_dir(out, cfg, resume=resume)  # before touching anything
@@ -535,8 +548,13 @@ CPU_FLOPS, CPU_STEP_OVERHEAD_S, GPU_FLOPS_RANGE = 2e11, 1 / 250, (5e13, 2.5e13)
 
 def cost(cfg) -> dict:
     """What running ``cfg`` takes: steps, FLOPs, CPU and GPU time estimates, and whether data is downloaded."""
-    from renorm_repro.data import CIFAR100_ARCHIVE, CIFAR100_FOLDER, DATASETS, debian_fashion_mnist_dir, \
-        default_cache_dir
+    from renorm_repro.data import (
+        CIFAR100_ARCHIVE,
+        CIFAR100_FOLDER,
+        DATASETS,
+        debian_fashion_mnist_dir,
+        default_cache_dir,
+    )
 
     d = cfg.derived()
     runs = len(cfg.arms) * len(cfg.seeds)

@@ -41,7 +41,7 @@ import difflib
 import json
 import math
 import typing
-from typing import Dict, Optional, Tuple
+from types import UnionType
 
 from renorm.schedule import ClipSchedule
 from renorm_repro.data import DATASETS
@@ -92,18 +92,18 @@ class ExperimentConfig:
     experiment: str = ""
     # --- data
     dataset: str = "cifar100"  # a key of renorm_repro.data.DATASETS
-    data_dir: Optional[str] = None  # cifar100: extracted folder or tarball; fashion_mnist: folder of IDX files
+    data_dir: str | None = None  # cifar100: extracted folder or tarball; fashion_mnist: folder of IDX files
     # Training examples held out as a validation split (stratified, fixed). 0: none, and the
     # val_* columns are measured on the test split (the digits results). > 0: val_* on the
     # validation split, test_* on the test split; presets are chosen on val_* only.
     val_examples: int = 0
-    cache_dir: Optional[str] = None  # default: $RENORM_DATA or ~/.cache/renorm_repro
+    cache_dir: str | None = None  # default: $RENORM_DATA or ~/.cache/renorm_repro
     synthetic_train: int = 512  # synthetic only: examples per split and classes
     synthetic_test: int = 256
     synthetic_classes: int = 10
     # --- arms and seeds
-    arms: Tuple[str, ...] = ()
-    seeds: Tuple[int, ...] = (0, 1, 2, 3, 4)
+    arms: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     # --- minibatch structure
     batch_size: int = 32
     # --- normalization layer (paper: update rate 0.01, i.e. momentum 0.99)
@@ -115,11 +115,11 @@ class ExperimentConfig:
     # `schedule_base`: "paper_scaled" (the paper's 5k/40k/25k of 160k steps scaled to `steps`) or "paper"
     # (unscaled). A warm-up given alone moves the ramps with it (their lengths stay the base's).
     schedule_base: str = "paper_scaled"
-    warmup_steps: Optional[int] = None  # steps of plain batch norm, in absolute steps
+    warmup_steps: int | None = None  # steps of plain batch norm, in absolute steps
     # ... or in moving-average time constants, 1/(1 - momentum) steps each (not both)
-    warmup_time_constants: Optional[float] = None
-    rmax_steps: Optional[int] = None  # step at which rmax is reached; 0: no ramp (rmax right after the warm-up)
-    dmax_steps: Optional[int] = None  # the same for dmax
+    warmup_time_constants: float | None = None
+    rmax_steps: int | None = None  # step at which rmax is reached; 0: no ramp (rmax right after the warm-up)
+    dmax_steps: int | None = None  # the same for dmax
     # --- model and optimization
     width: int = 32
     optimizer: str = "adam"
@@ -127,7 +127,7 @@ class ExperimentConfig:
     # Learning-rate schedule over the run: "constant"; "cosine" (half a cosine from
     # learning_rate to 0 at `steps`); "step" (x lr_decay_factor at each fraction lr_decay_at of `steps`).
     lr_schedule: str = "constant"
-    lr_decay_at: Tuple[float, ...] = (0.5, 0.75)
+    lr_decay_at: tuple[float, ...] = (0.5, 0.75)
     lr_decay_factor: float = 0.1
     steps: int = 8000
     ema_decay: float = 0.0  # 0: evaluate the raw weights; e.g. 0.999: an EMA of the weights
@@ -252,7 +252,7 @@ class ExperimentConfig:
         """The moving averages' time constant, ``1 / (1 - momentum)`` steps (100 at momentum 0.99)."""
         return 1.0 / (1.0 - self.momentum)
 
-    def _breakpoints(self) -> Tuple[int, int, int]:
+    def _breakpoints(self) -> tuple[int, int, int]:
         """``(warmup_steps, rmax_steps, dmax_steps)`` of the Batch Renorm arms (see the fields' comments)."""
         base = ClipSchedule.paper(self.steps) if self.schedule_base == "paper_scaled" else ClipSchedule.paper()
         warm = base.warmup_steps
@@ -294,13 +294,13 @@ class ExperimentConfig:
         return self.learning_rate + 0.0 * t
 
     #: Paired comparisons ``(a, b)`` the report makes (``b - a`` per seed), where both arms are run.
-    COMPARISONS: typing.ClassVar[Tuple[Tuple[str, str], ...]] = ()
+    COMPARISONS: typing.ClassVar[tuple[tuple[str, str], ...]] = ()
 
-    def comparisons(self) -> Tuple[Tuple[str, str], ...]:
+    def comparisons(self) -> tuple[tuple[str, str], ...]:
         """The pairs of :attr:`COMPARISONS` whose two arms this config runs."""
         return tuple((a, b) for a, b in self.COMPARISONS if a in self.arms and b in self.arms)
 
-    def arm_specs_template(self) -> Dict[str, str]:  # pragma: no cover - abstract
+    def arm_specs_template(self) -> dict[str, str]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def arm_spec(self, arm: str) -> dict:  # pragma: no cover - abstract
@@ -317,7 +317,7 @@ class ExperimentConfig:
     def _unknown_arm(self, arm):
         return ConfigError(f"Unknown arm={arm!r}; expected one of {tuple(self.arm_specs_template())}.")
 
-    def train_batch_indices(self, labels, seed: int, step: int, arm: Optional[str] = None):
+    def train_batch_indices(self, labels, seed: int, step: int, arm: str | None = None):
         """Indices of ``arm``'s training batch at ``step``: i.i.d. shuffled epochs (a pure function of seed, step).
 
         The hook through which an experiment chooses its minibatch structure (the
@@ -327,7 +327,7 @@ class ExperimentConfig:
 
         return batch_indices(len(labels), self.batch_size, seed, step)
 
-    def eval_batch_indices(self, labels, index: int, arm: Optional[str] = None):
+    def eval_batch_indices(self, labels, index: int, arm: str | None = None):
         """Test minibatch ``index`` of the batch-statistics evaluation: built like ``arm``'s training batches.
 
         Drawn with the fixed seed :attr:`EVAL_SEED`, so every run sees the same test minibatches.
@@ -342,7 +342,7 @@ class ExperimentConfig:
         """One line naming the minibatch structure (figure title, summary heading)."""
         return f"minibatch {self.batch_size}"
 
-    def image_shape(self) -> Tuple[int, int, int]:
+    def image_shape(self) -> tuple[int, int, int]:
         return tuple(DATASETS[self.dataset].resolve(self)["image_shape"])
 
     def num_classes(self) -> int:
@@ -388,7 +388,7 @@ class MicrobatchConfig(ExperimentConfig):
     """The small-minibatch experiment (paper section 4.2, Figure 2)."""
 
     experiment: str = "microbatch"
-    arms: Tuple[str, ...] = ("bn_micro", "brn_micro", "bn_32")
+    arms: tuple[str, ...] = ("bn_micro", "brn_micro", "bn_32")
     COMPARISONS = (("bn_micro", "brn_micro"), ("bn_32", "brn_micro"), ("bn_32", "bn_micro"))
     batch_size: int = 1600
     microbatch_size: int = 2  # k
@@ -401,10 +401,11 @@ class MicrobatchConfig(ExperimentConfig):
             if self.batch_size % getattr(self, key):
                 self._bad(key, f"must divide batch_size={self.batch_size}")
 
-    def arm_specs_template(self) -> Dict[str, str]:
+    def arm_specs_template(self) -> dict[str, str]:
         return {
             "bn_micro": "batch norm on micro-batches of microbatch_size",
-            "brn_micro": "Batch Renorm on micro-batches of microbatch_size, with the config's clipping schedule (default: the paper's, scaled)",
+            "brn_micro": "Batch Renorm on micro-batches of microbatch_size, with the config's clipping schedule "
+                         "(default: the paper's, scaled)",
             "bn_32": "batch norm on groups of bn_group",
         }
 
@@ -447,7 +448,7 @@ class NoniidConfig(ExperimentConfig):
     """
 
     experiment: str = "noniid"
-    arms: Tuple[str, ...] = ("bn", "brn", "bn_split", "bn_iid")
+    arms: tuple[str, ...] = ("bn", "brn", "bn_split", "bn_iid")
     COMPARISONS = (("bn", "brn"), ("brn", "keras_brn"), ("bn", "keras_brn"), ("bn_iid", "brn"), ("bn_iid", "bn"),
                    ("bn", "bn_split"))
     batch_size: int = 32
@@ -468,10 +469,11 @@ class NoniidConfig(ExperimentConfig):
             self._bad("split_groups", f"must divide per_label={self.per_label} (each part holds the same "
                       "number of images of every drawn label)")
 
-    def arm_specs_template(self) -> Dict[str, str]:
+    def arm_specs_template(self) -> dict[str, str]:
         return {
             "bn": "batch norm on the whole non-i.i.d. minibatch",
-            "brn": "Batch Renorm on the whole non-i.i.d. minibatch, with the config's clipping schedule (default: the paper's, scaled)",
+            "brn": "Batch Renorm on the whole non-i.i.d. minibatch, with the config's clipping schedule "
+                   "(default: the paper's, scaled)",
             "keras_brn": "Keras's own BatchNormalization(renorm=True) configured as the paper, same schedule",
             "bn_split": "batch norm applied separately to split_groups parts, the images of each label split "
                         "between them",
@@ -497,7 +499,7 @@ class NoniidConfig(ExperimentConfig):
             "bn_iid": "Batch Norm, i.i.d. (reference)",
         }[arm]
 
-    def train_batch_indices(self, labels, seed: int, step: int, arm: Optional[str] = None):
+    def train_batch_indices(self, labels, seed: int, step: int, arm: str | None = None):
         """``labels_per_batch`` x ``per_label`` minibatches in the split order; i.i.d. ones for ``bn_iid``."""
         from renorm_repro.data import batch_indices, noniid_batch_indices, split_pairs_order
 
@@ -507,7 +509,7 @@ class NoniidConfig(ExperimentConfig):
                                    seed=seed, step=step)
         return split_pairs_order(idx, self.labels_per_batch, self.per_label, self.split_groups)
 
-    def eval_batch_indices(self, labels, index: int, arm: Optional[str] = None):
+    def eval_batch_indices(self, labels, index: int, arm: str | None = None):
         """Non-i.i.d. test minibatches (``labels_per_batch`` x ``per_label``, split order) for every arm."""
         return self.train_batch_indices(labels, self.EVAL_SEED, index, arm=None)
 
@@ -520,13 +522,14 @@ class IidConfig(ExperimentConfig):
     """The baseline (paper section 4.1, Figure 1): batch norm vs Batch Renorm on i.i.d. minibatches of 32."""
 
     experiment: str = "iid"
-    arms: Tuple[str, ...] = ("bn", "brn")
+    arms: tuple[str, ...] = ("bn", "brn")
     COMPARISONS = (("bn", "brn"), ("brn", "keras_brn"), ("bn", "keras_brn"))
     batch_size: int = 32
 
-    def arm_specs_template(self) -> Dict[str, str]:
+    def arm_specs_template(self) -> dict[str, str]:
         return {"bn": "batch norm on the whole minibatch",
-                "brn": "Batch Renorm on the whole minibatch, with the config's clipping schedule (default: the paper's, scaled)",
+                "brn": "Batch Renorm on the whole minibatch, with the config's clipping schedule "
+                       "(default: the paper's, scaled)",
                 "keras_brn": "Keras's own BatchNormalization(renorm=True) configured as the paper, same schedule"}
 
     def arm_spec(self, arm: str) -> dict:
@@ -569,7 +572,7 @@ FASHION = dict(dataset="fashion_mnist", val_examples=5000, width=16, optimizer="
                threshold=0.85)
 
 # Presets: overrides of the experiment's defaults. Every one is documented.
-PRESETS: Dict[str, dict] = {
+PRESETS: dict[str, dict] = {
     # The paper's minibatch structure at the paper's k = 4: 1600 examples normalized in
     # micro-batches of 4, RMSProp (the paper's optimizer for Inception v3) with an EMA of the
     # weights for evaluation (its practice), on CIFAR-100 with the convnet at width 64.
@@ -605,7 +608,7 @@ PRESETS: Dict[str, dict] = {
 }
 
 # Presets of the non-i.i.d. experiment (section 4.3, Figure 3). Minibatches of 16 labels x 2 images.
-NONIID_PRESETS: Dict[str, dict] = {
+NONIID_PRESETS: dict[str, dict] = {
     # CIFAR-100 (100 classes, so a minibatch of 16 draws holds ~15 distinct labels, as on ImageNet's
     # 1000), the convnet at width 64, RMSProp with an EMA of the weights (the paper's practice),
     # 40k steps of 32 (~26 epochs). The paper trained Inception v3 on ImageNet on 50 workers.
@@ -636,7 +639,7 @@ NONIID_PRESETS: Dict[str, dict] = {
 }
 
 # Presets of the i.i.d. baseline (section 4.1, Figure 1): minibatches of 32.
-IID_PRESETS: Dict[str, dict] = {
+IID_PRESETS: dict[str, dict] = {
     "paper": dict(dataset="cifar100", width=64, optimizer="rmsprop", learning_rate=1e-3, steps=40000,
                   ema_decay=0.999, eval_every=1000, eval_batch_size=1000, checkpoint_every=5000,
                   seeds=(0, 1, 2), threshold=0.4),
@@ -653,20 +656,20 @@ IID_PRESETS: Dict[str, dict] = {
                   checkpoint_every=3, seeds=(0,), threshold=0.5),
 }
 
-PRESETS_BY_EXPERIMENT: Dict[str, Dict[str, dict]] = {
+PRESETS_BY_EXPERIMENT: dict[str, dict[str, dict]] = {
     "microbatch": PRESETS,
     "noniid": NONIID_PRESETS,
     "iid": IID_PRESETS,
 }
 
 
-def preset_names() -> Tuple[str, ...]:
+def preset_names() -> tuple[str, ...]:
     """Every preset name of any experiment (the CLI's choices; :func:`get_config` checks the pair)."""
     return tuple(sorted({p for presets in PRESETS_BY_EXPERIMENT.values() for p in presets}))
 
 
 # ----------------------------------------------------------------- overrides
-def _field_types(cls) -> Dict[str, object]:
+def _field_types(cls) -> dict[str, object]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
@@ -680,16 +683,24 @@ def _parse_bool(key, text):
     raise ConfigError(f"--{key} expects a boolean (true/false), got {text!r}.")
 
 
+def optional_inner(typ):
+    """``X`` of a field annotated ``X | None`` (or ``Optional[X]``), else None."""
+    args = typing.get_args(typ)
+    if typing.get_origin(typ) in (typing.Union, UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return None
+
+
 def _parse_value(key: str, typ, value):
     """Convert ``value`` (a string from the command line, or a Python value) to ``typ``."""
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
-    if origin is typing.Union and type(None) in args:  # Optional[X]
-        inner = next(a for a in args if a is not type(None))
+    inner = optional_inner(typ)
+    if inner is not None:  # X | None
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
             return None
         return _parse_value(key, inner, value)
-    if origin in (tuple, Tuple):
+    if origin is tuple:
         inner = args[0]
         if isinstance(value, str):
             text = value.replace(" ", "")
@@ -728,7 +739,7 @@ def _parse_value(key: str, typ, value):
     raise ConfigError(f"--{key}: unsupported field type {typ!r}.")  # pragma: no cover
 
 
-def apply_overrides(cfg, overrides: Dict[str, object]):
+def apply_overrides(cfg, overrides: dict[str, object]):
     """A copy of ``cfg`` with ``overrides`` (``{key: value}``, values strings or Python values).
 
     Unknown keys (with a suggestion) and values of the wrong type raise
@@ -749,7 +760,7 @@ def apply_overrides(cfg, overrides: Dict[str, object]):
     return dataclasses.replace(cfg, **changes)
 
 
-def parse_override_tokens(tokens) -> Dict[str, str]:
+def parse_override_tokens(tokens) -> dict[str, str]:
     """``["--steps", "10", "--arms=bn_micro"]`` -> ``{"steps": "10", "arms": "bn_micro"}``."""
     out = {}
     i = 0
@@ -781,7 +792,7 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def get_config(preset: str, experiment: str = "microbatch", overrides: Optional[Dict[str, object]] = None):
+def get_config(preset: str, experiment: str = "microbatch", overrides: dict[str, object] | None = None):
     """The config of ``experiment`` at ``preset``, with ``overrides`` applied."""
     if experiment not in EXPERIMENTS:
         raise ConfigError(f"Unknown experiment={experiment!r}; expected one of {tuple(EXPERIMENTS)}.")

@@ -47,13 +47,12 @@ import hashlib
 import json
 import os
 import pickle
-import shutil
 import struct
 import subprocess
 import tarfile
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -116,8 +115,8 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     #: Held-out validation split carved from the training set (:func:`with_validation_split`), or None.
-    x_val: Optional[np.ndarray] = None
-    y_val: Optional[np.ndarray] = None
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
     @property
     def image_shape(self):
@@ -162,7 +161,7 @@ def md5sum(data_or_path) -> str:
 
 
 # --------------------------------------------------------------------- CIFAR-100
-def _check_md5(name: str, data: bytes, expected: Optional[str], where: str) -> None:
+def _check_md5(name: str, data: bytes, expected: str | None, where: str) -> None:
     if expected is None:
         return
     got = md5sum(data)
@@ -200,7 +199,7 @@ def _split_arrays(name: str, d: dict, where: str):
     return np.ascontiguousarray(images), labels
 
 
-def _read_members_from_folder(folder: Path, checksums: Dict[str, Optional[str]]) -> Dict[str, bytes]:
+def _read_members_from_folder(folder: Path, checksums: dict[str, str | None]) -> dict[str, bytes]:
     out = {}
     for name, expected in checksums.items():
         path = folder / name
@@ -212,7 +211,7 @@ def _read_members_from_folder(folder: Path, checksums: Dict[str, Optional[str]])
     return out
 
 
-def _read_members_from_tarball(archive: Path, checksums, archive_md5: Optional[str]) -> Dict[str, bytes]:
+def _read_members_from_tarball(archive: Path, checksums, archive_md5: str | None) -> dict[str, bytes]:
     if archive_md5 is not None:
         got = md5sum(archive)
         if got != archive_md5:
@@ -243,8 +242,8 @@ def _read_members_from_tarball(archive: Path, checksums, archive_md5: Optional[s
 def load_cifar100(
     path,
     *,
-    checksums: Optional[Dict[str, Optional[str]]] = None,
-    archive_md5: Optional[str] = None,
+    checksums: dict[str, str | None] | None = None,
+    archive_md5: str | None = None,
     name: str = "cifar100",
 ) -> Dataset:
     """Read CIFAR-100 from ``path``: the ``cifar-100-python/`` folder, its parent, or a ``.tar.gz``.
@@ -285,7 +284,7 @@ def load_cifar100(
 
 
 def download_cifar100(
-    cache_dir=None, *, url: str = CIFAR100_URL, archive_md5: Optional[str] = CIFAR100_ARCHIVE_MD5
+    cache_dir=None, *, url: str = CIFAR100_URL, archive_md5: str | None = CIFAR100_ARCHIVE_MD5
 ) -> Path:
     """The path of the CIFAR-100 archive in ``cache_dir``, downloading it first if needed.
 
@@ -303,7 +302,7 @@ def download_cifar100(
     return target
 
 
-def _download(url: str, target: Path, md5: Optional[str], hint: str) -> None:
+def _download(url: str, target: Path, md5: str | None, hint: str) -> None:
     """Download ``url`` to ``target`` through a ``.part`` file, checked against ``md5`` before the rename.
 
     An interrupted or corrupt download never leaves a file that looks complete;
@@ -378,7 +377,7 @@ FASHION_MNIST_FILES = {
 }
 
 
-def write_idx(path, array: np.ndarray, *, compress: Optional[bool] = None) -> str:
+def write_idx(path, array: np.ndarray, *, compress: bool | None = None) -> str:
     """Write ``array`` (``uint8``) as an IDX file (gzip-compressed when ``path`` ends in ``.gz``).
 
     The format: 2 zero bytes, the type code ``0x08`` (unsigned byte), the
@@ -405,7 +404,7 @@ def _read_maybe_gzip(path: Path) -> bytes:
     return data
 
 
-def read_idx(path, shape: Optional[Tuple[int, ...]] = None, md5: Optional[str] = None) -> np.ndarray:
+def read_idx(path, shape: tuple[int, ...] | None = None, md5: str | None = None) -> np.ndarray:
     """The ``uint8`` array of the IDX file ``path`` (gzip or raw), checked.
 
     Checks, in order, each failing with a :class:`DataError` naming the file:
@@ -437,14 +436,14 @@ def read_idx(path, shape: Optional[Tuple[int, ...]] = None, md5: Optional[str] =
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _find_idx(folder: Path, stem: str) -> Optional[Path]:
+def _find_idx(folder: Path, stem: str) -> Path | None:
     for name in (stem + ".gz", stem, stem.replace("-idx", ".idx") + ".gz", stem.replace("-idx", ".idx")):
         if (folder / name).is_file():
             return folder / name
     return None
 
 
-def debian_fashion_mnist_dir(package: str = FASHION_MNIST_DEBIAN_PACKAGE) -> Optional[Path]:
+def debian_fashion_mnist_dir(package: str = FASHION_MNIST_DEBIAN_PACKAGE) -> Path | None:
     """The folder where the Debian package ``package`` installed the IDX files, or None.
 
     Asked of ``dpkg -L`` at run time (no path is guessed); None when dpkg is
@@ -464,8 +463,8 @@ def debian_fashion_mnist_dir(package: str = FASHION_MNIST_DEBIAN_PACKAGE) -> Opt
     return None
 
 
-def load_fashion_mnist(folder, *, checksums: Optional[Dict[str, Optional[str]]] = None,
-                       shapes: Optional[Dict[str, Tuple[int, ...]]] = None, name: str = "fashion_mnist") -> Dataset:
+def load_fashion_mnist(folder, *, checksums: dict[str, str | None] | None = None,
+                       shapes: dict[str, tuple[int, ...]] | None = None, name: str = "fashion_mnist") -> Dataset:
     """Fashion-MNIST from the four IDX files in ``folder`` (``.gz`` or decompressed), checked.
 
     ``checksums`` maps each key of :data:`FASHION_MNIST_FILES` to the MD5 of
@@ -564,7 +563,7 @@ def write_synthetic_cifar100(
     seed: int = 0,
     noise: float = 48.0,
     tarball: bool = False,
-) -> Dict[str, str]:
+) -> dict[str, str]:
     """Write a small dataset in the exact CIFAR-100 python format under ``root``.
 
     Writes ``root/cifar-100-python/{train,test,meta}`` (and, with ``tarball``,
@@ -650,10 +649,10 @@ class DatasetSpec:
 
     name: str
     description: str
-    image_shape: Optional[Tuple[int, int, int]]
-    num_classes: Optional[int]
-    train_size: Optional[int]
-    test_size: Optional[int]
+    image_shape: tuple[int, int, int] | None
+    num_classes: int | None
+    train_size: int | None
+    test_size: int | None
     uses_data_dir: bool
     load: Callable[..., Dataset]  # load(data_dir, cache: Path, download: bool, **synthetic_kw)
 
@@ -677,7 +676,7 @@ def _load_cifar100_entry(data_dir, cache: Path, download: bool, **_):
     return load_cifar100(download_cifar100(cache))
 
 
-DATASETS: Dict[str, DatasetSpec] = {
+DATASETS: dict[str, DatasetSpec] = {
     "cifar100": DatasetSpec("cifar100", "CIFAR-100, 32x32x3, 100 classes (downloaded once, MD5-checked)",
                             (32, 32, 3), 100, 50000, 10000, True, _load_cifar100_entry),
     "fashion_mnist": DatasetSpec("fashion_mnist", "Fashion-MNIST, 28x28x1, 10 classes (Debian package, "

@@ -32,7 +32,6 @@ import os
 import signal
 import sys
 import threading
-from typing import Optional
 
 __all__ = ["Stop", "install", "uninstall", "pending", "check", "deferred", "exit_now", "exit_code", "signal_name"]
 
@@ -51,7 +50,7 @@ def signal_name(signum: int) -> str:
     return {int(signal.SIGINT): "SIGINT", int(signal.SIGTERM): "SIGTERM"}.get(int(signum), f"signal {signum}")
 
 
-def exit_code(signum: Optional[int]) -> int:
+def exit_code(signum: int | None) -> int:
     """The shell's code for a process stopped by ``signum``: 130 for SIGINT, 143 for SIGTERM."""
     return 128 + int(signal.SIGINT if signum is None else signum)
 
@@ -97,7 +96,7 @@ def uninstall() -> None:
     _state.update(signal=None, defer=0, previous=None, exit_now=None)
 
 
-def pending() -> Optional[int]:
+def pending() -> int | None:
     """The signal received so far (SIGINT or SIGTERM), or None."""
     return _state["signal"]
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List
 
 import numpy as np
 
@@ -265,7 +264,7 @@ def write_summary(agg: dict, out) -> str:
         + "".join(f" {heads[c]} |" for c in extra),
         "| --- | --- | --- | --- | --- |" + " --- |" * len(extra),
     ]
-    for arm, a in agg["arms"].items():
+    for a in agg["arms"].values():
         n = len(a["seeds"])
         if a["steps_to_threshold_mean"] is None:
             reach = f"not reached (0/{n})"
@@ -285,11 +284,12 @@ def write_summary(agg: dict, out) -> str:
     if "val_batchstat_accuracy" in extra:
         lines.append("Val. acc., batch statistics: the layers in training mode (no moving statistic used or "
                      "changed) on test minibatches built like the training ones.")
-    left = {a["label"]: a["unfinished_runs_left_out"] for a in agg["arms"].values() if a.get("unfinished_runs_left_out")}
+    left = {a["label"]: a["unfinished_runs_left_out"] for a in agg["arms"].values()
+            if a.get("unfinished_runs_left_out")}
     if left:
         lines.append("Unfinished runs left out (their arm has complete runs): " + "; ".join(
-            f"{label}: seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}" for label, seeds in left.items())
-            + ".")
+            f"{label}: seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+            for label, seeds in left.items()) + ".")
     lines += _stats_section(agg)
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
@@ -318,7 +318,7 @@ _TABLE = (("test_last{n}", "test, mean of last {n} evals (%)", 100.0),
           ("lag_late", "moving-mean lag, 2nd half (std)", 1.0))
 
 
-def _stats_section(agg) -> List[str]:
+def _stats_section(agg) -> list[str]:
     cols = [(k.format(n=LAST_N), h.format(n=LAST_N), sc) for k, h, sc in _TABLE]
     cols = [c for c in cols if any(c[0] in a["scalars"] for a in agg["arms"].values())]
     if not cols:
@@ -371,7 +371,7 @@ def _label(text, mean, std, n):
     return label + (f" ± {std * 100:.1f}" if n > 1 else "")
 
 
-def plot(agg: dict, out) -> List[Path]:
+def plot(agg: dict, out) -> list[Path]:
     """Held-out accuracy (%) against training steps, mean ± std band (clipped to [0, 100]), final value in the legend.
 
     The first panel is the test accuracy when a validation split was held out (the
@@ -428,7 +428,7 @@ def plot(agg: dict, out) -> List[Path]:
     return save_figure(fig, Path(out) / "accuracy.png")
 
 
-def save_figure(fig, path) -> List[Path]:
+def save_figure(fig, path) -> list[Path]:
     """Lay out ``fig``, write it as ``path`` with the suffixes .png and .svg, close it; the two paths."""
     import matplotlib.pyplot as plt
 
@@ -441,7 +441,7 @@ def save_figure(fig, path) -> List[Path]:
     return paths
 
 
-def write_report(out) -> Dict[str, object]:
+def write_report(out) -> dict[str, object]:
     agg = aggregate(out)
     text = write_summary(agg, out)
     figs = plot(agg, out)
@@ -495,7 +495,7 @@ def compare_table(result: dict) -> str:
 _SETTING_STYLES = ("-", "--", ":", "-.")
 
 
-def plot_settings(settings: Dict[str, object], path, arms) -> List[Path]:
+def plot_settings(settings: dict[str, object], path, arms) -> list[Path]:
     """Test accuracy and moving-mean lag of ``arms`` under several settings (``{label: folder}``), one figure.
 
     Colour: the arm (:data:`ARM_STYLE`); line style: the setting. Mean over seeds with a ±1 std band.

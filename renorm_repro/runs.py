@@ -46,9 +46,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 try:
     import fcntl
@@ -140,7 +140,7 @@ class RunDirError(RuntimeError):
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during training: which run, at which step, and its last checkpoint."""
 
-    def __init__(self, run: str, step: int, checkpoint_step: Optional[int], signum: Optional[int] = None):
+    def __init__(self, run: str, step: int, checkpoint_step: int | None, signum: int | None = None):
         super().__init__(f"{run} interrupted at step {step}")
         self.run, self.step, self.checkpoint_step, self.signum = run, step, checkpoint_step, signum
 
@@ -209,7 +209,7 @@ class ExperimentLock:
         self.path = Path(out) / LOCK_NAME
         self._fd = None
 
-    def acquire(self) -> "ExperimentLock":
+    def acquire(self) -> ExperimentLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if fcntl is not None:
             try:
@@ -250,7 +250,7 @@ def _has_training(out: Path) -> bool:
     return runs.is_dir() and any(p.is_file() for p in runs.rglob("*"))
 
 
-def _config_diff(cfg_path: Path, cfg) -> Dict[str, tuple]:
+def _config_diff(cfg_path: Path, cfg) -> dict[str, tuple]:
     try:
         old = json.loads(cfg_path.read_text())["config"]
     except (ValueError, KeyError, TypeError) as e:
@@ -386,7 +386,7 @@ def report_without_runs(out) -> bool:
     return (out / "summary.json").is_file() and not _has_training(out)
 
 
-def steps_extension_problem(old, new) -> Optional[str]:
+def steps_extension_problem(old, new) -> str | None:
     """Why ``old`` (a config) cannot be continued to ``new.steps`` as if it had been started with them; None if
     it can.
 
@@ -448,7 +448,7 @@ def read_experiment_config(out):
     return config_from_dict(json.loads(path.read_text())["config"])
 
 
-def evaluation_steps(cfg, upto: int) -> List[int]:
+def evaluation_steps(cfg, upto: int) -> list[int]:
     """The steps ``<= upto`` that have a row in ``metrics.csv``: every ``eval_every``-th, and the last."""
     return [t for t in range(1, min(upto, cfg.steps) + 1) if t % cfg.eval_every == 0 or t == cfg.steps]
 
@@ -464,7 +464,7 @@ def _parse_line(line: str):
     return next(csv.reader([line]), [])
 
 
-def _parse_row(columns, fields) -> Dict[str, float]:
+def _parse_row(columns, fields) -> dict[str, float]:
     if len(fields) != len(columns):
         raise ValueError(f"{len(fields)} fields, expected {len(columns)}")
     row = {k: float(v) for k, v in zip(columns, fields)}
@@ -547,7 +547,7 @@ class MetricsLog:
             k += 1
         return (expected[k] - 1 if k < len(expected) else cfg.steps), log.damaged_line
 
-    def start(self, resume_step: int = 0, expected_steps: Optional[Sequence[int]] = None,
+    def start(self, resume_step: int = 0, expected_steps: Sequence[int] | None = None,
               lenient: bool = False) -> int:
         """Start the log, or continue it from a checkpoint at ``resume_step``; returns the rows kept.
 
@@ -592,7 +592,7 @@ class MetricsLog:
         _write_atomic(self.path, (header + "".join(raw + "\r\n" for _, raw in kept)).encode())
         return len(kept)
 
-    def append(self, row: Dict[str, float]) -> None:
+    def append(self, row: dict[str, float]) -> None:
         missing = set(self.columns) - set(row)
         if missing:
             raise ValueError(f"metrics row is missing {sorted(missing)}")
@@ -618,7 +618,7 @@ def _fmt(v):
     return repr(float(v))
 
 
-def read_metrics(path) -> List[Dict[str, float]]:
+def read_metrics(path) -> list[dict[str, float]]:
     """The rows of a ``metrics.csv``, step as ``int``.
 
     An unfinished last line (no newline: a crash during its write, possibly cut

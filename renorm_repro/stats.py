@@ -11,7 +11,7 @@ t interval, which removes the seed-to-seed variation that both arms share.
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 __all__ = ["t_quantile_975", "mean_ci", "paired_difference"]
 
@@ -33,7 +33,7 @@ def t_quantile_975(df: int) -> float:
             + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
 
 
-def mean_ci(values: Sequence[float]) -> Dict[str, float]:
+def mean_ci(values: Sequence[float]) -> dict[str, float]:
     """``{"mean", "sd", "n", "half_width", "lo", "hi"}``: the mean and its two-sided 95% t interval.
 
     With one value the interval is undefined: ``half_width`` is NaN.
@@ -51,7 +51,7 @@ def mean_ci(values: Sequence[float]) -> Dict[str, float]:
     return {"mean": mean, "sd": sd, "n": n, "half_width": half, "lo": mean - half, "hi": mean + half}
 
 
-def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> Dict[str, object]:
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> dict[str, object]:
     """``b - a`` over the seeds both hold: :func:`mean_ci` of the differences, the seeds and each difference.
 
     ``wins`` counts the seeds where ``b > a``.

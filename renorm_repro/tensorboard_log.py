@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 __all__ = ["EventLog", "TENSORBOARD_DIR", "KEPT_NAME", "layer_scalars"]
 
@@ -41,12 +40,12 @@ KEPT_NAME = "events.out.tfevents.0.kept"
 _TMP, _READY = ".kept.tmp", ".kept.ready"
 
 
-def _event_files(logdir: Path) -> List[Path]:
+def _event_files(logdir: Path) -> list[Path]:
     """The files TensorBoard reads in ``logdir`` (``tfevents`` in the name), in the order it reads them."""
     return sorted(p for p in logdir.iterdir() if "tfevents" in p.name and p.is_file())
 
 
-def _records(path: Path) -> Tuple[List[bytes], bool]:
+def _records(path: Path) -> tuple[list[bytes], bool]:
     """The whole records of the event file ``path``, and whether it ended in a damaged or cut-short one."""
     import tensorflow as tf
 
@@ -67,7 +66,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def layer_scalars(layer) -> Dict[str, float]:
+def layer_scalars(layer) -> dict[str, float]:
     """A normalization layer's clip diagnostics of its last training step, tagged ``<layer name>/...``.
 
     ``r_clipped``, ``d_clipped``: the fractions of ``r`` and ``d`` values the
@@ -86,7 +85,7 @@ def _span(steps) -> str:
     return ", ".join(map(str, steps)) if len(steps) <= 4 else f"{steps[0]}..{steps[-1]}"
 
 
-def _scalar_event(step: int, scalars: Dict[str, float]) -> bytes:
+def _scalar_event(step: int, scalars: dict[str, float]) -> bytes:
     """One event record of ``{tag: value}`` at ``step``, as :meth:`EventLog.append` writes them."""
     import time
 
@@ -117,7 +116,7 @@ class EventLog:
         self._metadata = None
         self.damage = None
 
-    def start(self, resume_step: int = 0, rows=None) -> List[int]:
+    def start(self, resume_step: int = 0, rows=None) -> list[int]:
         """Keep the points at steps ``<= resume_step`` (none when 0); returns their steps.
 
         ``rows``: the log's rows up to ``resume_step`` (``metrics.csv``, which
@@ -133,7 +132,7 @@ class EventLog:
         self.damage = None
         return self._reconcile(resume_step, rows or []) if self.logdir.is_dir() else []
 
-    def _reconcile(self, resume_step: int, rows) -> List[int]:
+    def _reconcile(self, resume_step: int, rows) -> list[int]:
         from tensorflow.core.util import event_pb2
 
         d = self.logdir
@@ -182,7 +181,7 @@ class EventLog:
         if rebuilt or lost:
             what = f"{rebuilt} point(s) of the log's columns rewritten from metrics.csv" + (
                 f"; the layers' clip diagnostics of {len(lost)} step(s) ({_span(lost)}) are lost" if lost else "")
-            self.damage = (f"the TensorBoard events were damaged or cut"
+            self.damage = ("the TensorBoard events were damaged or cut"
                            + (f" ({', '.join(sorted(set(damaged)))})" if damaged else "") + f": {what}")
         kept = [rec for _, rec in sorted(kept, key=lambda sr: sr[0])]  # stable: each step's points in file order
         if kept:
@@ -201,7 +200,7 @@ class EventLog:
         _fsync(d)
         return sorted(steps)
 
-    def append(self, step: int, scalars: Dict[str, float]) -> None:
+    def append(self, step: int, scalars: dict[str, float]) -> None:
         """Write ``{tag: value}`` at ``step`` and flush it to disk (no-op when disabled)."""
         if not self.enabled:
             return

@@ -14,7 +14,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from multiworker import run_workers
 
 pytest.importorskip("tensorflow")

@@ -9,7 +9,6 @@ import contextlib
 import csv
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -264,7 +263,8 @@ def test_resume_steps_is_refused_when_the_run_would_have_differed(tmp_path, extr
 
 
 # ------------------------------------------------------------- item 6: progress bars
-@pytest.mark.parametrize("tty, flag, expected", [(False, [], False), (True, [], True), (True, ["--no-progress"], False)])
+@pytest.mark.parametrize("tty, flag, expected",
+                         [(False, [], False), (True, [], True), (True, ["--no-progress"], False)])
 def test_progress_bars_only_on_a_terminal(tmp_path, monkeypatch, tty, flag, expected):
     import renorm_repro.cli as cli
 

@@ -29,8 +29,8 @@ def test_presets_build_and_derive_the_scaled_paper_schedule():
 
 def test_overrides_parse_types():
     cfg = C.get_config("smoke", overrides=C.parse_override_tokens(
-        ["--steps", "7", "--seeds=1,2", "--arms", "bn_micro", "--learning-rate", "1e-2", "--jit-compile", "true", "--deterministic", "false",
-         "--data-dir", "none", "--rmax", "2"]))
+        ["--steps", "7", "--seeds=1,2", "--arms", "bn_micro", "--learning-rate", "1e-2", "--jit-compile", "true",
+         "--deterministic", "false", "--data-dir", "none", "--rmax", "2"]))
     assert (cfg.steps, cfg.seeds, cfg.arms, cfg.learning_rate, cfg.jit_compile, cfg.data_dir, cfg.rmax) == \
         (7, (1, 2), ("bn_micro",), 1e-2, True, None, 2.0)
     assert cfg.derived()["arms"]["bn_micro"]["schedule"]["rmax"] == 1.0

@@ -2,7 +2,6 @@
 
 import json
 import pickle
-import tarfile
 
 import numpy as np
 import pytest

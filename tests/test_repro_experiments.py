@@ -15,8 +15,14 @@ import pytest
 from renorm import ClipSchedule
 from renorm_repro import config as C
 from renorm_repro import data as D
-from renorm_repro.runs import EXTRA_METRIC_COLUMNS, METRIC_COLUMNS, MetricsLog, RunDirError, metric_columns, \
-    read_metrics
+from renorm_repro.runs import (
+    EXTRA_METRIC_COLUMNS,
+    METRIC_COLUMNS,
+    MetricsLog,
+    RunDirError,
+    metric_columns,
+    read_metrics,
+)
 
 
 # ----------------------------------------------------------------- no TensorFlow

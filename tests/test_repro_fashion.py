@@ -140,7 +140,8 @@ def test_download_over_file_url(tmp_path):
     assert not any((tmp_path / "c1" / "fashion-mnist").iterdir())
     folder = D.download_fashion_mnist(tmp_path / "c2", url=url, check=False)
     assert sorted(p.name for p in folder.iterdir()) == sorted(f[0] + ".gz" for f in D.FASHION_MNIST_FILES.values())
-    with pytest.raises(D.DataError, match="Could not download train-images-idx3-ubyte.gz from .*apt-get install dataset-fashion-mnist"):
+    with pytest.raises(D.DataError, match="Could not download train-images-idx3-ubyte.gz from "
+                                          ".*apt-get install dataset-fashion-mnist"):
         D.download_fashion_mnist(tmp_path / "c3", url=(tmp_path / "absent").as_uri())
 
 
@@ -319,7 +320,7 @@ def test_small_fashion_run_logs_test_lag_and_learning_rate(tmp_path, monkeypatch
     report = run_experiment(cfg, tmp_path / "out", progress=False, log=lambda m: None)
     rows = {arm: read_metrics(tmp_path / "out" / "runs" / arm / "seed0" / "metrics.csv") for arm in cfg.arms}
     assert tuple(rows["bn"][0]) == metric_columns(cfg)
-    for arm, rs in rows.items():
+    for rs in rows.values():
         assert [r["step"] for r in rs] == [3, 6]
         for r in rs:
             assert all(math.isfinite(r[c]) and r[c] >= 0 for c in EXTRA_METRIC_COLUMNS["lag"])
@@ -474,7 +475,8 @@ def test_cli_compare_writes_table_and_figure(tmp_path, capsys):
     assert rc == 0
     table = (tmp_path / "t.md").read_text()
     assert "| Batch Renorm | test_final | 70.00 (" not in table  # 5 seeds: intervals, not single runs
-    assert "| Batch Renorm | test_final | 70.00 [70.00, 70.00] | 75.00 [75.00, 75.00] | 5.00 [5.00, 5.00], 5/5 |" in table
+    assert ("| Batch Renorm | test_final | 70.00 [70.00, 70.00] | 75.00 [75.00, 75.00] | 5.00 [5.00, 5.00], 5/5 |"
+            in table)
     assert "Batch Norm" not in table.split("\n", 3)[-1]  # --arms brn only
     assert (tmp_path / "fig.png").stat().st_size > 1000 and (tmp_path / "fig.svg").is_file()
     rc = main(["compare", "--a", str(tmp_path / "const"), "--b", str(tmp_path / "cos"), "--arms", "keras_brn"])

@@ -23,11 +23,18 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("renorm.tf")
 
+from test_repro_tensorboard import assert_events_match_metrics  # noqa: E402
+
 from renorm_repro import data as D  # noqa: E402
 from renorm_repro.cli import main  # noqa: E402
-from renorm_repro.runs import METRIC_COLUMNS, MetricsLog, RunDirError, metric_columns, read_experiment_config, \
-    read_metrics  # noqa: E402
-from test_repro_tensorboard import assert_events_match_metrics  # noqa: E402
+from renorm_repro.runs import (  # noqa: E402
+    METRIC_COLUMNS,
+    MetricsLog,
+    RunDirError,
+    metric_columns,
+    read_experiment_config,
+    read_metrics,
+)
 
 STEPS = 12
 

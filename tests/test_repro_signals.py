@@ -128,12 +128,11 @@ def test_sigint_during_the_import_phase_many_times(tmp_path):
 def test_on_a_terminal_the_bar_is_drawn_and_no_message_shares_its_line(tmp_path):
     """stdout and stderr on a pseudo-terminal: a progress bar; log lines and the interrupt message each start on
     a line of their own (the bar's line is cleared first); a SIGINT during training is still one line, 130."""
-    import pty
-    import threading
-
     import fcntl
+    import pty
     import struct
     import termios
+    import threading
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # tqdm draws nothing at 0 columns

@@ -23,7 +23,6 @@ import pathlib
 
 import numpy as np
 import pytest
-
 from parity import Case
 
 pytestmark = pytest.mark.slow
