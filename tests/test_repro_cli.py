@@ -133,7 +133,7 @@ def test_show_states_the_cost_and_the_download(capsys):
     assert main(["show", "--preset", "seed"]) == 0
     cost = json.loads(capsys.readouterr().out)["cost"]
     assert cost["steps_per_run"] == 8000 and cost["runs"] == 15
-    assert 80 < cost["cpu_hours_estimate"] < 100  # the README's 92 h
+    assert 80 < cost["cpu_hours_estimate"] < 100  # docs/repro.md's preset table: 92 h
     assert 0.3 < cost["gpu_hours_estimate"][0] < cost["gpu_hours_estimate"][1] < 1.0
     assert cost["download"].startswith(("yes: the CIFAR-100 archive", "no ("))
     assert main(["show", "--preset", "quick"]) == 0

@@ -67,7 +67,7 @@ def test_jax_module_matches_oracle_over_200_steps(case, dtype):
 # Tolerances against the committed summary, per arm (means over the 5 seeds).
 # The runs use deterministic ops, so the same code on the same kind of machine
 # gives the same numbers; what moves them is a change in the layer's numerics
-# at the rounding level, which grows over training. The README records such a
+# at the rounding level, which grows over training. results/README.md records such a
 # change moving one arm's final accuracy by 0.56 points: 1 point allows for
 # that. Steps to 90% are evaluated every 20 steps: one evaluation of slack in
 # the mean. A real regression (Batch Renorm turned into batch norm, a wrong
@@ -110,6 +110,6 @@ def test_digits_iid_experiment_reproduces_committed_summary(tmp_path):
         curve_old = np.asarray(o["curves"]["val_accuracy"]["mean"])
         assert curve_new.shape == curve_old.shape and np.all(np.isfinite(curve_new))
         assert np.max(np.abs(curve_new - curve_old)) <= CURVE_TOL, (arm, np.max(np.abs(curve_new - curve_old)))
-    # The result the README calls robust: Batch Renorm reaches 90% sooner than batch norm.
+    # The result results/README.md (i.i.d. minibatches) calls robust: Batch Renorm reaches 90% sooner than batch norm.
     steps = {arm: new["arms"][arm]["steps_to_threshold_mean"] for arm in ("bn", "brn")}
     assert steps["brn"] < steps["bn"] and not math.isnan(steps["brn"]), steps
