@@ -3,8 +3,8 @@
 One call of :func:`train_run` trains one (arm, seed) into its own run directory:
 
 - data: ``uint8`` arrays in memory; the batch of step ``t`` is
-  ``cfg.train_batch_indices(labels, seed, t)`` (by default :func:`renorm_repro.data.batch_indices`, a pure function, so a
-  resumed run sees the same batches), fed by ``tf.data`` with prefetch; the
+  ``cfg.train_batch_indices(labels, seed, t)`` (by default :func:`renorm_repro.data.batch_indices`,
+  a pure function, so a resumed run sees the same batches), fed by ``tf.data`` with prefetch; the
   conversion to float and the per-channel normalization run on the device,
   inside the compiled step;
 - the step is a ``tf.function`` (``jit_compile`` optional), under a
@@ -41,6 +41,15 @@ agree on the newest checkpoint every one of them holds
 newest one, or the others may have finished the run), restore it, drop newer
 ones and reconcile their logs with it; a run is skipped only when complete on
 every worker.
+
+:func:`train_run` reads as its steps: :func:`_prepare_run_dir` (the folder and
+``done.json``), :func:`_build_state` (model, optimizer and every checkpointed
+variable, a :class:`_RunState`), :func:`_agree_across_workers` and
+:func:`_restore` (checkpoints and resume), :func:`_start_logs` and
+:func:`_write_run_record`, :func:`_input_pipeline`, :func:`_train_step` (the
+compiled step, :func:`_replica_step` on each replica), :class:`_Evaluator`
+(every evaluation), :func:`_train_loop` (evaluate, log, checkpoint, stop) and
+:func:`_finish` (``done.json``).
 """
 
 from __future__ import annotations
@@ -49,15 +58,25 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
 from renorm_repro import interrupts
 from renorm_repro.data import Dataset
-from renorm_repro.runs import Interrupted, MetricsLog, RunDirError, _write_atomic, _write_json, config_to_dict, \
-    evaluation_steps, metric_columns, read_metrics, record_versions
+from renorm_repro.runs import (
+    Interrupted,
+    MetricsLog,
+    RunDirError,
+    _write_atomic,
+    _write_json,
+    config_to_dict,
+    evaluation_steps,
+    metric_columns,
+    read_metrics,
+    record_versions,
+)
 from renorm_repro.tensorboard_log import TENSORBOARD_DIR, EventLog, layer_scalars
 
 __all__ = ["make_norm_layer", "build_model", "train_run", "train_eval_subset", "TrainResult"]
@@ -77,7 +96,7 @@ def _strategy(name: str):
         if not _MULTIWORKER:
             if not os.environ.get("TF_CONFIG"):
                 raise RunDirError("strategy=multiworker reads the cluster from the TF_CONFIG environment variable, "
-                                  "which is not set (see the README, 'Several GPUs and several machines').")
+                                  "which is not set (see docs/distributed.md, 'Keras / TensorFlow', 'On a cluster').")
             _MULTIWORKER.append(tf.distribute.MultiWorkerMirroredStrategy())
         return _MULTIWORKER[0]
     return tf.distribute.get_strategy()
@@ -90,7 +109,7 @@ def train_eval_subset(num_train: int, size: int, seed: int = 1_000_003) -> np.nd
     return np.sort(np.random.default_rng(seed).choice(num_train, size=size, replace=False))
 
 
-def make_norm_layer(cfg, arm: str, name: Optional[str] = None):
+def make_norm_layer(cfg, arm: str, name: str | None = None):
     """The normalization layer of ``arm``: ``renorm.tf.BatchRenormalization`` for every arm but ``keras_brn``.
 
     Batch-norm arms are the same layer with ``rmax=1, dmax=0`` (exactly batch
@@ -181,7 +200,7 @@ _STATE_PATH = re.compile(r'(model_checkpoint_path|all_model_checkpoint_paths):\s
 _STATE_NUMBER = re.compile(r"(all_model_checkpoint_timestamps|last_preserved_timestamp):\s*[-+0-9.eE]+")
 
 
-def _read_checkpoint_state(path: Path) -> Tuple[Optional[List[int]], Optional[str]]:
+def _read_checkpoint_state(path: Path) -> tuple[list[int] | None, str | None]:
     """Numbers of the checkpoints that the state file ``path`` names, and why it cannot be read.
 
     ``([], None)`` when there is no state file (no save has finished yet);
@@ -212,7 +231,7 @@ def _read_checkpoint_state(path: Path) -> Tuple[Optional[List[int]], Optional[st
     return numbers, None
 
 
-def _checkpoint_problem(prefix: Path) -> Optional[str]:
+def _checkpoint_problem(prefix: Path) -> str | None:
     """Why the checkpoint ``prefix`` cannot be restored (a missing file, a truncated or corrupt one), or None.
 
     Reads every tensor: TensorFlow checks each one's length and CRC32C as it reads it.
@@ -232,7 +251,7 @@ def _checkpoint_problem(prefix: Path) -> Optional[str]:
     return None
 
 
-def _scan_checkpoints(ckpt_dir: Path, label: str, log, at_most: Optional[int] = None, problems=None):
+def _scan_checkpoints(ckpt_dir: Path, label: str, log, at_most: int | None = None, problems=None):
     """The newest intact checkpoint number ``<= at_most`` in ``ckpt_dir`` (or None), and what was found on the way.
 
     Returns ``(chosen, damaged, state_problem, on_disk)``: ``damaged`` lists the
@@ -267,7 +286,7 @@ def _scan_checkpoints(ckpt_dir: Path, label: str, log, at_most: Optional[int] = 
     return chosen, damaged, state_problem, on_disk
 
 
-def _no_intact_checkpoint(ckpt_dir: Path, damaged, state_problem, on_disk) -> Optional[str]:
+def _no_intact_checkpoint(ckpt_dir: Path, damaged, state_problem, on_disk) -> str | None:
     """Why the run cannot go on when no checkpoint is intact (files exist, none readable), or None."""
     if damaged or (state_problem and on_disk):
         state_path = ckpt_dir / "checkpoint"
@@ -277,8 +296,8 @@ def _no_intact_checkpoint(ckpt_dir: Path, damaged, state_problem, on_disk) -> Op
     return None
 
 
-def _restore_newest_intact(ckpt, ckpt_dir: Path, label: str, log, at_most: Optional[int] = None,
-                           newer_why: Optional[str] = None) -> Optional[int]:
+def _restore_newest_intact(ckpt, ckpt_dir: Path, label: str, log, at_most: int | None = None,
+                           newer_why: str | None = None) -> int | None:
     """Restore the newest intact checkpoint in ``ckpt_dir`` into ``ckpt``; its number, or None if there is none.
 
     Raises :class:`RunDirError` when checkpoint files exist but none can be
@@ -390,13 +409,519 @@ def _agree_on_checkpoint(strategy, ckpt_dir: Path, *, resume: bool, done: bool, 
         rows = _gather_from_workers(strategy, [chosen or 0])
 
 
-def _done_step(done: Path) -> Optional[int]:
+def _done_step(done: Path) -> int | None:
     """The ``final_step`` of a ``done.json``, or None when it cannot be read."""
     try:
         final = json.loads(done.read_text()).get("final_step")
     except (OSError, ValueError, AttributeError):
         return None
     return final if isinstance(final, int) else None
+
+
+class _RunCall:
+    """What one :func:`train_run` call was asked: the run, its folder and the call's options."""
+
+    def __init__(self, cfg, arm, seed, rdir, dataset, *, resume, stop_after, progress, tensorboard, log):
+        self.cfg, self.arm, self.seed, self.rdir, self.dataset = cfg, arm, seed, Path(rdir), dataset
+        self.resume, self.stop_after, self.progress, self.tensorboard = resume, stop_after, progress, tensorboard
+        self.log = log
+        self.label = f"[{arm} seed{seed}]"
+        self.done = self.rdir / "done.json"
+        self.ckpt_dir = self.rdir / "checkpoints"
+
+
+class _RunState:
+    """The model and every variable a checkpoint holds, built under the strategy's scope (:func:`_build_state`)."""
+
+    def __init__(self, cfg, model, optimizer, step, acc_vars, ema, mean, std):
+        import tensorflow as tf
+
+        self.model, self.optimizer, self.step, self.ema = model, optimizer, step, ema
+        self.acc_vars = acc_vars  # the running training metrics since the previous evaluation
+        self.loss_sum, self.correct_sum, self.count_sum = acc_vars[:3]
+        self.clip_sums = {"r_clip_sum": acc_vars[3], "d_clip_sum": acc_vars[4], "clip_steps": acc_vars[5]} \
+            if cfg.log_clip_means else {}
+        self.norm_layers = [layer for layer in model.layers if layer.name.startswith("norm")]
+        self.mean, self.std = mean, std
+        self.ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, loss_sum=self.loss_sum,
+                                        correct_sum=self.correct_sum, count_sum=self.count_sum, **self.clip_sums,
+                                        ema={f"v{i}": e for i, e in enumerate(ema)})
+
+    def prep(self, x):
+        """``uint8`` images to the network's input: to float, per-channel normalized (on the device)."""
+        import tensorflow as tf
+
+        return (tf.cast(x, tf.float32) / 255.0 - self.mean) / self.std
+
+
+def _prepare_run_dir(run: _RunCall) -> TrainResult | None:
+    """Check the folder against ``run.resume`` and deal with a ``done.json``; the result when there is nothing to do."""
+    cfg, rdir, done, log = run.cfg, run.rdir, run.done, run.log
+    if (cfg.val_examples > 0) != (run.dataset.y_val is not None):
+        raise ValueError(f"val_examples={cfg.val_examples} but the dataset has "
+                         f"{'no' if run.dataset.y_val is None else len(run.dataset.y_val)} validation examples: "
+                         f"load it with load_dataset(..., val_examples={cfg.val_examples}).")
+    if rdir.exists() and any(rdir.iterdir()) and not run.resume:
+        raise RunDirError(f"Run directory {rdir} is not empty; pass --resume to continue it.")
+    # Under multiworker every worker must skip or train this run together (the workers agree later).
+    if done.is_file() and cfg.strategy != "multiworker":
+        final = _done_step(done)
+        if final == cfg.steps:
+            log(f"{run.label} already complete ({done}); skipping.")
+            return TrainResult(final_step=final, stopped=False)
+        if final is not None and final < cfg.steps:
+            log(f"{run.label} complete at step {final}; extending it to {cfg.steps} steps")
+        else:
+            log(f"{run.label} {done} is damaged or names another length ({final}); resuming the run from "
+                f"its checkpoints")
+        done.unlink()
+    rdir.mkdir(parents=True, exist_ok=True)
+    run.ckpt_dir.mkdir(exist_ok=True)
+    return None
+
+
+def _build_state(run: _RunCall, strategy) -> _RunState:
+    """The model, optimizer, step counter, running metrics and EMA, created under ``strategy``'s scope."""
+    import tensorflow as tf
+
+    cfg, arm, dataset = run.cfg, run.arm, run.dataset
+    replicas = strategy.num_replicas_in_sync
+    if cfg.batch_size % replicas or (cfg.batch_size // replicas) % cfg.arm_spec(arm)["microbatch_size"]:
+        raise RunDirError(
+            f"batch_size={cfg.batch_size} over {replicas} replicas is not a multiple of the "
+            f"{arm} group size {cfg.arm_spec(arm)['microbatch_size']} per replica."
+        )
+    with strategy.scope():
+        model = build_model(dataset.image_shape, dataset.num_classes, cfg.width,
+                            lambda name: make_norm_layer(cfg, arm, name))
+        optimizer = _optimizer(cfg)
+        optimizer.build(model.trainable_variables)
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        acc_vars = [tf.Variable(0.0, dtype=tf.float64, trainable=False,
+                                synchronization=tf.VariableSynchronization.ON_READ,
+                                aggregation=tf.VariableAggregation.SUM)
+                    for _ in range(6 if cfg.log_clip_means else 3)]
+        ema = [tf.Variable(v, trainable=False, name="ema") for v in model.trainable_variables] \
+            if cfg.ema_decay > 0 else []
+    mean = tf.constant(dataset.mean / 255.0, tf.float32)
+    std = tf.constant(dataset.std / 255.0, tf.float32)
+    return _RunState(cfg, model, optimizer, step, acc_vars, ema, mean, std)
+
+
+def _agree_across_workers(run: _RunCall, strategy) -> tuple[int | None, TrainResult | None]:
+    """Under ``multiworker``: the checkpoint step every worker restores, and the result when all are done.
+
+    ``(None, None)`` for the other strategies (each process decides alone).
+    """
+    if run.cfg.strategy != "multiworker":
+        return None, None
+    done, label, log = run.done, run.label, run.log
+    agreed, all_done = _agree_on_checkpoint(strategy, run.ckpt_dir, resume=run.resume, done=done.is_file(),
+                                            label=label, log=log)
+    if all_done:
+        log(f"{label} already complete ({done}) on every worker; skipping.")
+        return None, TrainResult(final_step=json.loads(done.read_text())["final_step"], stopped=False)
+    if done.is_file():
+        log(f"{label} complete here, but not on every worker: training again from "
+            f"{'step 0' if agreed is None else f'the common checkpoint at step {agreed}'} with them")
+        done.unlink()
+    return agreed, None
+
+
+def _restore(run: _RunCall, st: _RunState, agreed: int | None):
+    """Resume from the newest intact checkpoint (``agreed``'s under ``multiworker``), if ``run.resume``.
+
+    Returns ``(start, restored, metrics, damaged_log)``: the step training starts from, the checkpoint
+    number restored (or None), the run's :class:`MetricsLog` (not started yet) and
+    :meth:`MetricsLog.damaged_bound` (or None).
+    """
+    cfg, label, log, multiworker = run.cfg, run.label, run.log, run.cfg.strategy == "multiworker"
+    restored = None
+    metrics = MetricsLog(run.rdir / "metrics.csv", metric_columns(cfg))
+    damaged_log = metrics.damaged_bound(cfg) if run.resume and not multiworker else None
+    if damaged_log:
+        log(f"{label} {metrics.path} line {damaged_log[1]} is damaged: falling back to the newest intact "
+            f"checkpoint at or before step {damaged_log[0]}, whose rows are intact, and dropping the log from "
+            f"that line on (training recomputes it)")
+    if run.resume:
+        at_most = (agreed or 0) if multiworker else (damaged_log[0] if damaged_log else None)
+        restored = _restore_newest_intact(st.ckpt, run.ckpt_dir, label, log, at_most=at_most,
+                                          newer_why="newer than the damaged log's rows" if damaged_log else None)
+    start = 0
+    if restored is not None:
+        start = int(st.step.numpy())
+        log(f"{label} resumed from {run.ckpt_dir / f'ckpt-{restored}'} at step {start}"
+            + (" (the newest checkpoint every worker holds)" if multiworker else ""))
+    elif run.resume and (run.rdir / "metrics.csv").exists():
+        log(f"{label} no checkpoint in {run.rdir}"
+            + (" that every worker holds" if multiworker else "")
+            + "; starting this run over from step 0")
+    return start, restored, metrics, damaged_log
+
+
+def _start_logs(run: _RunCall, metrics: MetricsLog, start: int, damaged_log) -> EventLog:
+    """Reconcile ``metrics.csv`` and the TensorBoard events with step ``start``; the open :class:`EventLog`."""
+    cfg, label, log = run.cfg, run.label, run.log
+    metrics.start(start, evaluation_steps(cfg, start), lenient=bool(damaged_log))
+    events = EventLog(run.rdir / TENSORBOARD_DIR, enabled=run.tensorboard)
+    kept = events.start(start, read_metrics(metrics.path) if run.tensorboard and start else None)
+    if events.damage:
+        log(f"{label} {events.damage}; continuing")
+    lacking = sorted(set(evaluation_steps(cfg, start)) - set(kept)) if run.tensorboard else []
+    if lacking:
+        log(f"{label} the TensorBoard events lack steps {lacking[0]}..{lacking[-1]} ({len(lacking)} "
+            f"evaluations; metrics.csv has them); continuing")
+    return events
+
+
+def _write_run_record(run: _RunCall, replicas: int) -> None:
+    """``config.json`` (the config, the arm's normalization, the data, the replicas) and ``versions.json``."""
+    cfg, arm = run.cfg, run.arm
+    record = {"config": config_to_dict(cfg), "arm": arm, "seed": run.seed,
+              "normalization": {k: (v.to_dict() if hasattr(v, "to_dict") else v)
+                                for k, v in cfg.arm_spec(arm).items()},
+              "dataset": run.dataset.summary(), "replicas": replicas}
+    _write_json(run.rdir / "config.json", record)
+    record_versions(run.rdir / "versions.json")
+
+
+def _input_pipeline(run: _RunCall, strategy, start: int):
+    """The batches of steps ``start`` to ``cfg.steps`` (``uint8`` images, ``int64`` labels), as the strategy takes them.
+
+    ``mirrored`` splits each global batch into consecutive per-replica slices; under ``multiworker`` each
+    worker feeds its own replicas' slices (:func:`_worker_slices`).
+    """
+    import tensorflow as tf
+
+    cfg, arm, seed, dataset = run.cfg, run.arm, run.seed, run.dataset
+    x_train, y_train = dataset.x_train, dataset.y_train
+
+    def batches():
+        for t in range(start, cfg.steps):
+            idx = cfg.train_batch_indices(y_train, seed, t, arm)
+            yield x_train[idx], y_train[idx]
+
+    if cfg.strategy == "multiworker":
+        per_replica = cfg.batch_size // strategy.num_replicas_in_sync
+        return strategy.distribute_datasets_from_function(
+            _worker_slices(batches, dataset.image_shape, strategy.num_replicas_in_sync, per_replica))
+    sig = (tf.TensorSpec((cfg.batch_size,) + dataset.image_shape, tf.uint8),
+           tf.TensorSpec((cfg.batch_size,), tf.int64))
+    ds = tf.data.Dataset.from_generator(batches, output_signature=sig).prefetch(tf.data.AUTOTUNE)
+    opts = tf.data.Options()
+    opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    opts.deterministic = True
+    ds = ds.with_options(opts)
+    return strategy.experimental_distribute_dataset(ds) if cfg.strategy == "mirrored" else ds
+
+
+def _worker_slices(batches, image_shape, replicas: int, per: int):
+    """The dataset function of ``distribute_datasets_from_function``: a worker's replicas' slices of each batch."""
+    import tensorflow as tf
+
+    def worker_dataset(ctx):
+        """This worker's replicas' slices of each global batch, in replica order."""
+        local = replicas // ctx.num_input_pipelines
+        first = ctx.input_pipeline_id * local
+
+        def slices():
+            for xb, yb in batches():
+                for r in range(first, first + local):
+                    yield xb[r * per:(r + 1) * per], yb[r * per:(r + 1) * per]
+
+        spec = (tf.TensorSpec((per,) + image_shape, tf.uint8), tf.TensorSpec((per,), tf.int64))
+        return tf.data.Dataset.from_generator(slices, output_signature=spec).prefetch(tf.data.AUTOTUNE)
+
+    return worker_dataset
+
+
+def _replica_step(cfg, st: _RunState, x, y) -> None:
+    """One replica's share of a training step: loss, gradients, update, EMA, running metrics, clip fractions."""
+    import keras
+    import tensorflow as tf
+
+    x = st.prep(x)
+    with tf.GradientTape() as tape:
+        logits = st.model(x, training=True)
+        per_ex = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        loss = tf.reduce_sum(per_ex) / cfg.batch_size  # global batch: sums over replicas
+        scaled = st.optimizer.scale_loss(loss) if cfg.precision == "mixed_float16" else loss
+    grads = tape.gradient(scaled, st.model.trainable_variables)
+    st.optimizer.apply(grads, st.model.trainable_variables)
+    if st.ema:
+        t = tf.cast(st.step, tf.float32) + 1.0
+        decay = tf.minimum(cfg.ema_decay, (1.0 + t) / (10.0 + t))  # tf.train.ExponentialMovingAverage's
+        for e, v in zip(st.ema, st.model.trainable_variables):
+            e.assign(decay * e + (1.0 - decay) * tf.cast(v, e.dtype))
+    correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float64))
+    st.loss_sum.assign_add(tf.cast(tf.reduce_sum(per_ex), tf.float64))
+    st.correct_sum.assign_add(correct)
+    st.count_sum.assign_add(tf.cast(tf.shape(y)[0], tf.float64))
+    if st.clip_sums:  # this step's clipped fractions, averaged over layers (per replica; summed on read)
+        for key, attr in (("r_clip_sum", "r_clipped_fraction"), ("d_clip_sum", "d_clipped_fraction")):
+            st.clip_sums[key].assign_add(tf.add_n([tf.cast(getattr(layer, attr), tf.float64)
+                                                   for layer in st.norm_layers]) / len(st.norm_layers))
+        st.clip_sums["clip_steps"].assign_add(tf.constant(1.0, tf.float64))
+
+
+def _train_step(cfg, st: _RunState, strategy):
+    """The compiled training step ``train_step(x, y)``: :func:`_replica_step` on every replica, then ``step += 1``."""
+    import tensorflow as tf
+
+    distributed = cfg.strategy in ("mirrored", "multiworker")
+
+    @tf.function(jit_compile=cfg.jit_compile)
+    def _step_fn(x, y):
+        _replica_step(cfg, st, x, y)
+
+    @tf.function
+    def train_step(x, y):
+        if distributed:
+            strategy.run(_step_fn, args=(x, y))
+        else:
+            _step_fn(x, y)
+        st.step.assign_add(1)
+
+    return train_step
+
+
+def _eval_step(cfg, st: _RunState, *, training: bool):
+    """The compiled ``(loss sum, correct count)`` of a batch; ``training=True``: with batch statistics."""
+    import keras
+    import tensorflow as tf
+
+    @tf.function(jit_compile=cfg.jit_compile)
+    def eval_batch(x, y):
+        logits = st.model(st.prep(x), training=training)  # training: the caller restores the state
+        per_ex = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        return tf.reduce_sum(per_ex), tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float32))
+
+    return eval_batch
+
+
+def _mean_over(fn, x_all, y_all, chunks) -> tuple[float, float]:
+    """Mean loss and accuracy of ``fn`` (:func:`_eval_step`) over the examples ``chunks`` (slices or indices) pick."""
+    total_loss = total_correct = 0.0
+    for sl in chunks:
+        loss, correct = fn(x_all[sl], y_all[sl])
+        total_loss += float(loss)
+        total_correct += float(correct)
+    m = sum(len(y_all[sl]) for sl in chunks)
+    return total_loss / m, total_correct / m
+
+
+class _Evaluator:
+    """Every evaluation of the config; calling it gives ``{column: value}`` (EMA weights if any).
+
+    Validation (the held-out split of the ``val_*`` columns), test, and a fixed training subset in
+    inference mode; validation with batch statistics on minibatches built like the training ones (the
+    state restored afterwards); the moving statistics' lag (:meth:`lag_stats`).
+    """
+
+    def __init__(self, run: _RunCall, st: _RunState):
+        import keras
+
+        cfg, dataset, self.cfg, self.st, self.dataset = run.cfg, run.dataset, run.cfg, st, run.dataset
+        self.eval_batch = _eval_step(cfg, st, training=False)
+        self.eval_batch_stats = _eval_step(cfg, st, training=True)
+        x_train, y_train = dataset.x_train, dataset.y_train
+        # The held-out split of the val_* columns: the validation split when the config carves one
+        # (then the test split gets test_* columns), else the test split (the digits results).
+        self.x_val, self.y_val = (dataset.x_val, dataset.y_val) if dataset.y_val is not None \
+            else (dataset.x_test, dataset.y_test)
+        self.val_chunks = self._ranges(len(self.y_val))
+        self.test_chunks = self._ranges(len(dataset.y_test)) if dataset.y_val is not None else None
+        lag_sub = train_eval_subset(len(y_train), cfg.eval_lag_examples, seed=2_000_003) \
+            if cfg.eval_lag_examples else None
+        self.lag_model = None
+        if lag_sub is not None:
+            self.lag_model = keras.Model(st.model.inputs, [layer.input for layer in st.norm_layers])
+            self.x_lag = x_train[lag_sub]
+        train_sub = train_eval_subset(len(y_train), cfg.eval_train_examples) if cfg.eval_train_examples else None
+        self.train_sub = None
+        if train_sub is not None:
+            self.train_sub = (x_train[train_sub], y_train[train_sub], self._ranges(len(train_sub)))
+        self.batchstat_chunks = [cfg.eval_batch_indices(self.y_val, i, run.arm)
+                                 for i in range(cfg.eval_batch_count(len(self.y_val)))] if cfg.eval_batch_stats else []
+
+    def _ranges(self, n):
+        return [slice(i, i + self.cfg.eval_batch_size) for i in range(0, n, self.cfg.eval_batch_size)]
+
+    def __call__(self) -> dict:
+        import tensorflow as tf
+
+        model, ema = self.st.model, self.st.ema
+        backup = None
+        if ema:
+            backup = [v.numpy() for v in model.trainable_variables]
+            for v, e in zip(model.trainable_variables, ema):
+                v.assign(tf.cast(e, v.dtype))
+        res = {}
+        res["val_loss"], res["val_accuracy"] = _mean_over(self.eval_batch, self.x_val, self.y_val, self.val_chunks)
+        if self.test_chunks is not None:
+            res["test_loss"], res["test_accuracy"] = _mean_over(self.eval_batch, self.dataset.x_test,
+                                                                self.dataset.y_test, self.test_chunks)
+        if self.train_sub is not None:
+            res["train_eval_loss"], res["train_eval_accuracy"] = _mean_over(self.eval_batch, *self.train_sub)
+        if self.batchstat_chunks:
+            state = [v.numpy() for v in model.non_trainable_variables]
+            res["val_batchstat_loss"], res["val_batchstat_accuracy"] = _mean_over(
+                self.eval_batch_stats, self.x_val, self.y_val, self.batchstat_chunks)
+            for v, b in zip(model.non_trainable_variables, state):
+                v.assign(b)
+        if self.lag_model is not None:
+            res.update(self.lag_stats())
+        if backup is not None:
+            for v, b in zip(model.trainable_variables, backup):
+                v.assign(b)
+        return res
+
+    def lag_stats(self) -> dict:
+        """Per layer: mean over features of |moving mean - mean| / std and |log(moving stddev / std)|.
+
+        ``mean``, ``std`` (``sqrt(var + epsilon)``) are the statistics of the layer's input over the
+        fixed training subset, in float64, with the network in inference mode upstream.
+        """
+        norm_layers, x_lag = self.st.norm_layers, self.x_lag
+        n = len(norm_layers)
+        s1, s2, cnt = [0.0] * n, [0.0] * n, [0] * n
+        for i in range(0, len(x_lag), 500):
+            feats = self.lag_model(self.st.prep(x_lag[i:i + 500]), training=False)
+            for j, f in enumerate(feats):
+                f = np.asarray(f, dtype=np.float64).reshape(-1, f.shape[-1])
+                s1[j] = s1[j] + f.sum(0)
+                s2[j] = s2[j] + (f * f).sum(0)
+                cnt[j] += f.shape[0]
+        res = {}
+        for j, layer in enumerate(norm_layers):
+            mu = s1[j] / cnt[j]
+            std = np.sqrt(np.maximum(s2[j] / cnt[j] - mu * mu, 0.0) + self.cfg.epsilon)
+            mm = np.asarray(layer.moving_mean.numpy(), np.float64)
+            ms = np.asarray(layer.moving_stddev.numpy(), np.float64)
+            res[f"lag_mean_norm{j + 1}"] = float(np.mean(np.abs(mm - mu) / std))
+            res[f"lag_std_norm{j + 1}"] = float(np.mean(np.abs(np.log(ms / std))))
+        return res
+
+
+class _Clock:
+    """Wall clock of one call: from its start, and at the first (compiling) and last timed training steps."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.first = self.last = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def mark(self) -> None:
+        now = time.perf_counter()
+        self.first = now if self.first is None else self.first
+        self.last = now
+
+    def steps_per_s(self, timed: int) -> float | None:
+        """Training steps per second after the first: ``timed`` steps between the first mark and the last."""
+        return timed / (self.last - self.first) if timed > 0 and self.last > self.first else None
+
+
+def _evaluation_row(cfg, st: _RunState, schedule, step: int, evals: dict, clock: _Clock) -> dict:
+    """The ``metrics.csv`` row after ``step`` steps: running training metrics, limits, clip fractions, ``evals``."""
+    cnt = max(st.count_sum.numpy(), 1.0)
+    rmax_t, dmax_t = schedule.limits(step - 1)
+    clip = st.clip_sums
+    clip_means = {"r_clipped_mean": clip["r_clip_sum"].numpy() / max(clip["clip_steps"].numpy(), 1.0),
+                  "d_clipped_mean": clip["d_clip_sum"].numpy() / max(clip["clip_steps"].numpy(), 1.0)} \
+        if clip else {}
+    return {
+        "step": step,
+        "train_loss": st.loss_sum.numpy() / cnt,
+        "train_accuracy": st.correct_sum.numpy() / cnt,
+        "val_loss": evals["val_loss"],
+        "val_accuracy": evals["val_accuracy"],
+        "rmax": float(rmax_t),
+        "dmax": float(dmax_t),
+        "r_clipped": float(np.mean([layer.r_clipped_fraction.numpy() for layer in st.norm_layers])),
+        "d_clipped": float(np.mean([layer.d_clipped_fraction.numpy() for layer in st.norm_layers])),
+        "elapsed_s": clock.elapsed(),
+        "learning_rate": float(cfg.learning_rate_at(step - 1)),
+        **clip_means,
+        **evals,
+    }
+
+
+def _log_line(run: _RunCall, row: dict) -> str:
+    """The one log line of an evaluation."""
+    return (f"{run.label} step {row['step']}/{run.cfg.steps} train_loss {row['train_loss']:.4f} "
+            f"train_acc {row['train_accuracy']:.4f} val_loss {row['val_loss']:.4f} "
+            f"val_acc {row['val_accuracy']:.4f} rmax {row['rmax']:.2f} dmax {row['dmax']:.2f} "
+            f"r_clip {row['r_clipped']:.3f} d_clip {row['d_clipped']:.3f}"
+            + (f" train_eval_acc {row['train_eval_accuracy']:.4f}" if "train_eval_accuracy" in row else "")
+            + (f" val_batchstat_acc {row['val_batchstat_accuracy']:.4f}" if "val_batchstat_accuracy" in row else ""))
+
+
+def _record_evaluation(st: _RunState, row: dict, metrics: MetricsLog, events: EventLog) -> None:
+    """Start the running training metrics over, and write ``row`` to ``metrics.csv`` and TensorBoard."""
+    for v in st.acc_vars:
+        v.assign(0.0)
+    metrics.append(row)
+    events.append(row["step"], {**{k: row[k] for k in metrics.columns if k != "step"},
+                                **{k: v for layer in st.norm_layers for k, v in layer_scalars(layer).items()}})
+
+
+def _train_loop(run: _RunCall, st: _RunState, data, train_step, evaluate: _Evaluator, logs, manager, *,
+                start: int, saved: int | None):
+    """Train from step ``start``: evaluate and log, then checkpoint, on schedule; stop after ``run.stop_after``.
+
+    ``logs``: ``(metrics, events)``; the events are closed on the way out. Returns ``(step reached,
+    stopped, clock)``. A signal (Ctrl-C, SIGTERM) is taken between steps and raised as :class:`Interrupted`.
+    """
+    from tqdm.auto import tqdm
+
+    cfg, (metrics, events) = run.cfg, logs
+    schedule = cfg.arm_spec(run.arm)["schedule"]
+    clock = _Clock()
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"{run.arm} seed{run.seed}", disable=not run.progress,
+               dynamic_ncols=True, leave=False)
+    cur, stopped = start, False
+    try:
+        with interrupts.deferred():  # a signal is recorded, and raised between steps
+            for x, y in data:
+                interrupts.check()
+                train_step(x, y)
+                cur += 1
+                bar.update(1)
+                if cur == start + 1 or cur == cfg.steps or cur % cfg.eval_every == 0:
+                    st.step.numpy()  # wait for the device
+                    clock.mark()
+                if cur % cfg.eval_every == 0 or cur == cfg.steps:
+                    row = _evaluation_row(cfg, st, schedule, cur, evaluate(), clock)
+                    _record_evaluation(st, row, metrics, events)
+                    bar.write(_log_line(run, row)) if run.progress else run.log(_log_line(run, row))
+                    bar.set_postfix(val_acc=f"{row['val_accuracy']:.3f}")
+                if cur % cfg.checkpoint_every == 0 or cur == cfg.steps:
+                    manager.save(checkpoint_number=cur)
+                    saved = cur
+                if run.stop_after is not None and cur - start >= run.stop_after and cur < cfg.steps:
+                    stopped = True
+                    break
+            interrupts.check()  # one received during the last step
+    except KeyboardInterrupt as e:
+        bar.close()
+        raise Interrupted(f"{run.arm} seed{run.seed}", cur, saved, getattr(e, "signum", None)) from None
+    finally:
+        bar.close()
+        events.close()
+    return cur, stopped, clock
+
+
+def _finish(run: _RunCall, cur: int, start: int, stopped: bool, clock: _Clock) -> TrainResult:
+    """Write ``done.json`` (final step, wall time, training speed) unless stopped; the call's result."""
+    if stopped:
+        return TrainResult(final_step=cur, stopped=True, train_steps_per_s=None)
+    timed = cur - start - 1
+    _write_json(run.done, {"final_step": cur, "wall_s": clock.elapsed(),
+                           "train_steps_per_s": clock.steps_per_s(timed), "timed_steps": timed})
+    rate = json.loads(run.done.read_text()).get("train_steps_per_s")
+    return TrainResult(final_step=cur, stopped=False, train_steps_per_s=rate)
 
 
 def train_run(
@@ -407,7 +932,7 @@ def train_run(
     dataset: Dataset,
     *,
     resume: bool = False,
-    stop_after: Optional[int] = None,
+    stop_after: int | None = None,
     progress: bool = True,
     tensorboard: bool = True,
     log: Callable[[str], None] = print,
@@ -424,356 +949,31 @@ def train_run(
     """
     import keras
     import tensorflow as tf
-    from tqdm.auto import tqdm
 
-    rdir = Path(rdir)
-    if (cfg.val_examples > 0) != (dataset.y_val is not None):
-        raise ValueError(f"val_examples={cfg.val_examples} but the dataset has "
-                         f"{'no' if dataset.y_val is None else len(dataset.y_val)} validation examples: load it "
-                         f"with load_dataset(..., val_examples={cfg.val_examples}).")
-    done = rdir / "done.json"
-    if rdir.exists() and any(rdir.iterdir()) and not resume:
-        raise RunDirError(f"Run directory {rdir} is not empty; pass --resume to continue it.")
-    # Under multiworker every worker must skip or train this run together (the workers agree below).
-    if done.is_file() and cfg.strategy != "multiworker":
-        final = _done_step(done)
-        if final == cfg.steps:
-            log(f"[{arm} seed{seed}] already complete ({done}); skipping.")
-            return TrainResult(final_step=final, stopped=False)
-        if final is not None and final < cfg.steps:
-            log(f"[{arm} seed{seed}] complete at step {final}; extending it to {cfg.steps} steps")
-        else:
-            log(f"[{arm} seed{seed}] {done} is damaged or names another length ({final}); resuming the run from "
-                f"its checkpoints")
-        done.unlink()
-    rdir.mkdir(parents=True, exist_ok=True)
-    (rdir / "checkpoints").mkdir(exist_ok=True)
-
+    run = _RunCall(cfg, arm, seed, rdir, dataset, resume=resume, stop_after=stop_after, progress=progress,
+                   tensorboard=tensorboard, log=log)
+    skipped = _prepare_run_dir(run)
+    if skipped is not None:
+        return skipped
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(seed)
     keras.mixed_precision.set_global_policy(cfg.precision)
     try:
         strategy = _strategy(cfg.strategy)
-        distributed = cfg.strategy in ("mirrored", "multiworker")
-        replicas = strategy.num_replicas_in_sync
-        if cfg.batch_size % replicas or (cfg.batch_size // replicas) % cfg.arm_spec(arm)["microbatch_size"]:
-            raise RunDirError(
-                f"batch_size={cfg.batch_size} over {replicas} replicas is not a multiple of the "
-                f"{arm} group size {cfg.arm_spec(arm)['microbatch_size']} per replica."
-            )
-        with strategy.scope():
-            model = build_model(dataset.image_shape, dataset.num_classes, cfg.width,
-                                lambda name: make_norm_layer(cfg, arm, name))
-            optimizer = _optimizer(cfg)
-            optimizer.build(model.trainable_variables)
-            step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-            acc_vars = [tf.Variable(0.0, dtype=tf.float64, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
-                                    aggregation=tf.VariableAggregation.SUM) for _ in range(6 if cfg.log_clip_means else 3)]
-            ema = [tf.Variable(v, trainable=False, name="ema") for v in model.trainable_variables] \
-                if cfg.ema_decay > 0 else []
-        loss_sum, correct_sum, count_sum = acc_vars[:3]
-        clip_sums = {"r_clip_sum": acc_vars[3], "d_clip_sum": acc_vars[4], "clip_steps": acc_vars[5]} \
-            if cfg.log_clip_means else {}
-        norm_layers = [l for l in model.layers if l.name.startswith("norm")]
-        mean = tf.constant(dataset.mean / 255.0, tf.float32)
-        std = tf.constant(dataset.std / 255.0, tf.float32)
-
-        ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, loss_sum=loss_sum,
-                                   correct_sum=correct_sum, count_sum=count_sum, **clip_sums,
-                                   ema={f"v{i}": e for i, e in enumerate(ema)})
-        label = f"[{arm} seed{seed}]"
-        agreed = None
-        if cfg.strategy == "multiworker":
-            agreed, all_done = _agree_on_checkpoint(strategy, rdir / "checkpoints", resume=resume,
-                                                    done=done.is_file(), label=label, log=log)
-            if all_done:
-                log(f"{label} already complete ({done}) on every worker; skipping.")
-                return TrainResult(final_step=json.loads(done.read_text())["final_step"], stopped=False)
-            if done.is_file():
-                log(f"{label} complete here, but not on every worker: training again from "
-                    f"{'step 0' if agreed is None else f'the common checkpoint at step {agreed}'} with them")
-                done.unlink()
-        restored = None
-        metrics = MetricsLog(rdir / "metrics.csv", metric_columns(cfg))
-        damaged_log = metrics.damaged_bound(cfg) if resume and cfg.strategy != "multiworker" else None
-        if damaged_log:
-            log(f"{label} {metrics.path} line {damaged_log[1]} is damaged: falling back to the newest intact "
-                f"checkpoint at or before step {damaged_log[0]}, whose rows are intact, and dropping the log from "
-                f"that line on (training recomputes it)")
-        if resume:
-            at_most = (agreed or 0) if cfg.strategy == "multiworker" else (damaged_log[0] if damaged_log else None)
-            restored = _restore_newest_intact(ckpt, rdir / "checkpoints", label, log, at_most=at_most,
-                                              newer_why="newer than the damaged log's rows" if damaged_log else None)
-        start = 0
-        if restored is not None:
-            start = int(step.numpy())
-            log(f"{label} resumed from {rdir / 'checkpoints' / f'ckpt-{restored}'} at step {start}"
-                + (" (the newest checkpoint every worker holds)" if cfg.strategy == "multiworker" else ""))
-        elif resume and (rdir / "metrics.csv").exists():
-            log(f"{label} no checkpoint in {rdir}"
-                + (" that every worker holds" if cfg.strategy == "multiworker" else "")
-                + "; starting this run over from step 0")
-        manager = tf.train.CheckpointManager(ckpt, str(rdir / "checkpoints"), max_to_keep=2)
-        metrics.start(start, evaluation_steps(cfg, start), lenient=bool(damaged_log))
-        events = EventLog(rdir / TENSORBOARD_DIR, enabled=tensorboard)
-        kept = events.start(start, read_metrics(metrics.path) if tensorboard and start else None)
-        if events.damage:
-            log(f"{label} {events.damage}; continuing")
-        lacking = sorted(set(evaluation_steps(cfg, start)) - set(kept)) if tensorboard else []
-        if lacking:
-            log(f"{label} the TensorBoard events lack steps {lacking[0]}..{lacking[-1]} ({len(lacking)} "
-                f"evaluations; metrics.csv has them); continuing")
-        record = {"config": config_to_dict(cfg), "arm": arm, "seed": seed,
-                  "normalization": {k: (v.to_dict() if hasattr(v, "to_dict") else v)
-                                    for k, v in cfg.arm_spec(arm).items()},
-                  "dataset": dataset.summary(), "replicas": replicas}
-        _write_json(rdir / "config.json", record)
-        record_versions(rdir / "versions.json")
-
-        x_train, y_train = dataset.x_train, dataset.y_train
-
-        def batches():
-            for t in range(start, cfg.steps):
-                idx = cfg.train_batch_indices(y_train, seed, t, arm)
-                yield x_train[idx], y_train[idx]
-
-        sig = (tf.TensorSpec((cfg.batch_size,) + dataset.image_shape, tf.uint8),
-               tf.TensorSpec((cfg.batch_size,), tf.int64))
-        ds = tf.data.Dataset.from_generator(batches, output_signature=sig).prefetch(tf.data.AUTOTUNE)
-        opts = tf.data.Options()
-        opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        opts.deterministic = True
-        ds = ds.with_options(opts)
-        dist_ds = strategy.experimental_distribute_dataset(ds) if cfg.strategy == "mirrored" else ds
-        if cfg.strategy == "multiworker":
-            per = cfg.batch_size // replicas
-
-            def worker_dataset(ctx):
-                """This worker's replicas' slices of each global batch, in replica order."""
-                local = replicas // ctx.num_input_pipelines
-                first = ctx.input_pipeline_id * local
-
-                def slices():
-                    for xb, yb in batches():
-                        for r in range(first, first + local):
-                            yield xb[r * per:(r + 1) * per], yb[r * per:(r + 1) * per]
-
-                spec = (tf.TensorSpec((per,) + dataset.image_shape, tf.uint8), tf.TensorSpec((per,), tf.int64))
-                return tf.data.Dataset.from_generator(slices, output_signature=spec).prefetch(tf.data.AUTOTUNE)
-
-            dist_ds = strategy.distribute_datasets_from_function(worker_dataset)
-
-        def prep(x):
-            return (tf.cast(x, tf.float32) / 255.0 - mean) / std
-
-        def replica_step(x, y):
-            x = prep(x)
-            with tf.GradientTape() as tape:
-                logits = model(x, training=True)
-                per_ex = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-                loss = tf.reduce_sum(per_ex) / cfg.batch_size  # global batch: sums over replicas
-                scaled = optimizer.scale_loss(loss) if cfg.precision == "mixed_float16" else loss
-            grads = tape.gradient(scaled, model.trainable_variables)
-            optimizer.apply(grads, model.trainable_variables)
-            if ema:
-                t = tf.cast(step, tf.float32) + 1.0
-                decay = tf.minimum(cfg.ema_decay, (1.0 + t) / (10.0 + t))  # tf.train.ExponentialMovingAverage's
-                for e, v in zip(ema, model.trainable_variables):
-                    e.assign(decay * e + (1.0 - decay) * tf.cast(v, e.dtype))
-            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float64))
-            loss_sum.assign_add(tf.cast(tf.reduce_sum(per_ex), tf.float64))
-            correct_sum.assign_add(correct)
-            count_sum.assign_add(tf.cast(tf.shape(y)[0], tf.float64))
-            if clip_sums:  # this step's clipped fractions, averaged over layers (per replica; summed on read)
-                for key, attr in (("r_clip_sum", "r_clipped_fraction"), ("d_clip_sum", "d_clipped_fraction")):
-                    clip_sums[key].assign_add(tf.add_n([tf.cast(getattr(l, attr), tf.float64)
-                                                        for l in norm_layers]) / len(norm_layers))
-                clip_sums["clip_steps"].assign_add(tf.constant(1.0, tf.float64))
-
-        @tf.function(jit_compile=cfg.jit_compile)
-        def _step_fn(x, y):
-            replica_step(x, y)
-
-        @tf.function
-        def train_step(x, y):
-            if distributed:
-                strategy.run(_step_fn, args=(x, y))
-            else:
-                _step_fn(x, y)
-            step.assign_add(1)
-
-        @tf.function(jit_compile=cfg.jit_compile)
-        def eval_batch(x, y):
-            logits = model(prep(x), training=False)
-            per_ex = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-            return tf.reduce_sum(per_ex), tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float32))
-
-        @tf.function(jit_compile=cfg.jit_compile)
-        def eval_batch_stats(x, y):
-            logits = model(prep(x), training=True)  # batch statistics; the state is restored by the caller
-            per_ex = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-            return tf.reduce_sum(per_ex), tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float32))
-
-        def _mean_over(fn, x_all, y_all, chunks):
-            total_loss = total_correct = 0.0
-            for sl in chunks:
-                l, c = fn(x_all[sl], y_all[sl])
-                total_loss += float(l)
-                total_correct += float(c)
-            m = sum(len(y_all[sl]) for sl in chunks)
-            return total_loss / m, total_correct / m
-
-        def _ranges(n):
-            return [slice(i, i + cfg.eval_batch_size) for i in range(0, n, cfg.eval_batch_size)]
-
-        # The held-out split of the val_* columns: the validation split when the config carves one
-        # (then the test split gets test_* columns), else the test split (the digits results).
-        x_val, y_val = (dataset.x_val, dataset.y_val) if dataset.y_val is not None else (dataset.x_test, dataset.y_test)
-        val_chunks = _ranges(len(y_val))
-        test_chunks = _ranges(len(dataset.y_test)) if dataset.y_val is not None else None
-        lag_sub = train_eval_subset(len(y_train), cfg.eval_lag_examples, seed=2_000_003) \
-            if cfg.eval_lag_examples else None
-        if lag_sub is not None:
-            lag_model = keras.Model(model.inputs, [l.input for l in norm_layers])
-            x_lag = x_train[lag_sub]
-        train_sub = train_eval_subset(len(y_train), cfg.eval_train_examples) if cfg.eval_train_examples else None
-        if train_sub is not None:
-            x_train_sub, y_train_sub = x_train[train_sub], y_train[train_sub]
-            train_chunks = _ranges(len(train_sub))
-        batchstat_chunks = [cfg.eval_batch_indices(y_val, i, arm)
-                            for i in range(cfg.eval_batch_count(len(y_val)))] if cfg.eval_batch_stats else []
-
-        def lag_stats():
-            """Per layer: mean over features of |moving mean - mean| / std and |log(moving stddev / std)|.
-
-            ``mean``, ``std`` (``sqrt(var + epsilon)``) are the statistics of the layer's input over the
-            fixed training subset, in float64, with the network in inference mode upstream.
-            """
-            n = len(norm_layers)
-            s1, s2, cnt = [0.0] * n, [0.0] * n, [0] * n
-            for i in range(0, len(x_lag), 500):
-                feats = lag_model(prep(x_lag[i:i + 500]), training=False)
-                for j, f in enumerate(feats):
-                    f = np.asarray(f, dtype=np.float64).reshape(-1, f.shape[-1])
-                    s1[j] = s1[j] + f.sum(0)
-                    s2[j] = s2[j] + (f * f).sum(0)
-                    cnt[j] += f.shape[0]
-            res = {}
-            for j, layer in enumerate(norm_layers):
-                mu = s1[j] / cnt[j]
-                std = np.sqrt(np.maximum(s2[j] / cnt[j] - mu * mu, 0.0) + cfg.epsilon)
-                mm = np.asarray(layer.moving_mean.numpy(), np.float64)
-                ms = np.asarray(layer.moving_stddev.numpy(), np.float64)
-                res[f"lag_mean_norm{j + 1}"] = float(np.mean(np.abs(mm - mu) / std))
-                res[f"lag_std_norm{j + 1}"] = float(np.mean(np.abs(np.log(ms / std))))
-            return res
-
-        def evaluate():
-            """``{column: value}`` of every evaluation of the config (EMA weights if any)."""
-            backup = None
-            if ema:
-                backup = [v.numpy() for v in model.trainable_variables]
-                for v, e in zip(model.trainable_variables, ema):
-                    v.assign(tf.cast(e, v.dtype))
-            res = {}
-            res["val_loss"], res["val_accuracy"] = _mean_over(eval_batch, x_val, y_val, val_chunks)
-            if test_chunks is not None:
-                res["test_loss"], res["test_accuracy"] = _mean_over(eval_batch, dataset.x_test, dataset.y_test,
-                                                                    test_chunks)
-            if train_sub is not None:
-                res["train_eval_loss"], res["train_eval_accuracy"] = _mean_over(
-                    eval_batch, x_train_sub, y_train_sub, train_chunks)
-            if batchstat_chunks:
-                state = [v.numpy() for v in model.non_trainable_variables]
-                res["val_batchstat_loss"], res["val_batchstat_accuracy"] = _mean_over(
-                    eval_batch_stats, x_val, y_val, batchstat_chunks)
-                for v, b in zip(model.non_trainable_variables, state):
-                    v.assign(b)
-            if lag_sub is not None:
-                res.update(lag_stats())
-            if backup is not None:
-                for v, b in zip(model.trainable_variables, backup):
-                    v.assign(b)
-            return res
-
-        schedule = cfg.arm_spec(arm)["schedule"]
-        t0 = time.perf_counter()
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"{arm} seed{seed}", disable=not progress,
-                   dynamic_ncols=True, leave=False)
-        cur = start
-        saved = start if restored is not None else None
-        stopped = False
-        t_first = t_last = None  # wall clock after the first (compiling) and the last training step
-        try:
-            with interrupts.deferred():  # a signal is recorded, and raised between steps
-                for x, y in dist_ds:
-                    interrupts.check()
-                    train_step(x, y)
-                    cur += 1
-                    bar.update(1)
-                    if cur == start + 1 or cur == cfg.steps or cur % cfg.eval_every == 0:
-                        step.numpy()  # wait for the device
-                        now = time.perf_counter()
-                        t_first = now if t_first is None else t_first
-                        t_last = now
-                    if cur % cfg.eval_every == 0 or cur == cfg.steps:
-                        evals = evaluate()
-                        val_loss, val_acc = evals["val_loss"], evals["val_accuracy"]
-                        cnt = max(count_sum.numpy(), 1.0)
-                        rmax_t, dmax_t = schedule.limits(cur - 1)
-                        row = {
-                            "step": cur,
-                            "train_loss": loss_sum.numpy() / cnt,
-                            "train_accuracy": correct_sum.numpy() / cnt,
-                            "val_loss": val_loss,
-                            "val_accuracy": val_acc,
-                            "rmax": float(rmax_t),
-                            "dmax": float(dmax_t),
-                            "r_clipped": float(np.mean([l.r_clipped_fraction.numpy() for l in norm_layers])),
-                            "d_clipped": float(np.mean([l.d_clipped_fraction.numpy() for l in norm_layers])),
-                            "elapsed_s": time.perf_counter() - t0,
-                            "learning_rate": float(cfg.learning_rate_at(cur - 1)),
-                            **({"r_clipped_mean": clip_sums["r_clip_sum"].numpy() / max(clip_sums["clip_steps"].numpy(), 1.0),
-                                "d_clipped_mean": clip_sums["d_clip_sum"].numpy() / max(clip_sums["clip_steps"].numpy(), 1.0)}
-                               if clip_sums else {}),
-                            **evals,
-                        }
-                        for v in acc_vars:
-                            v.assign(0.0)
-                        metrics.append(row)
-                        events.append(cur, {**{k: row[k] for k in metrics.columns if k != "step"},
-                                            **{k: v for l in norm_layers for k, v in layer_scalars(l).items()}})
-                        msg = (f"[{arm} seed{seed}] step {cur}/{cfg.steps} train_loss {row['train_loss']:.4f} "
-                               f"train_acc {row['train_accuracy']:.4f} val_loss {val_loss:.4f} val_acc {val_acc:.4f} "
-                               f"rmax {row['rmax']:.2f} dmax {row['dmax']:.2f} r_clip {row['r_clipped']:.3f} "
-                               f"d_clip {row['d_clipped']:.3f}"
-                               + (f" train_eval_acc {row['train_eval_accuracy']:.4f}"
-                                  if "train_eval_accuracy" in row else "")
-                               + (f" val_batchstat_acc {row['val_batchstat_accuracy']:.4f}"
-                                  if "val_batchstat_accuracy" in row else ""))
-                        bar.write(msg) if progress else log(msg)
-                        bar.set_postfix(val_acc=f"{val_acc:.3f}")
-                    if cur % cfg.checkpoint_every == 0 or cur == cfg.steps:
-                        manager.save(checkpoint_number=cur)
-                        saved = cur
-                    if stop_after is not None and cur - start >= stop_after and cur < cfg.steps:
-                        stopped = True
-                        break
-                interrupts.check()  # one received during the last step
-        except KeyboardInterrupt as e:
-            bar.close()
-            raise Interrupted(f"{arm} seed{seed}", cur, saved, getattr(e, "signum", None)) from None
-        finally:
-            bar.close()
-            events.close()
-        bar.close()
-        if not stopped:
-            timed = cur - start - 1
-            rate = timed / (t_last - t_first) if timed > 0 and t_last > t_first else None
-            _write_json(done, {"final_step": cur, "wall_s": time.perf_counter() - t0,
-                               "train_steps_per_s": rate, "timed_steps": timed})
-        rate = json.loads(done.read_text()).get("train_steps_per_s") if not stopped else None
-        return TrainResult(final_step=cur, stopped=stopped, train_steps_per_s=rate)
+        st = _build_state(run, strategy)
+        agreed, skipped = _agree_across_workers(run, strategy)
+        if skipped is not None:
+            return skipped
+        start, restored, metrics, damaged_log = _restore(run, st, agreed)
+        manager = tf.train.CheckpointManager(st.ckpt, str(run.ckpt_dir), max_to_keep=2)
+        events = _start_logs(run, metrics, start, damaged_log)
+        _write_run_record(run, strategy.num_replicas_in_sync)
+        data = _input_pipeline(run, strategy, start)
+        train_step = _train_step(cfg, st, strategy)
+        evaluate = _Evaluator(run, st)
+        cur, stopped, clock = _train_loop(run, st, data, train_step, evaluate, (metrics, events), manager,
+                                          start=start, saved=start if restored is not None else None)
+        return _finish(run, cur, start, stopped, clock)
     finally:
         keras.mixed_precision.set_global_policy("float32")
