@@ -665,24 +665,7 @@ def _main(argv):
     resumable = args.command == "run" and (Path(args.out) / "config.json").is_file()
     try:
         if args.command == "compare":
-            if rest:
-                raise ConfigError(f"`compare` takes no config overrides, got {rest}.")
-            from renorm_repro.report import compare, compare_table, plot_settings
-
-            arms = [a for a in args.arms.split(",") if a] if args.arms else None
-            if args.arms is not None and not arms:
-                raise ConfigError(f"--arms must name at least one arm, got {args.arms!r}.")
-            result = compare(args.a, args.b, arms=arms)
-            text = compare_table(result)
-            print(text)
-            if args.table:
-                Path(args.table).write_text(text)
-            if args.figure:
-                labels = (args.label_a or Path(args.a).name, args.label_b or Path(args.b).name)
-                paths = plot_settings({labels[0]: args.a, labels[1]: args.b}, args.figure,
-                                      arms=arms or sorted({r["arm"] for r in result["rows"]}))
-                print("figures: " + ", ".join(str(p) for p in paths))
-            return 0
+            return _compare_command(args, rest)
         if args.command in ("pool", "sweep"):
             if rest:
                 raise ConfigError(f"`{args.command}` takes no config overrides, got {rest}.")
@@ -696,51 +679,10 @@ def _main(argv):
             print(report["summary"])
             print("figures: " + ", ".join(str(p) for p in report["figures"]))
             return 0
-        # Everything about the command line, the config and --out is checked here, before TensorFlow is imported.
-        cfg = _command_config(args, rest, subparsers)
-        if args.command == "show":
-            print(show_text(cfg))
-            return 0
-        if args.command == "bench":
-            _check_bench(cfg, args)
-        else:
-            from renorm_repro.runs import check_experiment_dir, experiment_complete, report_without_runs
-
-            if args.stop_after is not None and args.stop_after < 1:
-                raise ConfigError(f"--stop-after must be >= 1, got {args.stop_after}.")
-            mode = check_experiment_dir(args.out, cfg, resume=args.resume)
-            if mode == "resume" and (experiment_complete(args.out, cfg) or report_without_runs(args.out)):
-                print(_complete_line(args.out, cfg))
-                return 0
-            _check_data_dir(cfg)
-        if not args.tf_logs and "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
-            _quiet_tensorflow()
-        with _interrupts.exit_now("before anything was written; run the command again"):
-            import keras  # noqa: F401 - imported here, where a signal ends the process at once
-            import tensorflow  # noqa: F401
-
-            import renorm.tf  # noqa: F401
-            import renorm_repro.train  # noqa: F401
-        _interrupts.check()  # a signal whose exception an import swallowed
-        if args.command == "bench":
-            benchmark(cfg, args.arm, args.bench_steps, args.gpu_tflops)
-            return 0
-        run_experiment(cfg, args.out, resume=args.resume, stop_after=args.stop_after,
-                       progress=not args.no_progress and sys.stderr.isatty(), tensorboard=not args.no_tensorboard)
-        _interrupts.check()
-        return 0
+        return _config_command(args, rest, subparsers)
     except KeyboardInterrupt as e:
-        from renorm_repro.runs import Interrupted
-
-        signum = getattr(e, "signum", None) or _interrupts.pending()
-        word, code = _signal_word(signum), _interrupts.exit_code(signum)
         resumable = resumable or (args.command == "run" and (Path(args.out) / "config.json").is_file())
-        if isinstance(e, Interrupted):
-            ckpt = f"last checkpoint at step {e.checkpoint_step}" if e.checkpoint_step is not None \
-                else "no checkpoint yet"
-            return _fail(f"{word} at step {e.step} ({e.run}, {ckpt}); continue with --resume", code)
-        return _fail(f"{word}; continue with --resume" if resumable else
-                     f"{word} before anything was written; run the command again", code)
+        return _interrupted(e, resumable)
     except ConfigError as e:
         return _fail(f"error: {e}", 2)
     except Exception as e:  # noqa: BLE001 - user-facing errors from data, run folders, files and the disk
@@ -754,6 +696,79 @@ def _main(argv):
             raise
         resumable = resumable or (args.command == "run" and (Path(args.out) / "config.json").is_file())
         return _fail(f"error: {text}" + ("; once fixed, continue with --resume" if resumable else ""), 1)
+
+
+def _compare_command(args, rest) -> int:
+    """``renorm-repro compare``: the table (and ``--table``, ``--figure``) of two experiment folders."""
+    if rest:
+        raise ConfigError(f"`compare` takes no config overrides, got {rest}.")
+    from renorm_repro.report import compare, compare_table, plot_settings
+
+    arms = [a for a in args.arms.split(",") if a] if args.arms else None
+    if args.arms is not None and not arms:
+        raise ConfigError(f"--arms must name at least one arm, got {args.arms!r}.")
+    result = compare(args.a, args.b, arms=arms)
+    text = compare_table(result)
+    print(text)
+    if args.table:
+        Path(args.table).write_text(text)
+    if args.figure:
+        labels = (args.label_a or Path(args.a).name, args.label_b or Path(args.b).name)
+        paths = plot_settings({labels[0]: args.a, labels[1]: args.b}, args.figure,
+                              arms=arms or sorted({r["arm"] for r in result["rows"]}))
+        print("figures: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _config_command(args, rest, subparsers) -> int:
+    """``show``, ``bench`` and ``run``: the commands of a config (a preset, an experiment, overrides)."""
+    # Everything about the command line, the config and --out is checked here, before TensorFlow is imported.
+    cfg = _command_config(args, rest, subparsers)
+    if args.command == "show":
+        print(show_text(cfg))
+        return 0
+    if args.command == "bench":
+        _check_bench(cfg, args)
+    else:
+        from renorm_repro.runs import check_experiment_dir, experiment_complete, report_without_runs
+
+        if args.stop_after is not None and args.stop_after < 1:
+            raise ConfigError(f"--stop-after must be >= 1, got {args.stop_after}.")
+        mode = check_experiment_dir(args.out, cfg, resume=args.resume)
+        if mode == "resume" and (experiment_complete(args.out, cfg) or report_without_runs(args.out)):
+            print(_complete_line(args.out, cfg))
+            return 0
+        _check_data_dir(cfg)
+    if not args.tf_logs and "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+        _quiet_tensorflow()
+    with _interrupts.exit_now("before anything was written; run the command again"):
+        import keras  # noqa: F401 - imported here, where a signal ends the process at once
+        import tensorflow  # noqa: F401
+
+        import renorm.tf  # noqa: F401
+        import renorm_repro.train  # noqa: F401
+    _interrupts.check()  # a signal whose exception an import swallowed
+    if args.command == "bench":
+        benchmark(cfg, args.arm, args.bench_steps, args.gpu_tflops)
+        return 0
+    run_experiment(cfg, args.out, resume=args.resume, stop_after=args.stop_after,
+                   progress=not args.no_progress and sys.stderr.isatty(), tensorboard=not args.no_tensorboard)
+    _interrupts.check()
+    return 0
+
+
+def _interrupted(e: KeyboardInterrupt, resumable: bool) -> int:
+    """The line and exit code of a signal (SIGINT, SIGTERM) that stopped a command."""
+    from renorm_repro.runs import Interrupted
+
+    signum = getattr(e, "signum", None) or _interrupts.pending()
+    word, code = _signal_word(signum), _interrupts.exit_code(signum)
+    if isinstance(e, Interrupted):
+        ckpt = f"last checkpoint at step {e.checkpoint_step}" if e.checkpoint_step is not None \
+            else "no checkpoint yet"
+        return _fail(f"{word} at step {e.step} ({e.run}, {ckpt}); continue with --resume", code)
+    return _fail(f"{word}; continue with --resume" if resumable else
+                 f"{word} before anything was written; run the command again", code)
 
 
 if __name__ == "__main__":  # pragma: no cover

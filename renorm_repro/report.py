@@ -108,81 +108,95 @@ def _std(values) -> float:
     return float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def aggregate(out) -> dict:
-    """Per-arm statistics over seeds, from the logs in ``out`` only."""
-    out = Path(out)
-    cfg = read_experiment_config(out)
-    arms = {}
-    for arm in cfg.arms:
-        runs = {}
-        for seed in cfg.seeds:
-            path = run_dir(out, arm, seed) / "metrics.csv"
-            if path.is_file():
-                rows = read_metrics(path)
-                if rows:
-                    lag = _lag(rows)
-                    for r, v in zip(rows, lag or ()):
-                        r["lag_mean"] = v
-                    runs[seed] = rows
-        if not runs:
+def _arm_runs(out: Path, cfg, arm: str):
+    """``(runs, done, unfinished)`` of ``arm``: ``{seed: metrics rows}`` (each row with its ``lag_mean``), the
+    seeds whose run is complete, and the unfinished seeds left out.
+
+    When some runs of the arm are complete, the unfinished ones (still training, or killed) are left out of
+    every statistic; when none is, every run is kept (the curve then covers the steps every run has reached).
+    """
+    runs = {}
+    for seed in cfg.seeds:
+        path = run_dir(out, arm, seed) / "metrics.csv"
+        if path.is_file():
+            rows = read_metrics(path)
+            if rows:
+                lag = _lag(rows)
+                for r, v in zip(rows, lag or ()):
+                    r["lag_mean"] = v
+                runs[seed] = rows
+    done = {s for s in runs if (run_dir(out, arm, s) / "done.json").is_file()}
+    unfinished = sorted(set(runs) - done) if done else []
+    if done:
+        runs = {s: rows for s, rows in runs.items() if s in done}
+    return runs, done, unfinished
+
+
+def _arm_curves(runs, common) -> dict:
+    """Per column of :data:`CURVES` that every run logs: its mean and spread over seeds at the ``common`` steps."""
+    curves = {}
+    for col in CURVES:
+        if not all(col in rows[0] for rows in runs.values()):
             continue
-        # When some runs of the arm are complete, the unfinished ones (still training, or killed) are left
-        # out of every statistic; when none is, the curve covers the steps every run has reached.
-        done = {s for s in runs if (run_dir(out, arm, s) / "done.json").is_file()}
-        unfinished = sorted(set(runs) - done) if done else []
-        if done:
-            runs = {s: rows for s, rows in runs.items() if s in done}
-        # Steps evaluated by every run of the arm.
-        common = sorted(set.intersection(*[{r["step"] for r in rows} for rows in runs.values()]))
-        acc = np.array([[next(r["val_accuracy"] for r in rows if r["step"] == s) for s in common]
-                        for rows in runs.values()])
-        finals = [rows[-1]["val_accuracy"] for rows in runs.values()]
-        bests = [max(r["val_accuracy"] for r in rows) for rows in runs.values()]
-        reached = [next((r["step"] for r in rows if r["val_accuracy"] >= cfg.threshold), None)
-                   for rows in runs.values()]
-        hit = [s for s in reached if s is not None]
-        curves = {}
-        for col in CURVES:
-            if not all(col in rows[0] for rows in runs.values()):
-                continue
-            vals = np.array([[next(r[col] for r in rows if r["step"] == s) for s in common]
-                             for rows in runs.values()])
-            last = [rows[-1][col] for rows in runs.values()]
-            curves[col] = {
-                "mean": vals.mean(axis=0).tolist(),
-                "std": (vals.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(len(common))).tolist(),
-                "final_mean": float(np.mean(last)),
-                "final_std": _std(last),
-            }
-        scalars = {}
-        for name, (desc, *spec) in SCALARS.items():
-            per_seed = {seed: _scalar(rows, *spec) for seed, rows in runs.items() if seed in done}
-            per_seed = {k: v for k, v in per_seed.items() if v is not None}
-            if per_seed:
-                scalars[name] = dict(mean_ci(list(per_seed.values())), per_seed=per_seed, description=desc)
-        arms[arm] = {
-            "label": cfg.arm_label(arm),
-            "scalars": scalars,
-            "seeds": sorted(runs),
-            "complete_runs": len(done),
-            "unfinished_runs_left_out": unfinished,
-            "steps": common,
-            "val_accuracy_mean": acc.mean(axis=0).tolist(),
-            "val_accuracy_std": (acc.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(len(common))).tolist(),
-            "final_step": int(max(rows[-1]["step"] for rows in runs.values())),
-            "final_accuracy_mean": float(np.mean(finals)),
-            "final_accuracy_std": _std(finals),
-            "best_accuracy_mean": float(np.mean(bests)),
-            "best_accuracy_std": _std(bests),
-            "threshold": cfg.threshold,
-            "steps_to_threshold_per_seed": {seed: step for seed, step in zip(runs, reached)},
-            "steps_to_threshold_mean": float(np.mean(hit)) if hit else None,
-            "steps_to_threshold_std": _std(hit) if hit else None,
-            "runs_reaching_threshold": len(hit),
-            "curves": curves,
+        vals = np.array([[next(r[col] for r in rows if r["step"] == s) for s in common]
+                         for rows in runs.values()])
+        last = [rows[-1][col] for rows in runs.values()]
+        curves[col] = {
+            "mean": vals.mean(axis=0).tolist(),
+            "std": (vals.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(len(common))).tolist(),
+            "final_mean": float(np.mean(last)),
+            "final_std": _std(last),
         }
-    if not arms:
-        raise RunDirError(f"No metrics.csv found under {out / 'runs'}: nothing to aggregate.")
+    return curves
+
+
+def _arm_scalars(runs, done) -> dict:
+    """Per scalar of :data:`SCALARS`: its value per complete seed, their mean and 95% interval."""
+    scalars = {}
+    for name, (desc, *spec) in SCALARS.items():
+        per_seed = {seed: _scalar(rows, *spec) for seed, rows in runs.items() if seed in done}
+        per_seed = {k: v for k, v in per_seed.items() if v is not None}
+        if per_seed:
+            scalars[name] = dict(mean_ci(list(per_seed.values())), per_seed=per_seed, description=desc)
+    return scalars
+
+
+def _arm_summary(cfg, arm: str, runs, done, unfinished) -> dict:
+    """The statistics of one arm over its seeds (``runs``: :func:`_arm_runs`)."""
+    # Steps evaluated by every run of the arm.
+    common = sorted(set.intersection(*[{r["step"] for r in rows} for rows in runs.values()]))
+    acc = np.array([[next(r["val_accuracy"] for r in rows if r["step"] == s) for s in common]
+                    for rows in runs.values()])
+    finals = [rows[-1]["val_accuracy"] for rows in runs.values()]
+    bests = [max(r["val_accuracy"] for r in rows) for rows in runs.values()]
+    reached = [next((r["step"] for r in rows if r["val_accuracy"] >= cfg.threshold), None)
+               for rows in runs.values()]
+    hit = [s for s in reached if s is not None]
+    return {
+        "label": cfg.arm_label(arm),
+        "scalars": _arm_scalars(runs, done),
+        "seeds": sorted(runs),
+        "complete_runs": len(done),
+        "unfinished_runs_left_out": unfinished,
+        "steps": common,
+        "val_accuracy_mean": acc.mean(axis=0).tolist(),
+        "val_accuracy_std": (acc.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(len(common))).tolist(),
+        "final_step": int(max(rows[-1]["step"] for rows in runs.values())),
+        "final_accuracy_mean": float(np.mean(finals)),
+        "final_accuracy_std": _std(finals),
+        "best_accuracy_mean": float(np.mean(bests)),
+        "best_accuracy_std": _std(bests),
+        "threshold": cfg.threshold,
+        "steps_to_threshold_per_seed": {seed: step for seed, step in zip(runs, reached)},
+        "steps_to_threshold_mean": float(np.mean(hit)) if hit else None,
+        "steps_to_threshold_std": _std(hit) if hit else None,
+        "runs_reaching_threshold": len(hit),
+        "curves": _arm_curves(runs, common),
+    }
+
+
+def _paired_scalars(cfg, arms) -> list:
+    """Per comparison of the config whose two arms ran, per scalar: the paired difference over shared seeds."""
     paired = []
     for a, b in cfg.comparisons():
         if a not in arms or b not in arms:
@@ -191,9 +205,23 @@ def aggregate(out) -> dict:
             sa, sb = arms[a]["scalars"].get(name), arms[b]["scalars"].get(name)
             if sa and sb and set(sa["per_seed"]) & set(sb["per_seed"]):
                 paired.append(dict(paired_difference(sa["per_seed"], sb["per_seed"]), a=a, b=b, scalar=name))
+    return paired
+
+
+def aggregate(out) -> dict:
+    """Per-arm statistics over seeds, from the logs in ``out`` only."""
+    out = Path(out)
+    cfg = read_experiment_config(out)
+    arms = {}
+    for arm in cfg.arms:
+        runs, done, unfinished = _arm_runs(out, cfg, arm)
+        if runs:
+            arms[arm] = _arm_summary(cfg, arm, runs, done, unfinished)
+    if not arms:
+        raise RunDirError(f"No metrics.csv found under {out / 'runs'}: nothing to aggregate.")
     result = {"experiment": cfg.experiment, "dataset": cfg.dataset, "steps": cfg.steps,
               "batch_size": cfg.batch_size, "title": cfg.title(), "curves": CURVES, "arms": arms,
-              "paired": paired, "scalar_descriptions": {k: v[0] for k, v in SCALARS.items()},
+              "paired": _paired_scalars(cfg, arms), "scalar_descriptions": {k: v[0] for k, v in SCALARS.items()},
               "comparisons": [list(c) for c in cfg.comparisons() if c[0] in arms and c[1] in arms]}
     result["finding"] = finding(result)
     return result
