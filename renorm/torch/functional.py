@@ -132,7 +132,14 @@ def _moments(xf: torch.Tensor, dims, eps: float, group, all_reduce=_all_reduce):
 
     Without a ``group``, two passes (the mean, then the mean squared deviation from it). Pooled over ``group``:
     ``[sum, count]`` all-reduced for the mean, then the sum of squared
-    deviations from that global mean (two-pass).
+    deviations from that global mean (two-pass). A process with 0 examples
+    joins both all-reduces with zero sums and a zero count (as
+    ``torch.nn.SyncBatchNorm``), so the others do not wait for it; where every
+    process is empty the pooled count is 0 and the moments are taken as
+    ``mu = 0``, ``var = 0`` (finite; the caller then takes no step).
+
+    Returns ``mu``, ``sigma`` and the count of values per feature per group,
+    pooled (a tensor shaped like ``mu``) or not (a Python float).
     """
     if group is None:
         # Sums divided by the count, not torch.var_mean: the same two passes, and on the grouped view (a
@@ -141,13 +148,15 @@ def _moments(xf: torch.Tensor, dims, eps: float, group, all_reduce=_all_reduce):
         mu = torch.sum(xf, dim=dims, keepdim=True) / count
         var = torch.sum(torch.square(xf - mu), dim=dims, keepdim=True) / count
     else:
-        count = _count(xf.shape, dims)
+        local = _count(xf.shape, dims)
         s = torch.sum(xf, dim=dims, keepdim=True)
-        pooled = all_reduce(torch.stack([s, torch.full_like(s, float(count))]), group)
-        mu = pooled[0] / pooled[1]
+        pooled = all_reduce(torch.stack([s, torch.full_like(s, float(local))]), group)
+        count = pooled[1].detach()
+        n = torch.clamp(count, min=1.0)  # all processes empty: 0 / 1, not 0 / 0
+        mu = pooled[0] / n
         sq = all_reduce(torch.sum(torch.square(xf - mu), dim=dims, keepdim=True), group)
-        var = sq / pooled[1]
-    return mu, torch.sqrt(var + eps)
+        var = sq / n
+    return mu, torch.sqrt(var + eps), count
 
 
 def _corrections(mu, sigma, mean, std, rmax, dmax):
@@ -182,7 +191,9 @@ class BatchRenormFunction(torch.autograd.Function):
     tensors, the limits at this step; ``group`` a process group to pool over,
     or ``None``. Returns ``y`` (``xg``'s dtype and shape) and, without
     gradient, ``mu``, ``sigma``, ``r_raw``, ``d_raw`` per group and feature
-    (keepdim, compute dtype).
+    (keepdim, compute dtype), and ``count``: with a ``group``, the number of
+    values per feature pooled over the processes (shaped like ``mu``; 0 when
+    every process had 0 examples), else ``None``.
     """
 
     @staticmethod
@@ -199,7 +210,7 @@ class BatchRenormFunction(torch.autograd.Function):
             mu, var = torch.batch_norm_update_stats(xg[0], None, None, 0.0)  # biased variance, not E[x^2]-E[x]^2
             mu, sigma = _feature(mu, nd, cdt), _feature(torch.sqrt(var.to(cdt) + eps), nd, cdt)
         else:
-            mu, sigma = _moments(xf, dims, eps, group)
+            mu, sigma, count = _moments(xf, dims, eps, group)
         mean = _feature(running_mean, nd, cdt)
         std = _feature(running_std, nd, cdt)
         rmax_c, dmax_c = rmax.to(cdt), dmax.to(cdt)
@@ -207,15 +218,16 @@ class BatchRenormFunction(torch.autograd.Function):
         w = _feature(weight, nd, cdt)
         a, b = _affine(r, d, sigma, w, _feature(bias, nd, cdt))
         y = torch.addcmul(b, xf - mu, a).to(xg.dtype)
-        ctx.save_for_backward(xg, weight, mu, sigma, r, d)
+        pooled = group is not None
+        ctx.save_for_backward(xg, weight, mu, sigma, r, d, *((count,) if pooled else ()))
         ctx.group = group
         ctx.native = native
         ctx.count = float(_count(xg.shape, dims))
         ctx.has_weight = weight is not None
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mu, sigma, r_raw, d_raw)
-        return y, mu, sigma, r_raw, d_raw
+        ctx.mark_non_differentiable(mu, sigma, r_raw, d_raw, *((count,) if pooled else ()))
+        return y, mu, sigma, r_raw, d_raw, (count if pooled else None)
 
     @staticmethod
     def backward(ctx, dy, *_):
@@ -228,7 +240,7 @@ class BatchRenormFunction(torch.autograd.Function):
         ``docs/SPEC.md``'s section 6 form ``g r/sigma + dL/dsigma (x - mu)/(m sigma) + dL/dmu / m``,
         rearranged. ``dweight``/``dbias`` are this process's sums.
         """
-        xg, weight, mu, sigma, r, d = ctx.saved_tensors
+        xg, weight, mu, sigma, r, d = ctx.saved_tensors[:6]
         cdt = mu.dtype
         nd = xg.dim()
         if ctx.native:
@@ -242,8 +254,10 @@ class BatchRenormFunction(torch.autograd.Function):
         if ctx.group is None:
             tot_dy, tot_dy_xc = sum_dy, sum_dy_xc
         else:
-            pooled = _all_reduce(torch.stack([sum_dy, sum_dy_xc, torch.full_like(sum_dy, count)]), ctx.group)
-            tot_dy, tot_dy_xc, count = pooled[0], pooled[1], pooled[2]
+            # A process with 0 examples joins with zero sums (its dx is empty); the count is the forward's.
+            pooled = _all_reduce(torch.stack([sum_dy, sum_dy_xc]), ctx.group)
+            tot_dy, tot_dy_xc = pooled[0], pooled[1]
+            count = torch.clamp(ctx.saved_tensors[6], min=1.0)
         w = _feature(weight, nd, cdt)
         a = r / sigma if w is None else w * r / sigma
         dx = None
@@ -291,12 +305,13 @@ def renorm_autodiff(xg, weight, bias, running_mean, running_std, rmax, dmax, eps
     """The same forward as :class:`BatchRenormFunction` in plain ops, differentiated by autograd.
 
     ``r`` and ``d`` are detached (the paper's stop-gradient); pooling uses the
-    differentiable ``torch.distributed.nn.functional.all_reduce``.
+    differentiable ``torch.distributed.nn.functional.all_reduce``. Returns what
+    :class:`BatchRenormFunction` returns.
     """
     cdt = compute_dtype(xg.dtype)
     nd = xg.dim()
     xf = xg.to(cdt)
-    mu, sigma = _moments(xf, _dims(nd), eps, group, all_reduce=_all_reduce_autograd)
+    mu, sigma, count = _moments(xf, _dims(nd), eps, group, all_reduce=_all_reduce_autograd)
     mean = _feature(running_mean, nd, cdt).detach()
     std = _feature(running_std, nd, cdt).detach()
     r, d, r_raw, d_raw = _corrections(mu.detach(), sigma.detach(), mean, std, rmax.to(cdt), dmax.to(cdt))
@@ -305,7 +320,7 @@ def renorm_autodiff(xg, weight, bias, running_mean, running_std, rmax, dmax, eps
         y = y * _feature(weight, nd, cdt)
     if bias is not None:
         y = y + _feature(bias, nd, cdt)
-    return y.to(xg.dtype), mu.detach(), sigma.detach(), r_raw, d_raw
+    return y.to(xg.dtype), mu.detach(), sigma.detach(), r_raw, d_raw, (None if group is None else count)
 
 
 def inference(x, weight, bias, running_mean, running_std):

@@ -91,7 +91,11 @@ class BatchRenorm(nn.Module):
     ``process_group`` (default: the whole world), as ``torch.nn.SyncBatchNorm``
     does, and is an error together with ``microbatch_size``.
 
-    A batch of 0 examples returns an empty output and changes no state. A
+    A batch of 0 examples returns an empty output and changes no state; with
+    ``synchronized=True`` such a process still joins the all-reduces (zero
+    sums and counts, as ``torch.nn.SyncBatchNorm``) and takes the step of the
+    pooled statistics like the others, and only a step where every process
+    has 0 examples is no step. A
     non-finite batch statistic leaves the moving statistics as they were
     (``num_batches_tracked`` still advances) and makes the affected outputs
     NaN (``docs/SPEC.md``, section 3).
@@ -238,10 +242,12 @@ class BatchRenorm(nn.Module):
         )
         if not batch_stats:
             return F.inference(x, self.weight, self.bias, self.running_mean, self.running_std)
-        if x.shape[0] == 0:  # no example, no group: no step, an empty output
+        group = self._pool_group()
+        if x.shape[0] == 0 and group is None:  # no example, no group: no step, an empty output
             mean, std = self._moving(x)
             return F.inference(x, self.weight, self.bias, mean, std)
-        return self._train(x)
+        # Pooled, an empty process joins the collectives (the others would wait for it) and steps with them.
+        return self._train(x, group)
 
     def _moving(self, x):
         """The moving statistics, or ``0`` and ``1`` without running statistics (then ``r = 1``, ``d = 0``)."""
@@ -260,30 +266,41 @@ class BatchRenorm(nn.Module):
         rmax, dmax = self.schedule.limits(t, clip=torch.clamp)
         return rmax.to(cdt), dmax.to(cdt)
 
-    def _train(self, x: torch.Tensor) -> torch.Tensor:
+    def _train(self, x: torch.Tensor, group) -> torch.Tensor:
         groups = 1 if self.microbatch_size is None else x.shape[0] // self.microbatch_size
         xg = F.group_view(x, groups)
         cdt = F.compute_dtype(x.dtype)
         mean, std = self._moving(x)
         rmax, dmax = self._limits(cdt)
         fn = F.renorm_explicit if self.explicit_backward else F.renorm_autodiff
-        yg, mu, sigma, r_raw, d_raw = fn(xg, self.weight, self.bias, mean, std, rmax, dmax, self.eps,
-                                         self._pool_group())
+        yg, mu, sigma, r_raw, d_raw, count = fn(xg, self.weight, self.bias, mean, std, rmax, dmax, self.eps, group)
         with torch.no_grad():
-            self._update(mu, sigma, r_raw, d_raw, rmax, dmax, groups)
+            # Pooled: a step only if some process had examples (count is the same on every process).
+            stepped = None if count is None else count.reshape(-1)[0] > 0
+            self._update(mu, sigma, r_raw, d_raw, rmax, dmax, groups, stepped)
         return yg.view(x.shape)
 
-    def _update(self, mu, sigma, r_raw, d_raw, rmax, dmax, groups) -> None:
-        """Moving statistics (skipped if not finite), step counter and diagnostics, after the output."""
+    def _update(self, mu, sigma, r_raw, d_raw, rmax, dmax, groups, stepped=None) -> None:
+        """Moving statistics (skipped if not finite), step counter and diagnostics, after the output.
+
+        ``stepped``: ``None`` (a step), or a 0-dim bool tensor, False when every process of the pooled
+        batch had 0 examples: then nothing changes (no host synchronization: ``torch.where``).
+        """
         r_out = (r_raw < 1.0 / rmax) | (r_raw > rmax)
         d_out = (d_raw < -dmax) | (d_raw > dmax)
-        self.r_clipped.copy_(r_out.float().mean())
-        self.d_clipped.copy_(d_out.float().mean())
+        r_frac, d_frac = r_out.float().mean(), d_out.float().mean()
+        if stepped is not None:
+            r_frac = torch.where(stepped, r_frac, self.r_clipped)
+            d_frac = torch.where(stepped, d_frac, self.d_clipped)
+        self.r_clipped.copy_(r_frac)
+        self.d_clipped.copy_(d_frac)
         if not self.track_running_stats:
             return
         mu = mu.reshape(groups, self.num_features)
         sigma = sigma.reshape(groups, self.num_features)
         finite = torch.isfinite(mu).all() & torch.isfinite(sigma).all()
+        if stepped is not None:
+            finite = finite & stepped
         cdt = mu.dtype
         if self.momentum is None:  # cumulative average, as torch.nn.BatchNorm
             alpha = 1.0 / (self.num_batches_tracked.to(cdt) + 1.0)
@@ -295,7 +312,7 @@ class BatchRenorm(nn.Module):
         new_std = torch.where(finite, std + alpha * (sigma.mean(0) - std), std)
         self.running_mean.copy_(new_mean)
         self.running_std.copy_(new_std)
-        self.num_batches_tracked.add_(1)
+        self.num_batches_tracked.add_(1 if stepped is None else stepped.to(self.num_batches_tracked.dtype))
 
 
 class BatchRenorm1d(BatchRenorm):
