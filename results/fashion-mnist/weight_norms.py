@@ -46,6 +46,8 @@ def val_last4(run_dir: str) -> float:
 
 def main(folders: list[str]) -> None:
     table = []
+    # Runs are labelled from the folders' common parent, so sweep/iid-bn and final/iid-bn stay apart.
+    base = os.path.commonpath([os.path.dirname(os.path.abspath(f.rstrip("/"))) for f in folders])
     for folder in folders:
         for run in sorted(glob.glob(os.path.join(folder, "runs", "*", "seed*"))):
             if not os.path.exists(os.path.join(run, "done.json")):
@@ -54,7 +56,7 @@ def main(folders: list[str]) -> None:
             if got is None:
                 continue
             step, norms = got
-            table.append((os.path.relpath(run, os.path.dirname(folder.rstrip("/"))), step, norms, val_last4(run)))
+            table.append((os.path.relpath(os.path.abspath(run), base), step, norms, val_last4(run)))
     if not table:
         sys.exit("weight_norms.py: no finished run with a checkpoint under " + " ".join(folders))
     layers = len(table[0][2])
