@@ -18,8 +18,8 @@ against the warm-up, one line per pair of final limits.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 from renorm_repro.config import config_to_dict
 from renorm_repro.report import LAST_N, SCALARS, _ci, aggregate, save_figure
@@ -46,7 +46,7 @@ def sign_test_p(wins: int, n: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def _paired(a: Dict[int, float], b: Dict[int, float]) -> dict:
+def _paired(a: dict[int, float], b: dict[int, float]) -> dict:
     d = paired_difference(a, b)
     nonzero = [x for x in d["differences"] if x != 0]
     d["sign_test_p"] = sign_test_p(sum(x > 0 for x in nonzero), len(nonzero))
@@ -54,7 +54,7 @@ def _paired(a: Dict[int, float], b: Dict[int, float]) -> dict:
 
 
 # ----------------------------------------------------------------------------------- pooling
-def pool(folders: Sequence, scalars: Optional[Sequence[str]] = None) -> dict:
+def pool(folders: Sequence, scalars: Sequence[str] | None = None) -> dict:
     """Seeds of the same experiment in several ``folders`` joined (see the module docstring)."""
     folders = [Path(f) for f in folders]
     if len(folders) < 2:
@@ -71,7 +71,7 @@ def pool(folders: Sequence, scalars: Optional[Sequence[str]] = None) -> dict:
                               + f"; only {', '.join(POOLABLE_KEYS)} may differ between pooled folders.")
     aggs = [aggregate(f) for f in folders]
     names = list(scalars or SCALARS)
-    arms: Dict[str, dict] = {}
+    arms: dict[str, dict] = {}
     for f, agg in zip(folders, aggs):
         for arm, a in agg["arms"].items():
             entry = arms.setdefault(arm, {"label": a["label"], "folders": {}, "per_seed": {}})
@@ -107,7 +107,7 @@ def pool_table(result: dict, scalars: Sequence[str] = (f"test_last{LAST_N}", f"v
     lines = ["Pooled folders: " + ", ".join(f"`{f}`" for f in result["folders"]), "",
              "| arm | seeds (folder) |" + "".join(f" {s} |" for s in scalars),
              "| --- | --- |" + " --- |" * len(scalars)]
-    for arm, a in result["arms"].items():
+    for a in result["arms"].values():
         seeds = "; ".join(f"{','.join(map(str, s))} ({Path(f).name})" for f, s in a["folders"].items() if s)
         lines.append(f"| {a['label']} | {seeds} |" + "".join(
             f" {_ci(a['scalars'][s], *_scale(s))} |" if s in a["scalars"] else " – |" for s in scalars))
@@ -115,7 +115,7 @@ def pool_table(result: dict, scalars: Sequence[str] = (f"test_last{LAST_N}", f"v
         lines += ["", "Paired b - a over the seeds both arms hold: mean [95% t interval], seeds where b > a, "
                       "exact two-sided sign test p", "", "| b - a |" + "".join(f" {s} |" for s in scalars),
                   "| --- |" + " --- |" * len(scalars)]
-        by_pair: Dict[tuple, dict] = {}
+        by_pair: dict[tuple, dict] = {}
         for p in result["paired"]:
             by_pair.setdefault((p["a"], p["b"]), {})[p["scalar"]] = p
         for (a, b), ps in by_pair.items():
@@ -188,7 +188,8 @@ def sweep_table(result: dict) -> str:
              + (f", {test} {_ci(result['reference_scalars'][test])}" if test in result["reference_scalars"] else "")
              + ".", "",
              "| configuration | warm-up (time constants) | rmax / dmax (reached at step) | runs | "
-             f"{sel} (%) | minus reference | {test} (%) | minus reference | r clipped, 2nd half | d clipped, 2nd half |",
+             f"{sel} (%) | minus reference | {test} (%) | minus reference | "
+             "r clipped, 2nd half | d clipped, 2nd half |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(result["rows"], key=lambda r: (r["schedule"]["rmax"], r["warmup_time_constants"])):
         s = r["schedule"]
@@ -211,7 +212,7 @@ def sweep_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_sweep(result: dict, path) -> List[Path]:
+def plot_sweep(result: dict, path) -> list[Path]:
     """Validation (left) and test (right) scalar against the warm-up, one line per pair of final limits."""
     import matplotlib
 
@@ -222,7 +223,7 @@ def plot_sweep(result: dict, path) -> List[Path]:
     sel, test = result["select"], result["test"]
     panels = [sel] + ([test] if all(test in r for r in result["rows"]) else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.4), dpi=150, squeeze=False)
-    groups: Dict[tuple, list] = {}
+    groups: dict[tuple, list] = {}
     for r in result["rows"]:
         groups.setdefault((r["schedule"]["rmax"], r["schedule"]["dmax"]), []).append(r)
     for ax, name in zip(axes[0], panels):

@@ -28,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
-
 from parity import (  # noqa: E402
     CASES,
     CONFIG_ERRORS,
@@ -38,6 +37,7 @@ from parity import (  # noqa: E402
     make_params,
     make_steps,
 )
+
 from renorm.keras import BatchRenormalization, convert_batch_norm, export_batch_norm  # noqa: E402
 from renorm.numpy_ref import BatchRenormReference  # noqa: E402
 

@@ -58,7 +58,8 @@ def test_study_suite_runs_and_splits_a_run_into_its_parts(tmp_path):
     pytest.importorskip("tensorflow")
     out = tmp_path / "study_tf.json"
     subprocess.run([sys.executable, "-m", "benchmarks.study_tf", "--quick", "--rounds", "1", "--warmup", "1",
-                    "--out", str(out)], check=True, capture_output=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+                    "--out", str(out)],
+                   check=True, capture_output=True, cwd=pathlib.Path(__file__).resolve().parents[1])
     data = json.loads(out.read_text())
     assert {(r["experiment"], r["candidate"]) for r in data["rows"]} == {
         (e, c) for e in ("iid", "mbk4") for c in ("none", "bn", "brn")}

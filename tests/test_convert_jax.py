@@ -6,7 +6,8 @@ and explicit module names, the last stage 1x1 on a 32x32 input).
 """
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -94,12 +95,13 @@ def randomize(variables, seed=0):
     return jax.tree_util.tree_unflatten(tree, out)
 
 
-def initialized(model, key=jax.random.key(0)):
+def initialized(model, key=None):
     """The example's init, one 32x32 example, train=True (the default), traced only.
 
     ``jax.eval_shape`` runs the modules' Python exactly as ``init`` does (where the old
     check raised) without compiling the model: shapes and dtypes of every variable.
     """
+    key = jax.random.key(0) if key is None else key
     return jax.eval_shape(model.init, {"params": key}, jnp.ones((1, 32, 32, 3), model.dtype))
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
-
 from parity import assert_close, make_params, make_steps
+
 from renorm.numpy_ref import BatchRenormReference
 from renorm.tf import BatchRenormalization
 

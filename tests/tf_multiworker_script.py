@@ -27,6 +27,7 @@ import tensorflow as tf
 strategy = tf.distribute.MultiWorkerMirroredStrategy()  # before any other TensorFlow op
 
 from parity import assert_close  # noqa: E402
+
 from renorm.numpy_ref import BatchRenormReference  # noqa: E402
 from renorm.tf import BatchRenormalization  # noqa: E402
 
