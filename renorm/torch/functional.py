@@ -159,6 +159,58 @@ def _moments(xf: torch.Tensor, dims, eps: float, group, all_reduce=_all_reduce):
     return mu, torch.sqrt(var + eps), count
 
 
+def _eager() -> bool:
+    """Not inside ``torch.compile``: reuse buffers (``out=``, in place), which dynamo refuses for strided
+    ``out=`` tensors and inductor does not need (it fuses the plain expressions)."""
+    return not torch.compiler.is_compiling()
+
+
+def _sub_into(buf: torch.Tensor, xg: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """``x - mu`` into ``buf`` (eagerly), or as a new tensor (compiled)."""
+    return torch.sub(xg, mu, out=buf) if _eager() else xg.to(mu.dtype) - mu
+
+
+def _addcmul_into(buf: torch.Tensor, b, t: torch.Tensor, a) -> torch.Tensor:
+    """``b + t * a`` into ``buf`` (eagerly; ``t`` may be ``buf``), or as a new tensor (compiled)."""
+    return torch.addcmul(b, t, a, out=buf) if _eager() else torch.addcmul(b, t, a)
+
+
+def _centered(xg: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """A fresh buffer holding ``x - mu`` in ``mu``'s (compute) dtype; a narrower ``xg`` is converted on the way."""
+    if xg.dtype == mu.dtype:
+        return xg - mu
+    return xg.to(mu.dtype).sub_(mu)
+
+
+def _moments_nograd(xg: torch.Tensor, dims, eps: float, group):
+    """:func:`_moments` for the explicit forward (no autograd), with one input-sized buffer.
+
+    The same two passes and the same sums, written for speed: the mean, then
+    ``x - mu`` into a fresh buffer, squared in place and summed, and the
+    buffer refilled with ``x - mu``, which the caller turns into the output
+    in place. Returns ``mu``, ``sigma``, the count (as :func:`_moments`) and
+    that buffer.
+    """
+    cdt = compute_dtype(xg.dtype)
+    local = _count(xg.shape, dims)
+    s = torch.sum(xg, dim=dims, keepdim=True, dtype=cdt)
+    if group is None:
+        count = float(local)
+        n = count
+        mu = s.div_(n)
+    else:
+        pooled = _all_reduce(torch.stack([s, torch.full_like(s, float(local))]), group)
+        count = pooled[1]
+        n = torch.clamp(count, min=1.0)  # all processes empty: 0 / 1, not 0 / 0
+        mu = pooled[0] / n
+    buf = _centered(xg, mu)
+    sq = torch.sum(buf.square_() if _eager() else torch.square(buf), dim=dims, keepdim=True)
+    if group is not None:
+        sq = _all_reduce(sq, group)
+    sigma = sq.div_(n).add_(eps).sqrt_()
+    return mu, sigma, count, _sub_into(buf, xg, mu)
+
+
 def _corrections(mu, sigma, mean, std, rmax, dmax):
     """``r``, ``d`` clipped, and the unclipped ``r_raw``, ``d_raw`` (NaN where a statistic is not finite)."""
     ok = torch.isfinite(mu) & torch.isfinite(sigma)
@@ -201,7 +253,6 @@ class BatchRenormFunction(torch.autograd.Function):
         cdt = compute_dtype(xg.dtype)
         nd = xg.dim()
         dims = _dims(nd)
-        xf = xg.to(cdt)
         # One group, one process, float32/float64: PyTorch's own batch-norm kernels for the moments and the
         # backward (the same formulas, fused; see _native_backward). Otherwise the grouped view in plain ops
         # (float16/bfloat16 too: torch's CPU moments of a bfloat16 input lose about 1e-4 of the variance).
@@ -209,17 +260,18 @@ class BatchRenormFunction(torch.autograd.Function):
         if native:
             mu, var = torch.batch_norm_update_stats(xg[0], None, None, 0.0)  # biased variance, not E[x^2]-E[x]^2
             mu, sigma = _feature(mu, nd, cdt), _feature(torch.sqrt(var.to(cdt) + eps), nd, cdt)
+            buf = xg - mu  # the output's buffer
         else:
-            mu, sigma, count = _moments(xf, dims, eps, group)
+            mu, sigma, count, buf = _moments_nograd(xg, dims, eps, group)
         mean = _feature(running_mean, nd, cdt)
         std = _feature(running_std, nd, cdt)
         rmax_c, dmax_c = rmax.to(cdt), dmax.to(cdt)
         r, d, r_raw, d_raw = _corrections(mu, sigma, mean, std, rmax_c, dmax_c)
         w = _feature(weight, nd, cdt)
         a, b = _affine(r, d, sigma, w, _feature(bias, nd, cdt))
-        y = torch.addcmul(b, xf - mu, a).to(xg.dtype)
+        y = _addcmul_into(buf, b, buf, a).to(xg.dtype)  # (x - mu) * a + b, in the buffer that held x - mu
         pooled = group is not None
-        ctx.save_for_backward(xg, weight, mu, sigma, r, d, *((count,) if pooled else ()))
+        ctx.save_for_backward(xg, weight, mu, sigma, r, d, a, *((count,) if pooled else ()))
         ctx.group = group
         ctx.native = native
         ctx.count = float(_count(xg.shape, dims))
@@ -240,16 +292,19 @@ class BatchRenormFunction(torch.autograd.Function):
         ``docs/SPEC.md``'s section 6 form ``g r/sigma + dL/dsigma (x - mu)/(m sigma) + dL/dmu / m``,
         rearranged. ``dweight``/``dbias`` are this process's sums.
         """
-        xg, weight, mu, sigma, r, d = ctx.saved_tensors[:6]
+        xg, weight, mu, sigma, r, d, a = ctx.saved_tensors[:7]
         cdt = mu.dtype
         nd = xg.dim()
         if ctx.native:
             return _native_backward(ctx, dy, xg, weight, mu, sigma, r, d)
         dims = _dims(nd)
         dyf = dy.to(cdt)
-        xc = xg.to(cdt) - mu
         sum_dy = torch.sum(dyf, dim=dims, keepdim=True)
-        sum_dy_xc = torch.sum(dyf * xc, dim=dims, keepdim=True)
+        # sum(dy * (x - mu)) without a second input-sized buffer: dy * (x - mu) in place, summed, and the
+        # same buffer then holds x - mu again and becomes dx (a fresh input-sized tensor costs more than a
+        # pass over one: above glibc's mmap threshold each allocation is page-faulted in anew).
+        buf = _centered(xg, mu)
+        sum_dy_xc = torch.sum(buf.mul_(dyf) if _eager() else buf * dyf, dim=dims, keepdim=True)
         count = ctx.count
         if ctx.group is None:
             tot_dy, tot_dy_xc = sum_dy, sum_dy_xc
@@ -257,15 +312,20 @@ class BatchRenormFunction(torch.autograd.Function):
             # A process with 0 examples joins with zero sums (its dx is empty); the count is the forward's.
             pooled = _all_reduce(torch.stack([sum_dy, sum_dy_xc]), ctx.group)
             tot_dy, tot_dy_xc = pooled[0], pooled[1]
-            count = torch.clamp(ctx.saved_tensors[6], min=1.0)
-        w = _feature(weight, nd, cdt)
-        a = r / sigma if w is None else w * r / sigma
+            count = torch.clamp(ctx.saved_tensors[7], min=1.0)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = (a * (dyf - tot_dy / count - xc * (tot_dy_xc / (count * torch.square(sigma))))).to(xg.dtype)
+            # dx = a * (dy - mean(dy) - (x - mu) * q), q = sum(dy (x - mu)) / (m sigma^2), a = weight r / sigma,
+            # as a * dy + (x - mu) * (-a q) + (-a mean(dy)): two passes over the buffer.
+            c1 = a * (tot_dy_xc / (count * torch.square(sigma)))
+            c0 = a * (tot_dy / count)
+            buf = _sub_into(buf, xg, mu)
+            buf = _addcmul_into(buf, c0.neg_(), buf, c1.neg_())
+            dx = (buf.addcmul_(dyf, a) if _eager() else torch.addcmul(buf, dyf, a)).to(xg.dtype)
         dweight = dbias = None
         if ctx.has_weight and ctx.needs_input_grad[1]:
-            dweight = torch.sum(r / sigma * sum_dy_xc + d * sum_dy, dim=0).reshape(weight.shape).to(weight.dtype)
+            dweight = torch.sum(torch.addcmul(d * sum_dy, r / sigma, sum_dy_xc), dim=0)
+            dweight = dweight.reshape(weight.shape).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = torch.sum(sum_dy, dim=0).reshape(-1).to(ctx.bias_dtype)
         return dx, dweight, dbias, None, None, None, None, None, None
