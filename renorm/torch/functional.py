@@ -212,26 +212,34 @@ def _moments_nograd(xg: torch.Tensor, dims, eps: float, group):
 
 
 def _corrections(mu, sigma, mean, std, rmax, dmax):
-    """``r``, ``d`` clipped, and the unclipped ``r_raw``, ``d_raw`` (NaN where a statistic is not finite)."""
-    ok = torch.isfinite(mu) & torch.isfinite(sigma)
-    nan = torch.full_like(sigma, float("nan"))
-    r_raw = torch.where(ok, sigma / std, nan)
-    d_raw = torch.where(ok, (mu - mean) / std, nan)
+    """``r``, ``d`` clipped, and the unclipped ``r_raw``, ``d_raw`` (NaN where a statistic is not finite).
+
+    Seven operations on the ``(G, C)`` statistics (with micro-batches of 2 on a dense input they are half the
+    input's size): ``z = mu * 0 + sigma * 0`` is 0 where both are finite and NaN elsewhere, and is added to
+    ``sigma / std`` and ``(mu - mean) / std`` (``1 / std`` is a ``(C,)`` vector).
+    """
+    inv_std = torch.reciprocal(std)
+    z = mu * 0.0
+    z = z.addcmul_(sigma, z) if _eager() else torch.addcmul(z, sigma, z)  # NaN where mu or sigma is not finite
+    r_raw = torch.addcmul(z, sigma, inv_std)
+    d_raw = torch.sub(mu, mean)
+    d_raw = d_raw.mul_(inv_std).add_(z) if _eager() else d_raw * inv_std + z
     r = torch.clamp(r_raw, 1.0 / rmax, rmax)  # clamp keeps NaN
     d = torch.clamp(d_raw, -dmax, dmax)
     return r, d, r_raw, d_raw
 
 
 def _affine(r, d, sigma, weight, bias):
-    """``a``, ``b`` of ``y = (x - mu) * a + b``: ``a = weight * r / sigma``, ``b = bias + weight * d``."""
-    a = r / sigma
-    b = d
+    """``a``, ``b`` of ``y = (x - mu) * a + b`` (``a = weight r / sigma``, ``b = bias + weight d``), ``1 / sigma``."""
+    inv_sigma = torch.reciprocal(sigma)
+    a = r * inv_sigma
     if weight is not None:
-        a = a * weight
-        b = b * weight
-    if bias is not None:
-        b = b + bias
-    return a, b
+        a = a.mul_(weight) if _eager() else a * weight
+    if bias is None:
+        b = d if weight is None else d * weight
+    else:
+        b = d + bias if weight is None else torch.addcmul(bias, d, weight)
+    return a, b, inv_sigma
 
 
 class BatchRenormFunction(torch.autograd.Function):
@@ -268,10 +276,10 @@ class BatchRenormFunction(torch.autograd.Function):
         rmax_c, dmax_c = rmax.to(cdt), dmax.to(cdt)
         r, d, r_raw, d_raw = _corrections(mu, sigma, mean, std, rmax_c, dmax_c)
         w = _feature(weight, nd, cdt)
-        a, b = _affine(r, d, sigma, w, _feature(bias, nd, cdt))
+        a, b, inv_sigma = _affine(r, d, sigma, w, _feature(bias, nd, cdt))
         y = _addcmul_into(buf, b, buf, a).to(xg.dtype)  # (x - mu) * a + b, in the buffer that held x - mu
         pooled = group is not None
-        ctx.save_for_backward(xg, weight, mu, sigma, r, d, a, *((count,) if pooled else ()))
+        ctx.save_for_backward(xg, weight, mu, inv_sigma, r, d, a, *((count,) if pooled else ()))
         ctx.group = group
         ctx.native = native
         ctx.count = float(_count(xg.shape, dims))
@@ -292,11 +300,11 @@ class BatchRenormFunction(torch.autograd.Function):
         ``docs/SPEC.md``'s section 6 form ``g r/sigma + dL/dsigma (x - mu)/(m sigma) + dL/dmu / m``,
         rearranged. ``dweight``/``dbias`` are this process's sums.
         """
-        xg, weight, mu, sigma, r, d, a = ctx.saved_tensors[:7]
+        xg, weight, mu, inv_sigma, r, d, a = ctx.saved_tensors[:7]
         cdt = mu.dtype
         nd = xg.dim()
         if ctx.native:
-            return _native_backward(ctx, dy, xg, weight, mu, sigma, r, d)
+            return _native_backward(ctx, dy, xg, weight, mu, inv_sigma, r, d)
         dims = _dims(nd)
         dyf = dy.to(cdt)
         sum_dy = torch.sum(dyf, dim=dims, keepdim=True)
@@ -305,6 +313,13 @@ class BatchRenormFunction(torch.autograd.Function):
         # pass over one: above glibc's mmap threshold each allocation is page-faulted in anew).
         buf = _centered(xg, mu)
         sum_dy_xc = torch.sum(buf.mul_(dyf) if _eager() else buf * dyf, dim=dims, keepdim=True)
+        # The parameter gradients first (this process's sums), so that the sums can then be reused in place.
+        dweight = dbias = None
+        if ctx.has_weight and ctx.needs_input_grad[1]:
+            dweight = torch.sum(torch.mul(r, inv_sigma).mul_(sum_dy_xc).addcmul_(d, sum_dy), dim=0)
+            dweight = dweight.reshape(weight.shape).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = torch.sum(sum_dy, dim=0).reshape(-1).to(ctx.bias_dtype)
         count = ctx.count
         if ctx.group is None:
             tot_dy, tot_dy_xc = sum_dy, sum_dy_xc
@@ -316,22 +331,18 @@ class BatchRenormFunction(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             # dx = a * (dy - mean(dy) - (x - mu) * q), q = sum(dy (x - mu)) / (m sigma^2), a = weight r / sigma,
-            # as a * dy + (x - mu) * (-a q) + (-a mean(dy)): two passes over the buffer.
-            c1 = a * (tot_dy_xc / (count * torch.square(sigma)))
-            c0 = a * (tot_dy / count)
+            # as a * dy + (x - mu) * (-a q) + (-a mean(dy)): two passes over the buffer; the (G, C) factors
+            # are computed in place in the sums.
+            neg_inv_count = -1.0 / count if isinstance(count, float) else torch.reciprocal(count).neg_()
+            c1 = tot_dy_xc.mul_(inv_sigma).mul_(inv_sigma).mul_(a).mul_(neg_inv_count)
+            c0 = tot_dy.mul_(a).mul_(neg_inv_count)
             buf = _sub_into(buf, xg, mu)
-            buf = _addcmul_into(buf, c0.neg_(), buf, c1.neg_())
+            buf = _addcmul_into(buf, c0, buf, c1)
             dx = (buf.addcmul_(dyf, a) if _eager() else torch.addcmul(buf, dyf, a)).to(xg.dtype)
-        dweight = dbias = None
-        if ctx.has_weight and ctx.needs_input_grad[1]:
-            dweight = torch.sum(torch.addcmul(d * sum_dy, r / sigma, sum_dy_xc), dim=0)
-            dweight = dweight.reshape(weight.shape).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = torch.sum(sum_dy, dim=0).reshape(-1).to(ctx.bias_dtype)
         return dx, dweight, dbias, None, None, None, None, None, None
 
 
-def _native_backward(ctx, dy, xg, weight, mu, sigma, r, d):
+def _native_backward(ctx, dy, xg, weight, mu, inv_sigma, r, d):
     """The backward of one whole-batch group by ``aten.native_batch_norm_backward``.
 
     Batch norm's training backward with weight ``w' = weight * r`` and
@@ -346,7 +357,7 @@ def _native_backward(ctx, dy, xg, weight, mu, sigma, r, d):
     x0 = xg[0]
     need_dx = ctx.needs_input_grad[0]
     dx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-        dy[0], x0, w1, None, None, mu.reshape(-1), 1.0 / sigma.reshape(-1), True, 0.0, [need_dx, True, True]
+        dy[0], x0, w1, None, None, mu.reshape(-1), inv_sigma.reshape(-1), True, 0.0, [need_dx, True, True]
     )
     dweight = dbias = None
     if ctx.has_weight and ctx.needs_input_grad[1]:

@@ -286,9 +286,10 @@ class BatchRenorm(nn.Module):
         ``stepped``: ``None`` (a step), or a 0-dim bool tensor, False when every process of the pooled
         batch had 0 examples: then nothing changes (no host synchronization: ``torch.where``).
         """
-        r_out = (r_raw < 1.0 / rmax) | (r_raw > rmax)
-        d_out = (d_raw < -dmax) | (d_raw > dmax)
-        r_frac, d_frac = r_out.float().mean(), d_out.float().mean()
+        n = r_raw.numel()
+        r_frac = torch.count_nonzero((r_raw < 1.0 / rmax) | (r_raw > rmax)) / n  # NaN entries are not counted
+        d_frac = torch.count_nonzero((d_raw < -dmax) | (d_raw > dmax)) / n
+        r_frac, d_frac = r_frac.to(self.r_clipped.dtype), d_frac.to(self.d_clipped.dtype)
         if stepped is not None:
             r_frac = torch.where(stepped, r_frac, self.r_clipped)
             d_frac = torch.where(stepped, d_frac, self.d_clipped)
@@ -298,7 +299,7 @@ class BatchRenorm(nn.Module):
             return
         mu = mu.reshape(groups, self.num_features)
         sigma = sigma.reshape(groups, self.num_features)
-        finite = torch.isfinite(mu).all() & torch.isfinite(sigma).all()
+        finite = ~torch.isnan(r_raw).any()  # r_raw is NaN exactly where mu or sigma is not finite
         if stepped is not None:
             finite = finite & stepped
         cdt = mu.dtype
