@@ -1,89 +1,15 @@
 """Batch Renormalization as a TensorFlow function (the core of the Keras layer).
 
-Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
-Batch-Normalized Models", NeurIPS 2017, arXiv:1702.03275, Algorithm 1,
-extended with micro-batches (``docs/SPEC.md``). Per normalization group
-``g`` (``G = B / k`` groups of ``k`` consecutive examples, or the whole batch)
-and feature ``c``::
-
-    mu_g    = mean(x)                                 over the group
-    sigma_g = sqrt(mean((x - mu_g)**2) + epsilon)     biased, two-pass
-    r_g     = stop_gradient(clip(sigma_g / stddev, 1/rmax, rmax))
-    d_g     = stop_gradient(clip((mu_g - mean) / stddev, -dmax, dmax))
-    y       = gamma * ((x - mu_g) / sigma_g * r_g + d_g) + beta
-
-then ``mean``/``stddev`` move by ``1 - momentum`` towards the mean over groups
-of ``mu_g``/``sigma_g``. Inference is ``y = gamma * (x - mean) / stddev + beta``.
-
-Numerics and speed, written once here:
-
-- Statistics and normalization run in float32 for float32, float16 and
-  bfloat16 inputs and in float64 for float64; the output has the input's
-  dtype, the new state the dtype of the state passed in.
-- The variance is two-pass (never ``E[x^2] - E[x]^2``, which cancels to 0 on
-  offset data such as ``1000 + 0.01 * noise``); this holds for the
-  cross-replica (``synchronized``) statistics too. The generic explicit path
-  uses the corrected two-pass form: ``xc = x - mu0`` around a first mean,
-  ``delta = mean(xc)``, ``var = mean(xc**2) - delta**2``, ``mu = mu0 + delta``
-  and ``d`` from ``(mu0 - mean) + delta``; its sums are matrix-vector
-  products with a vector of ones (faster than ``reduce_sum`` on CPU).
-- The affine map is folded into per-feature vectors once:
-  ``y = (x - mu_g) * a + b`` with ``a = gamma * r / sigma_g`` and
-  ``b = beta + gamma * d``; subtracting ``mu_g`` first keeps offset data exact.
-- Micro-batches are a free reshape ``(B, ...) -> (G, k, ...)``: no transpose,
-  no Python loop over groups; the feature axis stays where it is.
-- The backward pass is, by default (``explicit_gradient=True``), the paper's
-  explicit formula: two reductions (``sum(dy)``, ``sum(dy * xc)``) and
-  ``dx = dy * a - xc * q + c`` with per-(group, feature) vectors, instead of
-  what autodiff derives from the forward graph. ``explicit_gradient=False`` uses autodiff; the tests check both
-  against the oracle.
-- Fused kernels (``fused=None``, the default, where they apply: 4-D input
-  with the features on axis 1 or 3, float32/float16/bfloat16, whole batch,
-  not synchronized): training runs on ``FusedBatchNormV3`` (moments and
-  normalization in one kernel, plus one per-channel affine pass for ``r`` and
-  ``d``) and one ``FusedBatchNormGradV3`` for the backward, which is exactly
-  the paper's backward because ``r`` and ``d`` are constants. Elsewhere the
-  generic path above runs. Both are tested against the oracle.
-- Inference runs on one ``FusedBatchNormV3`` pass in inference mode
-  (float32/float16/bfloat16, unless ``fused=False``) where every feature has
-  ``|moving_mean| <= 16 * moving_stddev``; the kernel computes
-  ``x * a + (beta - mean * a)``, whose float32 error grows with that ratio, so
-  elsewhere, and in float64, the exact ``(x - mean) * a + beta`` runs.
-- If a batch statistic is NaN or Inf (NaN/Inf input, or a variance that
-  overflows: ``|x - mu|`` beyond about ``1.8e19`` in float32) the new state
-  equals the old one (``finite`` is then False), so one bad batch cannot
-  poison the state; ``r`` and ``d`` of that group and feature are NaN, and so
-  is its output and gradient: a non-finite statistic never gives a
-  finite-looking output (the clip would turn ``sigma = inf`` into
-  ``r = rmax`` and the output into the constant ``beta + gamma * d``).
-- A batch of 0 examples (one replica's share of a short last batch) gives an
-  empty output, zero parameter gradients and the state unchanged (``empty``
-  is then True). A statically empty batch takes a Python branch; where the
-  batch size is only known at run time the statistics divide by
-  ``max(count, 1)`` (finite on an empty batch) and the update is selected
-  with ``tf.where``; nothing else changes for ordinary batches. With
-  ``synchronized`` the counts are pooled with the sums: an empty replica
-  contributes nothing and takes the pooled update like the others, and the
-  "at least 2 values" rule applies to the pooled batch.
-- Limits given as tensors are checked in the graph (``rmax >= 1``,
-  ``dmax >= 0``, finite) with the messages of :mod:`renorm.config`; Python
-  numbers are checked at once, as by the layer.
-- Masks (Keras' rule: the input's shape without the feature axis, nonzero
-  selects; ``docs/SPEC.md``, section 3): the moments of a group are those of
-  its selected positions (``tf.where``, so that unselected NaN or Inf never
-  enter; with ``synchronized`` the masked sums and counts are pooled). Every
-  value is normalized with its group's statistics. A group with no selected
-  position is normalized with the moving statistics (``r = 1``, ``d = 0``),
-  takes no part in the update or the clip fractions, and a batch that
-  selects nothing is no step (``empty``). A masked call runs the generic
-  path (plain two-pass moments; explicit gradient with the statistics terms
-  on the selected positions only), never the fused kernels.
+Ioffe, arXiv:1702.03275, Algorithm 1, with micro-batches, masks and cross-replica pooling, computed
+as ``docs/SPEC.md`` states it (sections 2-6 and 11; dtypes and the two-pass variance: section 8,
+"Numerics and precision"). :func:`_batch_renorm` takes one of four routes (inference, a statically
+empty batch, the fused kernels, the generic grouped path), each documented where it is written.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -109,12 +35,15 @@ class BatchRenormOutput(NamedTuple):
 
     Attributes:
       y: the output, in the input's dtype.
-      moving_mean, moving_stddev: the updated moving statistics (the inputs
-        unchanged in inference, or when ``finite`` is False); no gradient.
+      moving_mean, moving_stddev: the updated moving statistics, in the dtype
+        of the state passed in (the inputs unchanged in inference, or when
+        ``finite`` is False); no gradient.
       r_clipped_fraction, d_clipped_fraction: fraction of the ``r`` and ``d``
         values (over groups and features) that the clip changed; 0 in
         inference and for an empty batch. float32 scalars.
-      finite: scalar bool, False when a batch statistic was NaN or Inf.
+      finite: scalar bool, False when a batch statistic was NaN or Inf (a NaN
+        or Inf input, or a variance that overflows: ``|x - mu|`` beyond about
+        ``1.8e19`` in float32).
       empty: scalar bool, True when the training batch (pooled over the
         replicas with ``synchronized``) held no example, or its mask selected
         no position: the moving statistics are then returned unchanged, and a
@@ -142,7 +71,10 @@ def _is_number(value) -> bool:
 
 
 def _as(value, dtype):
-    """``value`` in ``dtype``; Python numbers go straight to ``dtype`` (``tf.cast`` would round them to float32 first)."""
+    """``value`` in ``dtype``.
+
+    Python numbers go straight to ``dtype`` (``tf.cast`` would round them to float32 first).
+    """
     if _is_number(value):
         return tf.constant(value, dtype)
     return tf.cast(value, dtype)
@@ -309,268 +241,259 @@ def _corrections(mu, sigma, mean, stddev, rmax, dmax, mu_minus_mean=None, valid=
     return r, d, r_frac, d_frac
 
 
-def _count(xv, red):
-    """Values per feature in a group: a Python int where static, else ``max(count, 1)`` as a tensor.
+class _Vectors(NamedTuple):
+    """The per-feature vectors of a step in the compute dtype: ``(C,)``, or shaped to a grouped view.
 
-    The floor of 1 keeps the statistics of an empty batch finite (they are not used).
+    ``gamma`` is ones and ``beta`` zeros where the layer has none (``scale=False``, ``center=False``).
     """
-    n = _prod([_dims(xv)[i] for i in red])
-    return n if isinstance(n, int) else tf.maximum(tf.cast(n, xv.dtype), 1.0)
+
+    gamma: tf.Tensor
+    beta: tf.Tensor
+    mean: tf.Tensor
+    stddev: tf.Tensor
 
 
-def _train(xg, gamma, beta, mean, stddev, rmax, dmax, epsilon, red, pooled, explicit_gradient, wg=None):
-    """Grouped training forward; returns ``(y, mu, sigma, r_frac, d_frac, pooled_count, n)``.
+class _Limits(NamedTuple):
+    """``rmax``, ``dmax`` and ``epsilon`` of a step in the compute dtype (scalars)."""
 
-    ``xg`` is the grouped view in the compute dtype; ``gamma``, ``beta``,
-    ``mean``, ``stddev`` are already shaped to broadcast against it.
-    ``pooled_count`` is the number of values per feature pooled over the
-    replicas (``None`` when not pooled). ``wg``: the grouped mask (bool, the
-    feature axis of size 1) or ``None``; ``n`` is then the number of selected
-    positions per group (``None`` without a mask), and where it is 0 ``mu``
-    and ``sigma`` are the moving statistics.
+    rmax: tf.Tensor
+    dmax: tf.Tensor
+    epsilon: tf.Tensor
+
+
+class _Options(NamedTuple):
+    """The settings of one call, as :func:`batch_renorm` takes them (checked by :func:`_batch_renorm`)."""
+
+    rmax: object
+    dmax: object
+    momentum: float
+    epsilon: float
+    microbatch_size: int | None
+    synchronized: bool
+    explicit_gradient: bool
+    fused: bool | None
+
+
+class _Call(NamedTuple):
+    """One checked call: what every route reads.
+
+    ``mask`` is bool (or ``None``), ``axis`` the non-negative feature axis, ``vec`` the
+    ``(C,)`` vectors in the compute dtype, ``moving_mean`` and ``moving_stddev`` the state as
+    passed in (returned as they are where a route leaves it unchanged).
     """
-    if wg is not None:
-        return _train_masked(xg, wg, gamma, beta, mean, stddev, rmax, dmax, epsilon, red, pooled, explicit_gradient)
-    pooled_count = []
 
-    def stats(xv):
-        if pooled:
-            mu, var, n, _ = _pooled_moments(xv, red)
-            pooled_count.append(n)
-        else:
-            count = _count(xv, red)
-            if isinstance(count, int):
-                mu = tf.reduce_mean(xv, axis=red, keepdims=True)
-                var = tf.reduce_mean(tf.math.squared_difference(xv, tf.stop_gradient(mu)), axis=red, keepdims=True)
-            else:
-                mu = tf.reduce_sum(xv, axis=red, keepdims=True) / count
-                var = tf.reduce_sum(tf.math.squared_difference(xv, tf.stop_gradient(mu)), axis=red, keepdims=True)
-                var = var / count
-        sigma = tf.sqrt(var + epsilon)
-        r, d, r_frac, d_frac = _corrections(mu, sigma, mean, stddev, rmax, dmax)
-        return mu, sigma, r, d, r_frac, d_frac
-
-    if pooled or not explicit_gradient:
-        # Pooled moments: autodiff (the all-reduce is differentiable).
-        mu, sigma, r, d, r_frac, d_frac = stats(xg)
-        y = (xg - mu) * (gamma * r / sigma) + (beta + gamma * d)
-        n = pooled_count[0] if pooled_count else None
-        return y, tf.stop_gradient(mu), tf.stop_gradient(sigma), r_frac, d_frac, n, None
-
-    @tf.custom_gradient
-    def forward(xv, gamma_v, beta_v):
-        # Corrected two-pass moments (Chan, Golub & LeVeque 1983): xc is centred
-        # on a first mean mu0; its sum gives the rounding error of mu0 (delta)
-        # and var = mean(xc**2) - delta**2, exact up to rounding even on
-        # offset data. Full-size work: three reductions, a subtraction and a square.
-        count = tf.cast(_count(xv, red), xv.dtype)
-        mu0 = _group_sum(xv, red) / count
-        xc = xv - mu0
-        delta = _group_sum(xc, red) / count
-        var = tf.maximum(_group_sum(tf.square(xc), red) / count - tf.square(delta), 0.0)
-        mu = mu0 + delta
-        sigma = tf.sqrt(var + epsilon)
-        # mu0 - mean is exact on offset data (both near the same value), so d
-        # keeps the accuracy that rounding mu0 + delta would lose.
-        r, d, r_frac, d_frac = _corrections(mu, sigma, mean, stddev, rmax, dmax, (mu0 - mean) + delta)
-        a = gamma_v * (r / sigma)
-        # y = (x - mu) * a + beta + gamma * d, as two full-size passes over xc.
-        y = xc * a + (beta_v + gamma_v * d - delta * a)
-
-        def grad(dy, *unused):
-            # The paper's backward with g = dy * gamma, per group, written as
-            #   dx = dy * a - (x - mu) * q - a * mean(dy),  q = a * mean(dy * (x - mu)) / sigma^2
-            # i.e. two reductions (sum(dy), sum(dy * xc)) and four element-wise passes.
-            sum_dy = _group_sum(dy, red)
-            sum_dyxc = _group_sum(dy * xc, red) - delta * sum_dy  # sum(dy * (x - mu))
-            q = a * sum_dyxc / (count * tf.square(sigma))
-            dx = dy * a - xc * q + (q * delta - a * sum_dy / count)
-            red_all = [0] + list(red)
-            dgamma = tf.reduce_sum((r / sigma) * sum_dyxc + d * sum_dy, axis=red_all, keepdims=True)
-            dbeta = tf.reduce_sum(sum_dy, axis=red_all, keepdims=True)
-            return dx, tf.reshape(dgamma, tf.shape(gamma_v)), tf.reshape(dbeta, tf.shape(beta_v))
-
-        return (y, mu, sigma, r_frac, d_frac), grad
-
-    y, mu, sigma, r_frac, d_frac = forward(xg, gamma, beta)
-    return (y, tf.stop_gradient(mu), tf.stop_gradient(sigma), tf.stop_gradient(r_frac), tf.stop_gradient(d_frac),
-            None, None)
+    x: tf.Tensor
+    mask: tf.Tensor | None
+    axis: int
+    vec: _Vectors
+    moving_mean: tf.Tensor
+    moving_stddev: tf.Tensor
 
 
-def _train_masked(xg, wg, gamma, beta, mean, stddev, rmax, dmax, epsilon, red, pooled, explicit_gradient):
-    """:func:`_train` with a mask: moments over the selected positions of each group.
+class _TrainStats(NamedTuple):
+    """What a training route hands to :func:`_finish`.
 
-    Plain two-pass moments of ``where(wg, x, 0)`` (unselected NaN or Inf
-    never enter), divided by the selected count ``n``; where ``n`` is 0 the
-    moving statistics stand in (``r = 1``, ``d = 0``). The explicit gradient
-    is the paper's with the sums over the whole group divided by ``n`` and
-    the statistics terms on the selected positions only::
-
-        dx = dy * a - where(w, a * (sum(dy) + (x - mu) * sum(dy * (x - mu)) / sigma^2) / n, 0)
+    ``y`` has ``x``'s shape (:func:`_finish` casts it to ``x``'s dtype). ``mu`` and ``sigma``:
+    the batch statistics per group and feature in the compute dtype (groups on axis 0; no
+    gradient). ``nonempty``: a scalar bool tensor where the batch may be empty (its size known
+    only at run time, or pooled over replicas), ``None`` where it is known to hold examples.
+    ``selected``: with a mask, the number of selected positions per group, else ``None``.
     """
-    pooled_count = []
-    zero = tf.zeros([], xg.dtype)
 
-    def stats(xv):
-        if pooled:
-            mu, var, count, n = _pooled_moments(xv, red, wg)
-            pooled_count.append(count)
-        else:
-            xs = tf.where(wg, xv, zero)
-            n = tf.reduce_sum(tf.cast(wg, xv.dtype), axis=red, keepdims=True)
-            div = tf.maximum(n, 1.0)
-            mu = tf.reduce_sum(xs, axis=red, keepdims=True) / div
-            sq = tf.where(wg, tf.math.squared_difference(xs, tf.stop_gradient(mu)), zero)
-            var = tf.reduce_sum(sq, axis=red, keepdims=True) / div
-        has = n > 0
-        mu = tf.where(has, mu, mean)
-        sigma = tf.where(has, tf.sqrt(var + epsilon), stddev)
-        r, d, r_frac, d_frac = _corrections(mu, sigma, mean, stddev, rmax, dmax, valid=has)
-        return mu, sigma, r, d, r_frac, d_frac, n
-
-    if pooled or not explicit_gradient:
-        mu, sigma, r, d, r_frac, d_frac, n = stats(xg)
-        y = (xg - mu) * (gamma * r / sigma) + (beta + gamma * d)
-        count = pooled_count[0] if pooled_count else None
-        return y, tf.stop_gradient(mu), tf.stop_gradient(sigma), r_frac, d_frac, count, tf.stop_gradient(n)
-
-    @tf.custom_gradient
-    def forward(xv, gamma_v, beta_v):
-        mu, sigma, r, d, r_frac, d_frac, n = stats(xv)
-        xc = xv - mu
-        a = gamma_v * (r / sigma)
-        y = xc * a + (beta_v + gamma_v * d)
-
-        def grad(dy, *unused):
-            sum_dy = _group_sum(dy, red)
-            sum_dyxc = _group_sum(dy * xc, red)
-            div = tf.maximum(n, 1.0)
-            dx = dy * a - tf.where(wg, a * (sum_dy + xc * (sum_dyxc / tf.square(sigma))) / div, zero)
-            red_all = [0] + list(red)
-            dgamma = tf.reduce_sum((r / sigma) * sum_dyxc + d * sum_dy, axis=red_all, keepdims=True)
-            dbeta = tf.reduce_sum(sum_dy, axis=red_all, keepdims=True)
-            return dx, tf.reshape(dgamma, tf.shape(gamma_v)), tf.reshape(dbeta, tf.shape(beta_v))
-
-        return (y, mu, sigma, r_frac, d_frac, n), grad
-
-    y, mu, sigma, r_frac, d_frac, n = forward(xg, gamma, beta)
-    return (y, tf.stop_gradient(mu), tf.stop_gradient(sigma), tf.stop_gradient(r_frac), tf.stop_gradient(d_frac),
-            None, tf.stop_gradient(n))
+    y: tf.Tensor
+    mu: tf.Tensor
+    sigma: tf.Tensor
+    r_frac: tf.Tensor
+    d_frac: tf.Tensor
+    nonempty: tf.Tensor | None = None
+    selected: tf.Tensor | None = None
 
 
-def _group_sum(v, red):
-    """Sum of ``v`` over the axes ``red`` (keepdims), as matrix products with vectors of ones.
+def batch_renorm(
+    x,
+    gamma,
+    beta,
+    moving_mean,
+    moving_stddev,
+    *,
+    training: bool,
+    rmax=3.0,
+    dmax=5.0,
+    momentum: float = 0.99,
+    epsilon: float = 1e-3,
+    axis: int = -1,
+    microbatch_size: int | None = None,
+    synchronized: bool = False,
+    explicit_gradient: bool = True,
+    fused: bool | None = None,
+    mask=None,
+) -> BatchRenormOutput:
+    """Batch Renormalization of ``x``, a pure function (no variable is touched).
 
-    ``v`` is a grouped view ``(G, ..., C, ...)`` and ``red`` every axis but the
-    group axis 0 and the feature axis. On CPU a matrix-vector product reads
-    ``v`` about 1.7x faster than ``reduce_sum`` over the same axes, at the same
-    float32 accuracy on the shapes measured.
+    Args:
+      x: floating input, batch on axis 0, features on ``axis``. A batch of 0
+        examples gives an empty output and the moving statistics unchanged.
+      gamma, beta: ``(C,)`` scale and offset, or ``None`` (``scale=False`` /
+        ``center=False``).
+      moving_mean, moving_stddev: ``(C,)`` moving statistics before this step.
+      training: True for batch statistics and a state update, False for
+        inference with the moving statistics. Required, never guessed.
+      rmax, dmax: the clipping limits for this step (numbers or scalar
+        tensors, e.g. from :meth:`renorm.ClipSchedule.limits`). Numbers are
+        checked at once as the layer checks them (``rmax >= 1``, ``dmax >= 0``,
+        finite); tensors when the graph runs, with the same messages.
+      momentum, epsilon, axis, microbatch_size: as in ``docs/SPEC.md``.
+      synchronized: pool the moments over the replicas of the current
+        ``tf.distribute`` strategy (whole batches only).
+      explicit_gradient: use the paper's explicit backward (True) or autodiff
+        (False). With ``synchronized`` the gradient is always autodiff through
+        the all-reduce.
+      fused: run training on TensorFlow's fused batch-norm kernels
+        (``FusedBatchNormV3`` and its gradient; see :func:`fused_eligible` for
+        when they apply). ``None`` (default): where eligible; ``True``: always,
+        an error where not eligible; ``False``: never (in inference too,
+        which otherwise runs on the kernel in inference mode for
+        float32/float16/bfloat16 where the moving mean is within 16 moving
+        standard deviations of 0).
+      mask: optional, as ``keras.layers.BatchNormalization`` takes it: the
+        input's shape without the feature axis (a size may be 1), boolean or
+        numeric (nonzero selects). In training the statistics of each group
+        are those of its selected positions (``docs/SPEC.md``, section 3); in
+        inference it is checked and ignored. Not with ``fused=True``.
+
+    Returns:
+      :class:`BatchRenormOutput` ``(y, moving_mean, moving_stddev,
+      r_clipped_fraction, d_clipped_fraction, finite, empty)``.
     """
-    nd = v.shape.rank
-    c_axis = [i for i in range(1, nd) if i not in red]
-    if len(c_axis) != 1:
-        return tf.reduce_sum(v, axis=red, keepdims=True)
-    ca = c_axis[0]
-    dims = _dims(v)
-    before = _prod(dims[1:ca])
-    after = _prod(dims[ca + 1:])
-    t = v
-    if not (isinstance(after, int) and after == 1):
-        t = tf.matmul(tf.reshape(t, [-1, after]), tf.ones([after, 1], v.dtype))  # (G * before * C, 1)
-    t = tf.reshape(t, [dims[0], before, dims[ca]])
-    if not (isinstance(before, int) and before == 1):
-        t = tf.matmul(tf.ones([1, before], v.dtype), t)  # (G, 1, C): the row of ones broadcasts over G
-    keep = [dims[0]] + [1] * (ca - 1) + [dims[ca]] + [1] * (nd - ca - 1)
-    return tf.reshape(t, keep)
-
-
-def _prod(values):
-    out = 1
-    for v in values:
-        out = out * v
-    return out
-
-
-_FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
-_FUSED_MIN_EPSILON = 1.001e-5  # cuDNN's lower limit on epsilon
-
-
-def fused_eligible(x, *, axis, epsilon, microbatch_size=None, synchronized=False, explicit_gradient=True) -> bool:
-    """Whether :func:`batch_renorm` can run on TensorFlow's fused batch-norm kernels.
-
-    Features on the last axis of an input of any rank (viewed as the 4-D
-    ``(B, 1, M, C)``, a free reshape), or on axis 1 of a 4-D input (NCHW);
-    float32, float16 or bfloat16, whole-batch statistics, not pooled,
-    explicit gradient, ``epsilon >= 1.001e-5``.
-    """
-    x = tf.convert_to_tensor(x)
-    rank = x.shape.rank
-    return (
-        rank is not None
-        and rank >= 2
-        and (axis % rank == rank - 1 or (rank == 4 and axis % 4 == 1))
-        and x.dtype in _FUSED_DTYPES
-        and microbatch_size is None
-        and not synchronized
-        and explicit_gradient
-        and float(epsilon) >= _FUSED_MIN_EPSILON
+    limit_checks = _limit_checks(rmax, dmax, graph=training is True)
+    return _batch_renorm(
+        x, gamma, beta, moving_mean, moving_stddev, training=training, rmax=rmax, dmax=dmax, momentum=momentum,
+        epsilon=epsilon, axis=axis, microbatch_size=microbatch_size, synchronized=synchronized,
+        explicit_gradient=explicit_gradient, fused=fused, limit_checks=limit_checks, mask=mask,
     )
 
 
-def _train_fused(x, gamma, beta, mean, stddev, rmax, dmax, epsilon, data_format, nonempty=None):
-    """Training forward on ``FusedBatchNormV3`` kernels (whole batch, 4-D).
+def _batch_renorm(
+    x, gamma, beta, moving_mean, moving_stddev, *, training, rmax, dmax, momentum, epsilon, axis, microbatch_size,
+    synchronized, explicit_gradient, fused, limit_checks=(), mask=None,
+) -> BatchRenormOutput:
+    """:func:`batch_renorm` with limits already checked (``limit_checks``: graph assertions to run first).
 
-    Forward: one fused training call normalizes ``x`` with scale 1, offset 0
-    and returns the batch moments, then one fused per-channel affine pass
-    applies ``gamma * r`` and ``beta + gamma * d`` (an inference-mode call with
-    mean 0, variance 0.5 and epsilon 0.5, i.e. a divisor of exactly 1).
-    Backward: ``y`` is batch norm of ``x`` with scale ``gamma * r`` and offset
-    ``beta + gamma * d`` (``r``, ``d`` constants), so one
-    ``FusedBatchNormGradV3`` call with that scale gives ``dx`` exactly as the
-    paper's formula; ``dgamma = r * dscale + d * doffset``, ``dbeta = doffset``.
-    The kernel's batch variance is Bessel-corrected; it is rescaled to the
-    biased one. Returns ``(y, mu, sigma, r_frac, d_frac)`` with ``(C,)`` stats.
-    ``nonempty`` (a scalar bool tensor, where the batch size is only known at
-    run time): on an empty batch the kernel's moments are NaN, so the moving
-    ones stand in for them (``r = 1``, ``d = 0``: finite, zero gradients).
+    The layer calls it directly: its limits, numbers or tensors of its
+    schedule, were validated at construction. After the checks, one of four
+    routes: :func:`_inference_step`, :func:`_empty_step` (a batch known to
+    hold no example when traced), :func:`_fused_step` or
+    :func:`_grouped_step`; the last two end in the state update of
+    :func:`_finish`.
     """
-    f32 = tf.float32
-    empty = tf.constant([], f32)
-    c_axis = 1 if data_format == "NCHW" else 3
-    reduce_axes = [i for i in range(4) if i != c_axis]
+    if not isinstance(training, bool):
+        raise TypeError(f"`training` must be a Python bool (True or False), got training={training!r}.")
+    check_config(momentum=momentum, epsilon=epsilon, microbatch_size=microbatch_size)
+    check_pooling("synchronized" if synchronized else None, microbatch_size)
+    opts = _Options(rmax, dmax, momentum, epsilon, microbatch_size, synchronized, explicit_gradient, fused)
+    x = tf.convert_to_tensor(x)
+    # Pooled over replicas, a group is the global batch: its size is checked once pooled.
+    cross_replica = training and synchronized and _cross_replica()
+    info = _check_x(x, axis, microbatch_size, moving_mean, training, cross_replica)
+    call = _Call(x, _bool_mask(mask, x, axis), info.axis,
+                 _compute_vectors(x.dtype, gamma, beta, moving_mean, moving_stddev), moving_mean, moving_stddev)
+    if not training:
+        return _inference_step(call, fused)
+    eligible = _fused_choice(call, opts, axis)
+    checks = list(limit_checks) + _runtime_checks(x, info, microbatch_size, cross_replica)
+    if x.shape[0] == 0 and not cross_replica:
+        return _empty_step(call, checks)
+    # Where the batch size is only known at run time, it may be 0.
+    nonempty = None if x.shape[0] is not None else tf.shape(x)[0] > 0
+    route = _fused_step if eligible and fused is not False else _grouped_step
+    return _finish(call, momentum, route(call, opts, checks, nonempty))
 
-    @tf.custom_gradient
-    def forward(xv, gamma_v, beta_v):
-        ones = tf.ones_like(gamma_v)
-        xhat, bmean, bvar, rs1, rs2, rs3 = tf.raw_ops.FusedBatchNormV3(
-            x=xv, scale=ones, offset=tf.zeros_like(beta_v), mean=empty, variance=empty, epsilon=epsilon,
-            exponential_avg_factor=1.0, data_format=data_format, is_training=True,
-        )[:6]
-        shape = tf.shape(xv)
-        n = tf.cast(tf.reduce_prod(tf.gather(shape, reduce_axes)), f32)
-        mu = bmean
-        sigma = tf.sqrt(bvar * ((n - 1.0) / n) + epsilon)
-        if nonempty is not None:
-            mu, sigma = tf.where(nonempty, mu, mean), tf.where(nonempty, sigma, stddev)
-        r, d, r_frac, d_frac = _corrections(mu, sigma, mean, stddev, rmax, dmax)
-        scale = gamma_v * r
-        y = tf.raw_ops.FusedBatchNormV3(
-            x=xhat, scale=scale, offset=beta_v + gamma_v * d, mean=tf.zeros_like(mu),
-            variance=tf.fill(tf.shape(mu), tf.constant(0.5, f32)), epsilon=0.5, exponential_avg_factor=1.0,
-            data_format=data_format, is_training=False,
-        )[0]
 
-        def grad(dy, *unused):
-            dx, dscale, doffset = tf.raw_ops.FusedBatchNormGradV3(
-                y_backprop=dy, x=xv, scale=scale, reserve_space_1=rs1, reserve_space_2=rs2, reserve_space_3=rs3,
-                epsilon=epsilon, data_format=data_format, is_training=True,
-            )[:3]
-            return dx, r * dscale + d * doffset, doffset
+def _static_shape(x) -> list:
+    return x.shape.as_list() if x.shape.rank is not None else []
 
-        return (y, mu, sigma, r_frac, d_frac), grad
 
-    y, mu, sigma, r_frac, d_frac = forward(x, gamma, beta)
-    return y, tf.stop_gradient(mu), tf.stop_gradient(sigma), tf.stop_gradient(r_frac), tf.stop_gradient(d_frac)
+def _check_x(x, axis, microbatch_size, moving_mean, training, cross_replica):
+    """The input checks of ``docs/SPEC.md``, section 10 (:func:`renorm.config.check_input`); returns its info.
+
+    Pooled across replicas the batch size is left unknown here: the global
+    batch is checked once pooled (:func:`_pooled_moments`).
+    """
+    shape = _static_shape(x)
+    return check_input(
+        [None] + shape[1:] if cross_replica and shape else shape,
+        dtype_name=x.dtype.name,
+        is_floating=x.dtype.is_floating,
+        axis=axis,
+        microbatch_size=microbatch_size,
+        num_features=int(moving_mean.shape[0]),
+        training=training,
+    )
+
+
+def _bool_mask(mask, x, axis):
+    """``mask`` checked against ``x`` (Keras' rule, ``docs/SPEC.md``, section 3) and as bool; ``None`` stays."""
+    if mask is None:
+        return None
+    mask = tf.convert_to_tensor(mask)
+    if mask.shape.rank is None:
+        raise ValueError(f"`mask` must have a known rank, got a mask of shape {mask.shape}.")
+    check_mask(
+        mask.shape.as_list(), _static_shape(x), dtype_name=mask.dtype.name, feature_axis=axis,
+        is_valid_dtype=mask.dtype.is_bool or mask.dtype.is_floating or mask.dtype.is_integer,
+    )
+    if not mask.dtype.is_bool:
+        mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
+    return mask
+
+
+def _compute_vectors(dtype, gamma, beta, moving_mean, moving_stddev) -> _Vectors:
+    """The ``(C,)`` vectors of a call in the compute dtype of an input of ``dtype``."""
+    cdt = compute_dtype(dtype)
+    c = int(moving_mean.shape[0])
+    mean_c = tf.cast(moving_mean, cdt)
+    std_c = tf.cast(moving_stddev, cdt)
+    gamma_c = tf.ones([c], cdt) if gamma is None else tf.cast(gamma, cdt)
+    beta_c = tf.zeros([c], cdt) if beta is None else tf.cast(beta, cdt)
+    return _Vectors(gamma_c, beta_c, mean_c, std_c)
+
+
+def _fused_choice(call: _Call, opts: _Options, axis) -> bool:
+    """Whether the fused route applies (:func:`fused_eligible`; never with a mask).
+
+    ``fused=True`` where it does not is a ``ValueError`` naming every condition and the values
+    received (``axis`` as the caller gave it).
+    """
+    x, mask = call.x, call.mask
+    eligible = mask is None and fused_eligible(
+        x, axis=call.axis, epsilon=opts.epsilon, microbatch_size=opts.microbatch_size,
+        synchronized=opts.synchronized, explicit_gradient=opts.explicit_gradient,
+    )
+    if opts.fused and not eligible:
+        raise ValueError(
+            "`fused=True` needs a float32/float16/bfloat16 input with the features on the last axis (or on "
+            "axis 1 of a 4-D input), "
+            "microbatch_size=None, synchronized=False, explicit_gradient=True, epsilon >= 1.001e-5 and no mask; "
+            f"got an input of shape {tuple(x.shape)} and dtype {x.dtype.name}, axis={axis}, "
+            f"microbatch_size={opts.microbatch_size}, synchronized={opts.synchronized}, "
+            f"explicit_gradient={opts.explicit_gradient}, epsilon={opts.epsilon}, "
+            f"mask={'given' if mask is not None else None}."
+        )
+    return eligible
+
+
+def _inference_step(call: _Call, fused) -> BatchRenormOutput:
+    """Route 1, inference: :func:`_infer` with the moving statistics, which are returned unchanged.
+
+    On the fused kernel in inference mode for float32/float16/bfloat16 inputs
+    (unless ``fused=False``; guarded by the offset bound of :func:`_infer`), the
+    exact form elsewhere and in float64.
+    """
+    vec = call.vec
+    fused = fused is not False and call.x.dtype in _FUSED_DTYPES
+    y = _infer(call.x, vec.gamma, vec.beta, vec.mean, vec.stddev, call.axis, fused=fused)
+    zero = tf.zeros([], tf.float32)
+    return BatchRenormOutput(y, call.moving_mean, call.moving_stddev, zero, zero, tf.constant(True), tf.constant(False))
 
 
 # Where every feature has |moving_mean| <= _INFER_FUSED_MAX_OFFSET * moving_stddev,
@@ -619,217 +542,381 @@ def _infer(x, gamma, beta, mean, stddev, ax, fused):
     return tf.cond(safe, kernel, exact)
 
 
-def batch_renorm(
-    x,
-    gamma,
-    beta,
-    moving_mean,
-    moving_stddev,
-    *,
-    training: bool,
-    rmax=3.0,
-    dmax=5.0,
-    momentum: float = 0.99,
-    epsilon: float = 1e-3,
-    axis: int = -1,
-    microbatch_size: Optional[int] = None,
-    synchronized: bool = False,
-    explicit_gradient: bool = True,
-    fused: Optional[bool] = None,
-    mask=None,
-) -> BatchRenormOutput:
-    """Batch Renormalization of ``x``, a pure function (no variable is touched).
+def _empty_step(call: _Call, checks) -> BatchRenormOutput:
+    """Route 2, training on a batch known to hold no example when traced: a Python branch, no statistic.
 
-    Args:
-      x: floating input, batch on axis 0, features on ``axis``. A batch of 0
-        examples gives an empty output and the moving statistics unchanged.
-      gamma, beta: ``(C,)`` scale and offset, or ``None`` (``scale=False`` /
-        ``center=False``).
-      moving_mean, moving_stddev: ``(C,)`` moving statistics before this step.
-      training: True for batch statistics and a state update, False for
-        inference with the moving statistics. Required, never guessed.
-      rmax, dmax: the clipping limits for this step (numbers or scalar
-        tensors, e.g. from :meth:`renorm.ClipSchedule.limits`). Numbers are
-        checked at once as the layer checks them (``rmax >= 1``, ``dmax >= 0``,
-        finite); tensors when the graph runs, with the same messages.
-      momentum, epsilon, axis, microbatch_size: as in ``docs/SPEC.md``.
-      synchronized: pool the moments over the replicas of the current
-        ``tf.distribute`` strategy (whole batches only).
-      explicit_gradient: use the paper's explicit backward (True) or autodiff
-        (False). With ``synchronized`` the gradient is always autodiff through
-        the all-reduce.
-      fused: run training on TensorFlow's fused batch-norm kernels
-        (``FusedBatchNormV3`` and its gradient; see :func:`fused_eligible` for
-        when they apply). ``None`` (default): where eligible; ``True``: always,
-        an error where not eligible; ``False``: never (in inference too,
-        which otherwise runs on the kernel in inference mode for
-        float32/float16/bfloat16 where the moving mean is within 16 moving
-        standard deviations of 0).
-      mask: optional, as ``keras.layers.BatchNormalization`` takes it: the
-        input's shape without the feature axis (a size may be 1), boolean or
-        numeric (nonzero selects). In training the statistics of each group
-        are those of its selected positions (see the module docstring); in
-        inference it is checked and ignored. Not with ``fused=True``.
-
-    Returns:
-      :class:`BatchRenormOutput` ``(y, moving_mean, moving_stddev,
-      r_clipped_fraction, d_clipped_fraction, finite, empty)``.
+    The output is the (empty) inference output, which keeps its gradient path
+    to gamma and beta (zero gradients, not None); the state is returned
+    unchanged and ``empty`` is True.
     """
-    limit_checks = _limit_checks(rmax, dmax, graph=training is True)
-    return _batch_renorm(
-        x, gamma, beta, moving_mean, moving_stddev, training=training, rmax=rmax, dmax=dmax, momentum=momentum,
-        epsilon=epsilon, axis=axis, microbatch_size=microbatch_size, synchronized=synchronized,
-        explicit_gradient=explicit_gradient, fused=fused, limit_checks=limit_checks, mask=mask,
-    )
+    vec = call.vec
+    with tf.control_dependencies(checks):
+        y = _infer(call.x, vec.gamma, vec.beta, vec.mean, vec.stddev, call.axis, fused=False)
+    zero = tf.zeros([], tf.float32)
+    return BatchRenormOutput(y, call.moving_mean, call.moving_stddev, zero, zero, tf.constant(True), tf.constant(True))
 
 
-def _batch_renorm(
-    x, gamma, beta, moving_mean, moving_stddev, *, training, rmax, dmax, momentum, epsilon, axis, microbatch_size,
-    synchronized, explicit_gradient, fused, limit_checks=(), mask=None,
-) -> BatchRenormOutput:
-    """:func:`batch_renorm` with limits already checked (``limit_checks``: graph assertions to run first).
+def _fused_step(call: _Call, opts: _Options, checks, nonempty) -> _TrainStats:
+    """Route 3, training on TensorFlow's fused batch-norm kernels (:func:`_fused_kernels`).
 
-    The layer calls it directly: its limits, numbers or tensors of its
-    schedule, were validated at construction.
+    Taken with ``fused=None`` (the default) wherever :func:`fused_eligible`
+    holds, elsewhere :func:`_grouped_step` runs; both are tested against the
+    oracle. A features-last input of a rank other than 4 runs as the free 4-D
+    view ``(B, 1, M, C)``.
     """
-    if not isinstance(training, bool):
-        raise TypeError(f"`training` must be a Python bool (True or False), got training={training!r}.")
-    check_config(momentum=momentum, epsilon=epsilon, microbatch_size=microbatch_size)
-    check_pooling("synchronized" if synchronized else None, microbatch_size)
-    x = tf.convert_to_tensor(x)
-    # Pooled over replicas, a group is the global batch: its size is checked once pooled.
-    cross_replica = training and synchronized and _cross_replica()
-    shape = x.shape.as_list() if x.shape.rank is not None else []
-    info = check_input(
-        [None] + shape[1:] if cross_replica and shape else shape,
-        dtype_name=x.dtype.name,
-        is_floating=x.dtype.is_floating,
-        axis=axis,
-        microbatch_size=microbatch_size,
-        num_features=int(moving_mean.shape[0]),
-        training=training,
-    )
-    ax = info.axis
+    x, vec = call.x, call.vec
     nd = x.shape.rank
-    c = info.num_features
-    if mask is not None:
-        mask = tf.convert_to_tensor(mask)
-        if mask.shape.rank is None:
-            raise ValueError(f"`mask` must have a known rank, got a mask of shape {mask.shape}.")
-        check_mask(
-            mask.shape.as_list(), shape, dtype_name=mask.dtype.name, feature_axis=axis,
-            is_valid_dtype=mask.dtype.is_bool or mask.dtype.is_floating or mask.dtype.is_integer,
-        )
-        if not mask.dtype.is_bool:
-            mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
-    cdt = compute_dtype(x.dtype)
-    state_dtype = moving_mean.dtype
-    mean_c = tf.cast(moving_mean, cdt)
-    std_c = tf.cast(moving_stddev, cdt)
-    gamma_c = tf.ones([c], cdt) if gamma is None else tf.cast(gamma, cdt)
-    beta_c = tf.zeros([c], cdt) if beta is None else tf.cast(beta, cdt)
-
-    if not training:
-        y = _infer(x, gamma_c, beta_c, mean_c, std_c, ax, fused=fused is not False and x.dtype in _FUSED_DTYPES)
-        zero = tf.zeros([], tf.float32)
-        return BatchRenormOutput(y, moving_mean, moving_stddev, zero, zero, tf.constant(True), tf.constant(False))
-
-    eligible = mask is None and fused_eligible(
-        x, axis=ax, epsilon=epsilon, microbatch_size=microbatch_size, synchronized=synchronized,
-        explicit_gradient=explicit_gradient,
+    c = int(vec.mean.shape[0])
+    with tf.control_dependencies(checks):
+        x_in = tf.identity(x)
+    if nd != 4:  # features last: the free 4-D view (B, 1, M, C); no -1, which an empty batch leaves undefined
+        dims = _dims(x_in)
+        x_in = tf.reshape(x_in, [dims[0], 1, _prod(dims[1:-1]), c])
+    stats = _fused_kernels(
+        x_in, tf.cast(vec.gamma, tf.float32), tf.cast(vec.beta, tf.float32), vec.mean, vec.stddev,
+        _as(opts.rmax, tf.float32), _as(opts.dmax, tf.float32), float(opts.epsilon),
+        "NCHW" if (nd == 4 and call.axis == 1) else "NHWC", nonempty,
     )
-    if fused and not eligible:
-        raise ValueError(
-            "`fused=True` needs a float32/float16/bfloat16 input with the features on the last axis (or on "
-            "axis 1 of a 4-D input), "
-            "microbatch_size=None, synchronized=False, explicit_gradient=True, epsilon >= 1.001e-5 and no mask; "
-            f"got an input of shape {tuple(x.shape)} and dtype {x.dtype.name}, axis={axis}, "
-            f"microbatch_size={microbatch_size}, synchronized={synchronized}, "
-            f"explicit_gradient={explicit_gradient}, epsilon={epsilon}, mask={'given' if mask is not None else None}."
-        )
-    checks = list(limit_checks) + _runtime_checks(x, info, microbatch_size, cross_replica)
-    if x.shape[0] == 0 and not cross_replica:
-        # Statically empty: no statistic, no update. The output keeps its
-        # gradient path to gamma and beta (zero gradients, not None).
-        with tf.control_dependencies(checks):
-            y = _infer(x, gamma_c, beta_c, mean_c, std_c, ax, fused=False)
-        zero = tf.zeros([], tf.float32)
-        return BatchRenormOutput(y, moving_mean, moving_stddev, zero, zero, tf.constant(True), tf.constant(True))
-    # Where the batch size is only known at run time, it may be 0.
-    nonempty = None if x.shape[0] is not None else tf.shape(x)[0] > 0
-    if eligible and fused is not False:
-        with tf.control_dependencies(checks):
-            x_in = tf.identity(x)
-        if nd != 4:  # features last: the free 4-D view (B, 1, M, C); no -1, which an empty batch leaves undefined
-            dims = _dims(x_in)
-            x_in = tf.reshape(x_in, [dims[0], 1, _prod(dims[1:-1]), c])
-        y, mu, sigma, r_frac, d_frac = _train_fused(
-            x_in, tf.cast(gamma_c, tf.float32), tf.cast(beta_c, tf.float32), mean_c, std_c,
-            _as(rmax, tf.float32), _as(dmax, tf.float32), float(epsilon), "NCHW" if (nd == 4 and ax == 1) else "NHWC",
-            nonempty,
-        )
-        if nd != 4:
-            y = tf.reshape(y, tf.shape(x))
-        return _finish(x, y, mu[None], sigma[None], r_frac, d_frac, mean_c, std_c, momentum, state_dtype, c, nonempty)
+    if nd != 4:
+        stats = stats._replace(y=tf.reshape(stats.y, tf.shape(x)))
+    return stats
 
+
+_FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
+_FUSED_MIN_EPSILON = 1.001e-5  # cuDNN's lower limit on epsilon
+
+
+def fused_eligible(x, *, axis, epsilon, microbatch_size=None, synchronized=False, explicit_gradient=True) -> bool:
+    """Whether :func:`batch_renorm` can run on TensorFlow's fused batch-norm kernels.
+
+    Features on the last axis of an input of any rank (viewed as the 4-D
+    ``(B, 1, M, C)``, a free reshape), or on axis 1 of a 4-D input (NCHW);
+    float32, float16 or bfloat16, whole-batch statistics, not pooled,
+    explicit gradient, ``epsilon >= 1.001e-5``.
+    """
+    x = tf.convert_to_tensor(x)
+    rank = x.shape.rank
+    return (
+        rank is not None
+        and rank >= 2
+        and (axis % rank == rank - 1 or (rank == 4 and axis % 4 == 1))
+        and x.dtype in _FUSED_DTYPES
+        and microbatch_size is None
+        and not synchronized
+        and explicit_gradient
+        and float(epsilon) >= _FUSED_MIN_EPSILON
+    )
+
+
+def _fused_kernels(x, gamma, beta, mean, stddev, rmax, dmax, epsilon, data_format, nonempty=None) -> _TrainStats:
+    """Training forward on ``FusedBatchNormV3`` kernels (whole batch, 4-D).
+
+    Forward: one fused training call normalizes ``x`` with scale 1, offset 0
+    and returns the batch moments, then one fused per-channel affine pass
+    applies ``gamma * r`` and ``beta + gamma * d`` (an inference-mode call with
+    mean 0, variance 0.5 and epsilon 0.5, i.e. a divisor of exactly 1).
+    Backward: ``y`` is batch norm of ``x`` with scale ``gamma * r`` and offset
+    ``beta + gamma * d`` (``r``, ``d`` constants), so one
+    ``FusedBatchNormGradV3`` call with that scale gives ``dx`` exactly as the
+    paper's formula; ``dgamma = r * dscale + d * doffset``, ``dbeta = doffset``.
+    The kernel's batch variance is Bessel-corrected; it is rescaled to the
+    biased one. Returns :class:`_TrainStats` with ``mu``, ``sigma`` of shape ``(1, C)``.
+    ``nonempty`` (a scalar bool tensor, where the batch size is only known at
+    run time): on an empty batch the kernel's moments are NaN, so the moving
+    ones stand in for them (``r = 1``, ``d = 0``: finite, zero gradients).
+    """
+    f32 = tf.float32
+    empty = tf.constant([], f32)
+    c_axis = 1 if data_format == "NCHW" else 3
+    reduce_axes = [i for i in range(4) if i != c_axis]
+
+    @tf.custom_gradient
+    def forward(xv, gamma_v, beta_v):
+        ones = tf.ones_like(gamma_v)
+        xhat, bmean, bvar, rs1, rs2, rs3 = tf.raw_ops.FusedBatchNormV3(
+            x=xv, scale=ones, offset=tf.zeros_like(beta_v), mean=empty, variance=empty, epsilon=epsilon,
+            exponential_avg_factor=1.0, data_format=data_format, is_training=True,
+        )[:6]
+        shape = tf.shape(xv)
+        n = tf.cast(tf.reduce_prod(tf.gather(shape, reduce_axes)), f32)
+        mu = bmean
+        sigma = tf.sqrt(bvar * ((n - 1.0) / n) + epsilon)
+        if nonempty is not None:
+            mu, sigma = tf.where(nonempty, mu, mean), tf.where(nonempty, sigma, stddev)
+        r, d, r_frac, d_frac = _corrections(mu, sigma, mean, stddev, rmax, dmax)
+        scale = gamma_v * r
+        y = tf.raw_ops.FusedBatchNormV3(
+            x=xhat, scale=scale, offset=beta_v + gamma_v * d, mean=tf.zeros_like(mu),
+            variance=tf.fill(tf.shape(mu), tf.constant(0.5, f32)), epsilon=0.5, exponential_avg_factor=1.0,
+            data_format=data_format, is_training=False,
+        )[0]
+
+        def grad(dy, *unused):
+            dx, dscale, doffset = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dy, x=xv, scale=scale, reserve_space_1=rs1, reserve_space_2=rs2, reserve_space_3=rs3,
+                epsilon=epsilon, data_format=data_format, is_training=True,
+            )[:3]
+            return dx, r * dscale + d * doffset, doffset
+
+        return (y, mu, sigma, r_frac, d_frac), grad
+
+    y, mu, sigma, r_frac, d_frac = forward(x, gamma, beta)
+    sg = tf.stop_gradient
+    return _TrainStats(y, sg(mu)[None], sg(sigma)[None], sg(r_frac), sg(d_frac), nonempty)
+
+
+def _grouped_step(call: _Call, opts: _Options, checks, nonempty) -> _TrainStats:
+    """Route 4, the generic training path: whatever the fused kernels do not take (micro-batches, masks, ...).
+
+    The batch is viewed as groups (:func:`_grouped_view`; the whole batch is
+    one group). The affine map is folded into per-(group, feature) vectors,
+    ``y = (x - mu_g) * a + b`` with ``a = gamma * r / sigma_g`` and
+    ``b = beta + gamma * d``; subtracting ``mu_g`` first keeps offset data
+    exact. With a mask :func:`_grouped_masked` runs; pooled or with
+    ``explicit_gradient=False``, :func:`_grouped_autodiff`; else the paper's
+    explicit backward, :func:`_grouped_explicit`.
+    """
+    x, ax, vec = call.x, call.axis, call.vec
+    nd = x.shape.rank
+    c = int(vec.mean.shape[0])
+    cdt = vec.mean.dtype
     xc = tf.cast(x, cdt)
     with tf.control_dependencies(checks):
-        dims = _dims(x)
-        wg = None
-        if mask is not None:  # the positions of x, the feature axis of size 1
-            mshape = list(dims)
-            mshape[ax] = 1
-            wg = tf.broadcast_to(tf.expand_dims(mask, ax), mshape)
-        if microbatch_size is None:
-            xg = tf.expand_dims(xc, 0)  # (1, B, ...): one group
-            wg = None if wg is None else tf.expand_dims(wg, 0)
-        else:
-            xg = tf.reshape(xc, [-1, microbatch_size] + dims[1:])  # (G, k, ...)
-            wg = None if wg is None else tf.reshape(wg, [-1, microbatch_size] + mshape[1:])
+        groups = _grouped_view(x, xc, call.mask, ax, opts.microbatch_size)
     # Grouped view: groups on 0, features on ax + 1; reduce over everything else.
     red = [i for i in range(1, nd + 1) if i != ax + 1]
     gshape = [1] * (nd + 1)
     gshape[ax + 1] = c
-
-    def shaped(v):
-        return tf.reshape(v, gshape)
-
-    rmax_c = _as(rmax, cdt)
-    dmax_c = _as(dmax, cdt)
-    yg, mu, sigma, r_frac, d_frac, pooled_count, selected = _train(
-        xg,
-        shaped(gamma_c),
-        shaped(beta_c),
-        shaped(mean_c),
-        shaped(std_c),
-        rmax_c,
-        dmax_c,
-        _as(epsilon, cdt),
-        red,
-        pooled=synchronized,
-        explicit_gradient=explicit_gradient,
-        wg=wg,
-    )
-    if pooled_count is not None:  # an empty replica takes the pooled update like the others
-        nonempty = pooled_count > 0
-    return _finish(
-        x, tf.reshape(yg, dims), mu, sigma, r_frac, d_frac, mean_c, std_c, momentum, state_dtype, c, nonempty,
-        selected,
-    )
+    vec_g = _Vectors(*(tf.reshape(v, gshape) for v in vec))
+    lim = _Limits(_as(opts.rmax, cdt), _as(opts.dmax, cdt), _as(opts.epsilon, cdt))
+    if groups.wg is not None:
+        stats = _grouped_masked(groups.xg, groups.wg, vec_g, lim, red, opts.synchronized, opts.explicit_gradient)
+    elif opts.synchronized or not opts.explicit_gradient:
+        stats = _grouped_autodiff(groups.xg, vec_g, lim, red, opts.synchronized)
+    else:
+        stats = _grouped_explicit(groups.xg, vec_g, lim, red)
+    if stats.nonempty is None:  # else pooled: an empty replica takes the pooled update like the others
+        stats = stats._replace(nonempty=nonempty)
+    return stats._replace(y=tf.reshape(stats.y, groups.dims))
 
 
-def _finish(x, y, mu, sigma, r_frac, d_frac, mean_c, std_c, momentum, state_dtype, c, nonempty=None,
-            selected=None):
-    """The state update and the output tuple.
+class _Groups(NamedTuple):
+    """A batch viewed as groups: ``xg`` (groups on axis 0), ``wg`` the mask so viewed or ``None``; ``dims`` of ``x``."""
 
-    The update is skipped where a statistic is not finite, and where the batch
-    is empty (``nonempty``: a scalar bool tensor, or ``None`` where the batch
-    is known to hold examples); the clip fractions of an empty batch are 0.
-    ``selected`` (with a mask): the number of selected positions per group;
-    the mean over groups then runs over those with one, per feature, and a
-    batch with none is empty.
+    xg: tf.Tensor
+    wg: tf.Tensor | None
+    dims: list
+
+
+def _grouped_view(x, xc, mask, ax, microbatch_size) -> _Groups:
+    """``xc`` (``x`` in the compute dtype) and the mask as groups on axis 0, the features on ``ax + 1``.
+
+    Micro-batches are a free reshape ``(B, ...) -> (G, k, ...)``: no transpose,
+    no Python loop over groups; the feature axis stays where it is. The whole
+    batch is the one group of ``(1, B, ...)``. The mask covers the positions
+    of ``x``, the feature axis of size 1 (bool).
     """
+    dims = _dims(x)
+    wg = None
+    if mask is not None:  # the positions of x, the feature axis of size 1
+        mshape = list(dims)
+        mshape[ax] = 1
+        wg = tf.broadcast_to(tf.expand_dims(mask, ax), mshape)
+    if microbatch_size is None:
+        xg = tf.expand_dims(xc, 0)  # (1, B, ...): one group
+        wg = None if wg is None else tf.expand_dims(wg, 0)
+    else:
+        xg = tf.reshape(xc, [-1, microbatch_size] + dims[1:])  # (G, k, ...)
+        wg = None if wg is None else tf.reshape(wg, [-1, microbatch_size] + mshape[1:])
+    return _Groups(xg, wg, dims)
+
+
+def _grouped_explicit(xg, vec: _Vectors, lim: _Limits, red) -> _TrainStats:
+    """Grouped training with the paper's explicit backward (the default; no mask, not pooled).
+
+    Corrected two-pass moments: ``xc = x - mu0`` around a first mean,
+    ``delta = mean(xc)``, ``var = mean(xc**2) - delta**2``, ``mu = mu0 + delta``
+    and ``d`` from ``(mu0 - mean) + delta``; the sums are matrix-vector products
+    with a vector of ones (:func:`_group_sum`). The backward is two reductions
+    (``sum(dy)``, ``sum(dy * xc)``) and ``dx = dy * a - xc * q + c`` with
+    per-(group, feature) vectors, instead of what autodiff derives from the
+    forward graph. ``vec`` is shaped to broadcast against ``xg``.
+    """
+    mean, stddev, rmax, dmax, epsilon = vec.mean, vec.stddev, lim.rmax, lim.dmax, lim.epsilon
+
+    @tf.custom_gradient
+    def forward(xv, gamma_v, beta_v):
+        # Corrected two-pass moments (Chan, Golub & LeVeque 1983): xc is centred
+        # on a first mean mu0; its sum gives the rounding error of mu0 (delta)
+        # and var = mean(xc**2) - delta**2, exact up to rounding even on
+        # offset data. Full-size work: three reductions, a subtraction and a square.
+        count = tf.cast(_count(xv, red), xv.dtype)
+        mu0 = _group_sum(xv, red) / count
+        xc = xv - mu0
+        delta = _group_sum(xc, red) / count
+        var = tf.maximum(_group_sum(tf.square(xc), red) / count - tf.square(delta), 0.0)
+        mu = mu0 + delta
+        sigma = tf.sqrt(var + epsilon)
+        # mu0 - mean is exact on offset data (both near the same value), so d
+        # keeps the accuracy that rounding mu0 + delta would lose.
+        r, d, r_frac, d_frac = _corrections(mu, sigma, mean, stddev, rmax, dmax, (mu0 - mean) + delta)
+        a = gamma_v * (r / sigma)
+        # y = (x - mu) * a + beta + gamma * d, as two full-size passes over xc.
+        y = xc * a + (beta_v + gamma_v * d - delta * a)
+
+        def grad(dy, *unused):
+            # The paper's backward with g = dy * gamma, per group, written as
+            #   dx = dy * a - (x - mu) * q - a * mean(dy),  q = a * mean(dy * (x - mu)) / sigma^2
+            # i.e. two reductions (sum(dy), sum(dy * xc)) and four element-wise passes.
+            sum_dy = _group_sum(dy, red)
+            sum_dyxc = _group_sum(dy * xc, red) - delta * sum_dy  # sum(dy * (x - mu))
+            q = a * sum_dyxc / (count * tf.square(sigma))
+            dx = dy * a - xc * q + (q * delta - a * sum_dy / count)
+            red_all = [0] + list(red)
+            dgamma = tf.reduce_sum((r / sigma) * sum_dyxc + d * sum_dy, axis=red_all, keepdims=True)
+            dbeta = tf.reduce_sum(sum_dy, axis=red_all, keepdims=True)
+            return dx, tf.reshape(dgamma, tf.shape(gamma_v)), tf.reshape(dbeta, tf.shape(beta_v))
+
+        return (y, mu, sigma, r_frac, d_frac), grad
+
+    y, mu, sigma, r_frac, d_frac = forward(xg, vec.gamma, vec.beta)
+    sg = tf.stop_gradient
+    return _TrainStats(y, sg(mu), sg(sigma), sg(r_frac), sg(d_frac))
+
+
+def _grouped_autodiff(xg, vec: _Vectors, lim: _Limits, red, pooled) -> _TrainStats:
+    """Grouped training differentiated by autodiff (``explicit_gradient=False``, or ``pooled``; no mask).
+
+    Pooled (``synchronized``): the moments of the global batch
+    (:func:`_pooled_moments`), whose all-reduce is differentiable, and
+    ``nonempty`` from the pooled count. Else plain two-pass moments
+    (:func:`_local_moments`).
+    """
+    nonempty = None
+    if pooled:
+        mu, var, count, _ = _pooled_moments(xg, red)
+        nonempty = count > 0
+    else:
+        mu, var = _local_moments(xg, red)
+    sigma = tf.sqrt(var + lim.epsilon)
+    r, d, r_frac, d_frac = _corrections(mu, sigma, vec.mean, vec.stddev, lim.rmax, lim.dmax)
+    y = (xg - mu) * (vec.gamma * r / sigma) + (vec.beta + vec.gamma * d)
+    return _TrainStats(y, tf.stop_gradient(mu), tf.stop_gradient(sigma), r_frac, d_frac, nonempty)
+
+
+def _local_moments(xv, red):
+    """Mean and biased two-pass variance of each group (``keepdims``); ``max(count, 1)`` where the size is dynamic."""
+    count = _count(xv, red)
+    if isinstance(count, int):
+        mu = tf.reduce_mean(xv, axis=red, keepdims=True)
+        var = tf.reduce_mean(tf.math.squared_difference(xv, tf.stop_gradient(mu)), axis=red, keepdims=True)
+    else:
+        mu = tf.reduce_sum(xv, axis=red, keepdims=True) / count
+        var = tf.reduce_sum(tf.math.squared_difference(xv, tf.stop_gradient(mu)), axis=red, keepdims=True)
+        var = var / count
+    return mu, var
+
+
+class _MaskedMoments(NamedTuple):
+    """The statistics of each group over its selected positions, and their corrections (grouped shapes).
+
+    ``selected``: the number of selected positions per group; ``count``: the
+    values per feature pooled over the replicas, ``None`` when not pooled.
+    """
+
+    mu: tf.Tensor
+    sigma: tf.Tensor
+    r: tf.Tensor
+    d: tf.Tensor
+    r_frac: tf.Tensor
+    d_frac: tf.Tensor
+    selected: tf.Tensor
+    count: tf.Tensor | None
+
+
+def _grouped_masked(xg, wg, vec: _Vectors, lim: _Limits, red, pooled, explicit_gradient) -> _TrainStats:
+    """Grouped training with a mask: moments over the selected positions of each group (:func:`_masked_moments`).
+
+    Masked calls never run the fused kernels. Pooled or with
+    ``explicit_gradient=False``, autodiff; else the paper's backward with the
+    sums over the whole group divided by the selected count ``n`` and the
+    statistics terms on the selected positions only::
+
+        dx = dy * a - where(w, a * (sum(dy) + (x - mu) * sum(dy * (x - mu)) / sigma^2) / n, 0)
+    """
+    zero = tf.zeros([], xg.dtype)
+    sg = tf.stop_gradient
+    if pooled or not explicit_gradient:
+        m = _masked_moments(xg, wg, zero, vec, lim, red, pooled)
+        y = (xg - m.mu) * (vec.gamma * m.r / m.sigma) + (vec.beta + vec.gamma * m.d)
+        nonempty = None if m.count is None else m.count > 0
+        return _TrainStats(y, sg(m.mu), sg(m.sigma), m.r_frac, m.d_frac, nonempty, sg(m.selected))
+
+    @tf.custom_gradient
+    def forward(xv, gamma_v, beta_v):
+        m = _masked_moments(xv, wg, zero, vec, lim, red, pooled=False)
+        xc = xv - m.mu
+        a = gamma_v * (m.r / m.sigma)
+        y = xc * a + (beta_v + gamma_v * m.d)
+
+        def grad(dy, *unused):
+            sum_dy = _group_sum(dy, red)
+            sum_dyxc = _group_sum(dy * xc, red)
+            div = tf.maximum(m.selected, 1.0)
+            dx = dy * a - tf.where(wg, a * (sum_dy + xc * (sum_dyxc / tf.square(m.sigma))) / div, zero)
+            red_all = [0] + list(red)
+            dgamma = tf.reduce_sum((m.r / m.sigma) * sum_dyxc + m.d * sum_dy, axis=red_all, keepdims=True)
+            dbeta = tf.reduce_sum(sum_dy, axis=red_all, keepdims=True)
+            return dx, tf.reshape(dgamma, tf.shape(gamma_v)), tf.reshape(dbeta, tf.shape(beta_v))
+
+        return (y, m.mu, m.sigma, m.r_frac, m.d_frac, m.selected), grad
+
+    y, mu, sigma, r_frac, d_frac, n = forward(xg, vec.gamma, vec.beta)
+    return _TrainStats(y, sg(mu), sg(sigma), sg(r_frac), sg(d_frac), None, sg(n))
+
+
+def _masked_moments(xv, wg, zero, vec: _Vectors, lim: _Limits, red, pooled) -> _MaskedMoments:
+    """Two-pass moments of ``where(wg, x, 0)`` divided by the selected count ``n`` (at least 1), per group.
+
+    Through ``tf.where`` unselected NaN or Inf never enter; pooled, the masked
+    sums and counts are (:func:`_pooled_moments`). Where ``n`` is 0 the moving
+    statistics stand in (``r = 1``, ``d = 0``), and the clip fractions count
+    the groups with ``n > 0`` only. ``zero``: a scalar 0 in ``xv``'s dtype.
+    """
+    count = None
+    if pooled:
+        mu, var, count, n = _pooled_moments(xv, red, wg)
+    else:
+        xs = tf.where(wg, xv, zero)
+        n = tf.reduce_sum(tf.cast(wg, xv.dtype), axis=red, keepdims=True)
+        div = tf.maximum(n, 1.0)
+        mu = tf.reduce_sum(xs, axis=red, keepdims=True) / div
+        sq = tf.where(wg, tf.math.squared_difference(xs, tf.stop_gradient(mu)), zero)
+        var = tf.reduce_sum(sq, axis=red, keepdims=True) / div
+    has = n > 0
+    mu = tf.where(has, mu, vec.mean)
+    sigma = tf.where(has, tf.sqrt(var + lim.epsilon), vec.stddev)
+    r, d, r_frac, d_frac = _corrections(mu, sigma, vec.mean, vec.stddev, lim.rmax, lim.dmax, valid=has)
+    return _MaskedMoments(mu, sigma, r, d, r_frac, d_frac, n, count)
+
+
+def _finish(call: _Call, momentum, stats: _TrainStats) -> BatchRenormOutput:
+    """The state update of a training route, and its output.
+
+    The update is skipped where a statistic is not finite (``finite`` is then
+    False: one bad batch cannot poison the state), and where the batch is empty
+    (``stats.nonempty``: where the batch size is only known at run time the
+    statistics divide by ``max(count, 1)``, finite on an empty batch, and the
+    update is selected with ``tf.where``; nothing else changes for ordinary
+    batches); the clip fractions of an empty batch are 0. With a mask
+    (``stats.selected``) the mean over groups runs over those with a selected
+    position, per feature, and a batch with none is empty.
+    """
+    mean_c, std_c = call.vec.mean, call.vec.stddev
     cdt = mean_c.dtype
+    c = int(mean_c.shape[0])
+    mu, sigma, nonempty, selected = stats.mu, stats.sigma, stats.nonempty, stats.selected
+    r_frac, d_frac = stats.r_frac, stats.d_frac
     finite = tf.reduce_all(tf.math.is_finite(mu)) & tf.reduce_all(tf.math.is_finite(sigma))
     update = finite if nonempty is None else finite & nonempty
     alpha = _as(1.0 - momentum, cdt)
@@ -853,8 +940,9 @@ def _finish(x, y, mu, sigma, r_frac, d_frac, mean_c, std_c, momentum, state_dtyp
         zero = tf.zeros([], r_frac.dtype)
         r_frac, d_frac = tf.where(nonempty, r_frac, zero), tf.where(nonempty, d_frac, zero)
         empty = tf.logical_not(nonempty)
+    state_dtype = call.moving_mean.dtype
     return BatchRenormOutput(
-        tf.cast(y, x.dtype),
+        tf.cast(stats.y, call.x.dtype),
         tf.cast(new_mean, state_dtype),
         tf.cast(new_std, state_dtype),
         r_frac,
@@ -862,3 +950,45 @@ def _finish(x, y, mu, sigma, r_frac, d_frac, mean_c, std_c, momentum, state_dtyp
         finite,
         empty,
     )
+
+
+def _count(xv, red):
+    """Values per feature in a group: a Python int where static, else ``max(count, 1)`` as a tensor.
+
+    The floor of 1 keeps the statistics of an empty batch finite (they are not used).
+    """
+    n = _prod([_dims(xv)[i] for i in red])
+    return n if isinstance(n, int) else tf.maximum(tf.cast(n, xv.dtype), 1.0)
+
+
+def _group_sum(v, red):
+    """Sum of ``v`` over the axes ``red`` (keepdims), as matrix products with vectors of ones.
+
+    ``v`` is a grouped view ``(G, ..., C, ...)`` and ``red`` every axis but the
+    group axis 0 and the feature axis. On CPU a matrix-vector product reads
+    ``v`` about 1.7x faster than ``reduce_sum`` over the same axes, at the same
+    float32 accuracy on the shapes measured.
+    """
+    nd = v.shape.rank
+    c_axis = [i for i in range(1, nd) if i not in red]
+    if len(c_axis) != 1:
+        return tf.reduce_sum(v, axis=red, keepdims=True)
+    ca = c_axis[0]
+    dims = _dims(v)
+    before = _prod(dims[1:ca])
+    after = _prod(dims[ca + 1:])
+    t = v
+    if not (isinstance(after, int) and after == 1):
+        t = tf.matmul(tf.reshape(t, [-1, after]), tf.ones([after, 1], v.dtype))  # (G * before * C, 1)
+    t = tf.reshape(t, [dims[0], before, dims[ca]])
+    if not (isinstance(before, int) and before == 1):
+        t = tf.matmul(tf.ones([1, before], v.dtype), t)  # (G, 1, C): the row of ones broadcasts over G
+    keep = [dims[0]] + [1] * (ca - 1) + [dims[ca]] + [1] * (nd - ca - 1)
+    return tf.reshape(t, keep)
+
+
+def _prod(values):
+    out = 1
+    for v in values:
+        out = out * v
+    return out
