@@ -349,6 +349,33 @@ class _Spec(NamedTuple):
     cdt: Any  # dtype of the statistics and the normalization
 
 
+class _GroupStats(NamedTuple):
+    """What the normalization measured, per group and feature (keepdims, in ``cdt``)."""
+
+    mu: jax.Array  # the group mean (the moving mean where no value is selected)
+    sigma: jax.Array  # sqrt(variance + epsilon) (the moving stddev where no value is selected)
+    r_raw: jax.Array  # sigma / stddev before the clip; NaN where mu or sigma is not finite
+    d_raw: jax.Array  # (mu - mean) / stddev before the clip; NaN likewise
+    n: Optional[jax.Array]  # the count of selected values; None without a mask
+
+
+class _Residuals(NamedTuple):
+    """What the explicit backward keeps: the input in its own dtype, the mask and per-feature values."""
+
+    xg: jax.Array
+    mg: Optional[jax.Array]
+    n: Optional[jax.Array]
+    scale: jax.Array
+    mu: jax.Array
+    sigma: jax.Array
+    r: jax.Array  # clipped
+    d: jax.Array  # clipped
+    mean: jax.Array
+    stddev: jax.Array
+    rmax: jax.Array
+    dmax: jax.Array
+
+
 def _varying(v) -> frozenset:
     """Mesh axes over which ``v`` varies inside ``shard_map`` (empty elsewhere)."""
     aval = jax.typeof(v)
@@ -373,10 +400,7 @@ def _renorm(spec: _Spec, xg, mg, scale, bias, mean, stddev, rmax, dmax):
     """Normalization of the grouped view, differentiated by autodiff.
 
     ``mg``: the grouped mask (bool) or ``None``. Returns ``y`` (grouped,
-    ``spec.out_dtype``) and ``(mu, sigma, r_raw, d_raw, n)`` per group and
-    feature (keepdims), ``r``/``d`` before the clip, ``n`` the count of
-    selected values (``None`` without a mask). Where ``n`` is 0, ``mu`` and
-    ``sigma`` are the moving statistics.
+    ``spec.out_dtype``) and its :class:`_GroupStats`.
     """
     config = spec.config
     cdt = spec.cdt
@@ -405,7 +429,7 @@ def _renorm(spec: _Spec, xg, mg, scale, bias, mean, stddev, rmax, dmax):
     if bias is not None:
         b = b + bias
     y = ((xf - mu) * a + b).astype(spec.out_dtype)
-    return y, (mu, sigma, r_raw, d_raw, n)
+    return y, _GroupStats(mu, sigma, r_raw, d_raw, n)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -415,12 +439,11 @@ def _renorm_explicit(spec: _Spec, xg, mg, scale, bias, mean, stddev, rmax, dmax)
 
 
 def _renorm_explicit_fwd(spec, xg, mg, scale, bias, mean, stddev, rmax, dmax):
-    y, aux = _renorm(spec, xg, mg, scale, bias, mean, stddev, rmax, dmax)
-    mu, sigma, r_raw, d_raw, n = aux
-    r = jnp.clip(r_raw, 1.0 / rmax, rmax)
-    d = jnp.clip(d_raw, -dmax, dmax)
-    # Residuals: the input in its own dtype (and the mask) and per-feature vectors only.
-    return (y, aux), (xg, mg, n, scale, mu, sigma, r, d, mean, stddev, rmax, dmax)
+    y, stats = _renorm(spec, xg, mg, scale, bias, mean, stddev, rmax, dmax)
+    r = jnp.clip(stats.r_raw, 1.0 / rmax, rmax)
+    d = jnp.clip(stats.d_raw, -dmax, dmax)
+    res = _Residuals(xg, mg, stats.n, scale, stats.mu, stats.sigma, r, d, mean, stddev, rmax, dmax)
+    return (y, stats), res
 
 
 def _renorm_explicit_bwd(spec, res, cotangents):
@@ -495,96 +518,174 @@ def train(
     x, info = checked_input(x, config, training=True, num_features=state.mean.shape[0])
     mask = checked_mask(mask, x)
     state = state._replace(step=step_count(state.step))
-    ax, num_features = info.axis, info.num_features
     cdt = _compute_dtype(x.dtype, dtype, config)
+    if x.shape[0] == 0:
+        return _empty_batch(x, params, state, config, dtype, cdt)
+    grouped = _grouped(x, mask, config, info)
+    mean, stddev = _moving_statistics(state, grouped.fshape, cdt)
+    rmax, dmax = _limits(config, state.step, cdt)
+    scale, bias = _scale_and_bias(params, grouped.fshape, cdt)
     out_dtype = x.dtype if dtype is None else dtype
-    batch = x.shape[0]
-    if batch == 0:
-        # No example, no statistic, no step. The output keeps its (zero) gradient path to the parameters.
-        rmax, dmax = _limits(config, state.step, cdt)
-        zero = jnp.zeros((), jnp.float32)
-        y = inference(x, params, state, config, dtype=dtype)
-        return y, state, Diagnostics(zero, zero, rmax, dmax, jnp.asarray(True), jnp.asarray(True))
-    groups = 1 if config.microbatch_size is None else batch // config.microbatch_size
+    spec = _Spec(config, grouped.axes, grouped.fshape, jnp.dtype(out_dtype), jnp.dtype(cdt))
+    yg, stats = _normalize(spec, grouped, scale, bias, mean, stddev, rmax, dmax)
+    y = yg.reshape(x.shape)
+    new_state, diagnostics = _state_update(state, stats, grouped.groups, config, cdt, rmax, dmax)
+    return y, new_state, diagnostics
 
+
+def _empty_batch(x, params, state: BatchRenormState, config: BatchRenormConfig, dtype, cdt):
+    """A batch of 0 examples: no statistic, no step, clip fractions 0.
+
+    The output is the inference output, so that it keeps its (zero) gradient
+    path to the parameters.
+    """
+    rmax, dmax = _limits(config, state.step, cdt)
+    zero = jnp.zeros((), jnp.float32)
+    y = inference(x, params, state, config, dtype=dtype)
+    return y, state, Diagnostics(zero, zero, rmax, dmax, jnp.asarray(True), jnp.asarray(True))
+
+
+class _Grouped(NamedTuple):
+    """The batch as the normalization sees it: ``(G, k, ...)`` micro-batches, or the batch itself."""
+
+    xg: jax.Array  # the input, grouped
+    mg: Optional[jax.Array]  # the mask (bool) in the same view, or None
+    groups: int  # G; 1 when the whole batch is one group (then xg is x: no group axis)
+    axes: tuple  # the reduced axes of xg: all but the group axis and the feature axis
+    fshape: tuple  # broadcast shape of a per-(group, feature) value
+
+
+def _grouped(x, mask, config: BatchRenormConfig, info) -> _Grouped:
+    """``x`` and ``mask`` split into the normalization groups (``info``: from :func:`checked_input`)."""
+    batch = x.shape[0]
+    groups = 1 if config.microbatch_size is None else batch // config.microbatch_size
     if groups == 1:
         # The whole batch is one group: no group axis (XLA's CPU backward is
         # much slower with a leading axis of size 1).
-        xg, mg, fax = x, mask, ax
+        xg, mg, fax = x, mask, info.axis
         axes = tuple(i for i in range(xg.ndim) if i != fax)
     else:
         # (B, ...) -> (G, k, ...): the feature axis moves one to the right.
         xg = x.reshape((groups, batch // groups) + x.shape[1:])
         mg = None if mask is None else mask.reshape(xg.shape)
-        fax = ax + 1
+        fax = info.axis + 1
         axes = tuple(i for i in range(1, xg.ndim) if i != fax)
-    fshape = _feature_shape(xg.ndim, fax, num_features)
+    return _Grouped(xg, mg, groups, axes, _feature_shape(xg.ndim, fax, info.num_features))
 
+
+def _moving_statistics(state: BatchRenormState, fshape, cdt):
+    """The moving ``mean`` and ``stddev`` in ``cdt``, shaped ``fshape``, constants for the gradient."""
     mean = lax.stop_gradient(state.mean).astype(cdt).reshape(fshape)
     stddev = lax.stop_gradient(state.stddev).astype(cdt).reshape(fshape)
-    rmax, dmax = _limits(config, state.step, cdt)
-    scale = _param(params, "scale")
-    bias = _param(params, "bias")
-    scale = None if scale is None else jnp.asarray(scale).astype(cdt).reshape(fshape)
-    bias = None if bias is None else jnp.asarray(bias).astype(cdt).reshape(fshape)
-    spec = _Spec(config, axes, fshape, jnp.dtype(out_dtype), jnp.dtype(cdt))
-    if config.explicit_backward:
-        ones = jnp.ones(fshape, cdt)
-        scale = _match_varying(ones if scale is None else scale, xg)
-        bias = _match_varying(0 * ones if bias is None else bias, xg)
-        yg, aux = _renorm_explicit(spec, xg, mg, scale, bias, mean, stddev, rmax, dmax)
-    else:
-        yg, aux = _renorm(spec, xg, mg, scale, bias, mean, stddev, rmax, dmax)
-    mu, sigma, r_raw, d_raw, n = (None if a is None else lax.stop_gradient(a) for a in aux)
-    y = yg.reshape(x.shape)
-
-    # Moving statistics: after y, mean over the groups (with a mask: those
-    # with a selected value, per feature), skipped when not finite.
-    mu_s = mu.reshape(groups, num_features)
-    sigma_s = sigma.reshape(groups, num_features)
-    finite = jnp.all(jnp.isfinite(mu_s)) & jnp.all(jnp.isfinite(sigma_s))
-    alpha = jnp.asarray(1.0 - config.momentum, cdt)
-    mean_v = state.mean.astype(cdt)
-    std_v = state.stddev.astype(cdt)
-    r_out = (r_raw < 1.0 / rmax) | (r_raw > rmax)
-    d_out = (d_raw < -dmax) | (d_raw > dmax)
-    if n is None:
-        batch_mean, batch_std, update, empty = jnp.mean(mu_s, 0), jnp.mean(sigma_s, 0), finite, jnp.asarray(False)
-        r_clipped = jnp.mean(r_out, dtype=jnp.float32)
-        d_clipped = jnp.mean(d_out, dtype=jnp.float32)
-    else:
-        has = (n > 0).reshape(groups, num_features)
-        used = jnp.sum(has, 0)  # per feature: the groups with a statistic
-        div = jnp.maximum(used, 1).astype(cdt)
-        batch_mean = jnp.sum(jnp.where(has, mu_s, 0), 0) / div
-        batch_std = jnp.sum(jnp.where(has, sigma_s, 0), 0) / div
-        update = finite & (used > 0)
-        total = jnp.maximum(jnp.sum(has), 1).astype(jnp.float32)
-        r_clipped = jnp.sum(r_out.reshape(has.shape) & has, dtype=jnp.float32) / total
-        d_clipped = jnp.sum(d_out.reshape(has.shape) & has, dtype=jnp.float32) / total
-        empty = ~jnp.any(has)
-    new_mean = jnp.where(update, mean_v + alpha * (batch_mean - mean_v), mean_v)
-    new_std = jnp.where(update, std_v + alpha * (batch_std - std_v), std_v)
-    new_state = BatchRenormState(
-        lax.stop_gradient(new_mean.astype(state.mean.dtype)),
-        lax.stop_gradient(new_std.astype(state.stddev.dtype)),
-        state.step + (~empty).astype(state.step.dtype),
-    )
-    diagnostics = Diagnostics(
-        r_clipped=r_clipped,
-        d_clipped=d_clipped,
-        rmax=rmax,
-        dmax=dmax,
-        finite=finite,
-        empty=empty,
-    )
-    return y, new_state, diagnostics
+    return mean, stddev
 
 
 def _limits(config: BatchRenormConfig, step, cdt):
     """``(rmax, dmax)`` at ``step``, evaluated in at least float32 (a bfloat16 step count is coarse), in ``cdt``."""
     rmax, dmax = config.schedule.limits(step.astype(compute_dtype(cdt)), clip=jnp.clip)
     return jnp.asarray(rmax).astype(cdt), jnp.asarray(dmax).astype(cdt)
+
+
+def _scale_and_bias(params: Optional[Mapping], fshape, cdt):
+    """``params``' ``scale`` and ``bias`` in ``cdt``, shaped ``fshape``; ``None`` for a missing one."""
+    scale = _param(params, "scale")
+    bias = _param(params, "bias")
+    scale = None if scale is None else jnp.asarray(scale).astype(cdt).reshape(fshape)
+    bias = None if bias is None else jnp.asarray(bias).astype(cdt).reshape(fshape)
+    return scale, bias
+
+
+def _normalize(spec: _Spec, grouped: _Grouped, scale, bias, mean, stddev, rmax, dmax):
+    """``y`` of the grouped view and its :class:`_GroupStats` (under ``stop_gradient``).
+
+    By the explicit backward (``config.explicit_backward``) or by autodiff. The
+    custom VJP returns a cotangent for each parameter: a missing ``scale`` is
+    passed as 1 and a missing ``bias`` as 0.
+    """
+    if spec.config.explicit_backward:
+        ones = jnp.ones(spec.fshape, spec.cdt)
+        scale = _match_varying(ones if scale is None else scale, grouped.xg)
+        bias = _match_varying(0 * ones if bias is None else bias, grouped.xg)
+        yg, stats = _renorm_explicit(spec, grouped.xg, grouped.mg, scale, bias, mean, stddev, rmax, dmax)
+    else:
+        yg, stats = _renorm(spec, grouped.xg, grouped.mg, scale, bias, mean, stddev, rmax, dmax)
+    return yg, _GroupStats(*(None if v is None else lax.stop_gradient(v) for v in stats))
+
+
+def _state_update(state: BatchRenormState, stats: _GroupStats, groups: int, config: BatchRenormConfig, cdt, rmax, dmax):
+    """``(new_state, diagnostics)`` of a step whose groups measured ``stats``.
+
+    The moving statistics move by ``1 - momentum`` towards the mean over groups
+    (with a mask: those with a selected value, per feature) of ``mu_g`` and
+    ``sigma_g``, and are kept when a statistic is not finite; ``step`` advances
+    unless no value was selected.
+    """
+    num_features = state.mean.shape[0]
+    mu_s = stats.mu.reshape(groups, num_features)
+    sigma_s = stats.sigma.reshape(groups, num_features)
+    finite = jnp.all(jnp.isfinite(mu_s)) & jnp.all(jnp.isfinite(sigma_s))
+    alpha = jnp.asarray(1.0 - config.momentum, cdt)
+    mean_v = state.mean.astype(cdt)
+    std_v = state.stddev.astype(cdt)
+    r_out = (stats.r_raw < 1.0 / rmax) | (stats.r_raw > rmax)
+    d_out = (stats.d_raw < -dmax) | (stats.d_raw > dmax)
+    if stats.n is None:
+        averages = _over_groups(mu_s, sigma_s, finite, r_out, d_out)
+    else:
+        averages = _over_selected_groups(mu_s, sigma_s, finite, r_out, d_out, stats.n, cdt)
+    new_mean = jnp.where(averages.update, mean_v + alpha * (averages.mean - mean_v), mean_v)
+    new_std = jnp.where(averages.update, std_v + alpha * (averages.stddev - std_v), std_v)
+    new_state = BatchRenormState(
+        lax.stop_gradient(new_mean.astype(state.mean.dtype)),
+        lax.stop_gradient(new_std.astype(state.stddev.dtype)),
+        state.step + (~averages.empty).astype(state.step.dtype),
+    )
+    diagnostics = Diagnostics(
+        r_clipped=averages.r_clipped,
+        d_clipped=averages.d_clipped,
+        rmax=rmax,
+        dmax=dmax,
+        finite=finite,
+        empty=averages.empty,
+    )
+    return new_state, diagnostics
+
+
+class _GroupAverages(NamedTuple):
+    """Per feature, over the groups that have a statistic: what the state moves towards, and the clip fractions."""
+
+    mean: jax.Array  # mean of mu_g
+    stddev: jax.Array  # mean of sigma_g
+    update: jax.Array  # () bool: move the moving statistics (every statistic finite, some value selected)
+    empty: jax.Array  # () bool: no value selected at all (then no step)
+    r_clipped: jax.Array  # fraction of the r entries with a statistic that the clip changed
+    d_clipped: jax.Array
+
+
+def _over_groups(mu_s, sigma_s, finite, r_out, d_out) -> _GroupAverages:
+    """Without a mask every group has a statistic (``mu_s``, ``sigma_s``: shape ``(G, C)``)."""
+    return _GroupAverages(
+        mean=jnp.mean(mu_s, 0),
+        stddev=jnp.mean(sigma_s, 0),
+        update=finite,
+        empty=jnp.asarray(False),
+        r_clipped=jnp.mean(r_out, dtype=jnp.float32),
+        d_clipped=jnp.mean(d_out, dtype=jnp.float32),
+    )
+
+
+def _over_selected_groups(mu_s, sigma_s, finite, r_out, d_out, n, cdt) -> _GroupAverages:
+    """With a mask: per feature, the groups with a selected value (``n > 0``)."""
+    has = (n > 0).reshape(mu_s.shape)
+    used = jnp.sum(has, 0)  # per feature: the groups with a statistic
+    div = jnp.maximum(used, 1).astype(cdt)
+    batch_mean = jnp.sum(jnp.where(has, mu_s, 0), 0) / div
+    batch_std = jnp.sum(jnp.where(has, sigma_s, 0), 0) / div
+    update = finite & (used > 0)
+    total = jnp.maximum(jnp.sum(has), 1).astype(jnp.float32)
+    r_clipped = jnp.sum(r_out.reshape(has.shape) & has, dtype=jnp.float32) / total
+    d_clipped = jnp.sum(d_out.reshape(has.shape) & has, dtype=jnp.float32) / total
+    return _GroupAverages(batch_mean, batch_std, update, ~jnp.any(has), r_clipped, d_clipped)
 
 
 def inference(
