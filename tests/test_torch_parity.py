@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from parity import CASE_IDS, CASES, TOL, assert_close, make_params, make_steps, rel_err
+from parity import CASE_IDS, CASES, TOL, Case, assert_close, make_params, make_steps, rel_err
 
 from renorm.numpy_ref import BatchRenormReference
 from renorm.torch import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
@@ -151,6 +151,39 @@ REDUCED = [c for c in CASES if c.name in ("dense_mb2", "nhwc_mb2_tight", "nchw_a
 def test_parity_reduced_precision(case, dtype):
     """float16/bfloat16 inputs, float32 parameters and statistics (docs/SPEC.md, section 8)."""
     run_parity(case, 0.5, dtype)
+
+
+# The eager speed paths of renorm/torch/functional.py that the registry's small spatial sizes (<= 9 values)
+# do not reach: one batched product per (example, feature) row (_bmm_dot: contiguous layouts, 16 to 256
+# values), the in-place product, sum and refill above 256 values and for channels-last inputs, and the
+# grouped sequence. Each against the oracle like the registry; `bmm` says which path the case must take.
+SPEED_CASES = [
+    (Case("nchw_4x4_mb4_tight", (8, 3, 4, 4), axis=1, microbatch_size=4, rmax=1.2, dmax=0.2, steps=3), True),
+    (Case("nchw_8x8_mb2", (4, 3, 8, 8), axis=1, microbatch_size=2, rmax=1.3, dmax=0.3, steps=3), True),
+    (Case("seq_axis1_L20_mb2", (4, 3, 20), axis=1, microbatch_size=2, rmax=1.3, dmax=0.3, steps=3), True),
+    (Case("nchw_32x32_mb2", (4, 2, 32, 32), axis=1, microbatch_size=2, rmax=1.3, dmax=0.3, steps=3), False),
+    (Case("nhwc_8x8_mb2", (4, 8, 8, 3), microbatch_size=2, rmax=1.3, dmax=0.3, steps=3), False),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float64-autodiff", "float32", "bfloat16"])
+@pytest.mark.parametrize("case,bmm", SPEED_CASES, ids=[c.name for c, _ in SPEED_CASES])
+def test_parity_eager_speed_paths(case, bmm, dtype, monkeypatch):
+    import renorm.torch.functional as F
+
+    taken = []
+    dot = F._bmm_dot
+
+    def spy(u, v):
+        out = dot(u, v)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(F, "_bmm_dot", spy)
+    autodiff = dtype.endswith("autodiff")
+    run_parity(case, 0.5, dtype.split("-")[0], explicit_backward=not autodiff)
+    if not autodiff:  # forward and backward of every step
+        assert taken and all(t == bmm for t in taken), (case.name, taken)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in ("dense_mb2", "schedule")], ids=lambda c: c.name)
