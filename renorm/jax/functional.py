@@ -1,82 +1,26 @@
 """Batch Renormalization as pure JAX functions (the core of the Flax modules).
 
-Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
-Batch-Normalized Models", NeurIPS 2017, arXiv:1702.03275, Algorithm 1,
-extended with micro-batches (``docs/SPEC.md``). Per normalization group
-``g`` (``G = B / k`` groups of ``k`` consecutive examples, or the whole batch)
-and feature ``c``::
+Ioffe's Algorithm 1 (arXiv:1702.03275) extended with micro-batches, as
+``docs/SPEC.md`` specifies it: sections 3 "Training step" (masks, non-finite
+batches), 6 "Backward pass", 8 "Numerics and precision" (dtypes, the two-pass
+variance) and 11 "Cross-replica statistics" (``axis_name``). Particular to
+this port:
 
-    mu_g    = mean(x)                                 over the group
-    sigma_g = sqrt(mean((x - mu_g)**2) + epsilon)     biased, two-pass
-    r_g     = stop_gradient(clip(sigma_g / stddev, 1/rmax(t), rmax(t)))
-    d_g     = stop_gradient(clip((mu_g - mean) / stddev, -dmax(t), dmax(t)))
-    y       = scale * ((x - mu_g) / sigma_g * r_g + d_g) + bias
-
-then ``mean``/``stddev`` move by ``1 - momentum`` towards the mean over groups
-of ``mu_g``/``sigma_g``, and ``step`` advances. Inference is
-``y = scale * (x - mean) / stddev + bias``.
-
-Numerics, written once here:
-
-- Reductions run in at least float32 (float64 stays float64): bfloat16 and
-  float16 inputs are upcast for the statistics and the normalization, and
-  the output is cast back to the input dtype (or ``dtype`` when given).
-  ``force_float32_reductions=False`` (as in ``flax.linen.BatchNorm``) skips
-  the upcast: everything runs in ``dtype``, or the input's dtype when
-  ``dtype`` is None (the clipping schedule is still evaluated in at least
-  float32, then rounded).
-- The variance is two-pass, ``mean((x - mu)**2)``. ``use_fast_variance=True``
-  uses ``E[x^2] - E[x]^2`` instead (one pass, one collective), which cancels
-  to 0 on offset data such as ``1000 + 0.01 * noise`` in float32 and then
-  gives a wrong ``r``; it is off by default (Flax's ``BatchNorm`` has it on).
-- The per-feature affine map is folded once: ``y = (x - mu_g) * a + b`` with
-  ``a = scale * r / sigma_g`` and ``b = bias + scale * d``, one elementwise
-  pass over ``x`` (subtracting ``mu_g`` first keeps offset data exact).
-- Micro-batches are a free reshape ``(B, ...) -> (G, k, ...)``: no transpose,
-  no Python loop. The feature axis stays where it is.
-- With ``axis_name`` the per-device moments are averaged with ``lax.pmean``
-  (over ``axis_index_groups`` when given), so the statistics are those of the
-  concatenated global batch (equal per-device batch sizes).
-- If a batch statistic is NaN or Inf (NaN/Inf input, or a variance that
-  overflows: ``|x - mu|`` beyond about ``1.8e19`` in float32) the moving
-  statistics are kept (the step counter still advances), so one bad batch
-  cannot poison the state; ``r`` and ``d`` of that group and feature are NaN,
-  and so are its outputs: a non-finite statistic never gives a
-  finite-looking output (the clip would turn ``sigma = inf`` into
-  ``r = rmax`` and the output into the constant ``bias + scale * d``).
-- Masks, as in Flax (``mask`` broadcastable to ``x``, True or nonzero
-  selects; ``docs/SPEC.md``, section 3): the moments of a group and feature
-  are those of its selected values (``where``, so that unselected NaN or Inf
-  never enter; with ``axis_name`` the sums and counts are pooled, so that
-  devices with different counts weigh by their counts). Every value is
-  normalized with its group's statistics. A group and feature with no
-  selected value is normalized with the moving statistics (``r = 1``,
-  ``d = 0``), leaves that feature's moving statistics to the other groups and
-  is not counted in the clip fractions; a call with no selected value at
-  all returns the state unchanged, ``step`` included (``Diagnostics.empty``).
-- A batch of 0 examples is no step: the output is empty (computed as in
-  inference, so gradients are zeros), the state (statistics and ``step``) is
-  returned unchanged, the clip fractions are 0. Shapes are static, so this is
-  a trace-time branch, free for ordinary batches. Every device of a mapped
-  axis (``pmap``, ``shard_map``) has the same shape, so with ``axis_name`` a
-  device is empty only when all are, and the pooled statistics never mix in
-  an empty device.
-
-Gradients: ``r`` and ``d`` are constants (``stop_gradient``), as in the
-paper, and the state update carries no gradient. By default
-(``explicit_backward=True``) the input gradient is the paper's explicit
-backward, as a ``jax.custom_vjp``, per group with ``g = dy * scale``::
-
-    dx = r / sigma * (g - mean(g) - (x - mu) * mean(g * (x - mu)) / sigma**2)
-
-(with a mask, the two means are sums over the whole group divided by the
-number of selected values, and the subtracted terms apply to the selected
-values only). It keeps only the input (in its own dtype) and per-feature vectors for the
-backward pass, and is faster than autodiff through the two-pass moments
-(which keeps ``x - mu`` in float32). ``explicit_backward=False`` uses plain
-autodiff, the tested reference; use it also for forward-mode
-differentiation (``jax.jvp``, ``jax.jacfwd``), which a custom VJP does not
-support.
+- ``use_fast_variance=True`` (``E[x^2] - E[x]^2``, off by default) saves a
+  pass over ``x`` and, with ``axis_name``, a collective.
+- In float32 a variance overflows (and the moving statistics are kept) once
+  ``|x - mu|`` exceeds about ``1.8e19``.
+- A batch of 0 examples is a trace-time branch (shapes are static), free for
+  ordinary batches; its output is computed as in inference, so its gradients
+  are zeros. Every device of a mapped axis (``pmap``, ``shard_map``) has the
+  same shape, so with ``axis_name`` a device is empty only when all are, and
+  the pooled statistics never mix in an empty device.
+- The explicit backward (``explicit_backward=True``, the default) is a
+  ``jax.custom_vjp`` that keeps only the input (in its own dtype), the mask
+  and per-feature vectors; it is faster than autodiff through the two-pass
+  moments, which keeps ``x - mu`` in float32. ``explicit_backward=False`` is
+  plain autodiff, the tested reference, and the one to use for forward-mode
+  differentiation (``jax.jvp``, ``jax.jacfwd``).
 """
 
 from __future__ import annotations
@@ -399,6 +343,10 @@ def _match_varying(v, like):
 def _renorm(spec: _Spec, xg, mg, scale, bias, mean, stddev, rmax, dmax):
     """Normalization of the grouped view, differentiated by autodiff.
 
+    The per-feature affine map is folded once: ``y = (x - mu_g) * a + b`` with
+    ``a = scale * r / sigma_g`` and ``b = bias + scale * d``, one elementwise
+    pass over ``x`` (subtracting ``mu_g`` first keeps offset data exact).
+
     ``mg``: the grouped mask (bool) or ``None``. Returns ``y`` (grouped,
     ``spec.out_dtype``) and its :class:`_GroupStats`.
     """
@@ -505,7 +453,7 @@ def train(
       dtype: output dtype (default: ``x.dtype``).
       mask: optional, broadcastable to ``x`` (True or nonzero selects), as
         ``flax.linen.BatchNorm`` takes it: the statistics are those of the
-        selected values, per group and feature (see the module docstring).
+        selected values, per group and feature (``docs/SPEC.md``, section 3, "Masks").
 
     Returns:
       ``(y, new_state, diagnostics)``. The new state keeps the dtypes of
@@ -556,7 +504,11 @@ class _Grouped(NamedTuple):
 
 
 def _grouped(x, mask, config: BatchRenormConfig, info) -> _Grouped:
-    """``x`` and ``mask`` split into the normalization groups (``info``: from :func:`checked_input`)."""
+    """``x`` and ``mask`` split into the normalization groups (``info``: from :func:`checked_input`).
+
+    Micro-batches are a free reshape ``(B, ...) -> (G, k, ...)``: no
+    transpose, no Python loop.
+    """
     batch = x.shape[0]
     groups = 1 if config.microbatch_size is None else batch // config.microbatch_size
     if groups == 1:

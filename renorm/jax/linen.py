@@ -49,6 +49,7 @@ class BatchRenorm(nn.Module):
         y = scale * ((x - mu_g) / sigma_g * r + d) + bias
 
     and at inference ``y = scale * (x - mean) / stddev + bias``. See
+    ``docs/SPEC.md`` (section 8, "Numerics and precision") and
     :mod:`renorm.jax.functional` for the numerics.
 
     Variables: params ``scale``, ``bias`` (shape ``(C,)``, ``param_dtype``);
