@@ -1,36 +1,9 @@
 """Batch Renormalization in ``keras.ops``: the math of the Keras layer on every Keras 3 backend.
 
-Ioffe, "Batch Renormalization", arXiv:1702.03275, Algorithm 1, with
-micro-batches and masks (``docs/SPEC.md``, sections 2-4). The TensorFlow
-backend does not run this module: there the layer calls the fused TF kernels
-of :mod:`renorm.tf.ops` (its fast path). On JAX and PyTorch, shapes are
-known when a function is traced, so every check of ``docs/SPEC.md``, section
-10, is made in Python before any op runs, and an empty batch takes a Python
-branch.
-
-Numerics, written once here (the rules of :mod:`renorm.tf.ops`):
-
-- Statistics and normalization run in float64 for float64 inputs and in
-  float32 for float32, float16 and bfloat16; the output is in the input's
-  dtype, the new state in the state's.
-- Micro-batches are a free reshape ``(B, ...) -> (G, k, ...)``; the whole
-  batch is reduced as it is, without a group axis of size 1 (with one, XLA's
-  CPU backward was about 8x slower on a ``(4096, 1024)`` input).
-- Two-pass variance, ``mean((x - mu)**2)`` (never ``E[x^2] - E[x]^2``).
-  Means are sums divided by counts: ``keras.ops.mean`` reduces a float64
-  input in float32 on the JAX backend (Keras 3.15).
-- ``y = (x - mu_g) * a + b`` with ``a = gamma * r / sigma_g`` and
-  ``b = beta + gamma * d``; ``r``, ``d`` are constants for the gradient.
-- ``explicit_gradient=True``: the backward is the paper's formula, via
-  ``keras.ops.custom_gradient`` (JAX), two reductions and a few element-wise
-  passes; on other backends, and with ``explicit_gradient=False``, autodiff
-  of the forward. Both are held to the oracle by the tests.
-- Where a group's ``mu_g`` or ``sigma_g`` is NaN or Inf, its ``r`` and ``d``
-  are NaN (so is its output) and the moving statistics keep their values.
-- Masks (Keras' rule: the input's shape without the feature axis): the
-  moments of a group are those of its selected positions; a group with none
-  is normalized with the moving statistics and takes no part in the update
-  or the clip fractions; a batch that selects nothing is no step (``empty``).
+Ioffe, arXiv:1702.03275, Algorithm 1, with micro-batches and masks, computed as ``docs/SPEC.md`` states
+it (sections 2-6; dtypes and the two-pass variance: section 8, "Numerics and precision"). The TensorFlow
+backend runs :mod:`renorm.tf.ops` instead (its fused kernels). On JAX and PyTorch shapes are known when
+traced: every check of section 10 is made in Python before any op runs; an empty batch is a Python branch.
 """
 
 from __future__ import annotations
@@ -166,16 +139,31 @@ def _affine_explicit(xg, gamma, beta, mu, sigma, r, d, w, div, red):
     return forward(xg, gamma, beta, mu, sigma, r, d, w, div)
 
 
+class _Limits(NamedTuple):
+    """``rmax``, ``dmax`` and ``epsilon`` of a step in the compute dtype."""
+
+    rmax: object
+    dmax: object
+    epsilon: object
+
+
 def train(x, gamma, beta, mean, stddev, *, rmax, dmax, momentum, epsilon, axis, microbatch_size,
           explicit_gradient=True, mask=None) -> KerasRenormOutput:
     """One training step on checked inputs (``axis`` non-negative, ``mask`` bool or ``None``).
 
     ``rmax``, ``dmax``: the limits of this step (numbers or scalar tensors).
-    Returns the output and the new moving statistics and clip fractions.
+    Returns the output and the new moving statistics and clip fractions. The
+    steps: the grouped view (:func:`_groups`, :func:`_grouped_mask`), the
+    statistics (:func:`_moments` or :func:`_masked_moments`), the output
+    ``y = (x - mu_g) * a + b`` with ``a = gamma * r / sigma_g`` and
+    ``b = beta + gamma * d``, and the state update (:func:`_update`). With
+    ``explicit_gradient=True`` the backward is the paper's formula, two
+    reductions and a few element-wise passes (:func:`_affine_explicit`),
+    where the backend allows it (JAX); elsewhere, and with
+    ``explicit_gradient=False``, autodiff of the forward.
     """
     cdt = compute_dtype(x.dtype)
     state_dtype = keras.backend.standardize_dtype(mean.dtype)
-    nd = len(x.shape)
     c = int(mean.shape[0])
     dims = [int(s) for s in x.shape]
     mean_c, std_c = ops.cast(mean, cdt), ops.cast(stddev, cdt)
@@ -185,72 +173,134 @@ def train(x, gamma, beta, mean, stddev, *, rmax, dmax, momentum, epsilon, axis, 
         return KerasRenormOutput(y, mean, stddev, zero32, zero32, True)
     gamma_c = ops.ones((c,), cdt) if gamma is None else ops.cast(gamma, cdt)
     beta_c = ops.zeros((c,), cdt) if beta is None else ops.cast(beta, cdt)
-    if microbatch_size is None:
-        # The whole batch is the group: x as it is, reduced over every axis but the features. (A leading
-        # group axis of size 1 would make XLA's CPU backward reductions about 10x slower.)
-        gdims, fax = dims, axis
-        red = [i for i in range(nd) if i != axis]
-    else:
-        k = microbatch_size
-        gdims, fax = [dims[0] // k, k] + dims[1:], axis + 1  # (G, k, ...): a free reshape
-        red = [i for i in range(1, nd + 1) if i != fax]
-    xg = ops.reshape(ops.cast(x, cdt), gdims)
-    gshape = _fshape(len(gdims), fax, c)
+    groups = _groups(dims, axis, microbatch_size)
+    xg = ops.reshape(ops.cast(x, cdt), groups.dims)
+    gshape = _fshape(len(groups.dims), groups.axis, c)
 
     def shaped(v):
         return ops.reshape(v, gshape)
 
     mean_g, std_g = shaped(mean_c), shaped(std_c)
-    rmax_c, dmax_c = ops.cast(rmax, cdt), ops.cast(dmax, cdt)
-    eps = ops.cast(epsilon, cdt)
-    wg = None
-    if mask is not None:  # the positions of x, the feature axis of size 1
-        mdims = list(dims)
-        mdims[axis] = 1
-        wg = ops.broadcast_to(ops.expand_dims(mask, axis), mdims)
-        if microbatch_size is not None:
-            wg = ops.reshape(wg, [gdims[0], microbatch_size] + mdims[1:])
-    if wg is None:
-        count = math.prod(gdims[i] for i in red)
-        # Sums divided by the count: keras.ops.mean reduces float64 in float32 on JAX (Keras 3.15).
-        mu = ops.sum(xg, axis=red, keepdims=True) / count
-        var = ops.sum(ops.square(xg - ops.stop_gradient(mu)), axis=red, keepdims=True) / count
-        sigma = ops.sqrt(var + eps)
-        r, d, r_frac, d_frac = _corrections(mu, sigma, mean_g, std_g, rmax_c, dmax_c)
-        div = ops.full((), float(count), cdt)
-        has = None
+    lim = _Limits(ops.cast(rmax, cdt), ops.cast(dmax, cdt), ops.cast(epsilon, cdt))
+    if mask is None:
+        wg, m = None, _moments(xg, groups, mean_g, std_g, lim, cdt)
     else:
-        zero = ops.zeros((), cdt)
-        n = ops.sum(ops.cast(wg, cdt), axis=red, keepdims=True)
-        div = ops.maximum(n, 1.0)
-        xs = ops.where(wg, xg, zero)
-        mu = ops.sum(xs, axis=red, keepdims=True) / div
-        var = ops.sum(ops.where(wg, ops.square(xs - ops.stop_gradient(mu)), zero), axis=red, keepdims=True) / div
-        has = ops.greater(n, 0.0)
-        mu = ops.where(has, mu, mean_g)
-        sigma = ops.where(has, ops.sqrt(var + eps), std_g)
-        r, d, r_frac, d_frac = _corrections(mu, sigma, mean_g, std_g, rmax_c, dmax_c, valid=has)
+        wg = _grouped_mask(mask, dims, axis, groups.dims, microbatch_size)
+        m = _masked_moments(xg, wg, groups.red, mean_g, std_g, lim, cdt)
     if explicit_gradient and _explicit_backward_available():
-        w = None if wg is None else ops.cast(wg, cdt)
+        w = ops.ones((1,) * len(groups.dims), cdt) if wg is None else ops.cast(wg, cdt)
         sg = ops.stop_gradient
-        if w is None:
-            w = ops.ones((1,) * len(gdims), cdt)
-        yg = _affine_explicit(xg, shaped(gamma_c), shaped(beta_c), sg(mu), sg(sigma), r, d, w, sg(div), red)
+        yg = _affine_explicit(xg, shaped(gamma_c), shaped(beta_c), sg(m.mu), sg(m.sigma), m.r, m.d, w, sg(m.div),
+                              groups.red)
     else:
-        yg = (xg - mu) * (shaped(gamma_c) * r / sigma) + (shaped(beta_c) + shaped(gamma_c) * d)
+        yg = (xg - m.mu) * (shaped(gamma_c) * m.r / m.sigma) + (shaped(beta_c) + shaped(gamma_c) * m.d)
     y = ops.cast(ops.reshape(yg, dims), x.dtype)
+    return _update(y, m, mean_c, std_c, momentum, state_dtype, zero32)
 
-    mu, sigma = ops.stop_gradient(mu), ops.stop_gradient(sigma)
+
+class _Groups(NamedTuple):
+    """The grouped view of a batch: its ``dims``, its feature ``axis`` and the axes ``red`` reduced per group."""
+
+    dims: list
+    axis: int
+    red: list
+
+
+def _groups(dims, axis, microbatch_size) -> _Groups:
+    """The whole batch as it is, or micro-batches as the free reshape ``(B, ...) -> (G, k, ...)``.
+
+    The whole batch is the group: ``x`` as it is, reduced over every axis but
+    the features, without a leading group axis of size 1 (with one, XLA's CPU
+    backward was about 8x slower on a ``(4096, 1024)`` input; ``docs/keras.md``,
+    "Two pitfalls found on the way").
+    """
+    nd = len(dims)
+    if microbatch_size is None:
+        return _Groups(dims, axis, [i for i in range(nd) if i != axis])
+    k = microbatch_size
+    fax = axis + 1
+    return _Groups([dims[0] // k, k] + dims[1:], fax, [i for i in range(1, nd + 1) if i != fax])
+
+
+def _grouped_mask(mask, dims, axis, gdims, microbatch_size):
+    """The mask over the positions of ``x`` (the feature axis of size 1), in the grouped view ``gdims``."""
+    mdims = list(dims)
+    mdims[axis] = 1
+    wg = ops.broadcast_to(ops.expand_dims(mask, axis), mdims)
+    if microbatch_size is not None:
+        wg = ops.reshape(wg, [gdims[0], microbatch_size] + mdims[1:])
+    return wg
+
+
+class _Moments(NamedTuple):
+    """The statistics of each group and their corrections, in the grouped view.
+
+    ``div`` is the divisor of the explicit backward (the values per group, or
+    the selected ones, at least 1); ``has`` (with a mask) whether a group has a
+    selected position, ``None`` without a mask.
+    """
+
+    mu: object
+    sigma: object
+    r: object
+    d: object
+    r_frac: object
+    d_frac: object
+    div: object
+    has: object
+
+
+def _moments(xg, groups: _Groups, mean_g, std_g, lim: _Limits, cdt) -> _Moments:
+    """Two-pass moments of each group, ``mean((x - mu)**2)``, with their corrections.
+
+    Means are sums divided by counts: ``keras.ops.mean`` reduces a float64
+    input in float32 on the JAX backend (Keras 3.15).
+    """
+    red = groups.red
+    count = math.prod(groups.dims[i] for i in red)
+    mu = ops.sum(xg, axis=red, keepdims=True) / count
+    var = ops.sum(ops.square(xg - ops.stop_gradient(mu)), axis=red, keepdims=True) / count
+    sigma = ops.sqrt(var + lim.epsilon)
+    r, d, r_frac, d_frac = _corrections(mu, sigma, mean_g, std_g, lim.rmax, lim.dmax)
+    div = ops.full((), float(count), cdt)
+    return _Moments(mu, sigma, r, d, r_frac, d_frac, div, None)
+
+
+def _masked_moments(xg, wg, red, mean_g, std_g, lim: _Limits, cdt) -> _Moments:
+    """:func:`_moments` over the selected positions of each group; the moving statistics where there is none."""
+    zero = ops.zeros((), cdt)
+    n = ops.sum(ops.cast(wg, cdt), axis=red, keepdims=True)
+    div = ops.maximum(n, 1.0)
+    xs = ops.where(wg, xg, zero)
+    mu = ops.sum(xs, axis=red, keepdims=True) / div
+    var = ops.sum(ops.where(wg, ops.square(xs - ops.stop_gradient(mu)), zero), axis=red, keepdims=True) / div
+    has = ops.greater(n, 0.0)
+    mu = ops.where(has, mu, mean_g)
+    sigma = ops.where(has, ops.sqrt(var + lim.epsilon), std_g)
+    r, d, r_frac, d_frac = _corrections(mu, sigma, mean_g, std_g, lim.rmax, lim.dmax, valid=has)
+    return _Moments(mu, sigma, r, d, r_frac, d_frac, div, has)
+
+
+def _update(y, m: _Moments, mean_c, std_c, momentum, state_dtype, zero32) -> KerasRenormOutput:
+    """The new moving statistics: the mean over groups of ``mu_g``, ``sigma_g``; skipped where not finite.
+
+    With a mask the mean runs over the groups with a selected position, per
+    feature, and a batch with none is empty (its clip fractions 0).
+    """
+    cdt = keras.backend.standardize_dtype(mean_c.dtype)
+    c = int(mean_c.shape[0])
+    mu, sigma = ops.stop_gradient(m.mu), ops.stop_gradient(m.sigma)
+    r_frac, d_frac = m.r_frac, m.d_frac
     finite = ops.logical_and(ops.all(ops.isfinite(mu)), ops.all(ops.isfinite(sigma)))
     alpha = ops.cast(1.0 - momentum, cdt)
     mu2, sigma2 = ops.reshape(mu, [-1, c]), ops.reshape(sigma, [-1, c])  # (G, C)
     empty = False
-    if has is None:
+    if m.has is None:
         groups = int(mu2.shape[0])
         batch_mean, batch_std = ops.sum(mu2, axis=0) / groups, ops.sum(sigma2, axis=0) / groups
         update = finite
     else:
-        has2 = ops.reshape(ops.broadcast_to(has, ops.shape(mu)), [-1, c])
+        has2 = ops.reshape(ops.broadcast_to(m.has, ops.shape(mu)), [-1, c])
         used = ops.sum(ops.cast(has2, cdt), axis=0)
         zero = ops.zeros((), cdt)
         batch_mean = ops.sum(ops.where(has2, mu2, zero), axis=0) / ops.maximum(used, 1.0)
