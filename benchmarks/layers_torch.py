@@ -12,11 +12,20 @@ on the whole batch in the same mode, ``vs_floor`` to one eager
 ``torch.addcmul`` pass over the tensor. The machine this ran on is shared
 and loaded (see the JSON's ``machine`` and the spread); trust the paired
 ratios, not the milliseconds.
+
+Then, for the eager candidates only, the same interleaved rounds on one
+thread timed by the thread's CPU time (``time.thread_time``):
+``cpu1_vs_baseline`` and ``cpu1_vs_whole``, the same ratios of work done. On a
+loaded machine the wall-clock ratios with 2 threads also measure how often
+each kernel launch waits for a descheduled thread (many small kernels lose
+more than a few fused ones); the CPU-time ratios do not.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 import torch
 
@@ -38,6 +47,30 @@ def _step(module, x, dy):
         return x.grad
 
     return run
+
+
+def measure_cpu_one_thread(candidates, *, rounds: int, warmup: int) -> dict:
+    """Like ``benchmarks.common.measure``, on one thread, timed by that thread's CPU time (seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for fn in candidates.values():
+            for _ in range(warmup):
+                fn()
+        times = {name: [] for name in candidates}
+        names = list(candidates)
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                t0 = time.thread_time()
+                candidates[name]()
+                times[name].append(time.thread_time() - t0)
+        return times
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _paired(times, a, b):
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 def run(args):
@@ -74,14 +107,20 @@ def run(args):
                     summary[name]["vs_compiled_bn"] = summarize(
                         {n: times[n] for n in (name, "compiled BatchNorm")}, baseline="compiled BatchNorm"
                     )[name]["vs_baseline"]
-        raw[str(shape)] = {"times_s": times, "summary": summary}
+        eager = {n: f for n, f in cands.items() if n.startswith("eager ")}
+        cpu = measure_cpu_one_thread(eager, rounds=args.rounds, warmup=args.warmup)
+        for name in eager:
+            summary[name]["cpu1_vs_baseline"] = _paired(cpu, name, "eager BatchNorm")
+            if "mb=None" not in name and "mb=" in name:
+                summary[name]["cpu1_vs_whole"] = _paired(cpu, name, "eager renorm mb=None")
+        raw[str(shape)] = {"times_s": times, "cpu_one_thread_s": cpu, "summary": summary}
         for name, s in summary.items():
             rows.append({"shape": str(shape), "candidate": name, **s})
             print(f"{str(shape):20s} {name:24s} {s['median_ms']:9.2f} ms  spread {s['spread']:.2f}  "
                   f"x{s['vs_baseline']:.3f} of eager BN" + (f"  x{s['vs_whole']:.2f} of whole batch" if "vs_whole" in s
                                                           else ""), flush=True)
     table = markdown_table(rows, ["shape", "candidate", "median_ms", "spread", "vs_baseline", "vs_compiled_bn",
-                                  "vs_whole", "vs_floor"])
+                                  "vs_whole", "vs_floor", "cpu1_vs_baseline", "cpu1_vs_whole"])
     print(table)
     write_results(args.out, {"suite": "layers_torch", "machine": machine_info(), "torch": torch.__version__,
                              "threads": torch.get_num_threads(), "rounds": args.rounds, "rows": rows, "raw": raw,

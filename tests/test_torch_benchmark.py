@@ -19,6 +19,10 @@ def test_layers_torch_quick_run(tmp_path):
     assert ("(64, 32)", "eager renorm mb=2") in names and ("(16, 8, 4, 4)", "eager BatchNorm") in names
     assert all(r["vs_baseline"] > 0 and r["n"] == 2 for r in data["rows"])
     assert all(r["vs_whole"] > 0 for r in data["rows"] if "mb=2" in r["candidate"] or "mb=4" in r["candidate"])
+    eager = [r for r in data["rows"] if r["candidate"].startswith("eager ")]
+    assert eager and all(r["cpu1_vs_baseline"] > 0 for r in eager)
+    assert all(r["cpu1_vs_whole"] > 0 for r in eager if "mb=2" in r["candidate"] or "mb=4" in r["candidate"])
+    assert all(len(v) == 2 for s in data["raw"].values() for v in s["cpu_one_thread_s"].values())
 
 
 def test_only_full_runs_write_the_committed_results():
