@@ -212,19 +212,56 @@ def _bmm_dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     return p.sum(1, keepdim=True).view((g, 1, c) + (1,) * (u.dim() - 3))
 
 
+_SLICE_MAX_K = 8  # dense groups of up to this many examples are summed slice by slice
+
+
+def _dense_small(t: torch.Tensor) -> bool:
+    """A grouped view without spatial dims, ``(G, k, C)``, with ``2 <= k <= _SLICE_MAX_K`` (eagerly)."""
+    return t.dim() == 3 and 2 <= t.shape[1] <= _SLICE_MAX_K and _eager()
+
+
+def _group_sum(t: torch.Tensor, dims) -> torch.Tensor:
+    """Per group and feature, ``sum(t)`` (keepdim).
+
+    Dense small groups (:func:`_dense_small`) as ``k - 1`` additions of ``(G, 1, C)`` slices, in the order
+    the reduction adds them: a reduction over the short middle dim zero-fills its output and costs
+    about twice as much there.
+    """
+    if not _dense_small(t):
+        return torch.sum(t, dim=dims, keepdim=True)
+    acc = t[:, 0:1] + t[:, 1:2]
+    for j in range(2, t.shape[1]):
+        acc.add_(t[:, j:j + 1])
+    return acc
+
+
+def _group_dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """Per group and feature, ``sum(u * v)`` (keepdim) without an input-sized product; ``None`` if no such way.
+
+    Dense small groups: one product and ``k - 1`` ``addcmul_`` of ``(G, 1, C)`` slices; else
+    :func:`_bmm_dot`.
+    """
+    if _dense_small(u):
+        acc = u[:, 0:1] * v[:, 0:1]
+        for j in range(1, u.shape[1]):
+            acc.addcmul_(u[:, j:j + 1], v[:, j:j + 1])
+        return acc
+    return _bmm_dot(u, v)
+
+
 def _moments_nograd(xg: torch.Tensor, dims, eps: float, group):
     """:func:`_moments` for the explicit forward (no autograd), with one input-sized buffer.
 
     The same two passes and the same sums, written for speed: the mean, then
     ``x - mu`` into a fresh buffer and the sum of its squares, by
-    :func:`_bmm_dot` where it applies, else squared in place, summed, and the
+    :func:`_group_dot` where it applies, else squared in place, summed, and the
     buffer refilled with ``x - mu``; the caller turns the buffer into the
     output in place. Returns ``mu``, ``sigma``, the count (as
     :func:`_moments`) and that buffer.
     """
     cdt = compute_dtype(xg.dtype)
     local = _count(xg.shape, dims)
-    s = torch.sum(xg, dim=dims, keepdim=True, dtype=cdt)
+    s = _group_sum(xg, dims) if xg.dtype == cdt else torch.sum(xg, dim=dims, keepdim=True, dtype=cdt)
     if group is None:
         count = float(local)
         n = count
@@ -235,7 +272,7 @@ def _moments_nograd(xg: torch.Tensor, dims, eps: float, group):
         n = torch.clamp(count, min=1.0)  # all processes empty: 0 / 1, not 0 / 0
         mu = pooled[0] / n
     buf = _centered(xg, mu)
-    sq = _bmm_dot(buf, buf)
+    sq = _group_dot(buf, buf)
     refill = sq is None
     if refill:  # squared in place, summed, refilled below
         sq = torch.sum(buf.square_() if _eager() else torch.square(buf), dim=dims, keepdim=True)
@@ -246,7 +283,12 @@ def _moments_nograd(xg: torch.Tensor, dims, eps: float, group):
 
 
 def _corrections(mu, sigma, mean, std, rmax, dmax):
-    """``r``, ``d`` clipped, and the unclipped ``r_raw``, ``d_raw`` (NaN where a statistic is not finite).
+    """``r``, ``d`` clipped (NaN where a statistic is not finite), and the diagnostic counts.
+
+    ``counts`` is an int64 ``(3,)`` tensor: the entries of ``r`` and of ``d`` that the clip changed (its
+    input strictly outside the limits; NaN entries not counted), and the NaN entries (the same for
+    ``r`` and ``d``: those where ``mu`` or ``sigma`` is not finite). ``rmax``/``dmax``: 0-dim tensors or
+    Python floats.
 
     Seven operations on the ``(G, C)`` statistics (with micro-batches of 2 on a dense input they are half the
     input's size): ``z = mu * 0 + sigma * 0`` is 0 where both are finite and NaN elsewhere, and is added to
@@ -260,7 +302,17 @@ def _corrections(mu, sigma, mean, std, rmax, dmax):
     d_raw = d_raw.mul_(inv_std).add_(z) if _eager() else d_raw * inv_std + z
     r = torch.clamp(r_raw, 1.0 / rmax, rmax)  # clamp keeps NaN
     d = torch.clamp(d_raw, -dmax, dmax)
-    return r, d, r_raw, d_raw
+    nan = torch.count_nonzero(torch.isnan(r_raw))  # count_nonzero: .sum() of a bool tensor copies it to int64
+    # The clip changed an entry iff clamp(v) != v; NaN != NaN, so the NaN entries are taken off again.
+    r_changed = torch.count_nonzero(torch.ne(r, r_raw))
+    d_changed = torch.count_nonzero(torch.ne(d, d_raw))
+    counts = torch.stack([r_changed - nan, d_changed - nan, nan])
+    return r, d, counts
+
+
+def _limit(v, cdt):
+    """A clip limit in the compute dtype: a 0-dim tensor converted, a Python float as it is."""
+    return v.to(cdt) if isinstance(v, torch.Tensor) else v
 
 
 def _affine(r, d, sigma, weight, bias):
@@ -283,9 +335,10 @@ class BatchRenormFunction(torch.autograd.Function):
     ``xg`` is ``(G, k, C, ...)``; ``weight``/``bias`` ``(C,)`` or ``None``;
     ``running_*`` ``(C,)`` (read, not written); ``rmax``/``dmax`` 0-dim
     tensors, the limits at this step; ``group`` a process group to pool over,
-    or ``None``. Returns ``y`` (``xg``'s dtype and shape) and, without
-    gradient, ``mu``, ``sigma``, ``r_raw``, ``d_raw`` per group and feature
-    (keepdim, compute dtype), and ``count``: with a ``group``, the number of
+    or ``None`` (Python floats for ``rmax``/``dmax`` work too). Returns ``y``
+    (``xg``'s dtype and shape) and, without gradient, ``mu``, ``sigma`` per
+    group and feature (keepdim, compute dtype), ``counts`` (the clip and NaN
+    counts of :func:`_corrections`), and ``count``: with a ``group``, the number of
     values per feature pooled over the processes (shaped like ``mu``; 0 when
     every process had 0 examples), else ``None``.
     """
@@ -307,8 +360,7 @@ class BatchRenormFunction(torch.autograd.Function):
             mu, sigma, count, buf = _moments_nograd(xg, dims, eps, group)
         mean = _feature(running_mean, nd, cdt)
         std = _feature(running_std, nd, cdt)
-        rmax_c, dmax_c = rmax.to(cdt), dmax.to(cdt)
-        r, d, r_raw, d_raw = _corrections(mu, sigma, mean, std, rmax_c, dmax_c)
+        r, d, counts = _corrections(mu, sigma, mean, std, _limit(rmax, cdt), _limit(dmax, cdt))
         w = _feature(weight, nd, cdt)
         a, b, inv_sigma = _affine(r, d, sigma, w, _feature(bias, nd, cdt))
         y = _addcmul_into(buf, b, buf, a).to(xg.dtype)  # (x - mu) * a + b, in the buffer that held x - mu
@@ -320,8 +372,11 @@ class BatchRenormFunction(torch.autograd.Function):
         ctx.has_weight = weight is not None
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mu, sigma, r_raw, d_raw, *((count,) if pooled else ()))
-        return y, mu, sigma, r_raw, d_raw, (count if pooled else None)
+        ctx.mark_non_differentiable(mu, sigma, counts, *((count,) if pooled else ()))
+        # The statistics get no gradient: without this autograd would pass the backward a zero-filled
+        # (G, 1, C, ...) tensor for each (allocated and filled, half the input's size on dense micro-batches).
+        ctx.set_materialize_grads(False)
+        return y, mu, sigma, counts, (count if pooled else None)
 
     @staticmethod
     def backward(ctx, dy, *_):
@@ -335,18 +390,20 @@ class BatchRenormFunction(torch.autograd.Function):
         rearranged. ``dweight``/``dbias`` are this process's sums.
         """
         xg, weight, mu, inv_sigma, r, d, a = ctx.saved_tensors[:7]
+        if dy is None:  # y did not reach the loss (set_materialize_grads(False)): nothing to propagate
+            dy = torch.zeros_like(xg)
         cdt = mu.dtype
         nd = xg.dim()
         if ctx.native:
             return _native_backward(ctx, dy, xg, weight, mu, inv_sigma, r, d)
         dims = _dims(nd)
         dyf = dy.to(cdt)
-        sum_dy = torch.sum(dyf, dim=dims, keepdim=True)
+        sum_dy = _group_sum(dyf, dims)
         # sum(dy * (x - mu)) without a second input-sized buffer: dy * (x - mu) in place, summed, and the
         # same buffer then holds x - mu again and becomes dx (a fresh input-sized tensor costs more than a
         # pass over one: above glibc's mmap threshold each allocation is page-faulted in anew).
         buf = _centered(xg, mu)
-        sum_dy_xc = _bmm_dot(dyf, buf)
+        sum_dy_xc = _group_dot(dyf, buf)
         refill = sum_dy_xc is None
         if refill:
             sum_dy_xc = torch.sum(buf.mul_(dyf) if _eager() else buf * dyf, dim=dims, keepdim=True)
@@ -423,13 +480,13 @@ def renorm_autodiff(xg, weight, bias, running_mean, running_std, rmax, dmax, eps
     mu, sigma, count = _moments(xf, _dims(nd), eps, group, all_reduce=_all_reduce_autograd)
     mean = _feature(running_mean, nd, cdt).detach()
     std = _feature(running_std, nd, cdt).detach()
-    r, d, r_raw, d_raw = _corrections(mu.detach(), sigma.detach(), mean, std, rmax.to(cdt), dmax.to(cdt))
+    r, d, counts = _corrections(mu.detach(), sigma.detach(), mean, std, _limit(rmax, cdt), _limit(dmax, cdt))
     y = (xf - mu) / sigma * r + d
     if weight is not None:
         y = y * _feature(weight, nd, cdt)
     if bias is not None:
         y = y + _feature(bias, nd, cdt)
-    return y.to(xg.dtype), mu.detach(), sigma.detach(), r_raw, d_raw, (None if group is None else count)
+    return y.to(xg.dtype), mu.detach(), sigma.detach(), counts, (None if group is None else count)
 
 
 def inference(x, weight, bias, running_mean, running_std):

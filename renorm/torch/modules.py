@@ -272,24 +272,27 @@ class BatchRenorm(nn.Module):
         cdt = F.compute_dtype(x.dtype)
         mean, std = self._moving(x)
         rmax, dmax = self._limits(cdt)
+        if rmax.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Eagerly on CPU, Python floats (no device synchronization): clamp with scalar limits is about
+            # twice as fast as with 0-dim tensors on the (G, C) statistics.
+            rmax, dmax = float(rmax), float(dmax)
         fn = F.renorm_explicit if self.explicit_backward else F.renorm_autodiff
-        yg, mu, sigma, r_raw, d_raw, count = fn(xg, self.weight, self.bias, mean, std, rmax, dmax, self.eps, group)
+        yg, mu, sigma, counts, count = fn(xg, self.weight, self.bias, mean, std, rmax, dmax, self.eps, group)
         with torch.no_grad():
             # Pooled: a step only if some process had examples (count is the same on every process).
             stepped = None if count is None else count.reshape(-1)[0] > 0
-            self._update(mu, sigma, r_raw, d_raw, rmax, dmax, groups, stepped)
+            self._update(mu, sigma, counts, groups, stepped)
         return yg.view(x.shape)
 
-    def _update(self, mu, sigma, r_raw, d_raw, rmax, dmax, groups, stepped=None) -> None:
+    def _update(self, mu, sigma, counts, groups, stepped=None) -> None:
         """Moving statistics (skipped if not finite), step counter and diagnostics, after the output.
 
         ``stepped``: ``None`` (a step), or a 0-dim bool tensor, False when every process of the pooled
         batch had 0 examples: then nothing changes (no host synchronization: ``torch.where``).
         """
-        n = r_raw.numel()
-        r_frac = torch.count_nonzero((r_raw < 1.0 / rmax) | (r_raw > rmax)) / n  # NaN entries are not counted
-        d_frac = torch.count_nonzero((d_raw < -dmax) | (d_raw > dmax)) / n
-        r_frac, d_frac = r_frac.to(self.r_clipped.dtype), d_frac.to(self.d_clipped.dtype)
+        n = groups * self.num_features
+        fractions = counts[:2].to(self.r_clipped.dtype) / n  # entries the clip changed, NaN entries not counted
+        r_frac, d_frac = fractions[0], fractions[1]
         if stepped is not None:
             r_frac = torch.where(stepped, r_frac, self.r_clipped)
             d_frac = torch.where(stepped, d_frac, self.d_clipped)
@@ -299,7 +302,7 @@ class BatchRenorm(nn.Module):
             return
         mu = mu.reshape(groups, self.num_features)
         sigma = sigma.reshape(groups, self.num_features)
-        finite = ~torch.isnan(r_raw).any()  # r_raw is NaN exactly where mu or sigma is not finite
+        finite = counts[2] == 0  # no NaN entry: every mu and sigma finite
         if stepped is not None:
             finite = finite & stepped
         cdt = mu.dtype
