@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -154,7 +154,8 @@ def _epsilons(epsilon, modules, rename, function):
     """``{module path tuple: epsilon}`` for ``modules`` (the source's norm paths) from a number or a mapping."""
     if epsilon is None:
         raise TypeError(f"{function}() needs the batch norms' epsilon: epsilon=1e-5 (Flax's default), 1e-3 "
-                        f"(Keras's, and models ported from it), or epsilon=renorm.jax.convert.batch_norm_epsilons(model, x) "
+                        f"(Keras's, and models ported from it), or "
+                        f"epsilon=renorm.jax.convert.batch_norm_epsilons(model, x) "
                         f"to read it from the model's modules. A wrong epsilon changes every output silently.")
     if not isinstance(epsilon, Mapping):
         eps = _check_epsilon(epsilon, "")

@@ -28,7 +28,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping, NamedTuple, Optional
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -101,8 +102,8 @@ class BatchRenormConfig:
     rmax_steps: int = 0
     dmax_steps: int = 0
     axis: int = -1
-    microbatch_size: Optional[int] = None
-    axis_name: Optional[Any] = None
+    microbatch_size: int | None = None
+    axis_name: Any | None = None
     axis_index_groups: Any = None
     use_fast_variance: bool = False
     explicit_backward: bool = True
@@ -131,7 +132,7 @@ class BatchRenormConfig:
             )
 
     @classmethod
-    def from_module(cls, module, pooled: bool = True) -> "BatchRenormConfig":
+    def from_module(cls, module, pooled: bool = True) -> BatchRenormConfig:
         """The configuration held by a module's attributes of the same names.
 
         ``pooled=False`` drops ``axis_name``/``axis_index_groups`` (inference
@@ -206,7 +207,7 @@ def step_count(step) -> jax.Array:
     return step.astype(jnp.int32)
 
 
-def checked_input(x, config: BatchRenormConfig, training: bool, num_features: Optional[int] = None):
+def checked_input(x, config: BatchRenormConfig, training: bool, num_features: int | None = None):
     """``x`` as an array and its :class:`renorm.config.InputInfo`, checked as in docs/SPEC.md, section 10."""
     x = jnp.asarray(x)
     info = check_input(
@@ -221,7 +222,7 @@ def checked_input(x, config: BatchRenormConfig, training: bool, num_features: Op
     return x, info
 
 
-def _param(params: Optional[Mapping], name: str):
+def _param(params: Mapping | None, name: str):
     if params is None:
         return None
     return params.get(name)
@@ -300,15 +301,15 @@ class _GroupStats(NamedTuple):
     sigma: jax.Array  # sqrt(variance + epsilon) (the moving stddev where no value is selected)
     r_raw: jax.Array  # sigma / stddev before the clip; NaN where mu or sigma is not finite
     d_raw: jax.Array  # (mu - mean) / stddev before the clip; NaN likewise
-    n: Optional[jax.Array]  # the count of selected values; None without a mask
+    n: jax.Array | None  # the count of selected values; None without a mask
 
 
 class _Residuals(NamedTuple):
     """What the explicit backward keeps: the input in its own dtype, the mask and per-feature values."""
 
     xg: jax.Array
-    mg: Optional[jax.Array]
-    n: Optional[jax.Array]
+    mg: jax.Array | None
+    n: jax.Array | None
     scale: jax.Array
     mu: jax.Array
     sigma: jax.Array
@@ -434,7 +435,7 @@ _renorm_explicit.defvjp(_renorm_explicit_fwd, _renorm_explicit_bwd)
 
 def train(
     x,
-    params: Optional[Mapping[str, jax.Array]],
+    params: Mapping[str, jax.Array] | None,
     state: BatchRenormState,
     config: BatchRenormConfig = BatchRenormConfig(),
     *,
@@ -497,7 +498,7 @@ class _Grouped(NamedTuple):
     """The batch as the normalization sees it: ``(G, k, ...)`` micro-batches, or the batch itself."""
 
     xg: jax.Array  # the input, grouped
-    mg: Optional[jax.Array]  # the mask (bool) in the same view, or None
+    mg: jax.Array | None  # the mask (bool) in the same view, or None
     groups: int  # G; 1 when the whole batch is one group (then xg is x: no group axis)
     axes: tuple  # the reduced axes of xg: all but the group axis and the feature axis
     fshape: tuple  # broadcast shape of a per-(group, feature) value
@@ -538,7 +539,7 @@ def _limits(config: BatchRenormConfig, step, cdt):
     return jnp.asarray(rmax).astype(cdt), jnp.asarray(dmax).astype(cdt)
 
 
-def _scale_and_bias(params: Optional[Mapping], fshape, cdt):
+def _scale_and_bias(params: Mapping | None, fshape, cdt):
     """``params``' ``scale`` and ``bias`` in ``cdt``, shaped ``fshape``; ``None`` for a missing one."""
     scale = _param(params, "scale")
     bias = _param(params, "bias")
@@ -642,7 +643,7 @@ def _over_selected_groups(mu_s, sigma_s, finite, r_out, d_out, n, cdt) -> _Group
 
 def inference(
     x,
-    params: Optional[Mapping[str, jax.Array]],
+    params: Mapping[str, jax.Array] | None,
     state: BatchRenormState,
     config: BatchRenormConfig = BatchRenormConfig(),
     *,
