@@ -28,12 +28,6 @@ from renorm.jax import nnx as rnnx
 from renorm.numpy_ref import BatchRenormReference
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 @functools.cache
 def masked_step_fn(module):
     """Jitted ``(params, stats, x, dy, mask) -> (y, dparams, dx, new_stats, intermediates)``."""

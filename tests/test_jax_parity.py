@@ -16,12 +16,6 @@ from renorm.jax import BatchRenorm
 from renorm.jax import nnx as rnnx
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def run_parity(case, momentum, dtype, seed=0, explicit_backward=True):
     """Train ``case.steps`` steps and infer once; compare every step with the oracle (float64)."""
     np_dtype = {"bfloat16": ml_dtypes.bfloat16}.get(dtype, dtype)

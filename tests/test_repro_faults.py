@@ -64,11 +64,6 @@ def _one_line(err):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache):
     """The rows of an uninterrupted run (elapsed_s left out)."""
     out = tmp_path_factory.mktemp("reference") / "out"

@@ -57,11 +57,6 @@ def assert_events_match_metrics(rdir, columns):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache):
     """An uninterrupted run of both implementations (renorm.tf's and Keras's renorm)."""
     out = tmp_path_factory.mktemp("reference") / "out"
