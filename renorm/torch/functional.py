@@ -22,7 +22,13 @@ Numerics, written once here:
   moments), never ``E[x^2] - E[x]^2`` (tested on ``1000 + 0.01 * noise`` in
   float32).
 - Micro-batches are a free view ``(B, C, ...) -> (G, k, C, ...)`` of any
-  memory format (channels-last included): no copy, no Python loop.
+  memory format (channels-last included): no copy. Eagerly, each pass over
+  it writes into one reused input-sized buffer (``x - mu``, then ``y`` or
+  ``dx`` in place), and the sums of products (``sum((x - mu)**2)``,
+  ``sum(dy * (x - mu))``) avoid an input-sized product where they can: one
+  ``torch.bmm`` of rows for 16 to 256 spatial values, ``k`` slices for dense
+  groups of at most 8 examples (the only Python loop); under
+  ``torch.compile`` the plain expressions, which inductor fuses.
 - Where ``mu_g`` or ``sigma_g`` is not finite, ``r_g`` and ``d_g`` are NaN
   (never clipped to a finite-looking constant), and the caller keeps the
   moving statistics (``docs/SPEC.md``, section 3).
@@ -40,7 +46,8 @@ is the paper's explicit formula (``docs/SPEC.md``, section 6), per group with
 
     dx = r / sigma * (g - mean(g) - (x - mu) * mean(g * (x - mu)) / sigma**2)
 
-It saves only the input (in its own dtype) and per-feature vectors.
+It saves only the input (in its own dtype) and per-group-and-feature
+vectors (``mu``, ``1 / sigma``, ``r``, ``d``, ``weight * r / sigma``).
 :func:`renorm_autodiff` is the same forward in plain differentiable ops, the
 tested reference (``explicit_backward=False`` in the modules).
 """
