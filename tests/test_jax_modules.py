@@ -10,7 +10,7 @@ import pytest
 from flax import linen as nn
 from flax import nnx, serialization
 from jax_helpers import oracle, variables
-from parity import CASES, assert_close, make_params, make_steps
+from parity import CASES, Case, assert_close, make_params, make_steps
 from parity import CONFIG_ERRORS as PORT_CONFIG_ERRORS
 
 from renorm.jax import BatchRenorm, BatchRenormConfig
@@ -281,6 +281,86 @@ def test_functional_vmap_over_independent_layers():
         np.testing.assert_allclose(ys[i], y, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(new.stddev[i], s.stddev, rtol=1e-6)
     assert diag.r_clipped.shape == (3,)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
+@pytest.mark.parametrize("explicit", [True, False], ids=["explicit", "autodiff"])
+def test_functional_vmap_axis_name_pools_like_the_global_batch(explicit, masked, x64):
+    """``jax.vmap(..., axis_name=...)`` over 4 replicas, under ``jax.grad``: the oracle on the concatenated batch.
+
+    The explicit backward's ``pmean`` used to read the replica count from the
+    axis environment when the gradient was transposed, after ``vmap`` had
+    returned (``NameError: unbound axis name``); the count is now read in the
+    forward pass. Outputs, pooled state, clip fractions and gradients of x,
+    scale and bias, both backwards, with and without a mask that selects
+    different numbers of values on each replica.
+    """
+    from renorm.numpy_ref import BatchRenormReference
+
+    case = Case("pooled", (16, 2, 3), rmax=1.2, dmax=0.3)
+    p = make_params(case, 11)
+    xs, _, dys = make_steps(case, 11)
+    x, dy = jnp.asarray(xs[0]), jnp.asarray(dys[0])
+    rng = np.random.default_rng(12)
+    mask = rng.random((16, 2, 1)) < np.repeat([0.9, 0.6, 0.3, 0.8], 4)[:, None, None] if masked else None
+    params = {"scale": jnp.asarray(p["gamma"]), "bias": jnp.asarray(p["beta"])}
+    state = F.BatchRenormState(jnp.asarray(p["mean"]), jnp.asarray(p["stddev"]), jnp.zeros((), jnp.int32))
+    cfg = BatchRenormConfig(momentum=0.9, rmax=1.2, dmax=0.3, axis_name="i", explicit_backward=explicit)
+
+    def replica(x, m, params):
+        return F.train(x, params, state, cfg, mask=m)
+
+    def loss(x, params):
+        xr = x.reshape(4, 4, 2, 3)
+        mr = None if mask is None else jnp.asarray(mask).reshape(4, 4, 2, 1)
+        y, new_state, diag = jax.vmap(replica, in_axes=(0, 0, None), axis_name="i")(xr, mr, params)
+        y = y.reshape(x.shape)
+        return jnp.sum(y * dy), (y, new_state, diag)
+
+    (_, (y, new_state, diag)), (dx, dparams) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+        x, params
+    )
+    ref = BatchRenormReference(3, momentum=0.9, epsilon=1e-5, rmax=1.2, dmax=0.3, **p)
+    y_ref = ref.train(np.asarray(x), mask=mask)
+    dx_ref, dg_ref, db_ref = ref.backward(np.asarray(dy))
+    assert_close(y, y_ref, "float64", "value", "y")
+    for i in range(4):  # every replica holds the pooled state
+        assert_close(new_state.mean[i], ref.mean, "float64", "value", f"mean (replica {i})")
+        assert_close(new_state.stddev[i], ref.stddev, "float64", "value", f"stddev (replica {i})")
+        assert int(new_state.step[i]) == 1
+        assert abs(float(diag.r_clipped[i]) - ref.r_clipped) < 1e-6
+        assert abs(float(diag.d_clipped[i]) - ref.d_clipped) < 1e-6
+    assert ref.r_clipped > 0 or ref.d_clipped > 0  # the limits are active
+    assert_close(dx, dx_ref, "float64", "grad", "dx")
+    assert_close(dparams["scale"], dg_ref, "float64", "grad", "dscale")
+    assert_close(dparams["bias"], db_ref, "float64", "grad", "dbias")
+
+
+def test_linen_vmap_axis_name_explicit_backward(x64):
+    """The linen module with ``axis_name`` under ``jax.vmap`` and ``jax.grad`` (explicit backward): the oracle."""
+    from renorm.numpy_ref import BatchRenormReference
+
+    x = jnp.asarray(np.random.default_rng(3).normal(1.0, 2.0, (16, 3)))
+    dy = jnp.asarray(np.random.default_rng(4).normal(size=(16, 3)))
+    module = BatchRenorm(use_running_average=False, axis_name="i", rmax=1.2, dmax=0.3, param_dtype=jnp.float64)
+    v = module.init(jax.random.key(0), x[:4])
+
+    def loss(params, x):
+        def apply(x):
+            return module.apply({"params": params, "batch_stats": v["batch_stats"]}, x, mutable=["batch_stats"])
+
+        y, upd = jax.vmap(apply, axis_name="i")(x.reshape(4, 4, 3))
+        return jnp.sum(y.reshape(x.shape) * dy), upd["batch_stats"]
+
+    (dparams, dx), stats = jax.grad(loss, argnums=(0, 1), has_aux=True)(v["params"], x)
+    ref = BatchRenormReference(3, momentum=0.99, epsilon=1e-5, rmax=1.2, dmax=0.3)
+    ref.train(np.asarray(x))
+    dx_ref, dg_ref, db_ref = ref.backward(np.asarray(dy))
+    assert_close(stats["mean"][0], ref.mean, "float64", "value", "mean")
+    assert_close(stats["stddev"][3], ref.stddev, "float64", "value", "stddev")
+    assert_close(dx, dx_ref, "float64", "grad", "dx")
+    assert_close(dparams["scale"], dg_ref, "float64", "grad", "dscale")
+    assert_close(dparams["bias"], db_ref, "float64", "grad", "dbias")
 
 
 def test_unclipped_training_output_equals_inference_output():

@@ -234,11 +234,41 @@ def _feature_shape(ndim: int, axis: int, size: int):
     return tuple(shape)
 
 
+def _index_groups(config: BatchRenormConfig):
+    return None if config.axis_index_groups is None else [list(g) for g in config.axis_index_groups]
+
+
 def _pmean(values, config: BatchRenormConfig):
     if config.axis_name is None:
         return values
-    groups = None if config.axis_index_groups is None else [list(g) for g in config.axis_index_groups]
-    return lax.pmean(values, config.axis_name, axis_index_groups=groups)
+    return lax.pmean(values, config.axis_name, axis_index_groups=_index_groups(config))
+
+
+def _pool_size(config: BatchRenormConfig) -> int | None:
+    """The number of replicas pooled over ``axis_name`` (a Python int, read at trace time), or ``None``.
+
+    Read where the axis is bound (the forward pass), for :func:`_pmean_static`.
+    """
+    if config.axis_name is None:
+        return None
+    return lax.psum(1, config.axis_name, axis_index_groups=_index_groups(config))
+
+
+def _pmean_static(values, config: BatchRenormConfig, size: int | None):
+    """``lax.pmean`` with the replica count ``size`` given (from :func:`_pool_size`): the same operations.
+
+    ``lax.pmean`` divides by ``lax.psum(1, axis_name)``, a constant read from
+    the axis environment. The custom VJP's backward is traced when the
+    gradient is transposed, and under ``jax.vmap(..., axis_name=...)`` that
+    happens after ``vmap`` has returned, when the axis name is no longer in the
+    environment (``NameError: unbound axis name``); the ``psum`` of the
+    batched values itself is rewritten by ``vmap``'s batching rule and needs no
+    environment. So the backward divides by the count the forward read.
+    """
+    if config.axis_name is None:
+        return values
+    summed = lax.psum(values, config.axis_name, axis_index_groups=_index_groups(config))
+    return jax.tree_util.tree_map(lambda v: v / size, summed)
 
 
 def _moments(xg, axes, config: BatchRenormConfig):
@@ -292,6 +322,7 @@ class _Spec(NamedTuple):
     fshape: tuple  # broadcast shape of a per-(group, feature) value
     out_dtype: Any
     cdt: Any  # dtype of the statistics and the normalization
+    pool_size: int | None = None  # replicas pooled over axis_name (explicit backward only), see _pool_size
 
 
 class _GroupStats(NamedTuple):
@@ -419,10 +450,10 @@ def _renorm_explicit_bwd(spec, res, cotangents):
     a = scale * r / sigma
     if mg is None:
         count = math.prod(xg.shape[i] for i in axes)  # values per feature in a group, on this device
-        means = _pmean(jnp.stack([sum_dy, sum_dy_xc]) / count, spec.config)  # over the pooled group
+        means = _pmean_static(jnp.stack([sum_dy, sum_dy_xc]) / count, spec.config, spec.pool_size)  # pooled group
         dx = (a * (dyf - means[0] - xc * (means[1] / jnp.square(sigma)))).astype(xg.dtype)
     else:
-        means = _pmean(jnp.stack([sum_dy, sum_dy_xc]), spec.config) / jnp.where(n > 0, n, 1)
+        means = _pmean_static(jnp.stack([sum_dy, sum_dy_xc]), spec.config, spec.pool_size) / jnp.where(n > 0, n, 1)
         dx = (a * (dyf - jnp.where(mg, means[0] + xc * (means[1] / jnp.square(sigma)), 0))).astype(xg.dtype)
     dscale = jnp.sum(r / sigma * sum_dy_xc + d * sum_dy, 0, keepdims=True).reshape(scale.shape)
     dbias = jnp.sum(sum_dy, 0, keepdims=True).reshape(scale.shape)
@@ -559,6 +590,7 @@ def _normalize(spec: _Spec, grouped: _Grouped, scale, bias, mean, stddev, rmax, 
         ones = jnp.ones(spec.fshape, spec.cdt)
         scale = _match_varying(ones if scale is None else scale, grouped.xg)
         bias = _match_varying(0 * ones if bias is None else bias, grouped.xg)
+        spec = spec._replace(pool_size=_pool_size(spec.config))
         yg, stats = _renorm_explicit(spec, grouped.xg, grouped.mg, scale, bias, mean, stddev, rmax, dmax)
     else:
         yg, stats = _renorm(spec, grouped.xg, grouped.mg, scale, bias, mean, stddev, rmax, dmax)
