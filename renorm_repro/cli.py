@@ -49,8 +49,9 @@ from renorm_repro import interrupts as _interrupts
 def _is_command() -> bool:
     """Whether this process is the ``renorm-repro`` command (the script, or ``python -m renorm_repro.cli``)."""
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return name == "renorm-repro" or (name == "cli.py" and os.path.basename(os.path.dirname(sys.argv[0]))
-                                       == "renorm_repro")
+    return name == "renorm-repro" or (
+        name == "cli.py" and os.path.basename(os.path.dirname(sys.argv[0])) == "renorm_repro"
+    )
 
 
 if _is_command():  # before the imports below (NumPy; later TensorFlow): a signal from now on is honoured
@@ -156,8 +157,14 @@ def _allowed(name: str, cls):
     """The allowed values of a field with a fixed set of them, else None."""
     from renorm_repro.config import DATASETS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, SCHEDULE_BASES, STRATEGIES
 
-    known = {"dataset": tuple(DATASETS), "optimizer": OPTIMIZERS, "precision": PRECISIONS, "strategy": STRATEGIES,
-             "lr_schedule": LR_SCHEDULES, "schedule_base": SCHEDULE_BASES}
+    known = {
+        "dataset": tuple(DATASETS),
+        "optimizer": OPTIMIZERS,
+        "precision": PRECISIONS,
+        "strategy": STRATEGIES,
+        "lr_schedule": LR_SCHEDULES,
+        "schedule_base": SCHEDULE_BASES,
+    }
     if name == "arms":
         return tuple(cls().arm_specs_template())
     return known.get(name)
@@ -178,9 +185,11 @@ def _fields_epilog(experiment: str, preset=None) -> str:
         preset = None
     others = ", ".join(e for e in sorted(EXPERIMENTS) if e != experiment)
     value_head = f"--preset {preset}" if preset else "base value"
-    lines = [f"config overrides of --experiment {experiment} (--key VALUE or --key=VALUE; other experiments: "
-             f"--experiment {{{others}}} --help):",
-             f"  {'option':<26} {'type':<10} {value_head:<16} help"]
+    lines = [
+        f"config overrides of --experiment {experiment} (--key VALUE or --key=VALUE; other experiments: "
+        f"--experiment {{{others}}} --help):",
+        f"  {'option':<26} {'type':<10} {value_head:<16} help",
+    ]
     for f in dataclasses.fields(cls):
         if f.name == "experiment":
             continue
@@ -191,12 +200,17 @@ def _fields_epilog(experiment: str, preset=None) -> str:
             text += " {" + ", ".join(allowed) + "}"
         lines.append(f"  --{f.name.replace('_', '-'):<24} {_type_name(hints[f.name]):<10} {value:<16} {text}")
     if preset:
-        lines.append(f"Values are --preset {preset}'s. `renorm-repro show --preset {preset}` prints them with the "
-                     f"derived values and the cost.")
+        lines.append(
+            f"Values are --preset {preset}'s. `renorm-repro show --preset {preset}` prints them with the "
+            f"derived values and the cost."
+        )
     else:
-        lines.append("Values are the experiment's base (the paper-scale CIFAR-100 setup that presets start from); "
-                     "add --preset P to --help to see P's values, or `renorm-repro show --preset P`. Presets: "
-                     + ", ".join(sorted(PRESETS_BY_EXPERIMENT[experiment])) + ".")
+        lines.append(
+            "Values are the experiment's base (the paper-scale CIFAR-100 setup that presets start from); "
+            "add --preset P to --help to see P's values, or `renorm-repro show --preset P`. Presets: "
+            + ", ".join(sorted(PRESETS_BY_EXPERIMENT[experiment]))
+            + "."
+        )
     return "\n".join(lines)
 
 
@@ -217,47 +231,114 @@ def _parser(experiment: str = _DEFAULT_EXPERIMENT, preset=None):
     """The argument parser and its subcommands' parsers (``{name: parser}``)."""
     raw = argparse.RawDescriptionHelpFormatter
     common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    common.add_argument("--tf-logs", action="store_true",
-                        help="show TensorFlow's log lines (hidden by default unless TF_CPP_MIN_LOG_LEVEL is set)")
+    common.add_argument(
+        "--tf-logs",
+        action="store_true",
+        help="show TensorFlow's log lines (hidden by default unless TF_CPP_MIN_LOG_LEVEL is set)",
+    )
     doc = __doc__.replace("``", "").replace("::", ":")
-    p = argparse.ArgumentParser(prog="renorm-repro", description=doc.split("\n\n")[0], formatter_class=raw,
-                                epilog=doc.split("\n\n", 1)[1], allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        prog="renorm-repro",
+        description=doc.split("\n\n")[0],
+        formatter_class=raw,
+        epilog=doc.split("\n\n", 1)[1],
+        allow_abbrev=False,
+    )
     sub = p.add_subparsers(dest="command", required=True)
     fields = _fields_epilog(experiment, preset)
-    run = sub.add_parser("run", help="train every arm x seed, then aggregate and plot", parents=[common],
-                         allow_abbrev=False, formatter_class=raw, epilog=fields)
-    run.add_argument("--preset", default=None, choices=preset_names(),
-                     help="the preset (required, except with --resume: then the folder's config.json is used)")
-    run.add_argument("--experiment", default=None, choices=sorted(EXPERIMENTS),
-                     help=f"the experiment (default: {_DEFAULT_EXPERIMENT}, or with --resume the folder's)")
+    parsers = {"run": _run_parser(sub, common, fields)}
+    parsers.update(_report_parsers(sub, common, fields))
+    parsers.update(_study_parsers(sub, common))
+    return p, parsers
+
+
+def _run_parser(sub, common, fields):
+    """``renorm-repro run``: its own options (the config fields are read from the rest by ``_command_config``)."""
+    raw = argparse.RawDescriptionHelpFormatter
+    run = sub.add_parser(
+        "run",
+        help="train every arm x seed, then aggregate and plot",
+        parents=[common],
+        allow_abbrev=False,
+        formatter_class=raw,
+        epilog=fields,
+    )
+    run.add_argument(
+        "--preset",
+        default=None,
+        choices=preset_names(),
+        help="the preset (required, except with --resume: then the folder's config.json is used)",
+    )
+    run.add_argument(
+        "--experiment",
+        default=None,
+        choices=sorted(EXPERIMENTS),
+        help=f"the experiment (default: {_DEFAULT_EXPERIMENT}, or with --resume the folder's)",
+    )
     run.add_argument("--out", required=True, help="output folder (new, or the same one with --resume)")
-    run.add_argument("--resume", action="store_true",
-                     help="continue the experiment in --out (which must exist) from its checkpoints")
-    run.add_argument("--stop-after", type=int, default=None,
-                     help="stop each run after this many steps, without a final checkpoint (simulates a kill)")
+    run.add_argument(
+        "--resume", action="store_true", help="continue the experiment in --out (which must exist) from its checkpoints"
+    )
+    run.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop each run after this many steps, without a final checkpoint (simulates a kill)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-    run.add_argument("--no-tensorboard", action="store_true",
-                     help="write no TensorBoard event files (by default each run writes every metrics.csv "
-                          "column and each normalization layer's clip fractions and limits to <run>/tensorboard/)")
-    plot = sub.add_parser("plot", help="aggregate the logs in --out and write the figure and tables",
-                          parents=[common], allow_abbrev=False)
+    run.add_argument(
+        "--no-tensorboard",
+        action="store_true",
+        help="write no TensorBoard event files (by default each run writes every metrics.csv "
+        "column and each normalization layer's clip fractions and limits to <run>/tensorboard/)",
+    )
+    return run
+
+
+def _report_parsers(sub, common, fields):
+    """``plot``, ``show`` and ``bench``: one experiment folder or preset each."""
+    raw = argparse.RawDescriptionHelpFormatter
+    plot = sub.add_parser(
+        "plot", help="aggregate the logs in --out and write the figure and tables", parents=[common], allow_abbrev=False
+    )
     plot.add_argument("--out", required=True)
-    show = sub.add_parser("show", help="print a preset's config and derived values (JSON)", parents=[common],
-                          allow_abbrev=False, formatter_class=raw, epilog=fields)
+    show = sub.add_parser(
+        "show",
+        help="print a preset's config and derived values (JSON)",
+        parents=[common],
+        allow_abbrev=False,
+        formatter_class=raw,
+        epilog=fields,
+    )
     show.add_argument("--preset", required=True, choices=preset_names())
     show.add_argument("--experiment", default=_DEFAULT_EXPERIMENT, choices=sorted(EXPERIMENTS))
-    bench = sub.add_parser("bench", help="measure training steps/s of a preset's model on random data "
-                                         "and estimate the preset's time", parents=[common], allow_abbrev=False,
-                           formatter_class=raw, epilog=fields)
+    bench = sub.add_parser(
+        "bench",
+        help="measure training steps/s of a preset's model on random data and estimate the preset's time",
+        parents=[common],
+        allow_abbrev=False,
+        formatter_class=raw,
+        epilog=fields,
+    )
     bench.add_argument("--preset", required=True, choices=preset_names())
     bench.add_argument("--experiment", default=_DEFAULT_EXPERIMENT, choices=sorted(EXPERIMENTS))
     bench.add_argument("--arm", default=None, help="default: the experiment's first Batch Renorm arm")
     bench.add_argument("--bench-steps", type=int, default=5, help="timed steps (after one compiling step)")
-    bench.add_argument("--gpu-tflops", type=float, default=100.0,
-                       help="effective TFLOP/s assumed for the GPU estimate (default 100)")
-    compare = sub.add_parser("compare", help="the same arms in two experiment folders (one factor changed), "
-                                             "paired by seed: a table, and a figure with --figure",
-                             parents=[common], allow_abbrev=False)
+    bench.add_argument(
+        "--gpu-tflops", type=float, default=100.0, help="effective TFLOP/s assumed for the GPU estimate (default 100)"
+    )
+    return {"plot": plot, "show": show, "bench": bench}
+
+
+def _study_parsers(sub, common):
+    """``compare``, ``pool`` and ``sweep``: several experiment folders."""
+    compare = sub.add_parser(
+        "compare",
+        help="the same arms in two experiment folders (one factor changed), "
+        "paired by seed: a table, and a figure with --figure",
+        parents=[common],
+        allow_abbrev=False,
+    )
     compare.add_argument("--a", required=True, help="experiment folder of the first setting")
     compare.add_argument("--b", required=True, help="experiment folder of the second setting")
     compare.add_argument("--label-a", default=None, help="name of the first setting (default: its folder name)")
@@ -265,21 +346,28 @@ def _parser(experiment: str = _DEFAULT_EXPERIMENT, preset=None):
     compare.add_argument("--arms", default=None, help="comma-separated arms (default: every arm of both)")
     compare.add_argument("--figure", default=None, help="write the figure here (.png; an .svg beside it)")
     compare.add_argument("--table", default=None, help="write the Markdown table here")
-    pool = sub.add_parser("pool", help="one experiment's seeds spread over several folders, pooled: per arm the "
-                                       "mean over every seed, per pair the paired difference (renorm_repro.study)",
-                          parents=[common], allow_abbrev=False)
+    pool = sub.add_parser(
+        "pool",
+        help="one experiment's seeds spread over several folders, pooled: per arm the "
+        "mean over every seed, per pair the paired difference (renorm_repro.study)",
+        parents=[common],
+        allow_abbrev=False,
+    )
     pool.add_argument("folders", nargs="+", help="experiment folders whose configs differ only in seeds and arms")
     pool.add_argument("--table", default=None, help="write the Markdown table here (and the JSON beside it)")
-    sweep = sub.add_parser("sweep", help="folders that each ran one Batch Renorm schedule on the same seeds, "
-                                         "against a batch norm reference; the best chosen on validation",
-                           parents=[common], allow_abbrev=False)
+    sweep = sub.add_parser(
+        "sweep",
+        help="folders that each ran one Batch Renorm schedule on the same seeds, "
+        "against a batch norm reference; the best chosen on validation",
+        parents=[common],
+        allow_abbrev=False,
+    )
     sweep.add_argument("folders", nargs="+", help="one experiment folder per configuration")
     sweep.add_argument("--reference", required=True, help="folder of batch norm on the same seeds")
     sweep.add_argument("--select", default="val_last4", help="validation scalar to choose on (default val_last4)")
     sweep.add_argument("--table", default=None, help="write the Markdown table here (and the JSON beside it)")
     sweep.add_argument("--figure", default=None, help="write the figure here (.png; an .svg beside it)")
-    return p, {"run": run, "plot": plot, "show": show, "bench": bench, "compare": compare, "pool": pool,
-               "sweep": sweep}
+    return {"compare": compare, "pool": pool, "sweep": sweep}
 
 
 def _study_command(args) -> int:
@@ -311,13 +399,18 @@ def _check_options(rest, parser, experiment: str) -> None:
         key = tok[2:].split("=", 1)[0]
         if key.replace("-", "_") in fields:
             continue
-        close = difflib.get_close_matches("--" + key.replace("_", "-"),
-                                          options + ["--" + f.replace("_", "-") for f in sorted(fields)], n=3)
+        close = difflib.get_close_matches(
+            "--" + key.replace("_", "-"), options + ["--" + f.replace("_", "-") for f in sorted(fields)], n=3
+        )
         command = parser.prog.split()[-1]
-        hint = f" Did you mean {', '.join(close)}?" if close else \
-            f" `renorm-repro {command} --help` lists the options and config fields."
-        raise ConfigError(f"Unknown config key --{key}, nor an option of `{command}` (options are not "
-                          f"abbreviated).{hint}")
+        hint = (
+            f" Did you mean {', '.join(close)}?"
+            if close
+            else f" `renorm-repro {command} --help` lists the options and config fields."
+        )
+        raise ConfigError(
+            f"Unknown config key --{key}, nor an option of `{command}` (options are not abbreviated).{hint}"
+        )
 
 
 def _quiet_tensorflow() -> None:
@@ -372,15 +465,32 @@ def benchmark(cfg, arm, steps, gpu_tflops=100.0, log=print):
     # Every class present several times (the non-i.i.d. sampler draws per_label distinct images of a class).
     n = max(cfg.batch_size, classes * max(4, getattr(cfg, "per_label", 1)))
     labels = np.arange(n) % classes
-    ds = Dataset("random", rng.integers(0, 256, (n,) + shape, dtype=np.uint8), labels,
-                 rng.integers(0, 256, (n,) + shape, dtype=np.uint8), labels, classes)
-    bcfg = dataclasses.replace(cfg, steps=steps + 1, eval_every=steps + 1, checkpoint_every=10 ** 9,
-                               eval_batch_size=min(cfg.eval_batch_size, n), eval_train_examples=0,
-                               eval_batch_stats=False, val_examples=0, eval_lag_examples=0,
-                               # the layers' cost does not depend on the breakpoints; a few timed steps
-                               # cannot hold a warm-up meant for the whole run
-                               schedule_base="paper_scaled", warmup_steps=None, warmup_time_constants=None,
-                               rmax_steps=None, dmax_steps=None)
+    ds = Dataset(
+        "random",
+        rng.integers(0, 256, (n,) + shape, dtype=np.uint8),
+        labels,
+        rng.integers(0, 256, (n,) + shape, dtype=np.uint8),
+        labels,
+        classes,
+    )
+    bcfg = dataclasses.replace(
+        cfg,
+        steps=steps + 1,
+        eval_every=steps + 1,
+        checkpoint_every=10**9,
+        eval_batch_size=min(cfg.eval_batch_size, n),
+        eval_train_examples=0,
+        eval_batch_stats=False,
+        val_examples=0,
+        eval_lag_examples=0,
+        # the layers' cost does not depend on the breakpoints; a few timed steps
+        # cannot hold a warm-up meant for the whole run
+        schedule_base="paper_scaled",
+        warmup_steps=None,
+        warmup_time_constants=None,
+        rmax_steps=None,
+        dmax_steps=None,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         res = train_run(bcfg, arm, 0, tmp + "/run", ds, progress=False, tensorboard=False, log=lambda m: None)
     rate = res["train_steps_per_s"]
@@ -389,10 +499,16 @@ def benchmark(cfg, arm, steps, gpu_tflops=100.0, log=print):
     total_s = run_s * len(cfg.arms) * len(cfg.seeds)
     gpu_run_s = d["train_flops_per_run"] / (gpu_tflops * 1e12)
     result = {
-        "arm": arm, "batch_size": cfg.batch_size, "timed_steps": steps, "steps_per_s": rate,
-        "train_flops_per_step": d["train_flops_per_step"], "achieved_gflops": rate * d["train_flops_per_step"] / 1e9,
-        "run_hours_here": run_s / 3600, "preset_hours_here": total_s / 3600,
-        "gpu_tflops_assumed": gpu_tflops, "gpu_run_hours": gpu_run_s / 3600,
+        "arm": arm,
+        "batch_size": cfg.batch_size,
+        "timed_steps": steps,
+        "steps_per_s": rate,
+        "train_flops_per_step": d["train_flops_per_step"],
+        "achieved_gflops": rate * d["train_flops_per_step"] / 1e9,
+        "run_hours_here": run_s / 3600,
+        "preset_hours_here": total_s / 3600,
+        "gpu_tflops_assumed": gpu_tflops,
+        "gpu_run_hours": gpu_run_s / 3600,
         "gpu_preset_hours": gpu_run_s * len(cfg.arms) * len(cfg.seeds) / 3600,
     }
     log(json.dumps(result, indent=2))
@@ -409,8 +525,66 @@ def _check_data_dir(cfg) -> None:
         return
     path = Path(cfg.data_dir)
     if path.exists() and not (path.is_dir() or path.is_file()):
-        raise DataError(f"data_dir={cfg.data_dir!r} is neither a folder nor a file (a device, pipe or socket): give "
-                        f"the folder (or, for cifar100, the archive) holding {cfg.dataset}.")
+        raise DataError(
+            f"data_dir={cfg.data_dir!r} is neither a folder nor a file (a device, pipe or socket): give "
+            f"the folder (or, for cifar100, the archive) holding {cfg.dataset}."
+        )
+
+
+def _load_dataset(cfg, log):
+    """``cfg``'s dataset with its validation split (nothing is written before this succeeds)."""
+    from renorm_repro.data import load_dataset
+
+    _check_data_dir(cfg)
+    synth = (
+        dict(num_train=cfg.synthetic_train, num_test=cfg.synthetic_test, num_classes=cfg.synthetic_classes)
+        if cfg.dataset == "synthetic"
+        else {}
+    )
+    dataset = load_dataset(
+        cfg.dataset, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, val_examples=cfg.val_examples, **synth
+    )
+    log(f"dataset {dataset.summary()}")
+    return dataset
+
+
+def _log_mode(out, cfg, mode, resume, log) -> None:
+    """One line on how the folder is being (re)started, where that is not what the command line says."""
+    if mode == "restart":
+        log(f"{out} holds an experiment none of whose runs started training; starting it with this config")
+    elif mode == "new" and resume:
+        log(f"{out} holds no experiment yet (a run stopped before writing its config); starting it")
+    elif mode == "extend":
+        log(
+            f"extending the experiment in {out} to {cfg.steps} steps (it continues exactly as if it had been "
+            f"started with them)"
+        )
+
+
+def _train_all(cfg, out, dataset, *, resume, stop_after, progress, tensorboard, log) -> bool:
+    """Every (seed, arm) run, seeds outermost; ``True`` if any run stopped early (``--stop-after``)."""
+    from renorm_repro.runs import run_dir
+    from renorm_repro.train import train_run
+
+    t0 = time.perf_counter()
+    stopped = False
+    for seed in cfg.seeds:
+        for arm in cfg.arms:
+            res = train_run(
+                cfg,
+                arm,
+                seed,
+                run_dir(out, arm, seed),
+                dataset,
+                resume=resume,
+                stop_after=stop_after,
+                progress=progress,
+                tensorboard=tensorboard,
+                log=log,
+            )
+            stopped |= bool(res.get("stopped"))
+    log(f"trained {len(cfg.arms)} arms x {len(cfg.seeds)} seeds in {time.perf_counter() - t0:.1f} s")
+    return stopped
 
 
 def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, tensorboard=True, log=print):
@@ -421,17 +595,14 @@ def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, te
     load leaves ``out`` as it was; a folder none of whose runs started training
     is started again (:func:`renorm_repro.runs.check_experiment_dir`).
     """
-    from renorm_repro.data import load_dataset
     from renorm_repro.report import write_report
     from renorm_repro.runs import (
         ExperimentLock,
         check_experiment_dir,
         experiment_complete,
         report_without_runs,
-        run_dir,
         write_experiment_record,
     )
-    from renorm_repro.train import train_run
 
     out = Path(out)
     mode = check_experiment_dir(out, cfg, resume=resume)  # before touching anything
@@ -443,32 +614,23 @@ def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, te
         if out.is_dir():
             lock = ExperimentLock(out).acquire()
             mode = check_experiment_dir(out, cfg, resume=resume)  # again, now that no other run writes here
-        _check_data_dir(cfg)
-        synth = dict(num_train=cfg.synthetic_train, num_test=cfg.synthetic_test,
-                     num_classes=cfg.synthetic_classes) if cfg.dataset == "synthetic" else {}
-        dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir,
-                               val_examples=cfg.val_examples, **synth)
-        log(f"dataset {dataset.summary()}")
+        dataset = _load_dataset(cfg, log)
         if lock is None:
             out.mkdir(parents=True, exist_ok=True)
             lock = ExperimentLock(out).acquire()
             mode = check_experiment_dir(out, cfg, resume=resume)
-        if mode == "restart":
-            log(f"{out} holds an experiment none of whose runs started training; starting it with this config")
-        elif mode == "new" and resume:
-            log(f"{out} holds no experiment yet (a run stopped before writing its config); starting it")
-        elif mode == "extend":
-            log(f"extending the experiment in {out} to {cfg.steps} steps (it continues exactly as if it had been "
-                f"started with them)")
+        _log_mode(out, cfg, mode, resume, log)
         write_experiment_record(out, cfg, mode)
-        t0 = time.perf_counter()
-        stopped = False
-        for seed in cfg.seeds:
-            for arm in cfg.arms:
-                res = train_run(cfg, arm, seed, run_dir(out, arm, seed), dataset, resume=mode != "new",
-                                stop_after=stop_after, progress=progress, tensorboard=tensorboard, log=log)
-                stopped |= bool(res.get("stopped"))
-        log(f"trained {len(cfg.arms)} arms x {len(cfg.seeds)} seeds in {time.perf_counter() - t0:.1f} s")
+        stopped = _train_all(
+            cfg,
+            out,
+            dataset,
+            resume=mode != "new",
+            stop_after=stop_after,
+            progress=progress,
+            tensorboard=tensorboard,
+            log=log,
+        )
         with _interrupts.deferred():  # the report's files are written whole; a signal is honoured after them
             report = write_report(out)
     finally:
@@ -483,8 +645,13 @@ def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, te
     return report
 
 
-_TF_ENVIRONMENT_ERRORS = ("ResourceExhaustedError", "PermissionDeniedError", "DataLossError", "NotFoundError",
-                          "UnavailableError")
+_TF_ENVIRONMENT_ERRORS = (
+    "ResourceExhaustedError",
+    "PermissionDeniedError",
+    "DataLossError",
+    "NotFoundError",
+    "UnavailableError",
+)
 
 
 def _environment_error(e: BaseException):
@@ -518,16 +685,22 @@ def _command_config(args, rest, subparsers):
         except ConfigError:
             raise
         except (ValueError, KeyError, TypeError, OSError) as e:
-            raise RunDirError(f"{Path(args.out) / 'config.json'} is not a readable experiment config ({e!r}); "
-                              f"restore it, or start a new --out.") from None
+            raise RunDirError(
+                f"{Path(args.out) / 'config.json'} is not a readable experiment config ({e!r}); "
+                f"restore it, or start a new --out."
+            ) from None
     experiment = args.experiment
     if args.preset is None:
         if stored is None:
-            raise ConfigError("`run` needs --preset (only `run --resume` of a folder holding config.json reads "
-                              "the config from there); `renorm-repro run --help` lists the presets.")
+            raise ConfigError(
+                "`run` needs --preset (only `run --resume` of a folder holding config.json reads "
+                "the config from there); `renorm-repro run --help` lists the presets."
+            )
         if experiment not in (None, stored.experiment):
-            raise ConfigError(f"--experiment {experiment}, but {Path(args.out) / 'config.json'} holds a "
-                              f"{stored.experiment} experiment.")
+            raise ConfigError(
+                f"--experiment {experiment}, but {Path(args.out) / 'config.json'} holds a "
+                f"{stored.experiment} experiment."
+            )
         experiment = stored.experiment
     experiment = experiment or _DEFAULT_EXPERIMENT
     _check_options(rest, subparsers[args.command], experiment)
@@ -563,24 +736,34 @@ def cost(cfg) -> dict:
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     if cfg.dataset == "cifar100":
         have = bool(cfg.data_dir) or (cache / CIFAR100_FOLDER).exists() or (cache / CIFAR100_ARCHIVE).exists()
-        download = "no (--data-dir or the cache holds it)" if have else \
-            f"yes: the CIFAR-100 archive (161 MB, MD5-checked) into {cache}, unless --data-dir PATH is given"
+        download = (
+            "no (--data-dir or the cache holds it)"
+            if have
+            else f"yes: the CIFAR-100 archive (161 MB, MD5-checked) into {cache}, unless --data-dir PATH is given"
+        )
     elif cfg.dataset == "fashion_mnist":
         have = bool(cfg.data_dir) or debian_fashion_mnist_dir() is not None or (cache / "fashion-mnist").is_dir()
-        download = "no (installed, --data-dir or cached)" if have else \
-            f"yes: the four Fashion-MNIST files (30 MB) into {cache}, unless installed (apt-get install " \
+        download = (
+            "no (installed, --data-dir or cached)"
+            if have
+            else f"yes: the four Fashion-MNIST files (30 MB) into {cache}, unless installed (apt-get install "
             "dataset-fashion-mnist) or --data-dir PATH is given"
+        )
     else:
         download = "no (" + DATASETS[cfg.dataset].description + ")"
     return {
-        "runs": runs, "steps_per_run": cfg.steps, "train_flops_per_step": d["train_flops_per_step"],
+        "runs": runs,
+        "steps_per_run": cfg.steps,
+        "train_flops_per_step": d["train_flops_per_step"],
         "train_flops_total": flops,
         "cpu_hours_estimate": round(cpu_s / 3600, 3),
         "gpu_hours_estimate": [round(flops / f / 3600, 3) for f in GPU_FLOPS_RANGE],
-        "estimate_method": (f"training only, evaluation excluded: CPU at {CPU_FLOPS:.0e} FLOP/s plus "
-                            f"{CPU_STEP_OVERHEAD_S * 1e3:.0f} ms per step (the shared 2-core CPU of the committed "
-                            f"results); GPU at {GPU_FLOPS_RANGE[0]:.1e}-{GPU_FLOPS_RANGE[1]:.1e} FLOP/s effective "
-                            f"(not measured); `renorm-repro bench` measures this machine"),
+        "estimate_method": (
+            f"training only, evaluation excluded: CPU at {CPU_FLOPS:.0e} FLOP/s plus "
+            f"{CPU_STEP_OVERHEAD_S * 1e3:.0f} ms per step (the shared 2-core CPU of the committed "
+            f"results); GPU at {GPU_FLOPS_RANGE[0]:.1e}-{GPU_FLOPS_RANGE[1]:.1e} FLOP/s effective "
+            f"(not measured); `renorm-repro bench` measures this machine"
+        ),
         "download": download,
     }
 
@@ -605,11 +788,15 @@ def _complete_line(out, cfg) -> str:
     from renorm_repro.runs import report_without_runs
 
     if report_without_runs(out):
-        return (f"{out}: a finished experiment whose runs are not here (only its report and config are "
-                f"committed): nothing to resume, no file changed. To reproduce it, run the same command with a new "
-                f"--out and compare its summary.md with {Path(out) / 'summary.md'}.")
-    return (f"{out}: complete ({len(cfg.arms)} arms x {len(cfg.seeds)} seeds at {cfg.steps} steps, report written): "
-            f"nothing to do, no file changed (`renorm-repro plot --out {out}` rewrites the report).")
+        return (
+            f"{out}: a finished experiment whose runs are not here (only its report and config are "
+            f"committed): nothing to resume, no file changed. To reproduce it, run the same command with a new "
+            f"--out and compare its summary.md with {Path(out) / 'summary.md'}."
+        )
+    return (
+        f"{out}: complete ({len(cfg.arms)} arms x {len(cfg.seeds)} seeds at {cfg.steps} steps, report written): "
+        f"nothing to do, no file changed (`renorm-repro plot --out {out}` rewrites the report)."
+    )
 
 
 def _signal_word(signum) -> str:
@@ -637,8 +824,10 @@ def main(argv=None):
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
     except KeyboardInterrupt as e:  # a signal outside _main's handlers (while parsing the command line)
-        code = _fail(f"{_signal_word(getattr(e, 'signum', None))} before anything was written; run the command "
-                     f"again", _interrupts.exit_code(getattr(e, "signum", None)))
+        code = _fail(
+            f"{_signal_word(getattr(e, 'signum', None))} before anything was written; run the command again",
+            _interrupts.exit_code(getattr(e, "signum", None)),
+        )
     except BaseException:  # noqa: BLE001 - print it as Python would, then leave the same way
         if _interrupts.pending() is None:
             import traceback
@@ -646,11 +835,16 @@ def main(argv=None):
             traceback.print_exc()
             code = 1
         else:  # whatever a signal turned into (an exception raised from inside a library)
-            code = _fail(f"{_signal_word(_interrupts.pending())}; continue with --resume if the run had started",
-                         _interrupts.exit_code(_interrupts.pending()))
+            code = _fail(
+                f"{_signal_word(_interrupts.pending())}; continue with --resume if the run had started",
+                _interrupts.exit_code(_interrupts.pending()),
+            )
     if _interrupts.pending() is not None and code == 0:
-        code = _fail(f"{_signal_word(_interrupts.pending())} after the command had finished its work (nothing is "
-                     f"lost; --resume reports a complete run)", _interrupts.exit_code(_interrupts.pending()))
+        code = _fail(
+            f"{_signal_word(_interrupts.pending())} after the command had finished its work (nothing is "
+            f"lost; --resume reports a complete run)",
+            _interrupts.exit_code(_interrupts.pending()),
+        )
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -714,8 +908,9 @@ def _compare_command(args, rest) -> int:
         Path(args.table).write_text(text)
     if args.figure:
         labels = (args.label_a or Path(args.a).name, args.label_b or Path(args.b).name)
-        paths = plot_settings({labels[0]: args.a, labels[1]: args.b}, args.figure,
-                              arms=arms or sorted({r["arm"] for r in result["rows"]}))
+        paths = plot_settings(
+            {labels[0]: args.a, labels[1]: args.b}, args.figure, arms=arms or sorted({r["arm"] for r in result["rows"]})
+        )
         print("figures: " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -751,8 +946,14 @@ def _config_command(args, rest, subparsers) -> int:
     if args.command == "bench":
         benchmark(cfg, args.arm, args.bench_steps, args.gpu_tflops)
         return 0
-    run_experiment(cfg, args.out, resume=args.resume, stop_after=args.stop_after,
-                   progress=not args.no_progress and sys.stderr.isatty(), tensorboard=not args.no_tensorboard)
+    run_experiment(
+        cfg,
+        args.out,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        tensorboard=not args.no_tensorboard,
+    )
     _interrupts.check()
     return 0
 
@@ -764,11 +965,14 @@ def _interrupted(e: KeyboardInterrupt, resumable: bool) -> int:
     signum = getattr(e, "signum", None) or _interrupts.pending()
     word, code = _signal_word(signum), _interrupts.exit_code(signum)
     if isinstance(e, Interrupted):
-        ckpt = f"last checkpoint at step {e.checkpoint_step}" if e.checkpoint_step is not None \
-            else "no checkpoint yet"
+        ckpt = f"last checkpoint at step {e.checkpoint_step}" if e.checkpoint_step is not None else "no checkpoint yet"
         return _fail(f"{word} at step {e.step} ({e.run}, {ckpt}); continue with --resume", code)
-    return _fail(f"{word}; continue with --resume" if resumable else
-                 f"{word} before anything was written; run the command again", code)
+    return _fail(
+        f"{word}; continue with --resume"
+        if resumable
+        else f"{word} before anything was written; run the command again",
+        code,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover
