@@ -24,8 +24,13 @@ import time
 from collections.abc import Callable, Sequence
 
 
-def measure(candidates: dict[str, Callable[[], object]], *, rounds: int, warmup: int,
-            sync: Callable[[object], object] = lambda out: out) -> dict[str, list[float]]:
+def measure(
+    candidates: dict[str, Callable[[], object]],
+    *,
+    rounds: int,
+    warmup: int,
+    sync: Callable[[object], object] = lambda out: out,
+) -> dict[str, list[float]]:
     """Times of each candidate over ``rounds`` interleaved rounds, in seconds.
 
     Each candidate runs ``warmup`` times first (tracing, compilation, caches).
@@ -51,8 +56,9 @@ def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
-def summarize(times: dict[str, list[float]], baseline: str | None = None, floor: str | None = None,
-              whole: str | None = None) -> dict[str, dict]:
+def summarize(
+    times: dict[str, list[float]], baseline: str | None = None, floor: str | None = None, whole: str | None = None
+) -> dict[str, dict]:
     """Median, spread (interquartile range / median) and paired ratios per candidate.
 
     ``vs_baseline``, ``vs_floor`` and (for micro-batch candidates, whose name
@@ -122,16 +128,22 @@ def parse_args(description: str, default_out: str, argv=None, extra: Callable | 
     measured results. Sets ``args.full`` and ``args.command`` (for the JSON).
     """
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--out", default=None,
-                   help=f"JSON file for the results (default: {default_out} for a full run, "
-                        f"{scratch_path(default_out)} (git-ignored) for --quick and other partial runs)")
-    p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
-                   help="interleaved timed rounds per group (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"JSON file for the results (default: {default_out} for a full run, "
+        f"{scratch_path(default_out)} (git-ignored) for --quick and other partial runs)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=DEFAULT_ROUNDS, help="interleaved timed rounds per group (default: %(default)s)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per candidate first (default: %(default)s)")
-    p.add_argument("--quick", action="store_true",
-                   help="small shapes: a check that the suite runs (writes to the scratch folder)")
-    p.add_argument("--shapes", default=None,
-                   help="only these shapes, e.g. '1600,8,8,256;4096,1024' (default: the suite's list)")
+    p.add_argument(
+        "--quick", action="store_true", help="small shapes: a check that the suite runs (writes to the scratch folder)"
+    )
+    p.add_argument(
+        "--shapes", default=None, help="only these shapes, e.g. '1600,8,8,256;4096,1024' (default: the suite's list)"
+    )
     if extra:
         extra(p)
     args = p.parse_args(argv)
@@ -147,9 +159,11 @@ def parse_args(description: str, default_out: str, argv=None, extra: Callable | 
     if args.out is None:
         args.out = default_out if args.full else scratch_path(default_out)
     elif not args.full and os.path.abspath(args.out) == os.path.abspath(default_out):
-        p.error(f"{default_out} holds the full run's results; a partial run "
-                f"({', '.join('--' + k.replace('_', '-') for k in changed)}) cannot replace them: "
-                f"leave out --out (it then writes {scratch_path(default_out)}) or choose another file")
+        p.error(
+            f"{default_out} holds the full run's results; a partial run "
+            f"({', '.join('--' + k.replace('_', '-') for k in changed)}) cannot replace them: "
+            f"leave out --out (it then writes {scratch_path(default_out)}) or choose another file"
+        )
     suite = os.path.splitext(os.path.basename(default_out))[0]
     given = sys.argv[1:] if argv is None else list(argv)
     args.command = " ".join(["python", "-m", f"benchmarks.{suite}"] + given)
@@ -166,8 +180,9 @@ def write_results(path: str, payload: dict, args=None) -> None:
     print(f"wrote {path}")
 
 
-def run_step_suite(args, *, suite: str, norms: dict, step_fn: Callable, baseline: str, sync=lambda out: out,
-                   extra: dict | None = None) -> None:
+def run_step_suite(
+    args, *, suite: str, norms: dict, step_fn: Callable, baseline: str, sync=lambda out: out, extra: dict | None = None
+) -> None:
     """Time one training step per normalization, per batch size; print and save the table.
 
     ``step_fn(norm, batch, width)`` returns a no-argument callable running one
@@ -184,16 +199,34 @@ def run_step_suite(args, *, suite: str, norms: dict, step_fn: Callable, baseline
         raw[f"batch {batch}"] = {"times_s": times, "summary": summary}
         for name, s in summary.items():
             rows.append({"batch": batch, "width": width, "candidate": name, **s})
-            print(f"batch {batch:5d} {name:18s} {s['median_ms']:9.1f} ms  x{s['vs_baseline']:.3f} of {baseline}  "
-                  f"x{s['vs_floor']:.3f} of no norm", flush=True)
+            print(
+                f"batch {batch:5d} {name:18s} {s['median_ms']:9.1f} ms  x{s['vs_baseline']:.3f} of {baseline}  "
+                f"x{s['vs_floor']:.3f} of no norm",
+                flush=True,
+            )
     table = markdown_table(rows, ["batch", "width", "candidate", "median_ms", "spread", "vs_baseline", "vs_floor"])
     print(table)
-    write_results(args.out, {"suite": suite, "machine": machine_info(), **(extra or {}), "rounds": args.rounds,
-                             "rows": rows, "raw": raw, "table": table}, args)
+    write_results(
+        args.out,
+        {
+            "suite": suite,
+            "machine": machine_info(),
+            **(extra or {}),
+            "rounds": args.rounds,
+            "rows": rows,
+            "raw": raw,
+            "table": table,
+        },
+        args,
+    )
 
 
 def step_suite_args(p) -> None:
     """The step suites' extra command-line options."""
     p.add_argument("--width", type=int, default=32, help="convnet width (the seed preset's: %(default)s)")
-    p.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1600, 256],
-                   help="comma-separated batch sizes (default: 1600,256)")
+    p.add_argument(
+        "--batches",
+        type=lambda s: [int(b) for b in s.split(",")],
+        default=[1600, 256],
+        help="comma-separated batch sizes (default: 1600,256)",
+    )

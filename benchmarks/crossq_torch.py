@@ -47,8 +47,15 @@ def ours_for_sb3():
 
     class RenormForCrossQ(BatchRenorm1d):
         def __init__(self, num_features, eps=0.001, momentum=0.01, affine=True, warmup_steps=100_000):
-            super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, rmax=3.0, dmax=5.0,
-                             warmup_steps=warmup_steps + 1)
+            super().__init__(
+                num_features,
+                eps=eps,
+                momentum=momentum,
+                affine=affine,
+                rmax=3.0,
+                dmax=5.0,
+                warmup_steps=warmup_steps + 1,
+            )
 
     return RenormForCrossQ
 
@@ -67,8 +74,14 @@ def train(which: str, seed: int, steps: int, eval_episodes: int) -> dict:
     try:
         torch.manual_seed(seed)
         env = gym.make("Pendulum-v1")
-        model = CrossQ("MlpPolicy", env, seed=seed, learning_starts=500, verbose=0,
-                       policy_kwargs=dict(net_arch=dict(pi=[64, 64], qf=[256, 256]), renorm_warmup_steps=1000))
+        model = CrossQ(
+            "MlpPolicy",
+            env,
+            seed=seed,
+            learning_starts=500,
+            verbose=0,
+            policy_kwargs=dict(net_arch=dict(pi=[64, 64], qf=[256, 256]), renorm_warmup_steps=1000),
+        )
         norms = [m for m in model.policy.modules() if isinstance(m, (cls, other))]
         assert norms and all(type(m) is cls for m in norms), f"{which}: the policy holds {set(map(type, norms))}"
         eval_env = gym.make("Pendulum-v1")
@@ -78,9 +91,17 @@ def train(which: str, seed: int, steps: int, eval_episodes: int) -> dict:
         seconds = time.perf_counter() - t0
         after, after_std = evaluate_policy(model, eval_env, n_eval_episodes=eval_episodes, deterministic=True)
         step_counts = sorted({int(getattr(m, "num_batches_tracked", getattr(m, "steps", -1))) for m in norms})
-        return {"which": which, "seed": seed, "steps": steps, "return_before": float(before),
-                "return_after": float(after), "return_after_std": float(after_std), "train_seconds": seconds,
-                "norm_layers": len(norms), "norm_step_counters": step_counts}
+        return {
+            "which": which,
+            "seed": seed,
+            "steps": steps,
+            "return_before": float(before),
+            "return_after": float(after),
+            "return_after_std": float(after_std),
+            "train_seconds": seconds,
+            "norm_layers": len(norms),
+            "norm_step_counters": step_counts,
+        }
     finally:
         policies.BatchRenorm1d = torch_layers.BatchRenorm1d
 
@@ -93,8 +114,12 @@ def main(argv=None):
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    full = not args.quick and args.seeds == p.get_default("seeds") and args.steps == p.get_default("steps") \
+    full = (
+        not args.quick
+        and args.seeds == p.get_default("seeds")
+        and args.steps == p.get_default("steps")
         and args.eval_episodes == p.get_default("eval_episodes")
+    )
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     steps = 600 if args.quick else args.steps
     out = args.out or (RESULTS if full else SCRATCH)
@@ -110,19 +135,34 @@ def main(argv=None):
     for which in ("sb3-contrib", "renorm.torch"):
         mine = [r for r in runs if r["which"] == which]
         rs = [r["return_after"] for r in mine]
-        summary[which] = {"mean_return": statistics.mean(rs), "min": min(rs), "max": max(rs), "n": len(rs),
-                          "mean_return_before": statistics.mean(r["return_before"] for r in mine),
-                          "mean_train_seconds": statistics.mean(r["train_seconds"] for r in mine)}
+        summary[which] = {
+            "mean_return": statistics.mean(rs),
+            "min": min(rs),
+            "max": max(rs),
+            "n": len(rs),
+            "mean_return_before": statistics.mean(r["return_before"] for r in mine),
+            "mean_train_seconds": statistics.mean(r["train_seconds"] for r in mine),
+        }
     print(json.dumps(summary, indent=2))
     import sb3_contrib
     import torch
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"suite": "crossq_torch", "full": full, "torch": torch.__version__,
-                   "sb3_contrib": sb3_contrib.__version__, "env": "Pendulum-v1", "runs": runs, "summary": summary,
-                   "note": "2-core CPU shared with other jobs; small networks (see the module docstring)"}, f,
-                  indent=2)
+        json.dump(
+            {
+                "suite": "crossq_torch",
+                "full": full,
+                "torch": torch.__version__,
+                "sb3_contrib": sb3_contrib.__version__,
+                "env": "Pendulum-v1",
+                "runs": runs,
+                "summary": summary,
+                "note": "2-core CPU shared with other jobs; small networks (see the module docstring)",
+            },
+            f,
+            indent=2,
+        )
     print(f"wrote {out}")
 
 

@@ -53,15 +53,30 @@ def run(args):
     x = jnp.asarray(np.random.default_rng(0).standard_normal(SHAPE, np.float32))
     fns = {m: jax.jit(lambda x, m=m: normalize(x, m)) for m in MODES}
     kernels = {m: len(re.findall(r"\bfusion\(", f.lower(x).compile().as_text())) for m, f in fns.items()}
-    times = measure({m: (lambda f=f: f(x)) for m, f in fns.items()}, rounds=args.rounds, warmup=args.warmup,
-                    sync=jax.block_until_ready)
+    times = measure(
+        {m: (lambda f=f: f(x)) for m, f in fns.items()},
+        rounds=args.rounds,
+        warmup=args.warmup,
+        sync=jax.block_until_ready,
+    )
     summary = summarize(times, baseline="plain")
     rows = [{"variant": m, "kernels": kernels[m], **summary[m]} for m in MODES]
     table = markdown_table(rows, ["variant", "kernels", "median_ms", "spread", "vs_baseline"])
     print(table)
-    write_results(args.out, {"suite": "jax_clip_fusion", "machine": machine_info(), "jax": jax.__version__,
-                             "shape": SHAPE, "microbatch_size": K, "rounds": args.rounds, "rows": rows,
-                             "table": table}, args)
+    write_results(
+        args.out,
+        {
+            "suite": "jax_clip_fusion",
+            "machine": machine_info(),
+            "jax": jax.__version__,
+            "shape": SHAPE,
+            "microbatch_size": K,
+            "rounds": args.rounds,
+            "rows": rows,
+            "table": table,
+        },
+        args,
+    )
 
 
 if __name__ == "__main__":

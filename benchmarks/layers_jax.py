@@ -31,8 +31,9 @@ def _train_fn(module, x, dy):
     params, stats = variables["params"], variables["batch_stats"]
 
     def loss(params, x, stats):
-        y, upd = module.apply({"params": params, "batch_stats": stats}, x, use_running_average=False,
-                              mutable=["batch_stats"])
+        y, upd = module.apply(
+            {"params": params, "batch_stats": stats}, x, use_running_average=False, mutable=["batch_stats"]
+        )
         return jnp.vdot(y, dy), upd["batch_stats"]
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
@@ -69,17 +70,32 @@ def run(args):
             raw[f"{mode} {shape}"] = {"times_s": times, "summary": summary}
             for name, s in summary.items():
                 rows.append({"shape": str(shape), "mode": mode, "candidate": name, **s})
-                print(f"{mode:5s} {str(shape):20s} {name:18s} {s['median_ms']:9.2f} ms  "
-                      f"x{s.get('vs_baseline', float('nan')):.3f} of BN  "
-                      f"x{s.get('vs_floor', float('nan')):.2f} of floor"
-                      + (f"  x{s['vs_whole']:.2f} of whole batch" if "vs_whole" in s else ""), flush=True)
-    table = markdown_table(rows, ["shape", "mode", "candidate", "median_ms", "spread", "vs_baseline", "vs_whole",
-                                  "vs_floor"])
+                print(
+                    f"{mode:5s} {str(shape):20s} {name:18s} {s['median_ms']:9.2f} ms  "
+                    f"x{s.get('vs_baseline', float('nan')):.3f} of BN  "
+                    f"x{s.get('vs_floor', float('nan')):.2f} of floor"
+                    + (f"  x{s['vs_whole']:.2f} of whole batch" if "vs_whole" in s else ""),
+                    flush=True,
+                )
+    table = markdown_table(
+        rows, ["shape", "mode", "candidate", "median_ms", "spread", "vs_baseline", "vs_whole", "vs_floor"]
+    )
     print(table)
     devices = [str(d) for d in jax.devices()]
-    write_results(args.out, {"suite": "layers_jax", "machine": machine_info(), "devices": devices,
-                             "jax": jax.__version__, "rounds": args.rounds, "rows": rows, "raw": raw,
-                             "table": table}, args)
+    write_results(
+        args.out,
+        {
+            "suite": "layers_jax",
+            "machine": machine_info(),
+            "devices": devices,
+            "jax": jax.__version__,
+            "rounds": args.rounds,
+            "rows": rows,
+            "raw": raw,
+            "table": table,
+        },
+        args,
+    )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,11 @@ def run(args):
             cands = {"floor: x*a+b": lambda: floor_fn(x, a, b)}
             make = (lambda m: _train_fn(m, x, dy)) if mode == "train" else (lambda m: _infer_fn(m, x))
             cands["keras BN"] = make(keras.layers.BatchNormalization())
-            cands["keras BN renorm"] = make(keras.layers.BatchNormalization(
-                renorm=True, renorm_clipping={"rmax": 3.0, "rmin": 1 / 3.0, "dmax": 5.0}, renorm_momentum=0.99))
+            cands["keras BN renorm"] = make(
+                keras.layers.BatchNormalization(
+                    renorm=True, renorm_clipping={"rmax": 3.0, "rmin": 1 / 3.0, "dmax": 5.0}, renorm_momentum=0.99
+                )
+            )
             if mode == "train":
                 for k in MICROBATCHES:
                     cands[f"renorm mb={k}"] = make(BatchRenormalization(microbatch_size=k))
@@ -85,19 +88,36 @@ def run(args):
             raw[f"{mode} {shape}"] = {"times_s": times, "summary": summary}
             for name, s in summary.items():
                 rows.append({"shape": str(shape), "mode": mode, "candidate": name, **s})
-                print(f"{mode:5s} {str(shape):20s} {name:18s} {s['median_ms']:9.2f} ms  "
-                      f"x{s.get('vs_baseline', float('nan')):.3f} of keras BN  "
-                      f"x{s.get('vs_floor', float('nan')):.2f} of floor  spread {s['spread']:.2f}"
-                      + (f"  x{s['vs_whole']:.2f} of whole batch" if "vs_whole" in s else ""), flush=True)
-    table = markdown_table(rows, ["shape", "mode", "candidate", "median_ms", "spread", "vs_baseline", "vs_whole",
-                                  "vs_floor"])
+                print(
+                    f"{mode:5s} {str(shape):20s} {name:18s} {s['median_ms']:9.2f} ms  "
+                    f"x{s.get('vs_baseline', float('nan')):.3f} of keras BN  "
+                    f"x{s.get('vs_floor', float('nan')):.2f} of floor  spread {s['spread']:.2f}"
+                    + (f"  x{s['vs_whole']:.2f} of whole batch" if "vs_whole" in s else ""),
+                    flush=True,
+                )
+    table = markdown_table(
+        rows, ["shape", "mode", "candidate", "median_ms", "spread", "vs_baseline", "vs_whole", "vs_floor"]
+    )
     print(table)
     devices = [str(d) for d in jax.devices()]
-    write_results(args.out, {"suite": "layers_keras_jax", "machine": machine_info(), "devices": devices,
-                             "jax": jax.__version__, "keras": keras.__version__, "keras_backend": "jax",
-                             "note": "CPU shared with two training jobs and other developers' processes: "
-                                     "only the paired ratios of one run mean anything",
-                             "rounds": args.rounds, "rows": rows, "raw": raw, "table": table}, args)
+    write_results(
+        args.out,
+        {
+            "suite": "layers_keras_jax",
+            "machine": machine_info(),
+            "devices": devices,
+            "jax": jax.__version__,
+            "keras": keras.__version__,
+            "keras_backend": "jax",
+            "note": "CPU shared with two training jobs and other developers' processes: "
+            "only the paired ratios of one run mean anything",
+            "rounds": args.rounds,
+            "rows": rows,
+            "raw": raw,
+            "table": table,
+        },
+        args,
+    )
 
 
 if __name__ == "__main__":

@@ -73,8 +73,11 @@ def run(args):
                 if not jit:  # the fused op has no XLA kernel of its own; XLA lowers it differently
                     cands["fused_batch_norm"] = make(FusedBatchNorm())
                 cands[f"keras BN{xla}"] = make(keras.layers.BatchNormalization())
-                cands[f"keras BN renorm{xla}"] = make(keras.layers.BatchNormalization(
-                    renorm=True, renorm_clipping={"rmax": 3.0, "rmin": 1 / 3.0, "dmax": 5.0}, renorm_momentum=0.99))
+                cands[f"keras BN renorm{xla}"] = make(
+                    keras.layers.BatchNormalization(
+                        renorm=True, renorm_clipping={"rmax": 3.0, "rmin": 1 / 3.0, "dmax": 5.0}, renorm_momentum=0.99
+                    )
+                )
                 if mode == "train":
                     for k in MICROBATCHES:
                         cands[f"renorm mb={k}{xla}"] = make(BatchRenormalization(microbatch_size=k))
@@ -86,16 +89,31 @@ def run(args):
                 raw[f"{mode}{xla} {shape}"] = {"times_s": times, "summary": summary, "baseline": base}
                 for name, s in summary.items():
                     rows.append({"shape": str(shape), "mode": mode, "candidate": name, "baseline": base, **s})
-                    print(f"{mode:5s} {str(shape):20s} {name:24s} {s['median_ms']:9.2f} ms  "
-                          f"x{s.get('vs_baseline', float('nan')):.3f} of {base}  "
-                          f"x{s.get('vs_floor', float('nan')):.2f} of floor"
-                          + (f"  x{s['vs_whole']:.2f} of whole batch" if "vs_whole" in s else ""), flush=True)
-    table = markdown_table(rows, ["shape", "mode", "candidate", "median_ms", "spread", "baseline", "vs_baseline",
-                                  "vs_whole", "vs_floor"])
+                    print(
+                        f"{mode:5s} {str(shape):20s} {name:24s} {s['median_ms']:9.2f} ms  "
+                        f"x{s.get('vs_baseline', float('nan')):.3f} of {base}  "
+                        f"x{s.get('vs_floor', float('nan')):.2f} of floor"
+                        + (f"  x{s['vs_whole']:.2f} of whole batch" if "vs_whole" in s else ""),
+                        flush=True,
+                    )
+    table = markdown_table(
+        rows, ["shape", "mode", "candidate", "median_ms", "spread", "baseline", "vs_baseline", "vs_whole", "vs_floor"]
+    )
     print(table)
-    write_results(args.out, {"suite": "layers_tf", "machine": machine_info(), "tensorflow": tf.__version__,
-                             "keras": keras.__version__, "rounds": args.rounds, "rows": rows, "raw": raw,
-                             "table": table}, args)
+    write_results(
+        args.out,
+        {
+            "suite": "layers_tf",
+            "machine": machine_info(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "rounds": args.rounds,
+            "rows": rows,
+            "raw": raw,
+            "table": table,
+        },
+        args,
+    )
 
 
 def _extra(p):

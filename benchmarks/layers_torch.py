@@ -116,15 +116,43 @@ def run(args):
         raw[str(shape)] = {"times_s": times, "cpu_one_thread_s": cpu, "summary": summary}
         for name, s in summary.items():
             rows.append({"shape": str(shape), "candidate": name, **s})
-            print(f"{str(shape):20s} {name:24s} {s['median_ms']:9.2f} ms  spread {s['spread']:.2f}  "
-                  f"x{s['vs_baseline']:.3f} of eager BN" + (f"  x{s['vs_whole']:.2f} of whole batch" if "vs_whole" in s
-                                                          else ""), flush=True)
-    table = markdown_table(rows, ["shape", "candidate", "median_ms", "spread", "vs_baseline", "vs_compiled_bn",
-                                  "vs_whole", "vs_floor", "cpu1_vs_baseline", "cpu1_vs_whole"])
+            print(
+                f"{str(shape):20s} {name:24s} {s['median_ms']:9.2f} ms  spread {s['spread']:.2f}  "
+                f"x{s['vs_baseline']:.3f} of eager BN"
+                + (f"  x{s['vs_whole']:.2f} of whole batch" if "vs_whole" in s else ""),
+                flush=True,
+            )
+    table = markdown_table(
+        rows,
+        [
+            "shape",
+            "candidate",
+            "median_ms",
+            "spread",
+            "vs_baseline",
+            "vs_compiled_bn",
+            "vs_whole",
+            "vs_floor",
+            "cpu1_vs_baseline",
+            "cpu1_vs_whole",
+        ],
+    )
     print(table)
-    write_results(args.out, {"suite": "layers_torch", "machine": machine_info(), "torch": torch.__version__,
-                             "threads": torch.get_num_threads(), "rounds": args.rounds, "rows": rows, "raw": raw,
-                             "table": table, "note": "shared machine, loaded by other jobs during the run"}, args)
+    write_results(
+        args.out,
+        {
+            "suite": "layers_torch",
+            "machine": machine_info(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "rounds": args.rounds,
+            "rows": rows,
+            "raw": raw,
+            "table": table,
+            "note": "shared machine, loaded by other jobs during the run",
+        },
+        args,
+    )
 
 
 def _extra(p):

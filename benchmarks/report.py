@@ -35,11 +35,14 @@ def _fmt(v, digits=2):
 def layers_tf(data) -> str:
     rows = _rows(data)
     shapes = list(dict.fromkeys(r["shape"] for r in data["rows"]))
-    head = ("| shape | train: renorm / fused op | Keras BN / fused op | Keras renorm / fused op | "
-            "mb=4 / whole | mb=2 / whole | train, XLA: mb=2 / whole | infer: renorm / Keras BN | "
-            "renorm train, in floor passes |")
+    head = (
+        "| shape | train: renorm / fused op | Keras BN / fused op | Keras renorm / fused op | "
+        "mb=4 / whole | mb=2 / whole | train, XLA: mb=2 / whole | infer: renorm / Keras BN | "
+        "renorm train, in floor passes |"
+    )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for s in shapes:
+
         def g(mode, cand, key="vs_baseline"):
             r = rows.get((s, mode, cand))
             return None if r is None else r.get(key)
@@ -60,10 +63,13 @@ def layers_tf(data) -> str:
 def layers_jax(data) -> str:
     rows = _rows(data)
     shapes = list(dict.fromkeys(r["shape"] for r in data["rows"]))
-    lines = ["| shape | train: renorm / flax BN | mb=4 / whole | mb=2 / whole | infer: renorm / flax BN | "
-             "flax BN train, in floor passes | renorm train, in floor passes |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shape | train: renorm / flax BN | mb=4 / whole | mb=2 / whole | infer: renorm / flax BN | "
+        "flax BN train, in floor passes | renorm train, in floor passes |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in shapes:
+
         def g(mode, cand, key="vs_baseline"):
             r = rows.get((s, mode, cand))
             return None if r is None else r.get(key)
@@ -117,13 +123,17 @@ def main(argv=None):
         with open(path) as f:
             data = json.load(f)
         if data.get("full") is not True:
-            print(f"skipping {path}: not a full run of the suite ({data.get('command', 'no command recorded')})",
-                  file=sys.stderr)
+            print(
+                f"skipping {path}: not a full run of the suite ({data.get('command', 'no command recorded')})",
+                file=sys.stderr,
+            )
             continue
         found = True
         m = data["machine"]
-        print(f"#### {title}\n\n`{command(name, data)}` on {m['processor']}, {m['cpu_count']} cores "
-              f"({data['rounds']} interleaved rounds per ratio).\n\n{fn(data)}\n")
+        print(
+            f"#### {title}\n\n`{command(name, data)}` on {m['processor']}, {m['cpu_count']} cores "
+            f"({data['rounds']} interleaved rounds per ratio).\n\n{fn(data)}\n"
+        )
     if not found:
         raise SystemExit(f"no full-run results in {args.results!r}: run the suites first (see docs/benchmarks.md)")
 

@@ -74,8 +74,7 @@ def _step_fn(norm, batch, width, seed=0):
     @jax.jit
     def step(params, stats, opt_state, x, labels):
         def loss_fn(params):
-            logits, upd = model.apply({"params": params, "batch_stats": stats}, x, train=True,
-                                      mutable=["batch_stats"])
+            logits, upd = model.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), upd
 
         (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -86,9 +85,15 @@ def _step_fn(norm, batch, width, seed=0):
 
 
 def run(args):
-    run_step_suite(args, suite="step_jax", norms=NORMS, step_fn=_step_fn, baseline="flax BN",
-                   sync=jax.block_until_ready,
-                   extra={"devices": [str(d) for d in jax.devices()], "jax": jax.__version__})
+    run_step_suite(
+        args,
+        suite="step_jax",
+        norms=NORMS,
+        step_fn=_step_fn,
+        baseline="flax BN",
+        sync=jax.block_until_ready,
+        extra={"devices": [str(d) for d in jax.devices()], "jax": jax.__version__},
+    )
 
 
 if __name__ == "__main__":

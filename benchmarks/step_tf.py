@@ -32,7 +32,8 @@ NORMS = {
     "fused BN": lambda name: FusedBatchNorm(name=name),
     "keras BN": lambda name: keras.layers.BatchNormalization(name=name),
     "keras BN renorm": lambda name: keras.layers.BatchNormalization(
-        renorm=True, renorm_clipping={"rmax": 3.0, "rmin": 1 / 3.0, "dmax": 5.0}, renorm_momentum=0.99, name=name),
+        renorm=True, renorm_clipping={"rmax": 3.0, "rmin": 1 / 3.0, "dmax": 5.0}, renorm_momentum=0.99, name=name
+    ),
     "renorm": lambda name: BatchRenormalization(name=name),
     "renorm mb=4": lambda name: BatchRenormalization(microbatch_size=4, name=name),
     "renorm mb=2": lambda name: BatchRenormalization(microbatch_size=2, name=name),
@@ -61,8 +62,9 @@ def _step_fn(norm, batch, width, seed=0):
 
 
 def run(args):
-    run_step_suite(args, suite="step_tf", norms=NORMS, step_fn=_step_fn, baseline="fused BN",
-                   extra={"tensorflow": tf.__version__})
+    run_step_suite(
+        args, suite="step_tf", norms=NORMS, step_fn=_step_fn, baseline="fused BN", extra={"tensorflow": tf.__version__}
+    )
 
 
 if __name__ == "__main__":

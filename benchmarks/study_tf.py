@@ -92,7 +92,7 @@ def _evaluation(cfg, arm, examples, lag_examples):
     def inference():
         total = 0.0
         for i in range(0, examples, cfg.eval_batch_size):
-            loss, correct = eval_batch(x_eval[i:i + cfg.eval_batch_size], y_eval[i:i + cfg.eval_batch_size])
+            loss, correct = eval_batch(x_eval[i : i + cfg.eval_batch_size], y_eval[i : i + cfg.eval_batch_size])
             total += float(loss) + float(correct)
         return total
 
@@ -100,7 +100,7 @@ def _evaluation(cfg, arm, examples, lag_examples):
         # As renorm_repro.train's lag_stats: the layers' inputs in batches of 500, sums in float64.
         s = 0.0
         for i in range(0, lag_examples, 500):
-            for f in lag_model(x_lag[i:i + 500], training=False):
+            for f in lag_model(x_lag[i : i + 500], training=False):
                 f = np.asarray(f, dtype=np.float64).reshape(-1, f.shape[-1])
                 s += float(f.sum() + (f * f).sum())
         return s
@@ -115,8 +115,11 @@ def run(args):
         block = 2 if args.quick else 20
         examples = 2000 if args.quick else cfg.val_examples + 10000  # validation + Fashion-MNIST's test split
         lag_examples = 500 if args.quick else cfg.eval_lag_examples
-        cands = {"none": _train_block(cfg, None, block), "bn": _train_block(cfg, bn_arm, block),
-                 "brn": _train_block(cfg, brn_arm, block)}
+        cands = {
+            "none": _train_block(cfg, None, block),
+            "bn": _train_block(cfg, bn_arm, block),
+            "brn": _train_block(cfg, brn_arm, block),
+        }
         inference, lag = _evaluation(cfg, brn_arm, examples, lag_examples)
         cands["evaluation (inference)"] = inference
         cands["evaluation (lag diagnostic)"] = lag
@@ -128,9 +131,17 @@ def run(args):
         for cand in ("none", "bn", "brn"):
             s = summary[cand]
             step_s[cand] = s["median_ms"] / 1e3 / block
-            rows.append({"experiment": name, "candidate": cand, "ms_per_step": 1e3 * step_s[cand],
-                         "steps_per_s": 1.0 / step_s[cand], "gflops": flops / step_s[cand] / 1e9,
-                         "vs_no_norm": s["vs_floor"], "spread": s["spread"]})
+            rows.append(
+                {
+                    "experiment": name,
+                    "candidate": cand,
+                    "ms_per_step": 1e3 * step_s[cand],
+                    "steps_per_s": 1.0 / step_s[cand],
+                    "gflops": flops / step_s[cand] / 1e9,
+                    "vs_no_norm": s["vs_floor"],
+                    "spread": s["spread"],
+                }
+            )
         evals = cfg.steps // cfg.eval_every
         scale = (cfg.val_examples + 10000) / examples
         inf_s = summary["evaluation (inference)"]["median_ms"] / 1e3 * scale
@@ -138,22 +149,58 @@ def run(args):
         for cand in ("bn", "brn"):
             train_s = cfg.steps * step_s[cand]
             total = train_s + evals * (inf_s + lag_s)
-            split_rows.append({"experiment": name, "arm": cand, "steps": cfg.steps, "evaluations": evals,
-                               "run_s": total, "training_steps": train_s / total,
-                               "evaluations_inference": evals * inf_s / total,
-                               "lag_diagnostic": evals * lag_s / total})
+            split_rows.append(
+                {
+                    "experiment": name,
+                    "arm": cand,
+                    "steps": cfg.steps,
+                    "evaluations": evals,
+                    "run_s": total,
+                    "training_steps": train_s / total,
+                    "evaluations_inference": evals * inf_s / total,
+                    "lag_diagnostic": evals * lag_s / total,
+                }
+            )
         for r in rows[-3:]:
-            print(f"{name:5s} {r['candidate']:5s} {r['ms_per_step']:7.2f} ms/step  {r['steps_per_s']:6.1f} steps/s  "
-                  f"{r['gflops']:6.1f} GFLOP/s  x{r['vs_no_norm']:.3f} of no norm", flush=True)
-    table = markdown_table(rows, ["experiment", "candidate", "ms_per_step", "steps_per_s", "gflops", "vs_no_norm",
-                                  "spread"])
-    split = markdown_table(split_rows, ["experiment", "arm", "steps", "evaluations", "run_s", "training_steps",
-                                        "evaluations_inference", "lag_diagnostic"])
+            print(
+                f"{name:5s} {r['candidate']:5s} {r['ms_per_step']:7.2f} ms/step  {r['steps_per_s']:6.1f} steps/s  "
+                f"{r['gflops']:6.1f} GFLOP/s  x{r['vs_no_norm']:.3f} of no norm",
+                flush=True,
+            )
+    table = markdown_table(
+        rows, ["experiment", "candidate", "ms_per_step", "steps_per_s", "gflops", "vs_no_norm", "spread"]
+    )
+    split = markdown_table(
+        split_rows,
+        [
+            "experiment",
+            "arm",
+            "steps",
+            "evaluations",
+            "run_s",
+            "training_steps",
+            "evaluations_inference",
+            "lag_diagnostic",
+        ],
+    )
     print(table + "\n\n" + split)
     threads = {k: os.environ.get(k) for k in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")}
-    write_results(args.out, {"suite": "study_tf", "machine": machine_info(), "tensorflow": tf.__version__,
-                             "threads": threads, "rounds": args.rounds, "rows": rows, "run_split": split_rows,
-                             "raw": raw, "table": table, "split_table": split}, args)
+    write_results(
+        args.out,
+        {
+            "suite": "study_tf",
+            "machine": machine_info(),
+            "tensorflow": tf.__version__,
+            "threads": threads,
+            "rounds": args.rounds,
+            "rows": rows,
+            "run_split": split_rows,
+            "raw": raw,
+            "table": table,
+            "split_table": split,
+        },
+        args,
+    )
 
 
 if __name__ == "__main__":

@@ -30,11 +30,13 @@ class FusedBatchNorm(keras.layers.Layer):
         shape = tf.shape(x)
         x4 = x if x.shape.rank == 4 else tf.reshape(x, [shape[0], 1, 1, shape[-1]])
         if training:
-            y, m, v = tf.compat.v1.nn.fused_batch_norm(x4, self.gamma, self.beta, epsilon=self.epsilon,
-                                                       is_training=True)
+            y, m, v = tf.compat.v1.nn.fused_batch_norm(
+                x4, self.gamma, self.beta, epsilon=self.epsilon, is_training=True
+            )
             self.moving_mean.assign_sub((1 - self.momentum) * (self.moving_mean - m))
             self.moving_var.assign_sub((1 - self.momentum) * (self.moving_var - v))
         else:
-            y, _, _ = tf.compat.v1.nn.fused_batch_norm(x4, self.gamma, self.beta, self.moving_mean,
-                                                       self.moving_var, epsilon=self.epsilon, is_training=False)
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                x4, self.gamma, self.beta, self.moving_mean, self.moving_var, epsilon=self.epsilon, is_training=False
+            )
         return tf.reshape(y, shape)

@@ -184,7 +184,8 @@ def _drop_missing_optional_pages(app, docname, source):
     here = os.path.dirname(__file__)
     lines = source[0].split("\n")
     source[0] = "\n".join(
-        line for line in lines
+        line
+        for line in lines
         if not (line.strip() in OPTIONAL_PAGES and not os.path.exists(os.path.join(here, line.strip() + ".md")))
     )
 
@@ -194,6 +195,7 @@ def setup(app):
     app.connect("autodoc-process-docstring", _drop_the_type_docstring, priority=300)
     # before napoleon (priority 500), which parses the argument lists
     app.connect("autodoc-process-docstring", _join_wrapped_argument_names, priority=400)
+
 
 html_theme = "furo"
 html_title = f"renorm {release}"

@@ -247,9 +247,7 @@ def check_input(
     error.
     """
     if not is_floating:
-        raise TypeError(
-            f"Batch renormalization needs a floating-point input, got an input of dtype {dtype_name}."
-        )
+        raise TypeError(f"Batch renormalization needs a floating-point input, got an input of dtype {dtype_name}.")
     ndim = len(shape)
     if ndim < 2:
         raise ValueError(
@@ -323,7 +321,7 @@ def check_mask(
     mask_shape, input_shape = tuple(mask_shape), tuple(input_shape)
     if feature_axis is None:
         expected = f"broadcastable to the input's shape {input_shape}"
-        target = input_shape[len(input_shape) - len(mask_shape):] if len(mask_shape) <= len(input_shape) else None
+        target = input_shape[len(input_shape) - len(mask_shape) :] if len(mask_shape) <= len(input_shape) else None
     else:
         ax = feature_axis % len(input_shape)
         target = tuple(s for i, s in enumerate(input_shape) if i != ax)
@@ -333,9 +331,7 @@ def check_mask(
         )
         if len(mask_shape) != len(target):
             target = None
-    ok = target is not None and all(
-        m is None or t is None or m == t or m == 1 for m, t in zip(mask_shape, target)
-    )
+    ok = target is not None and all(m is None or t is None or m == t or m == 1 for m, t in zip(mask_shape, target))
     if not ok:
         raise ValueError(
             f"`mask` must have a shape {expected}; got a mask of shape {mask_shape} for an input of shape "

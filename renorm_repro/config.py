@@ -183,8 +183,17 @@ class ExperimentConfig:
             bad("arms", f"must be distinct names among {known}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
             bad("seeds", "must be distinct non-negative integers")
-        for key in ("batch_size", "width", "steps", "eval_every", "eval_batch_size", "checkpoint_every",
-                    "synthetic_train", "synthetic_test", "synthetic_classes"):
+        for key in (
+            "batch_size",
+            "width",
+            "steps",
+            "eval_every",
+            "eval_batch_size",
+            "checkpoint_every",
+            "synthetic_train",
+            "synthetic_test",
+            "synthetic_classes",
+        ):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
         for key in ("val_examples", "eval_lag_examples"):
@@ -196,8 +205,11 @@ class ExperimentConfig:
         if self.eval_train_examples < 0:
             bad("eval_train_examples", "must be >= 0 (0 turns the inference-mode training accuracy off)")
         if self.jit_compile and self.deterministic:
-            bad("jit_compile", "cannot be combined with deterministic=True (XLA has no deterministic max-pooling "
-                "gradient); pass --deterministic false with --jit-compile true")
+            bad(
+                "jit_compile",
+                "cannot be combined with deterministic=True (XLA has no deterministic max-pooling "
+                "gradient); pass --deterministic false with --jit-compile true",
+            )
         if not 0.0 <= self.momentum < 1.0:
             bad("momentum", "must be in [0, 1) (the moving statistics move by 1 - momentum per step)")
         if not self.epsilon > 0:
@@ -216,29 +228,38 @@ class ExperimentConfig:
         if self.schedule_base not in SCHEDULE_BASES:
             bad("schedule_base", f"must be one of {SCHEDULE_BASES}")
         if self.warmup_steps is not None and self.warmup_time_constants is not None:
-            raise ConfigError("Give the warm-up once: `warmup_steps` or `warmup_time_constants`, got "
-                              f"warmup_steps={self.warmup_steps!r} and "
-                              f"warmup_time_constants={self.warmup_time_constants!r}.")
+            raise ConfigError(
+                "Give the warm-up once: `warmup_steps` or `warmup_time_constants`, got "
+                f"warmup_steps={self.warmup_steps!r} and "
+                f"warmup_time_constants={self.warmup_time_constants!r}."
+            )
         for key in ("warmup_steps", "rmax_steps", "dmax_steps"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 bad(key, "must be >= 0")
         if self.warmup_time_constants is not None and not (
-                self.warmup_time_constants >= 0 and math.isfinite(self.warmup_time_constants)):
+            self.warmup_time_constants >= 0 and math.isfinite(self.warmup_time_constants)
+        ):
             bad("warmup_time_constants", "must be a finite number >= 0")
         warm, r_end, d_end = self._breakpoints()
         if warm >= self.steps:
-            raise ConfigError(f"The warm-up of the Batch Renorm arms ({warm} steps) must be shorter than the run "
-                              f"(steps={self.steps}): they would be batch norm throughout.")
+            raise ConfigError(
+                f"The warm-up of the Batch Renorm arms ({warm} steps) must be shorter than the run "
+                f"(steps={self.steps}): they would be batch norm throughout."
+            )
         for key, end in (("rmax_steps", r_end), ("dmax_steps", d_end)):
             given = getattr(self, key) is not None
             if 0 < end <= warm:
-                raise ConfigError(f"`{key}` ends the ramp before the warm-up ends (warm-up {warm} steps), got "
-                                  f"{key}={end!r}{'' if given else ' (moved with the warm-up)'}; "
-                                  f"pass --{key.replace('_', '-')} 0 for no ramp or a step after {warm}.")
+                raise ConfigError(
+                    f"`{key}` ends the ramp before the warm-up ends (warm-up {warm} steps), got "
+                    f"{key}={end!r}{'' if given else ' (moved with the warm-up)'}; "
+                    f"pass --{key.replace('_', '-')} 0 for no ramp or a step after {warm}."
+                )
             if end > self.steps:
-                raise ConfigError(f"`{key}` is after the end of the run (steps={self.steps}), got {key}={end!r}"
-                                  f"{'' if given else ' (moved with the warm-up)'}: the limit would never "
-                                  "reach its final value.")
+                raise ConfigError(
+                    f"`{key}` is after the end of the run (steps={self.steps}), got {key}={end!r}"
+                    f"{'' if given else ' (moved with the warm-up)'}: the limit would never "
+                    "reach its final value."
+                )
         try:
             self.schedule()
         except ValueError as e:
@@ -274,8 +295,9 @@ class ExperimentConfig:
         By default the paper's schedule scaled to ``steps`` (``ClipSchedule.paper(steps)``).
         """
         warm, r_end, d_end = self._breakpoints()
-        return ClipSchedule(rmax=float(self.rmax), dmax=float(self.dmax), warmup_steps=warm, rmax_steps=r_end,
-                            dmax_steps=d_end)
+        return ClipSchedule(
+            rmax=float(self.rmax), dmax=float(self.dmax), warmup_steps=warm, rmax_steps=r_end, dmax_steps=d_end
+        )
 
     def learning_rate_at(self, t, cos=math.cos, at_least=lambda a, b: float(a >= b)):
         """The learning rate of training step ``t`` (0-based), one expression for every backend.
@@ -359,10 +381,12 @@ class ExperimentConfig:
         return {
             "schedule": sched.to_dict(),
             # The schedule's breakpoints in moving-average time constants (1/(1 - momentum) steps).
-            "schedule_time_constants": {"time_constant_steps": round(tau, 6),
-                                        "warmup": round(sched.warmup_steps / tau, 6),
-                                        "rmax_steps": round(sched.rmax_steps / tau, 6),
-                                        "dmax_steps": round(sched.dmax_steps / tau, 6)},
+            "schedule_time_constants": {
+                "time_constant_steps": round(tau, 6),
+                "warmup": round(sched.warmup_steps / tau, 6),
+                "rmax_steps": round(sched.rmax_steps / tau, 6),
+                "dmax_steps": round(sched.dmax_steps / tau, 6),
+            },
             "arms": {
                 arm: {
                     "label": self.arm_label(arm),
@@ -374,8 +398,11 @@ class ExperimentConfig:
                 for arm in self.arms
             },
             "epochs": self.steps * self.batch_size / self.train_size(),
-            "learning_rate": {"start": self.learning_rate_at(0), "middle": self.learning_rate_at(self.steps // 2),
-                              "last_step": self.learning_rate_at(self.steps - 1)},
+            "learning_rate": {
+                "start": self.learning_rate_at(0),
+                "middle": self.learning_rate_at(self.steps // 2),
+                "last_step": self.learning_rate_at(self.steps - 1),
+            },
             "forward_flops_per_example": fwd,
             # A training step is ~3x the forward pass (forward, grad wrt inputs, grad wrt weights).
             "train_flops_per_step": 3 * fwd * self.batch_size,
@@ -405,7 +432,7 @@ class MicrobatchConfig(ExperimentConfig):
         return {
             "bn_micro": "batch norm on micro-batches of microbatch_size",
             "brn_micro": "Batch Renorm on micro-batches of microbatch_size, with the config's clipping schedule "
-                         "(default: the paper's, scaled)",
+            "(default: the paper's, scaled)",
             "bn_32": "batch norm on groups of bn_group",
         }
 
@@ -449,8 +476,14 @@ class NoniidConfig(ExperimentConfig):
 
     experiment: str = "noniid"
     arms: tuple[str, ...] = ("bn", "brn", "bn_split", "bn_iid")
-    COMPARISONS = (("bn", "brn"), ("brn", "keras_brn"), ("bn", "keras_brn"), ("bn_iid", "brn"), ("bn_iid", "bn"),
-                   ("bn", "bn_split"))
+    COMPARISONS = (
+        ("bn", "brn"),
+        ("brn", "keras_brn"),
+        ("bn", "keras_brn"),
+        ("bn_iid", "brn"),
+        ("bn_iid", "bn"),
+        ("bn", "bn_split"),
+    )
     batch_size: int = 32
     eval_train_examples: int = 10000
     eval_batch_stats: bool = True
@@ -463,20 +496,26 @@ class NoniidConfig(ExperimentConfig):
             if getattr(self, key) < 1:
                 self._bad(key, "must be >= 1")
         if self.batch_size != self.labels_per_batch * self.per_label:
-            self._bad("batch_size", f"must equal labels_per_batch x per_label = {self.labels_per_batch} x "
-                      f"{self.per_label} = {self.labels_per_batch * self.per_label} (pass --batch-size too)")
+            self._bad(
+                "batch_size",
+                f"must equal labels_per_batch x per_label = {self.labels_per_batch} x "
+                f"{self.per_label} = {self.labels_per_batch * self.per_label} (pass --batch-size too)",
+            )
         if self.per_label % self.split_groups:
-            self._bad("split_groups", f"must divide per_label={self.per_label} (each part holds the same "
-                      "number of images of every drawn label)")
+            self._bad(
+                "split_groups",
+                f"must divide per_label={self.per_label} (each part holds the same "
+                "number of images of every drawn label)",
+            )
 
     def arm_specs_template(self) -> dict[str, str]:
         return {
             "bn": "batch norm on the whole non-i.i.d. minibatch",
             "brn": "Batch Renorm on the whole non-i.i.d. minibatch, with the config's clipping schedule "
-                   "(default: the paper's, scaled)",
+            "(default: the paper's, scaled)",
             "keras_brn": "Keras's own BatchNormalization(renorm=True) configured as the paper, same schedule",
             "bn_split": "batch norm applied separately to split_groups parts, the images of each label split "
-                        "between them",
+            "between them",
             "bn_iid": "batch norm on i.i.d. minibatches of batch_size (reference)",
         }
 
@@ -484,8 +523,11 @@ class NoniidConfig(ExperimentConfig):
         if arm in ("bn", "bn_iid"):
             return {"microbatch_size": self.batch_size, "schedule": ClipSchedule.batch_norm()}
         if arm in ("brn", "keras_brn"):
-            return {"microbatch_size": self.batch_size, "schedule": self.schedule(),
-                    "impl": "keras" if arm == "keras_brn" else "renorm"}
+            return {
+                "microbatch_size": self.batch_size,
+                "schedule": self.schedule(),
+                "impl": "keras" if arm == "keras_brn" else "renorm",
+            }
         if arm == "bn_split":
             return {"microbatch_size": self.batch_size // self.split_groups, "schedule": ClipSchedule.batch_norm()}
         raise self._unknown_arm(arm)
@@ -505,8 +547,9 @@ class NoniidConfig(ExperimentConfig):
 
         if arm == "bn_iid":
             return batch_indices(len(labels), self.batch_size, seed, step)
-        idx = noniid_batch_indices(labels, labels_per_batch=self.labels_per_batch, per_label=self.per_label,
-                                   seed=seed, step=step)
+        idx = noniid_batch_indices(
+            labels, labels_per_batch=self.labels_per_batch, per_label=self.per_label, seed=seed, step=step
+        )
         return split_pairs_order(idx, self.labels_per_batch, self.per_label, self.split_groups)
 
     def eval_batch_indices(self, labels, index: int, arm: str | None = None):
@@ -527,17 +570,22 @@ class IidConfig(ExperimentConfig):
     batch_size: int = 32
 
     def arm_specs_template(self) -> dict[str, str]:
-        return {"bn": "batch norm on the whole minibatch",
-                "brn": "Batch Renorm on the whole minibatch, with the config's clipping schedule "
-                       "(default: the paper's, scaled)",
-                "keras_brn": "Keras's own BatchNormalization(renorm=True) configured as the paper, same schedule"}
+        return {
+            "bn": "batch norm on the whole minibatch",
+            "brn": "Batch Renorm on the whole minibatch, with the config's clipping schedule "
+            "(default: the paper's, scaled)",
+            "keras_brn": "Keras's own BatchNormalization(renorm=True) configured as the paper, same schedule",
+        }
 
     def arm_spec(self, arm: str) -> dict:
         if arm == "bn":
             return {"microbatch_size": self.batch_size, "schedule": ClipSchedule.batch_norm()}
         if arm in ("brn", "keras_brn"):
-            return {"microbatch_size": self.batch_size, "schedule": self.schedule(),
-                    "impl": "keras" if arm == "keras_brn" else "renorm"}
+            return {
+                "microbatch_size": self.batch_size,
+                "schedule": self.schedule(),
+                "impl": "keras" if arm == "keras_brn" else "renorm",
+            }
         raise self._unknown_arm(arm)
 
     def arm_label(self, arm: str) -> str:
@@ -567,9 +615,18 @@ EXPERIMENTS = {"microbatch": MicrobatchConfig, "noniid": NoniidConfig, "iid": Ii
 # the paper's update rate 0.01 (momentum 0.99) and rmax=3/dmax=5 schedule scaled to the run, the
 # moving-statistics lag logged on 2000 fixed training images, 5 seeds (same seed = same initial
 # weights and data order in every arm, so arms are compared seed by seed).
-FASHION = dict(dataset="fashion_mnist", val_examples=5000, width=16, optimizer="adam", learning_rate=3e-3,
-               lr_schedule="cosine", eval_batch_size=1000, eval_lag_examples=2000, seeds=(0, 1, 2, 3, 4),
-               threshold=0.85)
+FASHION = dict(
+    dataset="fashion_mnist",
+    val_examples=5000,
+    width=16,
+    optimizer="adam",
+    learning_rate=3e-3,
+    lr_schedule="cosine",
+    eval_batch_size=1000,
+    eval_lag_examples=2000,
+    seeds=(0, 1, 2, 3, 4),
+    threshold=0.85,
+)
 
 # Presets: overrides of the experiment's defaults. Every one is documented.
 PRESETS: dict[str, dict] = {
@@ -577,34 +634,92 @@ PRESETS: dict[str, dict] = {
     # micro-batches of 4, RMSProp (the paper's optimizer for Inception v3) with an EMA of the
     # weights for evaluation (its practice), on CIFAR-100 with the convnet at width 64.
     # The paper's own model and data (Inception v3, ImageNet, 160k steps on 50 GPUs) are out of scope.
-    "paper": dict(dataset="cifar100", microbatch_size=4, batch_size=1600, width=64, optimizer="rmsprop",
-                  learning_rate=1e-3, steps=8000, ema_decay=0.999, eval_every=200, checkpoint_every=1000,
-                  seeds=(0, 1, 2), threshold=0.4),
+    "paper": dict(
+        dataset="cifar100",
+        microbatch_size=4,
+        batch_size=1600,
+        width=64,
+        optimizer="rmsprop",
+        learning_rate=1e-3,
+        steps=8000,
+        ema_decay=0.999,
+        eval_every=200,
+        checkpoint_every=1000,
+        seeds=(0, 1, 2),
+        threshold=0.4,
+    ),
     # The published re-implementation's setup, corrected: CIFAR-100, 4-layer convnet, Adam,
     # 1600 examples in micro-batches of 2, 8k steps, 5 seeds, with momentum 0.99 (update rate
     # 0.01), epsilon used, and the paper's rmax=3/dmax=5 schedule scaled to 8k steps.
-    "seed": dict(dataset="cifar100", microbatch_size=2, batch_size=1600, width=32, optimizer="adam",
-                 learning_rate=1e-3, steps=8000, eval_every=200, checkpoint_every=1000,
-                 seeds=(0, 1, 2, 3, 4), threshold=0.4),
+    "seed": dict(
+        dataset="cifar100",
+        microbatch_size=2,
+        batch_size=1600,
+        width=32,
+        optimizer="adam",
+        learning_rate=1e-3,
+        steps=8000,
+        eval_every=200,
+        checkpoint_every=1000,
+        seeds=(0, 1, 2, 3, 4),
+        threshold=0.4,
+    ),
     # Real data, offline, minutes on a laptop CPU: scikit-learn's 8x8 digits, 3 seeds.
-    "quick": dict(dataset="digits", microbatch_size=2, batch_size=128, bn_group=32, width=8,
-                  learning_rate=3e-3, steps=300, eval_every=25, eval_batch_size=500,
-                  checkpoint_every=100, seeds=(0, 1, 2), threshold=0.9),
+    "quick": dict(
+        dataset="digits",
+        microbatch_size=2,
+        batch_size=128,
+        bn_group=32,
+        width=8,
+        learning_rate=3e-3,
+        steps=300,
+        eval_every=25,
+        eval_batch_size=500,
+        checkpoint_every=100,
+        seeds=(0, 1, 2),
+        threshold=0.9,
+    ),
     # The committed results (results/microbatch-k2, -k4; run once with --microbatch-size 4): digits
     # at a scale where the curves still differ. Narrow convnet (width 4), 400 steps of 128 (~40 epochs),
     # an evaluation every 10 steps, 5 seeds, training accuracy in inference mode on the whole training set.
-    "digits": dict(dataset="digits", microbatch_size=2, batch_size=128, bn_group=32, width=4,
-                   learning_rate=3e-3, steps=400, eval_every=10, eval_batch_size=500, eval_train_examples=2000,
-                   checkpoint_every=200, seeds=(0, 1, 2, 3, 4), threshold=0.9),
+    "digits": dict(
+        dataset="digits",
+        microbatch_size=2,
+        batch_size=128,
+        bn_group=32,
+        width=4,
+        learning_rate=3e-3,
+        steps=400,
+        eval_every=10,
+        eval_batch_size=500,
+        eval_train_examples=2000,
+        checkpoint_every=200,
+        seeds=(0, 1, 2, 3, 4),
+        threshold=0.9,
+    ),
     # Fashion-MNIST (results/fashion-mnist/microbatch-k2, and -k4 with --microbatch-size 4):
     # minibatches of 128 normalized in micro-batches of k, 3000 steps (~7 epochs).
-    "fashion": dict(FASHION, microbatch_size=2, batch_size=128, bn_group=32, steps=3000, eval_every=250,
-                    checkpoint_every=500),
+    "fashion": dict(
+        FASHION, microbatch_size=2, batch_size=128, bn_group=32, steps=3000, eval_every=250, checkpoint_every=500
+    ),
     # Synthetic files in the CIFAR-100 format, seconds: the CI end-to-end check.
-    "smoke": dict(dataset="synthetic", synthetic_train=256, synthetic_test=128, synthetic_classes=4,
-                  microbatch_size=2, batch_size=64, bn_group=32, width=2, learning_rate=3e-3,
-                  steps=12, eval_every=4, eval_batch_size=128, checkpoint_every=4, seeds=(0,),
-                  threshold=0.5),
+    "smoke": dict(
+        dataset="synthetic",
+        synthetic_train=256,
+        synthetic_test=128,
+        synthetic_classes=4,
+        microbatch_size=2,
+        batch_size=64,
+        bn_group=32,
+        width=2,
+        learning_rate=3e-3,
+        steps=12,
+        eval_every=4,
+        eval_batch_size=128,
+        checkpoint_every=4,
+        seeds=(0,),
+        threshold=0.5,
+    ),
 }
 
 # Presets of the non-i.i.d. experiment (section 4.3, Figure 3). Minibatches of 16 labels x 2 images.
@@ -612,48 +727,144 @@ NONIID_PRESETS: dict[str, dict] = {
     # CIFAR-100 (100 classes, so a minibatch of 16 draws holds ~15 distinct labels, as on ImageNet's
     # 1000), the convnet at width 64, RMSProp with an EMA of the weights (the paper's practice),
     # 40k steps of 32 (~26 epochs). The paper trained Inception v3 on ImageNet on 50 workers.
-    "paper": dict(dataset="cifar100", width=64, optimizer="rmsprop", learning_rate=1e-3, steps=40000,
-                  ema_decay=0.999, eval_every=1000, eval_batch_size=1000, eval_train_examples=10000,
-                  checkpoint_every=5000, seeds=(0, 1, 2), threshold=0.4),
+    "paper": dict(
+        dataset="cifar100",
+        width=64,
+        optimizer="rmsprop",
+        learning_rate=1e-3,
+        steps=40000,
+        ema_decay=0.999,
+        eval_every=1000,
+        eval_batch_size=1000,
+        eval_train_examples=10000,
+        checkpoint_every=5000,
+        seeds=(0, 1, 2),
+        threshold=0.4,
+    ),
     # Real data, offline, about a minute on a laptop CPU: digits, 3 seeds, 300 steps.
-    "quick": dict(dataset="digits", width=8, learning_rate=3e-3, steps=300, eval_every=25, eval_batch_size=500,
-                  eval_train_examples=2000, checkpoint_every=100, seeds=(0, 1, 2), threshold=0.9),
+    "quick": dict(
+        dataset="digits",
+        width=8,
+        learning_rate=3e-3,
+        steps=300,
+        eval_every=25,
+        eval_batch_size=500,
+        eval_train_examples=2000,
+        checkpoint_every=100,
+        seeds=(0, 1, 2),
+        threshold=0.9,
+    ),
     # The committed results (results/noniid, and results/noniid-4x8 with --labels-per-batch 4 --per-label 8):
     # digits with the narrow convnet (width 4) so the curves stay apart, 600 steps of 32 (~15 epochs),
     # an evaluation every 20 steps, 5 seeds, training accuracy in inference mode on the whole training
     # set, batch-statistics evaluation on 16 test minibatches of 16 x 2 (512 test images, drawn).
-    "digits": dict(dataset="digits", width=4, learning_rate=3e-3, steps=600, eval_every=20, eval_batch_size=500,
-                   eval_train_examples=2000, checkpoint_every=200, seeds=(0, 1, 2, 3, 4), threshold=0.9),
+    "digits": dict(
+        dataset="digits",
+        width=4,
+        learning_rate=3e-3,
+        steps=600,
+        eval_every=20,
+        eval_batch_size=500,
+        eval_train_examples=2000,
+        checkpoint_every=200,
+        seeds=(0, 1, 2, 3, 4),
+        threshold=0.9,
+    ),
     # Fashion-MNIST (results/fashion-mnist/noniid): with 10 classes, 16 x 2 would hold ~8 labels per
     # minibatch, close to i.i.d.; 4 labels x 8 images (at most 4 classes per minibatch, 8 images of each)
     # is strongly non-i.i.d. 4000 steps of 32 (~2.3 epochs); Keras's own renorm as a second implementation;
     # the bn_split arm normalizes two halves of 16, each holding 4 images of every drawn label.
-    "fashion": dict(FASHION, labels_per_batch=4, per_label=8, batch_size=32, split_groups=2,
-                    arms=("bn", "brn", "keras_brn", "bn_split", "bn_iid"), steps=4000, eval_every=250,
-                    eval_train_examples=5000, checkpoint_every=500),
+    "fashion": dict(
+        FASHION,
+        labels_per_batch=4,
+        per_label=8,
+        batch_size=32,
+        split_groups=2,
+        arms=("bn", "brn", "keras_brn", "bn_split", "bn_iid"),
+        steps=4000,
+        eval_every=250,
+        eval_train_examples=5000,
+        checkpoint_every=500,
+    ),
     # Synthetic files in the CIFAR-100 format, seconds: the CI end-to-end check (4 labels x 2 of 4 classes).
-    "smoke": dict(dataset="synthetic", synthetic_train=128, synthetic_test=64, synthetic_classes=4,
-                  labels_per_batch=4, per_label=2, batch_size=8, width=2, learning_rate=3e-3, steps=6,
-                  eval_every=3, eval_batch_size=64, eval_train_examples=64, checkpoint_every=3, seeds=(0,),
-                  threshold=0.5),
+    "smoke": dict(
+        dataset="synthetic",
+        synthetic_train=128,
+        synthetic_test=64,
+        synthetic_classes=4,
+        labels_per_batch=4,
+        per_label=2,
+        batch_size=8,
+        width=2,
+        learning_rate=3e-3,
+        steps=6,
+        eval_every=3,
+        eval_batch_size=64,
+        eval_train_examples=64,
+        checkpoint_every=3,
+        seeds=(0,),
+        threshold=0.5,
+    ),
 }
 
 # Presets of the i.i.d. baseline (section 4.1, Figure 1): minibatches of 32.
 IID_PRESETS: dict[str, dict] = {
-    "paper": dict(dataset="cifar100", width=64, optimizer="rmsprop", learning_rate=1e-3, steps=40000,
-                  ema_decay=0.999, eval_every=1000, eval_batch_size=1000, checkpoint_every=5000,
-                  seeds=(0, 1, 2), threshold=0.4),
-    "quick": dict(dataset="digits", width=8, learning_rate=3e-3, steps=300, eval_every=25, eval_batch_size=500,
-                  checkpoint_every=100, seeds=(0, 1, 2), threshold=0.9),
+    "paper": dict(
+        dataset="cifar100",
+        width=64,
+        optimizer="rmsprop",
+        learning_rate=1e-3,
+        steps=40000,
+        ema_decay=0.999,
+        eval_every=1000,
+        eval_batch_size=1000,
+        checkpoint_every=5000,
+        seeds=(0, 1, 2),
+        threshold=0.4,
+    ),
+    "quick": dict(
+        dataset="digits",
+        width=8,
+        learning_rate=3e-3,
+        steps=300,
+        eval_every=25,
+        eval_batch_size=500,
+        checkpoint_every=100,
+        seeds=(0, 1, 2),
+        threshold=0.9,
+    ),
     # The committed results (results/iid): as the noniid digits preset, on i.i.d. minibatches of 32.
-    "digits": dict(dataset="digits", width=4, learning_rate=3e-3, steps=600, eval_every=20, eval_batch_size=500,
-                   eval_train_examples=2000, checkpoint_every=200, seeds=(0, 1, 2, 3, 4), threshold=0.9),
+    "digits": dict(
+        dataset="digits",
+        width=4,
+        learning_rate=3e-3,
+        steps=600,
+        eval_every=20,
+        eval_batch_size=500,
+        eval_train_examples=2000,
+        checkpoint_every=200,
+        seeds=(0, 1, 2, 3, 4),
+        threshold=0.9,
+    ),
     # Fashion-MNIST (results/fashion-mnist/iid): i.i.d. minibatches of 32, 4000 steps, Keras's renorm too.
-    "fashion": dict(FASHION, batch_size=32, arms=("bn", "brn", "keras_brn"), steps=4000, eval_every=250,
-                    checkpoint_every=500),
-    "smoke": dict(dataset="synthetic", synthetic_train=128, synthetic_test=64, synthetic_classes=4,
-                  batch_size=8, width=2, learning_rate=3e-3, steps=6, eval_every=3, eval_batch_size=64,
-                  checkpoint_every=3, seeds=(0,), threshold=0.5),
+    "fashion": dict(
+        FASHION, batch_size=32, arms=("bn", "brn", "keras_brn"), steps=4000, eval_every=250, checkpoint_every=500
+    ),
+    "smoke": dict(
+        dataset="synthetic",
+        synthetic_train=128,
+        synthetic_test=64,
+        synthetic_classes=4,
+        batch_size=8,
+        width=2,
+        learning_rate=3e-3,
+        steps=6,
+        eval_every=3,
+        eval_batch_size=64,
+        checkpoint_every=3,
+        seeds=(0,),
+        threshold=0.5,
+    ),
 }
 
 PRESETS_BY_EXPERIMENT: dict[str, dict[str, dict]] = {
@@ -798,8 +1009,7 @@ def get_config(preset: str, experiment: str = "microbatch", overrides: dict[str,
         raise ConfigError(f"Unknown experiment={experiment!r}; expected one of {tuple(EXPERIMENTS)}.")
     presets = PRESETS_BY_EXPERIMENT[experiment]
     if preset not in presets:
-        raise ConfigError(f"Unknown preset={preset!r} for experiment={experiment!r}; expected one of "
-                          f"{tuple(presets)}.")
+        raise ConfigError(f"Unknown preset={preset!r} for experiment={experiment!r}; expected one of {tuple(presets)}.")
     cls = EXPERIMENTS[experiment]
     cfg = apply_overrides(cls(), presets[preset])
     return apply_overrides(cfg, overrides or {})

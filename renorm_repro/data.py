@@ -297,8 +297,12 @@ def download_cifar100(
     target = cache / CIFAR100_ARCHIVE
     if target.is_file():
         return target
-    _download(url, target, archive_md5, f"Download {CIFAR100_ARCHIVE} by hand and pass --data-dir PATH (the archive "
-              f"or the extracted folder).")
+    _download(
+        url,
+        target,
+        archive_md5,
+        f"Download {CIFAR100_ARCHIVE} by hand and pass --data-dir PATH (the archive or the extracted folder).",
+    )
     return target
 
 
@@ -334,6 +338,7 @@ def _progress(total, desc):
 
         return tqdm(total=total or None, unit="B", unit_scale=True, desc=desc, leave=False)
     except ImportError:  # pragma: no cover - tqdm is in the repro extra
+
         class _Null:
             def update(self, n):
                 pass
@@ -366,14 +371,30 @@ FASHION_MNIST_DEBIAN_PACKAGE = "dataset-fashion-mnist"
 #: The four official files: split -> (file stem, IDX dimensions, MD5 of the official ``.gz``,
 #: MD5 of the decompressed contents). Sums from the dataset's README (``.gz``) and of the decompressed files.
 FASHION_MNIST_FILES = {
-    "train_images": ("train-images-idx3-ubyte", (60000, 28, 28),
-                     "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
-    "train_labels": ("train-labels-idx1-ubyte", (60000,),
-                     "25c81989df183df01b3e8a0aad5dffbe", "9018921c3c673c538a1fc5bad174d6f9"),
-    "test_images": ("t10k-images-idx3-ubyte", (10000, 28, 28),
-                    "bef4ecab320f06d8554ea6380940ec79", "8181f5470baa50b63fa0f6fddb340f0a"),
-    "test_labels": ("t10k-labels-idx1-ubyte", (10000,),
-                    "bb300cfdad3c16e7a12a480ee83cd310", "15d484375f8d13e6eb1aabb0c3f46965"),
+    "train_images": (
+        "train-images-idx3-ubyte",
+        (60000, 28, 28),
+        "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    ),
+    "train_labels": (
+        "train-labels-idx1-ubyte",
+        (60000,),
+        "25c81989df183df01b3e8a0aad5dffbe",
+        "9018921c3c673c538a1fc5bad174d6f9",
+    ),
+    "test_images": (
+        "t10k-images-idx3-ubyte",
+        (10000, 28, 28),
+        "bef4ecab320f06d8554ea6380940ec79",
+        "8181f5470baa50b63fa0f6fddb340f0a",
+    ),
+    "test_labels": (
+        "t10k-labels-idx1-ubyte",
+        (10000,),
+        "bb300cfdad3c16e7a12a480ee83cd310",
+        "15d484375f8d13e6eb1aabb0c3f46965",
+    ),
 }
 
 
@@ -415,8 +436,10 @@ def read_idx(path, shape: tuple[int, ...] | None = None, md5: str | None = None)
     path = Path(path)
     raw = _read_maybe_gzip(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
-        raise DataError(f"IDX file {path} has the wrong magic number {raw[:4].hex() or '(empty file)'}: expected "
-                        f"00 00 08 0N (unsigned bytes, N dimensions). Is it an IDX file?")
+        raise DataError(
+            f"IDX file {path} has the wrong magic number {raw[:4].hex() or '(empty file)'}: expected "
+            f"00 00 08 0N (unsigned bytes, N dimensions). Is it an IDX file?"
+        )
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
@@ -424,15 +447,19 @@ def read_idx(path, shape: tuple[int, ...] | None = None, md5: str | None = None)
     dims = struct.unpack(">" + "i" * ndim, raw[4:header])
     size = int(np.prod(dims))
     if len(raw) != header + size:
-        raise DataError(f"IDX file {path} is truncated or has trailing data: {len(raw)} bytes, expected "
-                        f"{header + size} for dimensions {dims}.")
+        raise DataError(
+            f"IDX file {path} is truncated or has trailing data: {len(raw)} bytes, expected "
+            f"{header + size} for dimensions {dims}."
+        )
     if shape is not None and tuple(dims) != tuple(shape):
         raise DataError(f"IDX file {path} has dimensions {dims}, expected {tuple(shape)}.")
     if md5 is not None:
         got = md5sum(raw)
         if got != md5:
-            raise DataError(f"IDX file {path} is corrupt: the MD5 of its decompressed contents is {got}, expected "
-                            f"{md5}. Delete it and get the file again.")
+            raise DataError(
+                f"IDX file {path} is corrupt: the MD5 of its decompressed contents is {got}, expected "
+                f"{md5}. Delete it and get the file again."
+            )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -463,8 +490,13 @@ def debian_fashion_mnist_dir(package: str = FASHION_MNIST_DEBIAN_PACKAGE) -> Pat
     return None
 
 
-def load_fashion_mnist(folder, *, checksums: dict[str, str | None] | None = None,
-                       shapes: dict[str, tuple[int, ...]] | None = None, name: str = "fashion_mnist") -> Dataset:
+def load_fashion_mnist(
+    folder,
+    *,
+    checksums: dict[str, str | None] | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    name: str = "fashion_mnist",
+) -> Dataset:
     """Fashion-MNIST from the four IDX files in ``folder`` (``.gz`` or decompressed), checked.
 
     ``checksums`` maps each key of :data:`FASHION_MNIST_FILES` to the MD5 of
@@ -474,8 +506,10 @@ def load_fashion_mnist(folder, *, checksums: dict[str, str | None] | None = None
     folder = Path(folder)
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
-        raise DataError(f"data_dir={str(folder)!r} {what}: give the folder holding the four Fashion-MNIST "
-                        f"IDX files ({', '.join(f[0] + '.gz' for f in FASHION_MNIST_FILES.values())}).")
+        raise DataError(
+            f"data_dir={str(folder)!r} {what}: give the folder holding the four Fashion-MNIST "
+            f"IDX files ({', '.join(f[0] + '.gz' for f in FASHION_MNIST_FILES.values())})."
+        )
     arrays = {}
     for key, (stem, shape, _gz_md5, raw_md5) in FASHION_MNIST_FILES.items():
         path = _find_idx(folder, stem)
@@ -490,8 +524,14 @@ def load_fashion_mnist(folder, *, checksums: dict[str, str | None] | None = None
             raise DataError(f"Fashion-MNIST {split} split in {folder}: {n_img} images but {n_lab} labels.")
         if arrays[f"{split}_labels"].max(initial=0) > 9:
             raise DataError(f"Fashion-MNIST {split} labels in {folder} are outside [0, 10).")
-    return Dataset(name, arrays["train_images"][..., None].copy(), arrays["train_labels"].astype(np.int64),
-                   arrays["test_images"][..., None].copy(), arrays["test_labels"].astype(np.int64), 10)
+    return Dataset(
+        name,
+        arrays["train_images"][..., None].copy(),
+        arrays["train_labels"].astype(np.int64),
+        arrays["test_images"][..., None].copy(),
+        arrays["test_labels"].astype(np.int64),
+        10,
+    )
 
 
 def download_fashion_mnist(cache_dir=None, *, url: str = FASHION_MNIST_URL, check: bool = True) -> Path:
@@ -506,9 +546,13 @@ def download_fashion_mnist(cache_dir=None, *, url: str = FASHION_MNIST_URL, chec
         target = folder / (stem + ".gz")
         if target.is_file():
             continue
-        _download(url.rstrip("/") + "/" + stem + ".gz", target, gz_md5 if check else None,
-                  f"Install Fashion-MNIST with `apt-get install {FASHION_MNIST_DEBIAN_PACKAGE}`, or download the "
-                  f"four files by hand and pass --data-dir PATH.")
+        _download(
+            url.rstrip("/") + "/" + stem + ".gz",
+            target,
+            gz_md5 if check else None,
+            f"Install Fashion-MNIST with `apt-get install {FASHION_MNIST_DEBIAN_PACKAGE}`, or download the "
+            f"four files by hand and pass --data-dir PATH.",
+        )
     return folder
 
 
@@ -522,8 +566,10 @@ def _fashion_source(data_dir, cache: Path, download: bool) -> Path:
     if cached.is_dir() and all(_find_idx(cached, f[0]) for f in FASHION_MNIST_FILES.values()):
         return cached
     if not download:
-        raise DataError(f"Fashion-MNIST is not installed (`apt-get install {FASHION_MNIST_DEBIAN_PACKAGE}`) nor in "
-                        f"{cached}, and downloading is off; pass --data-dir PATH.")
+        raise DataError(
+            f"Fashion-MNIST is not installed (`apt-get install {FASHION_MNIST_DEBIAN_PACKAGE}`) nor in "
+            f"{cached}, and downloading is off; pass --data-dir PATH."
+        )
     return download_fashion_mnist(cache)
 
 
@@ -539,8 +585,9 @@ def with_validation_split(ds: Dataset, val_examples: int, seed: int = 0) -> Data
         return ds
     n = len(ds.y_train)
     if not 0 < val_examples < n:
-        raise DataError(f"val_examples={val_examples} must be in [0, {n}) for dataset {ds.name!r} "
-                        f"({n} training examples).")
+        raise DataError(
+            f"val_examples={val_examples} must be in [0, {n}) for dataset {ds.name!r} ({n} training examples)."
+        )
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(ds.y_train, return_counts=True)
     share = np.floor(counts / n * val_examples).astype(int)
@@ -549,8 +596,9 @@ def with_validation_split(ds: Dataset, val_examples: int, seed: int = 0) -> Data
     val = np.zeros(n, dtype=bool)
     for c, k in zip(classes, share):
         val[rng.choice(np.flatnonzero(ds.y_train == c), size=int(k), replace=False)] = True
-    return dataclasses.replace(ds, x_train=ds.x_train[~val], y_train=ds.y_train[~val],
-                               x_val=ds.x_train[val], y_val=ds.y_train[val])
+    return dataclasses.replace(
+        ds, x_train=ds.x_train[~val], y_train=ds.y_train[~val], x_val=ds.x_train[val], y_val=ds.y_train[val]
+    )
 
 
 # --------------------------------------------------------------------- synthetic
@@ -659,10 +707,18 @@ class DatasetSpec:
     def resolve(self, cfg) -> dict:
         """``{"image_shape", "num_classes", "train_size", "test_size"}`` for the config ``cfg``."""
         if self.name == "synthetic":
-            return {"image_shape": (32, 32, 3), "num_classes": cfg.synthetic_classes,
-                    "train_size": cfg.synthetic_train, "test_size": cfg.synthetic_test}
-        return {"image_shape": self.image_shape, "num_classes": self.num_classes,
-                "train_size": self.train_size, "test_size": self.test_size}
+            return {
+                "image_shape": (32, 32, 3),
+                "num_classes": cfg.synthetic_classes,
+                "train_size": cfg.synthetic_train,
+                "test_size": cfg.synthetic_test,
+            }
+        return {
+            "image_shape": self.image_shape,
+            "num_classes": self.num_classes,
+            "train_size": self.train_size,
+            "test_size": self.test_size,
+        }
 
 
 def _load_cifar100_entry(data_dir, cache: Path, download: bool, **_):
@@ -677,29 +733,61 @@ def _load_cifar100_entry(data_dir, cache: Path, download: bool, **_):
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "cifar100": DatasetSpec("cifar100", "CIFAR-100, 32x32x3, 100 classes (downloaded once, MD5-checked)",
-                            (32, 32, 3), 100, 50000, 10000, True, _load_cifar100_entry),
-    "fashion_mnist": DatasetSpec("fashion_mnist", "Fashion-MNIST, 28x28x1, 10 classes (Debian package, "
-                                 "--data-dir or download; MD5-checked)", (28, 28, 1), 10, 60000, 10000, True,
-                                 lambda data_dir, cache, download, **_: load_fashion_mnist(
-                                     _fashion_source(data_dir, cache, download))),
-    "digits": DatasetSpec("digits", "scikit-learn's 8x8 handwritten digits, 10 classes (offline)",
-                          (8, 8, 1), 10, 1297, 500, False, lambda data_dir, cache, download, **_: load_digits()),
-    "synthetic": DatasetSpec("synthetic", "small synthetic files in the CIFAR-100 format (CI)",
-                             None, None, None, None, False,
-                             lambda data_dir, cache, download, **kw: load_synthetic(cache, **kw)),
+    "cifar100": DatasetSpec(
+        "cifar100",
+        "CIFAR-100, 32x32x3, 100 classes (downloaded once, MD5-checked)",
+        (32, 32, 3),
+        100,
+        50000,
+        10000,
+        True,
+        _load_cifar100_entry,
+    ),
+    "fashion_mnist": DatasetSpec(
+        "fashion_mnist",
+        "Fashion-MNIST, 28x28x1, 10 classes (Debian package, --data-dir or download; MD5-checked)",
+        (28, 28, 1),
+        10,
+        60000,
+        10000,
+        True,
+        lambda data_dir, cache, download, **_: load_fashion_mnist(_fashion_source(data_dir, cache, download)),
+    ),
+    "digits": DatasetSpec(
+        "digits",
+        "scikit-learn's 8x8 handwritten digits, 10 classes (offline)",
+        (8, 8, 1),
+        10,
+        1297,
+        500,
+        False,
+        lambda data_dir, cache, download, **_: load_digits(),
+    ),
+    "synthetic": DatasetSpec(
+        "synthetic",
+        "small synthetic files in the CIFAR-100 format (CI)",
+        None,
+        None,
+        None,
+        None,
+        False,
+        lambda data_dir, cache, download, **kw: load_synthetic(cache, **kw),
+    ),
 }
 
 
-def load_dataset(name: str, *, data_dir=None, cache_dir=None, download: bool = True, val_examples: int = 0,
-                 **synthetic_kw) -> Dataset:
+def load_dataset(
+    name: str, *, data_dir=None, cache_dir=None, download: bool = True, val_examples: int = 0, **synthetic_kw
+) -> Dataset:
     """The dataset ``name`` (a key of :data:`DATASETS`), with ``val_examples`` held out for validation."""
     spec = DATASETS.get(name)
     if spec is None:
         raise DataError(f"Unknown dataset={name!r}; expected one of {tuple(DATASETS)}.")
     if data_dir and not spec.uses_data_dir:
-        raise DataError(f"data_dir={str(data_dir)!r} is not used by dataset={name!r} (only by "
-                        f"{tuple(n for n, s in DATASETS.items() if s.uses_data_dir)}).")
+        raise DataError(
+            f"data_dir={str(data_dir)!r} is not used by dataset={name!r} (only by "
+            f"{tuple(n for n, s in DATASETS.items() if s.uses_data_dir)})."
+        )
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     return with_validation_split(spec.load(data_dir, cache, download, **synthetic_kw), val_examples)
 
@@ -761,8 +849,10 @@ def split_pairs_order(indices: np.ndarray, labels_per_batch: int, per_label: int
     """
     indices = np.asarray(indices)
     if indices.shape != (labels_per_batch * per_label,):
-        raise ValueError(f"indices of shape {indices.shape} are not a batch of labels_per_batch x per_label = "
-                         f"{labels_per_batch} x {per_label}.")
+        raise ValueError(
+            f"indices of shape {indices.shape} are not a batch of labels_per_batch x per_label = "
+            f"{labels_per_batch} x {per_label}."
+        )
     if groups < 1 or per_label % groups:
         raise ValueError(f"groups={groups} must divide per_label={per_label}.")
     # (draw, image) -> (image % groups, draw, image // groups): part, then draw, then the draw's images in the part.

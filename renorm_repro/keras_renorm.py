@@ -33,19 +33,31 @@ class ScheduledKerasRenorm(keras.layers.BatchNormalization):
 
     def __init__(self, schedule: ClipSchedule, momentum: float = 0.99, epsilon: float = 1e-3, **kwargs):
         self._schedule = schedule
-        self._final_clipping = {"rmax": float(schedule.rmax), "rmin": 1.0 / float(schedule.rmax),
-                                "dmax": float(schedule.dmax)}
-        super().__init__(momentum=momentum, epsilon=epsilon, renorm=True, renorm_momentum=momentum,
-                         renorm_clipping=dict(self._final_clipping), **kwargs)
+        self._final_clipping = {
+            "rmax": float(schedule.rmax),
+            "rmin": 1.0 / float(schedule.rmax),
+            "dmax": float(schedule.dmax),
+        }
+        super().__init__(
+            momentum=momentum,
+            epsilon=epsilon,
+            renorm=True,
+            renorm_momentum=momentum,
+            renorm_clipping=dict(self._final_clipping),
+            **kwargs,
+        )
 
     def build(self, input_shape):
         super().build(input_shape)
-        self.step = self.add_weight(shape=(), dtype="int64", initializer="zeros", trainable=False,
-                                    autocast=False, name="step")
-        self.r_clipped_fraction = self.add_weight(shape=(), initializer="zeros", trainable=False,
-                                                  autocast=False, name="r_clipped_fraction")
-        self.d_clipped_fraction = self.add_weight(shape=(), initializer="zeros", trainable=False,
-                                                  autocast=False, name="d_clipped_fraction")
+        self.step = self.add_weight(
+            shape=(), dtype="int64", initializer="zeros", trainable=False, autocast=False, name="step"
+        )
+        self.r_clipped_fraction = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, autocast=False, name="r_clipped_fraction"
+        )
+        self.d_clipped_fraction = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, autocast=False, name="d_clipped_fraction"
+        )
 
     def _renorm_correction_and_moments(self, mean, variance):
         t = ops.cast(self.step, mean.dtype)
@@ -59,8 +71,9 @@ class ScheduledKerasRenorm(keras.layers.BatchNormalization):
         finally:
             object.__setattr__(self, "renorm_clipping", self._final_clipping)
         # The unclipped r and d, as Keras computes them, for the clip diagnostics.
-        renorm_stddev = ops.maximum(ops.cast(self.renorm_stddev, mean.dtype),
-                                    ops.sqrt(ops.cast(self.epsilon, mean.dtype)))
+        renorm_stddev = ops.maximum(
+            ops.cast(self.renorm_stddev, mean.dtype), ops.sqrt(ops.cast(self.epsilon, mean.dtype))
+        )
         r_raw = ops.sqrt(variance + self.epsilon) / renorm_stddev
         d_raw = (mean - ops.cast(self.renorm_mean, mean.dtype)) / renorm_stddev
         self.r_clipped_fraction.assign(ops.cast(ops.mean(ops.cast(ops.not_equal(r, r_raw), "float32")), "float32"))

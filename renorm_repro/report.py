@@ -49,6 +49,7 @@ ARM_STYLE = {
 #: Evaluations averaged by the ``last`` scalars.
 LAST_N = 4
 
+
 def _second_half(rows):
     last = rows[-1]["step"]
     return [r for r in rows if r["step"] > last / 2] or rows[-1:]
@@ -65,16 +66,29 @@ def _scalar_table():
     table = {}
     for col, name in (("test_accuracy", "test"), ("val_accuracy", "val")):
         table[f"{name}_final"] = (f"{col}, last evaluation", col, False, lambda v: v[-1])
-        table[f"{name}_last{LAST_N}"] = (f"{col}, mean of the last {LAST_N} evaluations", col, False,
-                                         lambda v: np.mean(v[-LAST_N:]))
+        table[f"{name}_last{LAST_N}"] = (
+            f"{col}, mean of the last {LAST_N} evaluations",
+            col,
+            False,
+            lambda v: np.mean(v[-LAST_N:]),
+        )
         table[f"{name}_worst_late"] = (f"{col}, worst evaluation of the second half of training", col, True, min)
-    table["lag_late"] = ("moving-mean lag |moving mean - mean| / std (mean over features and layers), mean over "
-                         "the second half of training", "lag_mean", True, np.mean)
+    table["lag_late"] = (
+        "moving-mean lag |moving mean - mean| / std (mean over features and layers), mean over "
+        "the second half of training",
+        "lag_mean",
+        True,
+        np.mean,
+    )
     table["lag_max"] = ("moving-mean lag, largest evaluation", "lag_mean", False, max)
     for c in ("r", "d"):  # logged with --log-clip-means only
-        table[f"{c}_clipped_mean_late"] = (f"fraction of {c} values the clip changed, averaged over every training "
-                                           "step of the second half of training and over layers",
-                                           f"{c}_clipped_mean", True, np.mean)
+        table[f"{c}_clipped_mean_late"] = (
+            f"fraction of {c} values the clip changed, averaged over every training "
+            "step of the second half of training and over layers",
+            f"{c}_clipped_mean",
+            True,
+            np.mean,
+        )
     return table
 
 
@@ -88,6 +102,7 @@ def _scalar(rows, column, late, reduce):
         return None
     return float(reduce([r[column] for r in (_second_half(rows) if late else rows)]))
 
+
 #: Accuracies aggregated per arm when the runs logged them: column -> description.
 CURVES = {
     "val_accuracy": "validation accuracy, inference mode",
@@ -96,7 +111,7 @@ CURVES = {
     "train_accuracy": "training accuracy, training mode (running mean since the previous evaluation)",
     "train_eval_accuracy": "training accuracy, inference mode",
     "val_batchstat_accuracy": "validation accuracy with batch statistics on test minibatches built like the "
-                              "training ones",
+    "training ones",
 }
 
 #: Arms whose batch-statistics evaluation is drawn as its own curve (the paper's Figure 3 does it for batch norm).
@@ -138,8 +153,7 @@ def _arm_curves(runs, common) -> dict:
     for col in CURVES:
         if not all(col in rows[0] for rows in runs.values()):
             continue
-        vals = np.array([[next(r[col] for r in rows if r["step"] == s) for s in common]
-                         for rows in runs.values()])
+        vals = np.array([[next(r[col] for r in rows if r["step"] == s) for s in common] for rows in runs.values()])
         last = [rows[-1][col] for rows in runs.values()]
         curves[col] = {
             "mean": vals.mean(axis=0).tolist(),
@@ -165,12 +179,12 @@ def _arm_summary(cfg, arm: str, runs, done, unfinished) -> dict:
     """The statistics of one arm over its seeds (``runs``: :func:`_arm_runs`)."""
     # Steps evaluated by every run of the arm.
     common = sorted(set.intersection(*[{r["step"] for r in rows} for rows in runs.values()]))
-    acc = np.array([[next(r["val_accuracy"] for r in rows if r["step"] == s) for s in common]
-                    for rows in runs.values()])
+    acc = np.array(
+        [[next(r["val_accuracy"] for r in rows if r["step"] == s) for s in common] for rows in runs.values()]
+    )
     finals = [rows[-1]["val_accuracy"] for rows in runs.values()]
     bests = [max(r["val_accuracy"] for r in rows) for rows in runs.values()]
-    reached = [next((r["step"] for r in rows if r["val_accuracy"] >= cfg.threshold), None)
-               for rows in runs.values()]
+    reached = [next((r["step"] for r in rows if r["val_accuracy"] >= cfg.threshold), None) for rows in runs.values()]
     hit = [s for s in reached if s is not None]
     return {
         "label": cfg.arm_label(arm),
@@ -219,10 +233,18 @@ def aggregate(out) -> dict:
             arms[arm] = _arm_summary(cfg, arm, runs, done, unfinished)
     if not arms:
         raise RunDirError(f"No metrics.csv found under {out / 'runs'}: nothing to aggregate.")
-    result = {"experiment": cfg.experiment, "dataset": cfg.dataset, "steps": cfg.steps,
-              "batch_size": cfg.batch_size, "title": cfg.title(), "curves": CURVES, "arms": arms,
-              "paired": _paired_scalars(cfg, arms), "scalar_descriptions": {k: v[0] for k, v in SCALARS.items()},
-              "comparisons": [list(c) for c in cfg.comparisons() if c[0] in arms and c[1] in arms]}
+    result = {
+        "experiment": cfg.experiment,
+        "dataset": cfg.dataset,
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "title": cfg.title(),
+        "curves": CURVES,
+        "arms": arms,
+        "paired": _paired_scalars(cfg, arms),
+        "scalar_descriptions": {k: v[0] for k, v in SCALARS.items()},
+        "comparisons": [list(c) for c in cfg.comparisons() if c[0] in arms and c[1] in arms],
+    }
     result["finding"] = finding(result)
     return result
 
@@ -252,17 +274,23 @@ def finding(agg) -> str:
     if both:
         d = paired_difference({s: sa[s] for s in both}, {s: sb[s] for s in both})
         interval = f" [{d['lo']:+.0f}, {d['hi']:+.0f}]" if d["n"] > 1 else ""
-        parts.append(f"{B['label']} reached {th} in {np.mean([sb[s] for s in both]):.0f} steps vs "
-                     f"{np.mean([sa[s] for s in both]):.0f} for {A['label']} ({d['mean']:+.0f} steps{interval} "
-                     f"over the {len(both)} seeds where both did: {_resolved(d)})")
+        parts.append(
+            f"{B['label']} reached {th} in {np.mean([sb[s] for s in both]):.0f} steps vs "
+            f"{np.mean([sa[s] for s in both]):.0f} for {A['label']} ({d['mean']:+.0f} steps{interval} "
+            f"over the {len(both)} seeds where both did: {_resolved(d)})"
+        )
     else:
-        parts.append(f"{th} reached by {B['runs_reaching_threshold']}/{len(B['seeds'])} runs of {B['label']} and "
-                     f"{A['runs_reaching_threshold']}/{len(A['seeds'])} of {A['label']}")
+        parts.append(
+            f"{th} reached by {B['runs_reaching_threshold']}/{len(B['seeds'])} runs of {B['label']} and "
+            f"{A['runs_reaching_threshold']}/{len(A['seeds'])} of {A['label']}"
+        )
     p = next((p for p in agg.get("paired", []) if (p["a"], p["b"]) == (a, b) and p["scalar"] == "val_final"), None)
     if p is not None:
         fa, fb = A["scalars"]["val_final"]["mean"], B["scalars"]["val_final"]["mean"]
-        parts.append(f"final accuracy {fb * 100:.2f}% vs {fa * 100:.2f}%, {_ci(p, 100.0, 2, (-1.0, 1.0))} pp "
-                     f"over {p['n']} seeds: {_resolved(p)}")
+        parts.append(
+            f"final accuracy {fb * 100:.2f}% vs {fa * 100:.2f}%, {_ci(p, 100.0, 2, (-1.0, 1.0))} pp "
+            f"over {p['n']} seeds: {_resolved(p)}"
+        )
     return "Finding (" + f"{B['label']} vs {A['label']}" + "): " + "; ".join(parts) + "."
 
 
@@ -280,9 +308,11 @@ def write_summary(agg: dict, out) -> str:
     extra = [c for c in ("train_eval_accuracy", "train_accuracy", "val_batchstat_accuracy") if _has(agg, c)]
     if extra == ["train_accuracy"]:
         extra = []  # the running training accuracy alone stays in summary.json
-    heads = {"train_eval_accuracy": "final train acc., inference mode (%)",
-             "train_accuracy": "final train acc., training mode (%)",
-             "val_batchstat_accuracy": "final val. acc., batch statistics (%)"}
+    heads = {
+        "train_eval_accuracy": "final train acc., inference mode (%)",
+        "train_accuracy": "final train acc., training mode (%)",
+        "val_batchstat_accuracy": "final val. acc., batch statistics (%)",
+    }
     lines = [
         f"# {agg['experiment']}: {agg['dataset']}, {agg['title']}, {agg['steps']} steps",
         "",
@@ -297,27 +327,46 @@ def write_summary(agg: dict, out) -> str:
         if a["steps_to_threshold_mean"] is None:
             reach = f"not reached (0/{n})"
         else:
-            reach = f"{a['steps_to_threshold_mean']:.0f} ± {a['steps_to_threshold_std']:.0f} " \
-                    f"({a['runs_reaching_threshold']}/{n})"
-        lines.append(f"| {a['label']} | {n} | {_pm(a['final_accuracy_mean'], a['final_accuracy_std'])} | "
-                     f"{_pm(a['best_accuracy_mean'], a['best_accuracy_std'])} | {reach} |"
-                     + "".join(f" {_pm(a['curves'][c]['final_mean'], a['curves'][c]['final_std'])} |"
-                               if c in a["curves"] else " – |" for c in extra))
-    lines += ["", "Mean ± standard deviation over seeds. Final, best accuracy and steps to the threshold: "
-                  "validation set, inference mode (moving statistics)."]
+            reach = (
+                f"{a['steps_to_threshold_mean']:.0f} ± {a['steps_to_threshold_std']:.0f} "
+                f"({a['runs_reaching_threshold']}/{n})"
+            )
+        lines.append(
+            f"| {a['label']} | {n} | {_pm(a['final_accuracy_mean'], a['final_accuracy_std'])} | "
+            f"{_pm(a['best_accuracy_mean'], a['best_accuracy_std'])} | {reach} |"
+            + "".join(
+                f" {_pm(a['curves'][c]['final_mean'], a['curves'][c]['final_std'])} |" if c in a["curves"] else " – |"
+                for c in extra
+            )
+        )
+    lines += [
+        "",
+        "Mean ± standard deviation over seeds. Final, best accuracy and steps to the threshold: "
+        "validation set, inference mode (moving statistics).",
+    ]
     if "train_eval_accuracy" in extra:
-        lines.append("Train acc., inference mode: a fixed subset of the training set, moving statistics. "
-                     "Train acc., training mode: the running accuracy of the training minibatches since the "
-                     "previous evaluation (batch statistics).")
+        lines.append(
+            "Train acc., inference mode: a fixed subset of the training set, moving statistics. "
+            "Train acc., training mode: the running accuracy of the training minibatches since the "
+            "previous evaluation (batch statistics)."
+        )
     if "val_batchstat_accuracy" in extra:
-        lines.append("Val. acc., batch statistics: the layers in training mode (no moving statistic used or "
-                     "changed) on test minibatches built like the training ones.")
-    left = {a["label"]: a["unfinished_runs_left_out"] for a in agg["arms"].values()
-            if a.get("unfinished_runs_left_out")}
+        lines.append(
+            "Val. acc., batch statistics: the layers in training mode (no moving statistic used or "
+            "changed) on test minibatches built like the training ones."
+        )
+    left = {
+        a["label"]: a["unfinished_runs_left_out"] for a in agg["arms"].values() if a.get("unfinished_runs_left_out")
+    }
     if left:
-        lines.append("Unfinished runs left out (their arm has complete runs): " + "; ".join(
-            f"{label}: seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
-            for label, seeds in left.items()) + ".")
+        lines.append(
+            "Unfinished runs left out (their arm has complete runs): "
+            + "; ".join(
+                f"{label}: seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+                for label, seeds in left.items()
+            )
+            + "."
+        )
     lines += _stats_section(agg)
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
@@ -338,12 +387,14 @@ def _ci(d, scale=100.0, digits=2, bounds=None) -> str:
 
 
 #: Scalars of the statistics tables, in this order, with their column heads and scales (x100: percent).
-_TABLE = (("test_last{n}", "test, mean of last {n} evals (%)", 100.0),
-          ("test_final", "test, final (%)", 100.0),
-          ("test_worst_late", "test, worst of 2nd half (%)", 100.0),
-          ("val_last{n}", "val., mean of last {n} evals (%)", 100.0),
-          ("val_worst_late", "val., worst of 2nd half (%)", 100.0),
-          ("lag_late", "moving-mean lag, 2nd half (std)", 1.0))
+_TABLE = (
+    ("test_last{n}", "test, mean of last {n} evals (%)", 100.0),
+    ("test_final", "test, final (%)", 100.0),
+    ("test_worst_late", "test, worst of 2nd half (%)", 100.0),
+    ("val_last{n}", "val., mean of last {n} evals (%)", 100.0),
+    ("val_worst_late", "val., worst of 2nd half (%)", 100.0),
+    ("lag_late", "moving-mean lag, 2nd half (std)", 1.0),
+)
 
 
 def _stats_section(agg) -> list[str]:
@@ -352,21 +403,36 @@ def _stats_section(agg) -> list[str]:
     if not cols:
         return []
     acc = {k for k, _, sc in cols if sc == 100.0}
-    lines = ["", "## Over seeds: mean [95% confidence interval]", "",
-             "Two-sided 95% Student-t intervals over seeds; an accuracy's interval is clipped to [0, 100] and a "
-             "difference of accuracies to [-100, 100] (marked †: the t interval, symmetric, went past them; "
-             "summary.json keeps it unclipped).", "",
-             "| arm | complete runs |" + "".join(f" {h} |" for _, h, _ in cols),
-             "| --- | --- |" + " --- |" * len(cols)]
+    lines = [
+        "",
+        "## Over seeds: mean [95% confidence interval]",
+        "",
+        "Two-sided 95% Student-t intervals over seeds; an accuracy's interval is clipped to [0, 100] and a "
+        "difference of accuracies to [-100, 100] (marked †: the t interval, symmetric, went past them; "
+        "summary.json keeps it unclipped).",
+        "",
+        "| arm | complete runs |" + "".join(f" {h} |" for _, h, _ in cols),
+        "| --- | --- |" + " --- |" * len(cols),
+    ]
     for a in agg["arms"].values():
-        lines.append(f"| {a['label']} | {a['complete_runs']} |"
-                     + "".join(f" {_ci(a['scalars'][k], sc, 3 if sc == 1.0 else 2, (0.0, 1.0) if k in acc else None)} |"
-                               if k in a["scalars"]
-                               else " – |" for k, _, sc in cols))
+        lines.append(
+            f"| {a['label']} | {a['complete_runs']} |"
+            + "".join(
+                f" {_ci(a['scalars'][k], sc, 3 if sc == 1.0 else 2, (0.0, 1.0) if k in acc else None)} |"
+                if k in a["scalars"]
+                else " – |"
+                for k, _, sc in cols
+            )
+        )
     if agg.get("paired"):
-        lines += ["", "## Paired differences: b - a over the same seeds (same initial weights and data order), "
-                      "mean [95% CI], seeds where b > a", "",
-                  "| b - a |" + "".join(f" {h} |" for _, h, _ in cols), "| --- |" + " --- |" * len(cols)]
+        lines += [
+            "",
+            "## Paired differences: b - a over the same seeds (same initial weights and data order), "
+            "mean [95% CI], seeds where b > a",
+            "",
+            "| b - a |" + "".join(f" {h} |" for _, h, _ in cols),
+            "| --- |" + " --- |" * len(cols),
+        ]
         by_pair = {}
         for p in agg["paired"]:
             by_pair.setdefault((p["a"], p["b"]), {})[p["scalar"]] = p
@@ -375,14 +441,24 @@ def _stats_section(agg) -> list[str]:
             cells = []
             for k, _, sc in cols:
                 p = ps.get(k)
-                cells.append(f" {_ci(p, sc, 3 if sc == 1.0 else 2, (-1.0, 1.0) if k in acc else None)}, "
-                             f"{p['wins']}/{p['n']} |" if p else " – |")
+                cells.append(
+                    f" {_ci(p, sc, 3 if sc == 1.0 else 2, (-1.0, 1.0) if k in acc else None)}, {p['wins']}/{p['n']} |"
+                    if p
+                    else " – |"
+                )
             lines.append(f"| {lb} - {la} |" + "".join(cells))
-        lines += ["", "Differences in percentage points (accuracies) or in standard deviations (lag). An interval "
-                      "that excludes 0 is a difference the seeds resolve; one that includes 0 is not."]
+        lines += [
+            "",
+            "Differences in percentage points (accuracies) or in standard deviations (lag). An interval "
+            "that excludes 0 is a difference the seeds resolve; one that includes 0 is not.",
+        ]
     shown = {k for k, _, _ in cols}
-    lines += ["", "Scalars per complete run (the columns above): " + "; ".join(
-        f"`{k}`: {d}" for k, d in agg.get("scalar_descriptions", {}).items() if k in shown) + "."]
+    lines += [
+        "",
+        "Scalars per complete run (the columns above): "
+        + "; ".join(f"`{k}`: {d}" for k, d in agg.get("scalar_descriptions", {}).items() if k in shown)
+        + ".",
+    ]
     return lines
 
 
@@ -390,8 +466,14 @@ def _draw(ax, steps, mean, std, n, label, style, band=True, lo=0.0, hi=100.0):
     ax.plot(steps, mean, label=label, linewidth=1.6, **style)
     if band and n > 1:
         # The band is clipped to the possible range (an accuracy never leaves [0, 100]).
-        ax.fill_between(steps, np.clip(mean - std, lo, hi), np.clip(mean + std, lo, hi), color=style.get("color"),
-                        alpha=0.15, linewidth=0)
+        ax.fill_between(
+            steps,
+            np.clip(mean - std, lo, hi),
+            np.clip(mean + std, lo, hi),
+            color=style.get("color"),
+            alpha=0.15,
+            linewidth=0,
+        )
 
 
 def _label(text, mean, std, n):
@@ -427,16 +509,38 @@ def plot(agg: dict, out) -> list[Path]:
             if not c:
                 continue
             if col == "lag_mean":
-                _draw(ax, steps, np.asarray(c["mean"]), np.asarray(c["std"]), n,
-                      f"{a['label']}: {c['final_mean']:.3f}", style, lo=0.0, hi=np.inf)
+                _draw(
+                    ax,
+                    steps,
+                    np.asarray(c["mean"]),
+                    np.asarray(c["std"]),
+                    n,
+                    f"{a['label']}: {c['final_mean']:.3f}",
+                    style,
+                    lo=0.0,
+                    hi=np.inf,
+                )
                 continue
-            _draw(ax, steps, np.asarray(c["mean"]) * 100, np.asarray(c["std"]) * 100, n,
-                  _label(a["label"], c["final_mean"], c["final_std"], n), style)
+            _draw(
+                ax,
+                steps,
+                np.asarray(c["mean"]) * 100,
+                np.asarray(c["std"]) * 100,
+                n,
+                _label(a["label"], c["final_mean"], c["final_std"], n),
+                style,
+            )
             bs = a["curves"].get("val_batchstat_accuracy")
             if col == main and bs and arm in BATCHSTAT_CURVE_ARMS and main == "val_accuracy":
-                _draw(ax, steps, np.asarray(bs["mean"]) * 100, np.asarray(bs["std"]) * 100, n,
-                      _label(a["label"] + ", inference with batch stats", bs["final_mean"], bs["final_std"], n),
-                      dict(style, linestyle=":"))
+                _draw(
+                    ax,
+                    steps,
+                    np.asarray(bs["mean"]) * 100,
+                    np.asarray(bs["std"]) * 100,
+                    n,
+                    _label(a["label"] + ", inference with batch stats", bs["final_mean"], bs["final_std"], n),
+                    dict(style, linestyle=":"),
+                )
     seeds_note = f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "1 seed"
     split = "test" if main == "test_accuracy" else "validation"
     axes[main].set_ylabel(f"{split.capitalize()} accuracy (%)")
@@ -446,13 +550,15 @@ def plot(agg: dict, out) -> list[Path]:
         axes["train_eval_accuracy"].set_title("training set, inference mode (moving statistics)", fontsize=10)
     if "lag_mean" in axes:
         axes["lag_mean"].set_ylabel("|moving mean - mean| / std")
-        axes["lag_mean"].set_title("how far the moving means lag the inputs' statistics\n(mean over features and "
-                                   "the 4 layers; fixed training images)", fontsize=10)
+        axes["lag_mean"].set_title(
+            "how far the moving means lag the inputs' statistics\n(mean over features and "
+            "the 4 layers; fixed training images)",
+            fontsize=10,
+        )
     for col, ax in axes.items():
         ax.set_xlabel("Training steps")
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="upper right" if col == "lag_mean" else "lower right", fontsize=8, frameon=True,
-                  framealpha=0.85)
+        ax.legend(loc="upper right" if col == "lag_mean" else "lower right", fontsize=8, frameon=True, framealpha=0.85)
     return save_figure(fig, Path(out) / "accuracy.png")
 
 
@@ -497,25 +603,40 @@ def compare(out_a, out_b, arms=None, scalars=None) -> dict:
         sa, sb = agg_a["arms"][arm]["scalars"], agg_b["arms"][arm]["scalars"]
         for name in scalars or SCALARS:
             if name in sa and name in sb and set(sa[name]["per_seed"]) & set(sb[name]["per_seed"]):
-                rows.append({"arm": arm, "label": agg_a["arms"][arm]["label"], "scalar": name,
-                             "a": {k: v for k, v in sa[name].items() if k != "per_seed"},
-                             "b": {k: v for k, v in sb[name].items() if k != "per_seed"},
-                             "diff": paired_difference(sa[name]["per_seed"], sb[name]["per_seed"])})
+                rows.append(
+                    {
+                        "arm": arm,
+                        "label": agg_a["arms"][arm]["label"],
+                        "scalar": name,
+                        "a": {k: v for k, v in sa[name].items() if k != "per_seed"},
+                        "b": {k: v for k, v in sb[name].items() if k != "per_seed"},
+                        "diff": paired_difference(sa[name]["per_seed"], sb[name]["per_seed"]),
+                    }
+                )
     return {"a": str(out_a), "b": str(out_b), "rows": rows}
 
 
 def compare_table(result: dict) -> str:
     """Markdown of :func:`compare`: one line per arm and scalar, a, b and the paired b - a."""
-    lines = [f"a = `{result['a']}`, b = `{result['b']}`; b - a over the same seeds, mean [95% CI], seeds where b > a",
-             "", "| arm | scalar | a | b | b - a |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"a = `{result['a']}`, b = `{result['b']}`; b - a over the same seeds, mean [95% CI], seeds where b > a",
+        "",
+        "| arm | scalar | a | b | b - a |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in result["rows"]:
         sc = 1.0 if r["scalar"].startswith("lag") else 100.0
         dg = 3 if sc == 1.0 else 2
         acc, dacc = ((0.0, 1.0), (-1.0, 1.0)) if sc == 100.0 else (None, None)
-        lines.append(f"| {r['label']} | {r['scalar']} | {_ci(r['a'], sc, dg, acc)} | {_ci(r['b'], sc, dg, acc)} | "
-                     f"{_ci(r['diff'], sc, dg, dacc)}, {r['diff']['wins']}/{r['diff']['n']} |")
-    lines += ["", "Two-sided 95% Student-t intervals over seeds, clipped to [0, 100] for accuracies and [-100, 100] "
-                  "for their differences (marked †)."]
+        lines.append(
+            f"| {r['label']} | {r['scalar']} | {_ci(r['a'], sc, dg, acc)} | {_ci(r['b'], sc, dg, acc)} | "
+            f"{_ci(r['diff'], sc, dg, dacc)}, {r['diff']['wins']}/{r['diff']['n']} |"
+        )
+    lines += [
+        "",
+        "Two-sided 95% Student-t intervals over seeds, clipped to [0, 100] for accuracies and [-100, 100] "
+        "for their differences (marked †).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -548,16 +669,33 @@ def plot_settings(settings: dict[str, object], path, arms) -> list[Path]:
             for col, ax in axes.items():
                 c = a["curves"][col]
                 if col == "lag_mean":
-                    _draw(ax, np.asarray(a["steps"]), np.asarray(c["mean"]), np.asarray(c["std"]), n,
-                          f"{a['label']}, {label}", style, lo=0.0, hi=np.inf)
+                    _draw(
+                        ax,
+                        np.asarray(a["steps"]),
+                        np.asarray(c["mean"]),
+                        np.asarray(c["std"]),
+                        n,
+                        f"{a['label']}, {label}",
+                        style,
+                        lo=0.0,
+                        hi=np.inf,
+                    )
                 else:
-                    _draw(ax, np.asarray(a["steps"]), np.asarray(c["mean"]) * 100, np.asarray(c["std"]) * 100, n,
-                          _label(f"{a['label']}, {label}", c["final_mean"], c["final_std"], n), style)
+                    _draw(
+                        ax,
+                        np.asarray(a["steps"]),
+                        np.asarray(c["mean"]) * 100,
+                        np.asarray(c["std"]) * 100,
+                        n,
+                        _label(f"{a['label']}, {label}", c["final_mean"], c["final_std"], n),
+                        style,
+                    )
     first = next(iter(aggs.values()))
     split = "test" if main == "test_accuracy" else "validation"
     axes[main].set_ylabel(f"{split.capitalize()} accuracy (%)")
-    axes[main].set_title(f"{first['dataset']}: {first['title']}\n{split}, inference mode (mean ± std over seeds)",
-                         fontsize=10)
+    axes[main].set_title(
+        f"{first['dataset']}: {first['title']}\n{split}, inference mode (mean ± std over seeds)", fontsize=10
+    )
     if "lag_mean" in axes:
         axes["lag_mean"].set_ylabel("|moving mean - mean| / std")
         axes["lag_mean"].set_yscale("log")

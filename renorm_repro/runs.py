@@ -80,8 +80,16 @@ __all__ = [
 ]
 
 METRIC_COLUMNS = (
-    "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-    "rmax", "dmax", "r_clipped", "d_clipped", "elapsed_s",
+    "step",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "rmax",
+    "dmax",
+    "r_clipped",
+    "d_clipped",
+    "elapsed_s",
 )
 
 #: Number of normalization layers of the reproduction's convnet (the lag columns name each).
@@ -126,10 +134,10 @@ def _is_known_layout(header) -> bool:
     header = tuple(header or ())
     if header[: len(METRIC_COLUMNS)] != METRIC_COLUMNS:
         return False
-    rest = header[len(METRIC_COLUMNS):]
+    rest = header[len(METRIC_COLUMNS) :]
     for group in EXTRA_METRIC_COLUMNS.values():
         if rest[: len(group)] == group:
-            rest = rest[len(group):]
+            rest = rest[len(group) :]
     return not rest
 
 
@@ -149,8 +157,13 @@ def _git_revision() -> str:
     here = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if rev.returncode != 0:
@@ -219,15 +232,23 @@ class ExperimentLock:
                 os.close(fd)
                 try:
                     h = json.loads(holder)
-                    who = (f"pid {h.get('pid')} on {h.get('host')}, started {h.get('started')}: "
-                           f"{' '.join(map(str, h.get('command') or []))}")
+                    who = (
+                        f"pid {h.get('pid')} on {h.get('host')}, started {h.get('started')}: "
+                        f"{' '.join(map(str, h.get('command') or []))}"
+                    )
                 except ValueError:
                     who = "a process that has not written its name yet"
-                raise RunDirError(f"--out {str(self.path.parent)!r} is in use by another run ({who}); wait for it "
-                                  f"to finish or stop it. Nothing was written.") from None
+                raise RunDirError(
+                    f"--out {str(self.path.parent)!r} is in use by another run ({who}); wait for it "
+                    f"to finish or stop it. Nothing was written."
+                ) from None
         os.ftruncate(fd, 0)
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": sys.argv}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "command": sys.argv,
+        }
         os.write(fd, (json.dumps(info) + "\n").encode())
         self._fd = fd
         return self
@@ -259,8 +280,11 @@ def _config_diff(cfg_path: Path, cfg) -> dict[str, tuple]:
     # A field that did not exist when the folder was written, and is at its default now, is no
     # difference: the older code behaved as that default.
     defaults = config_to_dict(type(cfg)())
-    return {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)
-            and not (k not in old and new.get(k) == defaults.get(k))}
+    return {
+        k: (old.get(k), new.get(k))
+        for k in set(old) | set(new)
+        if old.get(k) != new.get(k) and not (k not in old and new.get(k) == defaults.get(k))
+    }
 
 
 def check_experiment_dir(out, cfg, *, resume: bool) -> str:
@@ -281,16 +305,22 @@ def check_experiment_dir(out, cfg, *, resume: bool) -> str:
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {str(out)!r} is a file, not a folder.")
     if resume and not out.exists():
-        raise RunDirError(f"--resume: --out {str(out)!r} does not exist, so there is nothing to resume; check the "
-                          f"path, or drop --resume to start a new experiment there.")
+        raise RunDirError(
+            f"--resume: --out {str(out)!r} does not exist, so there is nothing to resume; check the "
+            f"path, or drop --resume to start a new experiment there."
+        )
     if not cfg_path.exists():
         names = {p.name for p in out.iterdir()} if out.exists() else set()
         if any(n != LOCK_NAME and not n.endswith(".tmp") for n in names):
-            raise RunDirError(f"--out {str(out)!r} exists and is not empty and holds no experiment (no config.json); "
-                              f"choose a new or empty folder.")
+            raise RunDirError(
+                f"--out {str(out)!r} exists and is not empty and holds no experiment (no config.json); "
+                f"choose a new or empty folder."
+            )
         if resume and LOCK_NAME not in names:
-            raise RunDirError(f"--resume: --out {str(out)!r} holds no experiment (no config.json), so there is nothing "
-                              f"to resume; check the path, or drop --resume to start a new experiment there.")
+            raise RunDirError(
+                f"--resume: --out {str(out)!r} holds no experiment (no config.json), so there is nothing "
+                f"to resume; check the path, or drop --resume to start a new experiment there."
+            )
         return "new"  # with --resume: a run stopped after taking the folder and before writing its config
     started = _has_training(out)
     if not resume:
@@ -307,16 +337,23 @@ def check_experiment_dir(out, cfg, *, resume: bool) -> str:
         old = config_from_dict(json.loads(cfg_path.read_text())["config"])
         why = steps_extension_problem(old, cfg)
         if why:
-            raise RunDirError(f"--resume --steps {cfg.steps}: the experiment in {str(out)!r} ({old.steps} steps) "
-                              f"cannot continue exactly as if it had been started with {cfg.steps} steps: {why}. "
-                              f"Nothing was changed.")
+            raise RunDirError(
+                f"--resume --steps {cfg.steps}: the experiment in {str(out)!r} ({old.steps} steps) "
+                f"cannot continue exactly as if it had been started with {cfg.steps} steps: {why}. "
+                f"Nothing was changed."
+            )
         return "extend"
     if diff:
-        hint = (" No run there has started training: drop --resume to start it again with this config."
-                if not started else " Resume with the same preset and overrides, or choose a new --out.")
+        hint = (
+            " No run there has started training: drop --resume to start it again with this config."
+            if not started
+            else " Resume with the same preset and overrides, or choose a new --out."
+        )
         raise RunDirError(
             f"--resume: the config differs from the one in {cfg_path}: "
-            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items())) + "." + hint
+            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+            + "."
+            + hint
         )
     return "resume"
 
@@ -397,13 +434,17 @@ def steps_extension_problem(old, new) -> str | None:
     if new.steps <= old.steps:
         return f"--steps {new.steps} does not extend the run (it has {old.steps} steps)"
     if old.steps % old.eval_every:
-        return (f"its last row (step {old.steps}) is not an evaluation step of a {new.steps}-step run "
-                f"(eval_every={old.eval_every}), which would have no row there")
+        return (
+            f"its last row (step {old.steps}) is not an evaluation step of a {new.steps}-step run "
+            f"(eval_every={old.eval_every}), which would have no row there"
+        )
     for t in range(old.steps):
         a, b = old.learning_rate_at(t), new.learning_rate_at(t)
         if a != b:
-            return (f"the learning rate depends on steps (lr_schedule={old.lr_schedule}): at step {t + 1} it was "
-                    f"{a:.6g}, a {new.steps}-step run would have used {b:.6g}")
+            return (
+                f"the learning rate depends on steps (lr_schedule={old.lr_schedule}): at step {t + 1} it was "
+                f"{a:.6g}, a {new.steps}-step run would have used {b:.6g}"
+            )
     import numpy as np
 
     steps = np.arange(old.steps, dtype=np.float64)
@@ -415,12 +456,17 @@ def steps_extension_problem(old, new) -> str | None:
         differ = np.flatnonzero((np.broadcast_to(ra, steps.shape) != rb) | (np.broadcast_to(da, steps.shape) != db))
         if differ.size:
             t = int(differ[0])
-            how = (" (schedule_base=paper_scaled scales the breakpoints to steps; start runs you may extend "
-                   "with --warmup-steps, --rmax-steps and --dmax-steps given)"
-                   if old.schedule_base == "paper_scaled" else "")
-            return (f"the clipping schedule of arm {arm} depends on steps{how}: at step {t + 1} its limits "
-                    f"(rmax, dmax) were {tuple(float(v) for v in sa.limits(float(t)))}, a {new.steps}-step run "
-                    f"would have used {tuple(float(v) for v in sb.limits(float(t)))}")
+            how = (
+                " (schedule_base=paper_scaled scales the breakpoints to steps; start runs you may extend "
+                "with --warmup-steps, --rmax-steps and --dmax-steps given)"
+                if old.schedule_base == "paper_scaled"
+                else ""
+            )
+            return (
+                f"the clipping schedule of arm {arm} depends on steps{how}: at step {t + 1} its limits "
+                f"(rmax, dmax) were {tuple(float(v) for v in sa.limits(float(t)))}, a {new.steps}-step run "
+                f"would have used {tuple(float(v) for v in sb.limits(float(t)))}"
+            )
     return None
 
 
@@ -491,12 +537,16 @@ class _Log:
         numbered = [(i + 1, ln[:-1] if ln.endswith("\r") else ln) for i, ln in enumerate(lines)]
         numbered = [(i, ln) for i, ln in numbered if ln.strip()]
         if not numbered:
-            raise RunDirError(f"{self.path} has no header line (the file is empty or was cut); expected the columns "
-                              f"{list(METRIC_COLUMNS)} followed by any of {list(EXTRA_METRIC_COLUMNS.values())}.")
+            raise RunDirError(
+                f"{self.path} has no header line (the file is empty or was cut); expected the columns "
+                f"{list(METRIC_COLUMNS)} followed by any of {list(EXTRA_METRIC_COLUMNS.values())}."
+            )
         self.columns = tuple(_parse_line(numbered[0][1]))
         if not _is_known_layout(self.columns):
-            raise RunDirError(f"{self.path} has columns {list(self.columns)}, expected {list(METRIC_COLUMNS)} "
-                              f"followed by any of {list(EXTRA_METRIC_COLUMNS.values())}.")
+            raise RunDirError(
+                f"{self.path} has columns {list(self.columns)}, expected {list(METRIC_COLUMNS)} "
+                f"followed by any of {list(EXTRA_METRIC_COLUMNS.values())}."
+            )
         self.rows, self.raw = [], []
         for number, line in numbered[1:]:
             try:
@@ -547,8 +597,7 @@ class MetricsLog:
             k += 1
         return (expected[k] - 1 if k < len(expected) else cfg.steps), log.damaged_line
 
-    def start(self, resume_step: int = 0, expected_steps: Sequence[int] | None = None,
-              lenient: bool = False) -> int:
+    def start(self, resume_step: int = 0, expected_steps: Sequence[int] | None = None, lenient: bool = False) -> int:
         """Start the log, or continue it from a checkpoint at ``resume_step``; returns the rows kept.
 
         ``expected_steps``: the steps ``<= resume_step`` that have a row
@@ -565,15 +614,19 @@ class MetricsLog:
         expected = list(expected_steps) if expected_steps is not None else None
         if not self.path.exists():
             if expected:
-                raise RunDirError(f"{self.path} is missing, but the checkpoint at step {resume_step} has passed the "
-                                  f"evaluations of steps {_steps_text(expected)}: their rows are lost. Restore the "
-                                  f"file, or delete {self.path.parent} to train this run again.")
+                raise RunDirError(
+                    f"{self.path} is missing, but the checkpoint at step {resume_step} has passed the "
+                    f"evaluations of steps {_steps_text(expected)}: their rows are lost. Restore the "
+                    f"file, or delete {self.path.parent} to train this run again."
+                )
             _write_atomic(self.path, header.encode())
             return 0
         log = _Log(self.path, lenient=lenient)
         if log.columns != self.columns:
-            raise RunDirError(f"{self.path} has columns {list(log.columns)}, but this config logs "
-                              f"{list(self.columns)}: it belongs to another experiment.")
+            raise RunDirError(
+                f"{self.path} has columns {list(log.columns)}, but this config logs "
+                f"{list(self.columns)}: it belongs to another experiment."
+            )
         kept = [(r, raw) for r, raw in zip(log.rows, log.raw) if r["step"] <= resume_step]
         steps = [r["step"] for r, _ in kept]
         if expected is not None and steps != expected:
@@ -581,14 +634,18 @@ class MetricsLog:
             extra = sorted(set(steps) - set(expected))
             what = []
             if missing:
-                what.append(f"lacks the rows of steps {_steps_text(missing)}, which the checkpoint at step "
-                            f"{resume_step} has passed (the log was cut or damaged)")
+                what.append(
+                    f"lacks the rows of steps {_steps_text(missing)}, which the checkpoint at step "
+                    f"{resume_step} has passed (the log was cut or damaged)"
+                )
             if extra:
                 what.append(f"has rows at steps {_steps_text(extra)}, which are not evaluation steps")
             if not what:
                 what.append("has its rows out of order or twice")
-            raise RunDirError(f"{self.path} {' and '.join(what)}. Restore the file, or delete {self.path.parent} "
-                              f"to train this run again. Nothing was changed.")
+            raise RunDirError(
+                f"{self.path} {' and '.join(what)}. Restore the file, or delete {self.path.parent} "
+                f"to train this run again. Nothing was changed."
+            )
         _write_atomic(self.path, (header + "".join(raw + "\r\n" for _, raw in kept)).encode())
         return len(kept)
 
@@ -600,7 +657,7 @@ class MetricsLog:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         try:
             while data:  # one write for a line of this size; the loop only guards against a short write
-                data = data[os.write(fd, data):]
+                data = data[os.write(fd, data) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -608,8 +665,11 @@ class MetricsLog:
 
 def _steps_text(steps: Sequence[int]) -> str:
     steps = list(steps)
-    return ", ".join(map(str, steps)) if len(steps) <= 6 else \
-        f"{', '.join(map(str, steps[:3]))}, ..., {', '.join(map(str, steps[-2:]))} ({len(steps)} rows)"
+    return (
+        ", ".join(map(str, steps))
+        if len(steps) <= 6
+        else f"{', '.join(map(str, steps[:3]))}, ..., {', '.join(map(str, steps[-2:]))} ({len(steps)} rows)"
+    )
 
 
 def _fmt(v):

@@ -42,7 +42,7 @@ def sign_test_p(wins: int, n: int) -> float:
     if n == 0:
         return 1.0
     k = min(wins, n - wins)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
 
 
@@ -66,9 +66,11 @@ def pool(folders: Sequence, scalars: Sequence[str] | None = None) -> dict:
         other = {k: v for k, v in c.items() if k not in POOLABLE_KEYS}
         diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
         if diff:
-            raise RunDirError(f"{f} ran another experiment than {folders[0]}: its config differs in "
-                              + ", ".join(f"{k} ({base.get(k)!r} vs {other.get(k)!r})" for k in diff)
-                              + f"; only {', '.join(POOLABLE_KEYS)} may differ between pooled folders.")
+            raise RunDirError(
+                f"{f} ran another experiment than {folders[0]}: its config differs in "
+                + ", ".join(f"{k} ({base.get(k)!r} vs {other.get(k)!r})" for k in diff)
+                + f"; only {', '.join(POOLABLE_KEYS)} may differ between pooled folders."
+            )
     aggs = [aggregate(f) for f in folders]
     names = list(scalars or SCALARS)
     arms: dict[str, dict] = {}
@@ -81,8 +83,9 @@ def pool(folders: Sequence, scalars: Sequence[str] | None = None) -> dict:
                 have = entry["per_seed"].setdefault(name, {})
                 twice = sorted(set(have) & set(per_seed))
                 if twice:
-                    raise RunDirError(f"arm {arm!r} has seed {twice[0]} in two folders ({f} and another): "
-                                      "a seed may be pooled once.")
+                    raise RunDirError(
+                        f"arm {arm!r} has seed {twice[0]} in two folders ({f} and another): a seed may be pooled once."
+                    )
                 have.update(per_seed)
     for a in arms.values():
         a["scalars"] = {n: dict(mean_ci(list(v.values())), per_seed=v) for n, v in a["per_seed"].items() if v}
@@ -94,8 +97,7 @@ def pool(folders: Sequence, scalars: Sequence[str] | None = None) -> dict:
                 sa, sb = arms[a]["scalars"].get(name), arms[b]["scalars"].get(name)
                 if sa and sb and set(sa["per_seed"]) & set(sb["per_seed"]):
                     paired.append(dict(_paired(sa["per_seed"], sb["per_seed"]), a=a, b=b, scalar=name))
-    return {"folders": [str(f) for f in folders], "experiment": cfgs[0]["experiment"], "arms": arms,
-            "paired": paired}
+    return {"folders": [str(f) for f in folders], "experiment": cfgs[0]["experiment"], "arms": arms, "paired": paired}
 
 
 def _scale(name: str):
@@ -104,23 +106,37 @@ def _scale(name: str):
 
 def pool_table(result: dict, scalars: Sequence[str] = (f"test_last{LAST_N}", f"val_last{LAST_N}")) -> str:
     """Markdown of :func:`pool`: per arm the pooled seeds and scalars; per pair the paired difference."""
-    lines = ["Pooled folders: " + ", ".join(f"`{f}`" for f in result["folders"]), "",
-             "| arm | seeds (folder) |" + "".join(f" {s} |" for s in scalars),
-             "| --- | --- |" + " --- |" * len(scalars)]
+    lines = [
+        "Pooled folders: " + ", ".join(f"`{f}`" for f in result["folders"]),
+        "",
+        "| arm | seeds (folder) |" + "".join(f" {s} |" for s in scalars),
+        "| --- | --- |" + " --- |" * len(scalars),
+    ]
     for a in result["arms"].values():
         seeds = "; ".join(f"{','.join(map(str, s))} ({Path(f).name})" for f, s in a["folders"].items() if s)
-        lines.append(f"| {a['label']} | {seeds} |" + "".join(
-            f" {_ci(a['scalars'][s], *_scale(s))} |" if s in a["scalars"] else " – |" for s in scalars))
+        lines.append(
+            f"| {a['label']} | {seeds} |"
+            + "".join(f" {_ci(a['scalars'][s], *_scale(s))} |" if s in a["scalars"] else " – |" for s in scalars)
+        )
     if result["paired"]:
-        lines += ["", "Paired b - a over the seeds both arms hold: mean [95% t interval], seeds where b > a, "
-                      "exact two-sided sign test p", "", "| b - a |" + "".join(f" {s} |" for s in scalars),
-                  "| --- |" + " --- |" * len(scalars)]
+        lines += [
+            "",
+            "Paired b - a over the seeds both arms hold: mean [95% t interval], seeds where b > a, "
+            "exact two-sided sign test p",
+            "",
+            "| b - a |" + "".join(f" {s} |" for s in scalars),
+            "| --- |" + " --- |" * len(scalars),
+        ]
         by_pair: dict[tuple, dict] = {}
         for p in result["paired"]:
             by_pair.setdefault((p["a"], p["b"]), {})[p["scalar"]] = p
         for (a, b), ps in by_pair.items():
-            cells = "".join(f" {_ci(ps[s], *_scale(s))}, {ps[s]['wins']}/{ps[s]['n']}, p={ps[s]['sign_test_p']:.3g} |"
-                            if s in ps else " – |" for s in scalars)
+            cells = "".join(
+                f" {_ci(ps[s], *_scale(s))}, {ps[s]['wins']}/{ps[s]['n']}, p={ps[s]['sign_test_p']:.3g} |"
+                if s in ps
+                else " – |"
+                for s in scalars
+            )
             lines.append(f"| {result['arms'][b]['label']} - {result['arms'][a]['label']} |{cells}")
     return "\n".join(lines) + "\n"
 
@@ -131,8 +147,10 @@ def _renorm_arm(folder: Path, cfg, agg: dict) -> str:
     schedules = {a: cfg.arm_spec(a)["schedule"] for a in agg["arms"]}
     arms = [a for a, s in schedules.items() if s.rmax > 1 or s.dmax > 0]
     if len(arms) != 1:
-        raise RunDirError(f"{folder} must hold exactly one Batch Renorm arm (rmax > 1 or dmax > 0) to be a sweep "
-                          f"configuration; it holds {arms or 'none'}.")
+        raise RunDirError(
+            f"{folder} must hold exactly one Batch Renorm arm (rmax > 1 or dmax > 0) to be a sweep "
+            f"configuration; it holds {arms or 'none'}."
+        )
     return arms[0]
 
 
@@ -142,8 +160,10 @@ def sweep(folders: Sequence, reference, select: str = f"val_last{LAST_N}") -> di
     ``select`` must be a validation scalar (``val_*``): the test split is never used to choose.
     """
     if not select.startswith("val_") or select not in SCALARS:
-        raise RunDirError(f"--select must be a validation scalar (val_*) of {sorted(SCALARS)}, got {select!r}: "
-                          "the sweep chooses on the validation split only.")
+        raise RunDirError(
+            f"--select must be a validation scalar (val_*) of {sorted(SCALARS)}, got {select!r}: "
+            "the sweep chooses on the validation split only."
+        )
     reference = Path(reference)
     ref_agg = aggregate(reference)
     ref_arms = list(ref_agg["arms"])
@@ -159,38 +179,56 @@ def sweep(folders: Sequence, reference, select: str = f"val_last{LAST_N}") -> di
         a = agg["arms"][arm]
         sched = cfg.arm_spec(arm)["schedule"]
         tau = cfg.time_constant_steps()
-        row = {"folder": str(f), "name": f.name, "arm": arm, "label": a["label"], "schedule": sched.to_dict(),
-               "warmup_time_constants": round(sched.warmup_steps / tau, 6), "complete_runs": a["complete_runs"],
-               "seeds": sorted(a["scalars"].get(select, {}).get("per_seed", {}))}
+        row = {
+            "folder": str(f),
+            "name": f.name,
+            "arm": arm,
+            "label": a["label"],
+            "schedule": sched.to_dict(),
+            "warmup_time_constants": round(sched.warmup_steps / tau, 6),
+            "complete_runs": a["complete_runs"],
+            "seeds": sorted(a["scalars"].get(select, {}).get("per_seed", {})),
+        }
         for name in (select, test_name, "r_clipped_mean_late", "d_clipped_mean_late"):
             if name in a["scalars"]:
                 row[name] = {k: v for k, v in a["scalars"][name].items()}
             if name in a["scalars"] and name in ref["scalars"]:
-                row[name + "_minus_reference"] = _paired(ref["scalars"][name]["per_seed"],
-                                                         a["scalars"][name]["per_seed"])
+                row[name + "_minus_reference"] = _paired(
+                    ref["scalars"][name]["per_seed"], a["scalars"][name]["per_seed"]
+                )
         rows.append(row)
     seeds = {tuple(r["seeds"]) for r in rows}
     if len(seeds) > 1:
         raise RunDirError(f"sweep configurations must be complete on the same seeds; they have {sorted(seeds)}.")
     scored = [r for r in rows if select in r]
     chosen = max(scored, key=lambda r: r[select]["mean"])["name"] if scored else None
-    return {"select": select, "test": test_name, "reference": str(reference), "reference_label": ref["label"],
-            "reference_scalars": {k: ref["scalars"][k] for k in (select, test_name) if k in ref["scalars"]},
-            "configurations": len(rows), "rows": rows, "chosen": chosen}
+    return {
+        "select": select,
+        "test": test_name,
+        "reference": str(reference),
+        "reference_label": ref["label"],
+        "reference_scalars": {k: ref["scalars"][k] for k in (select, test_name) if k in ref["scalars"]},
+        "configurations": len(rows),
+        "rows": rows,
+        "chosen": chosen,
+    }
 
 
 def sweep_table(result: dict) -> str:
     """Markdown of :func:`sweep`, one line per configuration, the chosen one in bold."""
     sel, test = result["select"], result["test"]
-    lines = [f"{result['configurations']} configurations; chosen on `{sel}` (validation split) only: "
-             f"**{result['chosen']}**. Reference: {result['reference_label']} (`{result['reference']}`): "
-             f"{sel} {_ci(result['reference_scalars'][sel])}"
-             + (f", {test} {_ci(result['reference_scalars'][test])}" if test in result["reference_scalars"] else "")
-             + ".", "",
-             "| configuration | warm-up (time constants) | rmax / dmax (reached at step) | runs | "
-             f"{sel} (%) | minus reference | {test} (%) | minus reference | "
-             "r clipped, 2nd half | d clipped, 2nd half |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"{result['configurations']} configurations; chosen on `{sel}` (validation split) only: "
+        f"**{result['chosen']}**. Reference: {result['reference_label']} (`{result['reference']}`): "
+        f"{sel} {_ci(result['reference_scalars'][sel])}"
+        + (f", {test} {_ci(result['reference_scalars'][test])}" if test in result["reference_scalars"] else "")
+        + ".",
+        "",
+        "| configuration | warm-up (time constants) | rmax / dmax (reached at step) | runs | "
+        f"{sel} (%) | minus reference | {test} (%) | minus reference | "
+        "r clipped, 2nd half | d clipped, 2nd half |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in sorted(result["rows"], key=lambda r: (r["schedule"]["rmax"], r["warmup_time_constants"])):
         s = r["schedule"]
 
@@ -202,13 +240,18 @@ def sweep_table(result: dict) -> str:
             return f"{_ci(d)}, {d['wins']}/{d['n']}" if d else "–"
 
         name = f"**{r['name']}**" if r["name"] == result["chosen"] else r["name"]
-        lines.append(f"| {name} | {r['warmup_time_constants']:g} ({s['warmup_steps']} steps) | "
-                     f"{s['rmax']:g} ({s['rmax_steps']}) / {s['dmax']:g} ({s['dmax_steps']}) | {r['complete_runs']} | "
-                     f"{cell(sel)} | {diff(sel)} | {cell(test)} | {diff(test)} | "
-                     f"{cell('r_clipped_mean_late', 1.0, 3)} | {cell('d_clipped_mean_late', 1.0, 3)} |")
-    lines += ["", "Mean [95% t interval] over the seeds; \"minus reference\": paired per seed, seeds where the "
-                  "configuration is above the reference. Clipped fractions: mean over every training step of the "
-                  "second half (`--log-clip-means`), averaged over layers."]
+        lines.append(
+            f"| {name} | {r['warmup_time_constants']:g} ({s['warmup_steps']} steps) | "
+            f"{s['rmax']:g} ({s['rmax_steps']}) / {s['dmax']:g} ({s['dmax_steps']}) | {r['complete_runs']} | "
+            f"{cell(sel)} | {diff(sel)} | {cell(test)} | {diff(test)} | "
+            f"{cell('r_clipped_mean_late', 1.0, 3)} | {cell('d_clipped_mean_late', 1.0, 3)} |"
+        )
+    lines += [
+        "",
+        'Mean [95% t interval] over the seeds; "minus reference": paired per seed, seeds where the '
+        "configuration is above the reference. Clipped fractions: mean over every training step of the "
+        "second half (`--log-clip-means`), averaged over layers.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -235,13 +278,25 @@ def plot_sweep(result: dict, path) -> list[Path]:
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"Batch Renorm, rmax {rmax:g} / dmax {dmax:g}")
         ref = result["reference_scalars"].get(name)
         if ref:
-            ax.axhline(ref["mean"] * 100, color="black", linestyle="--", linewidth=1,
-                       label=f"{result['reference_label']} (reference)")
+            ax.axhline(
+                ref["mean"] * 100,
+                color="black",
+                linestyle="--",
+                linewidth=1,
+                label=f"{result['reference_label']} (reference)",
+            )
         for r in result["rows"]:
             if r["name"] == result["chosen"]:
-                ax.plot([r["warmup_time_constants"]], [r[name]["mean"] * 100], marker="*", markersize=14,
-                        color="gold", markeredgecolor="black", linestyle="none",
-                        label="chosen (on validation)" if name == sel else "chosen (on validation)")
+                ax.plot(
+                    [r["warmup_time_constants"]],
+                    [r[name]["mean"] * 100],
+                    marker="*",
+                    markersize=14,
+                    color="gold",
+                    markeredgecolor="black",
+                    linestyle="none",
+                    label="chosen (on validation)" if name == sel else "chosen (on validation)",
+                )
         ax.set_xscale("log")
         ticks = sorted({r["warmup_time_constants"] for r in result["rows"]})
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])

@@ -75,9 +75,12 @@ def layer_scalars(layer) -> dict[str, float]:
     """
     schedule = getattr(layer, "schedule", None) or layer._schedule  # renorm.tf's, or the Keras arm's
     rmax, dmax = schedule.limits(max(int(layer.step.numpy()) - 1, 0))
-    return {f"{layer.name}/r_clipped": float(layer.r_clipped_fraction.numpy()),
-            f"{layer.name}/d_clipped": float(layer.d_clipped_fraction.numpy()),
-            f"{layer.name}/rmax": float(rmax), f"{layer.name}/dmax": float(dmax)}
+    return {
+        f"{layer.name}/r_clipped": float(layer.r_clipped_fraction.numpy()),
+        f"{layer.name}/d_clipped": float(layer.d_clipped_fraction.numpy()),
+        f"{layer.name}/rmax": float(rmax),
+        f"{layer.name}/dmax": float(dmax),
+    }
 
 
 def _span(steps) -> str:
@@ -95,10 +98,13 @@ def _scalar_event(step: int, scalars: dict[str, float]) -> bytes:
     from tensorflow.core.util import event_pb2
 
     meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
-    values = [summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tf.make_tensor_proto(np.float32(v)))
-              for tag, v in scalars.items()]
-    return event_pb2.Event(wall_time=time.time(), step=int(step),
-                           summary=summary_pb2.Summary(value=values)).SerializeToString()
+    values = [
+        summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tf.make_tensor_proto(np.float32(v)))
+        for tag, v in scalars.items()
+    ]
+    return event_pb2.Event(
+        wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
+    ).SerializeToString()
 
 
 class EventLog:
@@ -180,9 +186,13 @@ class EventLog:
                 lost.add(row["step"])
         if rebuilt or lost:
             what = f"{rebuilt} point(s) of the log's columns rewritten from metrics.csv" + (
-                f"; the layers' clip diagnostics of {len(lost)} step(s) ({_span(lost)}) are lost" if lost else "")
-            self.damage = ("the TensorBoard events were damaged or cut"
-                           + (f" ({', '.join(sorted(set(damaged)))})" if damaged else "") + f": {what}")
+                f"; the layers' clip diagnostics of {len(lost)} step(s) ({_span(lost)}) are lost" if lost else ""
+            )
+            self.damage = (
+                "the TensorBoard events were damaged or cut"
+                + (f" ({', '.join(sorted(set(damaged)))})" if damaged else "")
+                + f": {what}"
+            )
         kept = [rec for _, rec in sorted(kept, key=lambda sr: sr[0])]  # stable: each step's points in file order
         if kept:
             import tensorflow as tf
@@ -213,7 +223,8 @@ class EventLog:
             # disk with its whole evaluation, after the log row.
             self._writer = tf.summary.create_file_writer(str(self.logdir), max_queue=1 << 20, flush_millis=1 << 30)
             self._metadata = summary_pb2.SummaryMetadata(
-                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+            )
         with self._writer.as_default():
             for tag, value in scalars.items():
                 tf.summary.write(tag, tf.constant(value, tf.float32), step=int(step), metadata=self._metadata)

@@ -95,8 +95,10 @@ def _strategy(name: str):
     if name == "multiworker":
         if not _MULTIWORKER:
             if not os.environ.get("TF_CONFIG"):
-                raise RunDirError("strategy=multiworker reads the cluster from the TF_CONFIG environment variable, "
-                                  "which is not set (see docs/distributed.md, 'Keras / TensorFlow', 'On a cluster').")
+                raise RunDirError(
+                    "strategy=multiworker reads the cluster from the TF_CONFIG environment variable, "
+                    "which is not set (see docs/distributed.md, 'Keras / TensorFlow', 'On a cluster')."
+                )
             _MULTIWORKER.append(tf.distribute.MultiWorkerMirroredStrategy())
         return _MULTIWORKER[0]
     return tf.distribute.get_strategy()
@@ -124,8 +126,10 @@ def make_norm_layer(cfg, arm: str, name: str | None = None):
         from renorm_repro.keras_renorm import ScheduledKerasRenorm
 
         if spec["microbatch_size"] != cfg.batch_size:
-            raise ValueError(f"arm {arm!r}: Keras's renorm normalizes whole minibatches only, got "
-                             f"microbatch_size={spec['microbatch_size']} for batch_size={cfg.batch_size}.")
+            raise ValueError(
+                f"arm {arm!r}: Keras's renorm normalizes whole minibatches only, got "
+                f"microbatch_size={spec['microbatch_size']} for batch_size={cfg.batch_size}."
+            )
         return ScheduledKerasRenorm(s, momentum=cfg.momentum, epsilon=cfg.epsilon, name=name)
     from renorm.tf import BatchRenormalization
 
@@ -263,8 +267,11 @@ def _scan_checkpoints(ckpt_dir: Path, label: str, log, at_most: int | None = Non
     problems = {} if problems is None else problems
     state_path = ckpt_dir / "checkpoint"
     committed, state_problem = _read_checkpoint_state(state_path)
-    on_disk = {int(m.group(1)) for f in ckpt_dir.iterdir() if (m := _CKPT_FILE.fullmatch(f.name))} \
-        if ckpt_dir.is_dir() else set()
+    on_disk = (
+        {int(m.group(1)) for f in ckpt_dir.iterdir() if (m := _CKPT_FILE.fullmatch(f.name))}
+        if ckpt_dir.is_dir()
+        else set()
+    )
     for leftover in ckpt_dir.glob("ckpt-*_temp") if ckpt_dir.is_dir() else ():
         if leftover.is_dir() and re.fullmatch(r"ckpt-\d+_temp", leftover.name):
             shutil.rmtree(leftover)  # the shards of a save that a crash cut short (no one else writes here)
@@ -290,14 +297,17 @@ def _no_intact_checkpoint(ckpt_dir: Path, damaged, state_problem, on_disk) -> st
     """Why the run cannot go on when no checkpoint is intact (files exist, none readable), or None."""
     if damaged or (state_problem and on_disk):
         state_path = ckpt_dir / "checkpoint"
-        return (f"no intact checkpoint in {ckpt_dir}: "
-                + "; ".join(damaged or [f"state file {state_path} ({state_problem})"])
-                + f". Restore the files, or delete {ckpt_dir.parent} to train this run again from step 0.")
+        return (
+            f"no intact checkpoint in {ckpt_dir}: "
+            + "; ".join(damaged or [f"state file {state_path} ({state_problem})"])
+            + f". Restore the files, or delete {ckpt_dir.parent} to train this run again from step 0."
+        )
     return None
 
 
-def _restore_newest_intact(ckpt, ckpt_dir: Path, label: str, log, at_most: int | None = None,
-                           newer_why: str | None = None) -> int | None:
+def _restore_newest_intact(
+    ckpt, ckpt_dir: Path, label: str, log, at_most: int | None = None, newer_why: str | None = None
+) -> int | None:
     """Restore the newest intact checkpoint in ``ckpt_dir`` into ``ckpt``; its number, or None if there is none.
 
     Raises :class:`RunDirError` when checkpoint files exist but none can be
@@ -311,12 +321,16 @@ def _restore_newest_intact(ckpt, ckpt_dir: Path, label: str, log, at_most: int |
     state_path = ckpt_dir / "checkpoint"
     chosen, damaged, state_problem, on_disk = _scan_checkpoints(ckpt_dir, label, log, at_most)
     if state_problem:
-        log(f"{label} the checkpoint state file {state_path} is damaged ({state_problem}); "
-            f"looking for checkpoints by name")
+        log(
+            f"{label} the checkpoint state file {state_path} is damaged ({state_problem}); "
+            f"looking for checkpoints by name"
+        )
     newer = sorted(n for n in on_disk if at_most is not None and n > at_most)
     if newer:
-        log(f"{label} dropping {', '.join(f'ckpt-{n}' for n in newer)}: "
-            + (newer_why or "newer than the checkpoint every worker holds"))
+        log(
+            f"{label} dropping {', '.join(f'ckpt-{n}' for n in newer)}: "
+            + (newer_why or "newer than the checkpoint every worker holds")
+        )
     if chosen is None:
         why = _no_intact_checkpoint(ckpt_dir, damaged, state_problem, on_disk - set(newer))
         if why:
@@ -327,17 +341,27 @@ def _restore_newest_intact(ckpt, ckpt_dir: Path, label: str, log, at_most: int |
         return None
     prefix = ckpt_dir / f"ckpt-{chosen}"
     if damaged:
-        log(f"{label} damaged checkpoint {damaged[0]}" + (f" and {len(damaged) - 1} more" if len(damaged) > 1 else "")
-            + f"; resuming from the older {prefix}")
+        log(
+            f"{label} damaged checkpoint {damaged[0]}"
+            + (f" and {len(damaged) - 1} more" if len(damaged) > 1 else "")
+            + f"; resuming from the older {prefix}"
+        )
     try:
         ckpt.restore(str(prefix)).assert_existing_objects_matched()
     except Exception as e:  # noqa: BLE001 - intact, but not this run's model
         first = (str(e).strip().splitlines() or [""])[0]
-        raise RunDirError(f"checkpoint {prefix} does not fit this run's model ({type(e).__name__}: {first[:200]}); "
-                          f"was the folder written with another config?") from None
+        raise RunDirError(
+            f"checkpoint {prefix} does not fit this run's model ({type(e).__name__}: {first[:200]}); "
+            f"was the folder written with another config?"
+        ) from None
     kept = sorted(n for n in on_disk if n <= chosen and (ckpt_dir / f"ckpt-{n}.index").is_file())
-    _write_atomic(state_path, (f'model_checkpoint_path: "ckpt-{chosen}"\n'
-                               + "".join(f'all_model_checkpoint_paths: "ckpt-{n}"\n' for n in kept)).encode())
+    _write_atomic(
+        state_path,
+        (
+            f'model_checkpoint_path: "ckpt-{chosen}"\n'
+            + "".join(f'all_model_checkpoint_paths: "ckpt-{n}"\n' for n in kept)
+        ).encode(),
+    )
     _remove_checkpoints(ckpt_dir, newer)  # after the state file stopped naming them
     return chosen
 
@@ -396,9 +420,11 @@ def _agree_on_checkpoint(strategy, ckpt_dir: Path, *, resume: bool, done: bool, 
         if why:
             raise RunDirError(why)
         bad = ", ".join(str(int(t)) for t in sorted(set(rows[rows[:, 2] > 0, 3])))
-        raise RunDirError(f"worker {bad} has checkpoint files of {ckpt_dir.parent.relative_to(ckpt_dir.parents[3])} "
-                          f"but none intact (its output names them), so the workers cannot resume together. "
-                          f"Nothing was changed here.")
+        raise RunDirError(
+            f"worker {bad} has checkpoint files of {ckpt_dir.parent.relative_to(ckpt_dir.parents[3])} "
+            f"but none intact (its output names them), so the workers cannot resume together. "
+            f"Nothing was changed here."
+        )
     if rows[:, 1].all():
         return None, True
     while True:
@@ -439,13 +465,23 @@ class _RunState:
         self.model, self.optimizer, self.step, self.ema = model, optimizer, step, ema
         self.acc_vars = acc_vars  # the running training metrics since the previous evaluation
         self.loss_sum, self.correct_sum, self.count_sum = acc_vars[:3]
-        self.clip_sums = {"r_clip_sum": acc_vars[3], "d_clip_sum": acc_vars[4], "clip_steps": acc_vars[5]} \
-            if cfg.log_clip_means else {}
+        self.clip_sums = (
+            {"r_clip_sum": acc_vars[3], "d_clip_sum": acc_vars[4], "clip_steps": acc_vars[5]}
+            if cfg.log_clip_means
+            else {}
+        )
         self.norm_layers = [layer for layer in model.layers if layer.name.startswith("norm")]
         self.mean, self.std = mean, std
-        self.ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, loss_sum=self.loss_sum,
-                                        correct_sum=self.correct_sum, count_sum=self.count_sum, **self.clip_sums,
-                                        ema={f"v{i}": e for i, e in enumerate(ema)})
+        self.ckpt = tf.train.Checkpoint(
+            model=model,
+            optimizer=optimizer,
+            step=step,
+            loss_sum=self.loss_sum,
+            correct_sum=self.correct_sum,
+            count_sum=self.count_sum,
+            **self.clip_sums,
+            ema={f"v{i}": e for i, e in enumerate(ema)},
+        )
 
     def prep(self, x):
         """``uint8`` images to the network's input: to float, per-channel normalized (on the device)."""
@@ -458,9 +494,11 @@ def _prepare_run_dir(run: _RunCall) -> TrainResult | None:
     """Check the folder against ``run.resume`` and deal with a ``done.json``; the result when there is nothing to do."""
     cfg, rdir, done, log = run.cfg, run.rdir, run.done, run.log
     if (cfg.val_examples > 0) != (run.dataset.y_val is not None):
-        raise ValueError(f"val_examples={cfg.val_examples} but the dataset has "
-                         f"{'no' if run.dataset.y_val is None else len(run.dataset.y_val)} validation examples: "
-                         f"load it with load_dataset(..., val_examples={cfg.val_examples}).")
+        raise ValueError(
+            f"val_examples={cfg.val_examples} but the dataset has "
+            f"{'no' if run.dataset.y_val is None else len(run.dataset.y_val)} validation examples: "
+            f"load it with load_dataset(..., val_examples={cfg.val_examples})."
+        )
     if rdir.exists() and any(rdir.iterdir()) and not run.resume:
         raise RunDirError(f"Run directory {rdir} is not empty; pass --resume to continue it.")
     # Under multiworker every worker must skip or train this run together (the workers agree later).
@@ -472,8 +510,10 @@ def _prepare_run_dir(run: _RunCall) -> TrainResult | None:
         if final is not None and final < cfg.steps:
             log(f"{run.label} complete at step {final}; extending it to {cfg.steps} steps")
         else:
-            log(f"{run.label} {done} is damaged or names another length ({final}); resuming the run from "
-                f"its checkpoints")
+            log(
+                f"{run.label} {done} is damaged or names another length ({final}); resuming the run from "
+                f"its checkpoints"
+            )
         done.unlink()
     rdir.mkdir(parents=True, exist_ok=True)
     run.ckpt_dir.mkdir(exist_ok=True)
@@ -492,17 +532,27 @@ def _build_state(run: _RunCall, strategy) -> _RunState:
             f"{arm} group size {cfg.arm_spec(arm)['microbatch_size']} per replica."
         )
     with strategy.scope():
-        model = build_model(dataset.image_shape, dataset.num_classes, cfg.width,
-                            lambda name: make_norm_layer(cfg, arm, name))
+        model = build_model(
+            dataset.image_shape, dataset.num_classes, cfg.width, lambda name: make_norm_layer(cfg, arm, name)
+        )
         optimizer = _optimizer(cfg)
         optimizer.build(model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        acc_vars = [tf.Variable(0.0, dtype=tf.float64, trainable=False,
-                                synchronization=tf.VariableSynchronization.ON_READ,
-                                aggregation=tf.VariableAggregation.SUM)
-                    for _ in range(6 if cfg.log_clip_means else 3)]
-        ema = [tf.Variable(v, trainable=False, name="ema") for v in model.trainable_variables] \
-            if cfg.ema_decay > 0 else []
+        acc_vars = [
+            tf.Variable(
+                0.0,
+                dtype=tf.float64,
+                trainable=False,
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.SUM,
+            )
+            for _ in range(6 if cfg.log_clip_means else 3)
+        ]
+        ema = (
+            [tf.Variable(v, trainable=False, name="ema") for v in model.trainable_variables]
+            if cfg.ema_decay > 0
+            else []
+        )
     mean = tf.constant(dataset.mean / 255.0, tf.float32)
     std = tf.constant(dataset.std / 255.0, tf.float32)
     return _RunState(cfg, model, optimizer, step, acc_vars, ema, mean, std)
@@ -516,14 +566,17 @@ def _agree_across_workers(run: _RunCall, strategy) -> tuple[int | None, TrainRes
     if run.cfg.strategy != "multiworker":
         return None, None
     done, label, log = run.done, run.label, run.log
-    agreed, all_done = _agree_on_checkpoint(strategy, run.ckpt_dir, resume=run.resume, done=done.is_file(),
-                                            label=label, log=log)
+    agreed, all_done = _agree_on_checkpoint(
+        strategy, run.ckpt_dir, resume=run.resume, done=done.is_file(), label=label, log=log
+    )
     if all_done:
         log(f"{label} already complete ({done}) on every worker; skipping.")
         return None, TrainResult(final_step=json.loads(done.read_text())["final_step"], stopped=False)
     if done.is_file():
-        log(f"{label} complete here, but not on every worker: training again from "
-            f"{'step 0' if agreed is None else f'the common checkpoint at step {agreed}'} with them")
+        log(
+            f"{label} complete here, but not on every worker: training again from "
+            f"{'step 0' if agreed is None else f'the common checkpoint at step {agreed}'} with them"
+        )
         done.unlink()
     return agreed, None
 
@@ -540,22 +593,34 @@ def _restore(run: _RunCall, st: _RunState, agreed: int | None):
     metrics = MetricsLog(run.rdir / "metrics.csv", metric_columns(cfg))
     damaged_log = metrics.damaged_bound(cfg) if run.resume and not multiworker else None
     if damaged_log:
-        log(f"{label} {metrics.path} line {damaged_log[1]} is damaged: falling back to the newest intact "
+        log(
+            f"{label} {metrics.path} line {damaged_log[1]} is damaged: falling back to the newest intact "
             f"checkpoint at or before step {damaged_log[0]}, whose rows are intact, and dropping the log from "
-            f"that line on (training recomputes it)")
+            f"that line on (training recomputes it)"
+        )
     if run.resume:
         at_most = (agreed or 0) if multiworker else (damaged_log[0] if damaged_log else None)
-        restored = _restore_newest_intact(st.ckpt, run.ckpt_dir, label, log, at_most=at_most,
-                                          newer_why="newer than the damaged log's rows" if damaged_log else None)
+        restored = _restore_newest_intact(
+            st.ckpt,
+            run.ckpt_dir,
+            label,
+            log,
+            at_most=at_most,
+            newer_why="newer than the damaged log's rows" if damaged_log else None,
+        )
     start = 0
     if restored is not None:
         start = int(st.step.numpy())
-        log(f"{label} resumed from {run.ckpt_dir / f'ckpt-{restored}'} at step {start}"
-            + (" (the newest checkpoint every worker holds)" if multiworker else ""))
+        log(
+            f"{label} resumed from {run.ckpt_dir / f'ckpt-{restored}'} at step {start}"
+            + (" (the newest checkpoint every worker holds)" if multiworker else "")
+        )
     elif run.resume and (run.rdir / "metrics.csv").exists():
-        log(f"{label} no checkpoint in {run.rdir}"
+        log(
+            f"{label} no checkpoint in {run.rdir}"
             + (" that every worker holds" if multiworker else "")
-            + "; starting this run over from step 0")
+            + "; starting this run over from step 0"
+        )
     return start, restored, metrics, damaged_log
 
 
@@ -569,18 +634,24 @@ def _start_logs(run: _RunCall, metrics: MetricsLog, start: int, damaged_log) -> 
         log(f"{label} {events.damage}; continuing")
     lacking = sorted(set(evaluation_steps(cfg, start)) - set(kept)) if run.tensorboard else []
     if lacking:
-        log(f"{label} the TensorBoard events lack steps {lacking[0]}..{lacking[-1]} ({len(lacking)} "
-            f"evaluations; metrics.csv has them); continuing")
+        log(
+            f"{label} the TensorBoard events lack steps {lacking[0]}..{lacking[-1]} ({len(lacking)} "
+            f"evaluations; metrics.csv has them); continuing"
+        )
     return events
 
 
 def _write_run_record(run: _RunCall, replicas: int) -> None:
     """``config.json`` (the config, the arm's normalization, the data, the replicas) and ``versions.json``."""
     cfg, arm = run.cfg, run.arm
-    record = {"config": config_to_dict(cfg), "arm": arm, "seed": run.seed,
-              "normalization": {k: (v.to_dict() if hasattr(v, "to_dict") else v)
-                                for k, v in cfg.arm_spec(arm).items()},
-              "dataset": run.dataset.summary(), "replicas": replicas}
+    record = {
+        "config": config_to_dict(cfg),
+        "arm": arm,
+        "seed": run.seed,
+        "normalization": {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in cfg.arm_spec(arm).items()},
+        "dataset": run.dataset.summary(),
+        "replicas": replicas,
+    }
     _write_json(run.rdir / "config.json", record)
     record_versions(run.rdir / "versions.json")
 
@@ -604,9 +675,9 @@ def _input_pipeline(run: _RunCall, strategy, start: int):
     if cfg.strategy == "multiworker":
         per_replica = cfg.batch_size // strategy.num_replicas_in_sync
         return strategy.distribute_datasets_from_function(
-            _worker_slices(batches, dataset.image_shape, strategy.num_replicas_in_sync, per_replica))
-    sig = (tf.TensorSpec((cfg.batch_size,) + dataset.image_shape, tf.uint8),
-           tf.TensorSpec((cfg.batch_size,), tf.int64))
+            _worker_slices(batches, dataset.image_shape, strategy.num_replicas_in_sync, per_replica)
+        )
+    sig = (tf.TensorSpec((cfg.batch_size,) + dataset.image_shape, tf.uint8), tf.TensorSpec((cfg.batch_size,), tf.int64))
     ds = tf.data.Dataset.from_generator(batches, output_signature=sig).prefetch(tf.data.AUTOTUNE)
     opts = tf.data.Options()
     opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
@@ -627,7 +698,7 @@ def _worker_slices(batches, image_shape, replicas: int, per: int):
         def slices():
             for xb, yb in batches():
                 for r in range(first, first + local):
-                    yield xb[r * per:(r + 1) * per], yb[r * per:(r + 1) * per]
+                    yield xb[r * per : (r + 1) * per], yb[r * per : (r + 1) * per]
 
         spec = (tf.TensorSpec((per,) + image_shape, tf.uint8), tf.TensorSpec((per,), tf.int64))
         return tf.data.Dataset.from_generator(slices, output_signature=spec).prefetch(tf.data.AUTOTUNE)
@@ -659,8 +730,9 @@ def _replica_step(cfg, st: _RunState, x, y) -> None:
     st.count_sum.assign_add(tf.cast(tf.shape(y)[0], tf.float64))
     if st.clip_sums:  # this step's clipped fractions, averaged over layers (per replica; summed on read)
         for key, attr in (("r_clip_sum", "r_clipped_fraction"), ("d_clip_sum", "d_clipped_fraction")):
-            st.clip_sums[key].assign_add(tf.add_n([tf.cast(getattr(layer, attr), tf.float64)
-                                                   for layer in st.norm_layers]) / len(st.norm_layers))
+            st.clip_sums[key].assign_add(
+                tf.add_n([tf.cast(getattr(layer, attr), tf.float64) for layer in st.norm_layers]) / len(st.norm_layers)
+            )
         st.clip_sums["clip_steps"].assign_add(tf.constant(1.0, tf.float64))
 
 
@@ -727,12 +799,14 @@ class _Evaluator:
         x_train, y_train = dataset.x_train, dataset.y_train
         # The held-out split of the val_* columns: the validation split when the config carves one
         # (then the test split gets test_* columns), else the test split (the digits results).
-        self.x_val, self.y_val = (dataset.x_val, dataset.y_val) if dataset.y_val is not None \
-            else (dataset.x_test, dataset.y_test)
+        self.x_val, self.y_val = (
+            (dataset.x_val, dataset.y_val) if dataset.y_val is not None else (dataset.x_test, dataset.y_test)
+        )
         self.val_chunks = self._ranges(len(self.y_val))
         self.test_chunks = self._ranges(len(dataset.y_test)) if dataset.y_val is not None else None
-        lag_sub = train_eval_subset(len(y_train), cfg.eval_lag_examples, seed=2_000_003) \
-            if cfg.eval_lag_examples else None
+        lag_sub = (
+            train_eval_subset(len(y_train), cfg.eval_lag_examples, seed=2_000_003) if cfg.eval_lag_examples else None
+        )
         self.lag_model = None
         if lag_sub is not None:
             self.lag_model = keras.Model(st.model.inputs, [layer.input for layer in st.norm_layers])
@@ -741,8 +815,11 @@ class _Evaluator:
         self.train_sub = None
         if train_sub is not None:
             self.train_sub = (x_train[train_sub], y_train[train_sub], self._ranges(len(train_sub)))
-        self.batchstat_chunks = [cfg.eval_batch_indices(self.y_val, i, run.arm)
-                                 for i in range(cfg.eval_batch_count(len(self.y_val)))] if cfg.eval_batch_stats else []
+        self.batchstat_chunks = (
+            [cfg.eval_batch_indices(self.y_val, i, run.arm) for i in range(cfg.eval_batch_count(len(self.y_val)))]
+            if cfg.eval_batch_stats
+            else []
+        )
 
     def _ranges(self, n):
         return [slice(i, i + self.cfg.eval_batch_size) for i in range(0, n, self.cfg.eval_batch_size)]
@@ -759,14 +836,16 @@ class _Evaluator:
         res = {}
         res["val_loss"], res["val_accuracy"] = _mean_over(self.eval_batch, self.x_val, self.y_val, self.val_chunks)
         if self.test_chunks is not None:
-            res["test_loss"], res["test_accuracy"] = _mean_over(self.eval_batch, self.dataset.x_test,
-                                                                self.dataset.y_test, self.test_chunks)
+            res["test_loss"], res["test_accuracy"] = _mean_over(
+                self.eval_batch, self.dataset.x_test, self.dataset.y_test, self.test_chunks
+            )
         if self.train_sub is not None:
             res["train_eval_loss"], res["train_eval_accuracy"] = _mean_over(self.eval_batch, *self.train_sub)
         if self.batchstat_chunks:
             state = [v.numpy() for v in model.non_trainable_variables]
             res["val_batchstat_loss"], res["val_batchstat_accuracy"] = _mean_over(
-                self.eval_batch_stats, self.x_val, self.y_val, self.batchstat_chunks)
+                self.eval_batch_stats, self.x_val, self.y_val, self.batchstat_chunks
+            )
             for v, b in zip(model.non_trainable_variables, state):
                 v.assign(b)
         if self.lag_model is not None:
@@ -786,7 +865,7 @@ class _Evaluator:
         n = len(norm_layers)
         s1, s2, cnt = [0.0] * n, [0.0] * n, [0] * n
         for i in range(0, len(x_lag), 500):
-            feats = self.lag_model(self.st.prep(x_lag[i:i + 500]), training=False)
+            feats = self.lag_model(self.st.prep(x_lag[i : i + 500]), training=False)
             for j, f in enumerate(feats):
                 f = np.asarray(f, dtype=np.float64).reshape(-1, f.shape[-1])
                 s1[j] = s1[j] + f.sum(0)
@@ -828,9 +907,14 @@ def _evaluation_row(cfg, st: _RunState, schedule, step: int, evals: dict, clock:
     cnt = max(st.count_sum.numpy(), 1.0)
     rmax_t, dmax_t = schedule.limits(step - 1)
     clip = st.clip_sums
-    clip_means = {"r_clipped_mean": clip["r_clip_sum"].numpy() / max(clip["clip_steps"].numpy(), 1.0),
-                  "d_clipped_mean": clip["d_clip_sum"].numpy() / max(clip["clip_steps"].numpy(), 1.0)} \
-        if clip else {}
+    clip_means = (
+        {
+            "r_clipped_mean": clip["r_clip_sum"].numpy() / max(clip["clip_steps"].numpy(), 1.0),
+            "d_clipped_mean": clip["d_clip_sum"].numpy() / max(clip["clip_steps"].numpy(), 1.0),
+        }
+        if clip
+        else {}
+    )
     return {
         "step": step,
         "train_loss": st.loss_sum.numpy() / cnt,
@@ -850,12 +934,14 @@ def _evaluation_row(cfg, st: _RunState, schedule, step: int, evals: dict, clock:
 
 def _log_line(run: _RunCall, row: dict) -> str:
     """The one log line of an evaluation."""
-    return (f"{run.label} step {row['step']}/{run.cfg.steps} train_loss {row['train_loss']:.4f} "
-            f"train_acc {row['train_accuracy']:.4f} val_loss {row['val_loss']:.4f} "
-            f"val_acc {row['val_accuracy']:.4f} rmax {row['rmax']:.2f} dmax {row['dmax']:.2f} "
-            f"r_clip {row['r_clipped']:.3f} d_clip {row['d_clipped']:.3f}"
-            + (f" train_eval_acc {row['train_eval_accuracy']:.4f}" if "train_eval_accuracy" in row else "")
-            + (f" val_batchstat_acc {row['val_batchstat_accuracy']:.4f}" if "val_batchstat_accuracy" in row else ""))
+    return (
+        f"{run.label} step {row['step']}/{run.cfg.steps} train_loss {row['train_loss']:.4f} "
+        f"train_acc {row['train_accuracy']:.4f} val_loss {row['val_loss']:.4f} "
+        f"val_acc {row['val_accuracy']:.4f} rmax {row['rmax']:.2f} dmax {row['dmax']:.2f} "
+        f"r_clip {row['r_clipped']:.3f} d_clip {row['d_clipped']:.3f}"
+        + (f" train_eval_acc {row['train_eval_accuracy']:.4f}" if "train_eval_accuracy" in row else "")
+        + (f" val_batchstat_acc {row['val_batchstat_accuracy']:.4f}" if "val_batchstat_accuracy" in row else "")
+    )
 
 
 def _record_evaluation(st: _RunState, row: dict, metrics: MetricsLog, events: EventLog) -> None:
@@ -863,12 +949,27 @@ def _record_evaluation(st: _RunState, row: dict, metrics: MetricsLog, events: Ev
     for v in st.acc_vars:
         v.assign(0.0)
     metrics.append(row)
-    events.append(row["step"], {**{k: row[k] for k in metrics.columns if k != "step"},
-                                **{k: v for layer in st.norm_layers for k, v in layer_scalars(layer).items()}})
+    events.append(
+        row["step"],
+        {
+            **{k: row[k] for k in metrics.columns if k != "step"},
+            **{k: v for layer in st.norm_layers for k, v in layer_scalars(layer).items()},
+        },
+    )
 
 
-def _train_loop(run: _RunCall, st: _RunState, data, train_step, evaluate: _Evaluator, logs, manager, *,
-                start: int, saved: int | None):
+def _train_loop(
+    run: _RunCall,
+    st: _RunState,
+    data,
+    train_step,
+    evaluate: _Evaluator,
+    logs,
+    manager,
+    *,
+    start: int,
+    saved: int | None,
+):
     """Train from step ``start``: evaluate and log, then checkpoint, on schedule; stop after ``run.stop_after``.
 
     ``logs``: ``(metrics, events)``; the events are closed on the way out. Returns ``(step reached,
@@ -879,8 +980,14 @@ def _train_loop(run: _RunCall, st: _RunState, data, train_step, evaluate: _Evalu
     cfg, (metrics, events) = run.cfg, logs
     schedule = cfg.arm_spec(run.arm)["schedule"]
     clock = _Clock()
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"{run.arm} seed{run.seed}", disable=not run.progress,
-               dynamic_ncols=True, leave=False)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc=f"{run.arm} seed{run.seed}",
+        disable=not run.progress,
+        dynamic_ncols=True,
+        leave=False,
+    )
     cur, stopped = start, False
     try:
         with interrupts.deferred():  # a signal is recorded, and raised between steps
@@ -918,8 +1025,15 @@ def _finish(run: _RunCall, cur: int, start: int, stopped: bool, clock: _Clock) -
     if stopped:
         return TrainResult(final_step=cur, stopped=True, train_steps_per_s=None)
     timed = cur - start - 1
-    _write_json(run.done, {"final_step": cur, "wall_s": clock.elapsed(),
-                           "train_steps_per_s": clock.steps_per_s(timed), "timed_steps": timed})
+    _write_json(
+        run.done,
+        {
+            "final_step": cur,
+            "wall_s": clock.elapsed(),
+            "train_steps_per_s": clock.steps_per_s(timed),
+            "timed_steps": timed,
+        },
+    )
     rate = json.loads(run.done.read_text()).get("train_steps_per_s")
     return TrainResult(final_step=cur, stopped=False, train_steps_per_s=rate)
 
@@ -950,8 +1064,18 @@ def train_run(
     import keras
     import tensorflow as tf
 
-    run = _RunCall(cfg, arm, seed, rdir, dataset, resume=resume, stop_after=stop_after, progress=progress,
-                   tensorboard=tensorboard, log=log)
+    run = _RunCall(
+        cfg,
+        arm,
+        seed,
+        rdir,
+        dataset,
+        resume=resume,
+        stop_after=stop_after,
+        progress=progress,
+        tensorboard=tensorboard,
+        log=log,
+    )
     skipped = _prepare_run_dir(run)
     if skipped is not None:
         return skipped
@@ -972,8 +1096,17 @@ def train_run(
         data = _input_pipeline(run, strategy, start)
         train_step = _train_step(cfg, st, strategy)
         evaluate = _Evaluator(run, st)
-        cur, stopped, clock = _train_loop(run, st, data, train_step, evaluate, (metrics, events), manager,
-                                          start=start, saved=start if restored is not None else None)
+        cur, stopped, clock = _train_loop(
+            run,
+            st,
+            data,
+            train_step,
+            evaluate,
+            (metrics, events),
+            manager,
+            start=start,
+            saved=start if restored is not None else None,
+        )
         return _finish(run, cur, start, stopped, clock)
     finally:
         keras.mixed_precision.set_global_policy("float32")

@@ -26,8 +26,14 @@ def linen_module(case, momentum, epsilon=1e-5, param_dtype=jnp.float32, **kw):
 
 def oracle(case, momentum, p, epsilon=1e-5, dtype=np.float64):
     return BatchRenormReference(
-        case.num_features, momentum=momentum, epsilon=epsilon, center=case.center, scale=case.scale,
-        dtype=dtype, **case.layer_kwargs(), **p,
+        case.num_features,
+        momentum=momentum,
+        epsilon=epsilon,
+        center=case.center,
+        scale=case.scale,
+        dtype=dtype,
+        **case.layer_kwargs(),
+        **p,
     )
 
 
@@ -58,7 +64,9 @@ def train_step_fn(module):
     def step(params, stats, x, dy):
         def fwd(params, x):
             y, upd = module.apply(
-                {"params": params, "batch_stats": stats}, x, use_running_average=False,
+                {"params": params, "batch_stats": stats},
+                x,
+                use_running_average=False,
                 mutable=["batch_stats", "intermediates"],
             )
             return y, upd
@@ -77,7 +85,6 @@ def infer_fn(module):
         return module.apply({"params": params, "batch_stats": stats}, x, use_running_average=True)
 
     return infer
-
 
 
 def batch_norm_pair_inputs(shape, axis, seed):

@@ -41,8 +41,9 @@ state = BatchRenormState(jnp.asarray(p["mean"]), jnp.asarray(p["stddev"]), jnp.z
 # 1. shard_map over 4 devices, functional core: outputs, state and gradients of the global batch.
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("b",))
 for fast, explicit in ((False, True), (False, False), (True, True)):
-    cfg = BatchRenormConfig(momentum=0.9, rmax=1.2, dmax=0.3, axis_name="b", use_fast_variance=fast,
-                            explicit_backward=explicit)
+    cfg = BatchRenormConfig(
+        momentum=0.9, rmax=1.2, dmax=0.3, axis_name="b", use_fast_variance=fast, explicit_backward=explicit
+    )
 
     def local(x, params, state):
         return F.train(x, params, state, cfg)
@@ -67,8 +68,9 @@ for fast, explicit in ((False, True), (False, False), (True, True)):
     assert abs(float(diag.r_clipped) - ref.r_clipped) < 1e-6 and abs(float(diag.d_clipped) - ref.d_clipped) < 1e-6
 
 # 2. pmap of the linen module with axis_index_groups [[0, 1], [2, 3]]: each half is its own global batch.
-module = BatchRenorm(momentum=0.9, rmax=1.2, dmax=0.3, axis_name="batch", axis_index_groups=[[0, 1], [2, 3]],
-                     param_dtype=jnp.float64)
+module = BatchRenorm(
+    momentum=0.9, rmax=1.2, dmax=0.3, axis_name="batch", axis_index_groups=[[0, 1], [2, 3]], param_dtype=jnp.float64
+)
 variables = {"params": params, "batch_stats": state._asdict()}
 
 
@@ -90,8 +92,12 @@ for half in (0, 1):
 # 3. An empty global batch (every device's shard empty: shapes are equal on a mapped axis) is no step:
 #    empty output, zero gradients, state unchanged, and no collective over empty devices (no NaN).
 cfg = BatchRenormConfig(momentum=0.9, rmax=1.2, dmax=0.3, axis_name="b")
-empty = jax.shard_map(lambda x, params, state: F.train(x, params, state, cfg), mesh=mesh,
-                      in_specs=(P("b"), P(), P()), out_specs=(P("b"), P(), P()))
+empty = jax.shard_map(
+    lambda x, params, state: F.train(x, params, state, cfg),
+    mesh=mesh,
+    in_specs=(P("b"), P(), P()),
+    out_specs=(P("b"), P(), P()),
+)
 
 
 def empty_loss(x, params):
@@ -101,14 +107,14 @@ def empty_loss(x, params):
 
 x0 = jnp.zeros((0, 2, 3))
 (_, (y, new_state, diag)), (dx, dparams) = jax.jit(jax.value_and_grad(empty_loss, argnums=(0, 1), has_aux=True))(
-    x0, params)
+    x0, params
+)
 assert y.shape == (0, 2, 3) and dx.shape == (0, 2, 3) and bool(diag.finite)
 jax.tree.map(np.testing.assert_array_equal, new_state, state)
 jax.tree.map(lambda g: np.testing.assert_array_equal(g, np.zeros(3)), dparams)
 y, upd = jax.pmap(apply, axis_name="batch")(rep, jnp.zeros((4, 0, 2, 3)))
 assert y.shape == (4, 0, 2, 3)
-jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.stack([b] * 4)), upd["batch_stats"],
-             state._asdict())
+jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.stack([b] * 4)), upd["batch_stats"], state._asdict())
 
 # 4. The init of a module with axis_name works outside any mapped axis (as flax's BatchNorm).
 v = module.init(jax.random.key(0), x, use_running_average=False)
@@ -119,15 +125,20 @@ rng = np.random.default_rng(12)
 mask = rng.random((16, 2, 1)) < np.repeat([0.9, 0.6, 0.3, 0.8], 4)[:, None, None]
 for explicit in (True, False):
     cfg = BatchRenormConfig(momentum=0.9, rmax=1.2, dmax=0.3, axis_name="b", explicit_backward=explicit)
-    masked = jax.shard_map(lambda x, m, params, state: F.train(x, params, state, cfg, mask=m), mesh=mesh,
-                           in_specs=(P("b"), P("b"), P(), P()), out_specs=(P("b"), P(), P()))
+    masked = jax.shard_map(
+        lambda x, m, params, state: F.train(x, params, state, cfg, mask=m),
+        mesh=mesh,
+        in_specs=(P("b"), P("b"), P(), P()),
+        out_specs=(P("b"), P(), P()),
+    )
 
     def masked_loss(x, params):
         y, new_state, diag = masked(x, mask, params, state)
         return jnp.sum(y * dy), (y, new_state, diag)
 
-    (_, (y, new_state, diag)), (dx, dparams) = jax.jit(
-        jax.value_and_grad(masked_loss, argnums=(0, 1), has_aux=True))(x, params)
+    (_, (y, new_state, diag)), (dx, dparams) = jax.jit(jax.value_and_grad(masked_loss, argnums=(0, 1), has_aux=True))(
+        x, params
+    )
     ref = BatchRenormReference(3, momentum=0.9, epsilon=1e-5, rmax=1.2, dmax=0.3, **p)
     y_ref = ref.train(np.asarray(x), mask=mask)
     dx_ref, dg_ref, db_ref = ref.backward(np.asarray(dy))

@@ -28,14 +28,20 @@ try:  # Gloo listens on the address of the machine's hostname unless told: keep 
 
     _make_gloo = _jax.make_gloo_tcp_collectives
     _jax.make_gloo_tcp_collectives = lambda distributed_client: _make_gloo(
-        distributed_client=distributed_client, hostname="127.0.0.1")
+        distributed_client=distributed_client, hostname="127.0.0.1"
+    )
 except (ImportError, AttributeError):  # another jaxlib layout: Gloo's default address then
     pass
 
 INDEX, COUNT = int(os.environ["MW_INDEX"]), int(os.environ["MW_COUNT"])
 COORDINATOR = os.environ["JAX_COORDINATOR_ADDRESS"]
-jax.distributed.initialize(coordinator_address=COORDINATOR, num_processes=COUNT, process_id=INDEX,
-                           coordinator_bind_address=COORDINATOR, initialization_timeout=120)
+jax.distributed.initialize(
+    coordinator_address=COORDINATOR,
+    num_processes=COUNT,
+    process_id=INDEX,
+    coordinator_bind_address=COORDINATOR,
+    initialization_timeout=120,
+)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -74,8 +80,9 @@ def local(a):
 
 
 def oracle(microbatch_size=None):
-    return BatchRenormReference(3, epsilon=1e-5, microbatch_size=microbatch_size, gamma=gamma, beta=beta,
-                                mean=mean0, stddev=std0, **OPTS)
+    return BatchRenormReference(
+        3, epsilon=1e-5, microbatch_size=microbatch_size, gamma=gamma, beta=beta, mean=mean0, stddev=std0, **OPTS
+    )
 
 
 def train_mapped(fn, cfg, label, microbatch_size=None, one_process=None):
@@ -111,8 +118,13 @@ def train_mapped(fn, cfg, label, microbatch_size=None, one_process=None):
         assert_close(local(state.stddev), ref.stddev, "float64", "value", f"{at}: stddev")
         assert int(np.round(local(state.step))) == ref.step, (at, local(state.step), ref.step)
         r_clipped, d_clipped = float(local(diag[0])), float(local(diag[1]))
-        assert abs(r_clipped - ref.r_clipped) < 1e-6 and abs(d_clipped - ref.d_clipped) < 1e-6, \
-            (at, r_clipped, d_clipped, ref.r_clipped, ref.d_clipped)
+        assert abs(r_clipped - ref.r_clipped) < 1e-6 and abs(d_clipped - ref.d_clipped) < 1e-6, (
+            at,
+            r_clipped,
+            d_clipped,
+            ref.r_clipped,
+            ref.d_clipped,
+        )
         if one_process is not None:
             # The same step in this process alone, on the whole batch, with microbatch_size (no mesh).
             def loss1(x, params):
@@ -120,7 +132,8 @@ def train_mapped(fn, cfg, label, microbatch_size=None, one_process=None):
                 return jnp.sum(y * dy), (y, new_state)
 
             (_, (y1, single)), (dx1, dp1) = jax.value_and_grad(loss1, argnums=(0, 1), has_aux=True)(
-                jnp.asarray(x), jax.tree.map(local, params))
+                jnp.asarray(x), jax.tree.map(local, params)
+            )
             assert_close(local(y), np.asarray(y1)[mine], "float64", "value", f"{at}: y vs one process")
             assert_close(local(dx), np.asarray(dx1)[mine], "float64", "grad", f"{at}: dx vs one process")
             assert_close(local(dparams["scale"]), dp1["scale"], "float64", "grad", f"{at}: dscale vs one process")
@@ -143,8 +156,12 @@ module = BatchRenorm(axis_name="b", param_dtype=jnp.float64, **OPTS)
 
 
 def linen_step(x, params, state):
-    out, upd = module.apply({"params": params, "batch_stats": state._asdict()}, x, use_running_average=False,
-                            mutable=["batch_stats", "intermediates"])
+    out, upd = module.apply(
+        {"params": params, "batch_stats": state._asdict()},
+        x,
+        use_running_average=False,
+        mutable=["batch_stats", "intermediates"],
+    )
     inter = upd["intermediates"]
     return out, BatchRenormState(**upd["batch_stats"]), (inter["r_clipped"][0], inter["d_clipped"][0])
 
@@ -157,8 +174,9 @@ for k in (PER, 2):
 
     def per_process(x, p, s, cfg=cfg):
         y, new_state, diag = F.train(x, p, s, cfg)
-        new_state = BatchRenormState(jax.lax.pmean(new_state.mean, "b"), jax.lax.pmean(new_state.stddev, "b"),
-                                     new_state.step)
+        new_state = BatchRenormState(
+            jax.lax.pmean(new_state.mean, "b"), jax.lax.pmean(new_state.stddev, "b"), new_state.step
+        )
         return y, new_state, (jax.lax.pmean(diag.r_clipped, "b"), jax.lax.pmean(diag.d_clipped, "b"))
 
     train_mapped(per_process, cfg, f"per-process microbatch_size={k}", microbatch_size=k, one_process=cfg)

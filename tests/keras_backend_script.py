@@ -103,19 +103,35 @@ def grad_step_fn(layer, compiled=True):
 
 def make_pair(case, seed, *, momentum, dtype, epsilon=1e-3, explicit_gradient=True):
     p = make_params(case, seed)
-    layer = BatchRenormalization(momentum=momentum, epsilon=epsilon, center=case.center, scale=case.scale,
-                                 dtype=dtype, explicit_gradient=explicit_gradient, **case.layer_kwargs())
+    layer = BatchRenormalization(
+        momentum=momentum,
+        epsilon=epsilon,
+        center=case.center,
+        scale=case.scale,
+        dtype=dtype,
+        explicit_gradient=explicit_gradient,
+        **case.layer_kwargs(),
+    )
     layer.build(case.shape)
     for name, key in (("gamma", "gamma"), ("beta", "beta"), ("moving_mean", "mean"), ("moving_stddev", "stddev")):
         if getattr(layer, name) is not None:
             getattr(layer, name).assign(p[key])
-    ref = BatchRenormReference(case.num_features, momentum=momentum, epsilon=epsilon, center=case.center,
-                               scale=case.scale, dtype=np.float64, **case.layer_kwargs(), **p)
+    ref = BatchRenormReference(
+        case.num_features,
+        momentum=momentum,
+        epsilon=epsilon,
+        center=case.center,
+        scale=case.scale,
+        dtype=np.float64,
+        **case.layer_kwargs(),
+        **p,
+    )
     return layer, ref
 
 
-def check_against_oracle(case, seed, *, dtype, momentum=0.5, explicit_gradient=True, compiled=True, masked=False,
-                         tol_dtype=None):
+def check_against_oracle(
+    case, seed, *, dtype, momentum=0.5, explicit_gradient=True, compiled=True, masked=False, tol_dtype=None
+):
     """Train ``case.steps`` steps, then infer; everything against the float64 oracle at every step."""
     tol = tol_dtype or dtype
     layer, ref = make_pair(case, seed, momentum=momentum, dtype=dtype, explicit_gradient=explicit_gradient)
@@ -170,8 +186,9 @@ def parity():
         n += 1
     for name, explicit in (("nhwc_mb2_tight", True), ("dense_mb4_tight", False), ("schedule", True)):
         for policy in ("mixed_float16", "mixed_bfloat16"):
-            layer, _ = check_against_oracle(BY_NAME[name], 4, dtype=policy, momentum=0.9,
-                                            explicit_gradient=explicit, tol_dtype=policy.split("_")[1])
+            layer, _ = check_against_oracle(
+                BY_NAME[name], 4, dtype=policy, momentum=0.9, explicit_gradient=explicit, tol_dtype=policy.split("_")[1]
+            )
             assert layer.compute_dtype == policy.split("_")[1]
             for w in layer.weights:
                 assert w.dtype == ("float32" if w.name != "step" else w.dtype), (w.name, w.dtype)
@@ -198,12 +215,18 @@ def citizen(tmp):
     for kwargs, exc, words in CONFIG_ERRORS:
         raises(exc, words, lambda: BatchRenormalization(**kwargs))
     raises(ValueError, "holds 1", lambda: BatchRenormalization()(np.zeros((1, 3), "float32"), training=True))
-    raises(ValueError, "batch of 8 examples and microbatch_size=3",
-           lambda: BatchRenormalization(microbatch_size=3)(np.zeros((8, 3), "float32"), training=True))
+    raises(
+        ValueError,
+        "batch of 8 examples and microbatch_size=3",
+        lambda: BatchRenormalization(microbatch_size=3)(np.zeros((8, 3), "float32"), training=True),
+    )
     raises(TypeError, "int32", lambda: BatchRenormalization()(np.zeros((4, 3), "int32"), training=True))
     raises(ValueError, "axis=3", lambda: BatchRenormalization(axis=3)(np.zeros((4, 3), "float32"), training=True))
-    raises(ValueError, "`mask`", lambda: BatchRenormalization()(np.zeros((4, 3), "float32"), training=True,
-                                                                mask=np.ones((4, 3), bool)))
+    raises(
+        ValueError,
+        "`mask`",
+        lambda: BatchRenormalization()(np.zeros((4, 3), "float32"), training=True, mask=np.ones((4, 3), bool)),
+    )
     if BACKEND != "tensorflow":
         raises(ValueError, "synchronized=True", lambda: BatchRenormalization(synchronized=True))
         raises(ValueError, "fused=True", lambda: BatchRenormalization(fused=True))
@@ -245,8 +268,16 @@ def citizen(tmp):
     xi = rng.standard_normal((16, 4, 4, 2)).astype(np.float32)
     ti = rng.standard_normal((16, 1)).astype(np.float32)
     brn = BatchRenormalization(microbatch_size=4, warmup_steps=1, rmax_steps=3, rmax=2.0, dmax=1.0)
-    net = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.Conv2D(3, 3, padding="same"), brn,
-                            keras.layers.ReLU(), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)])
+    net = keras.Sequential(
+        [
+            keras.Input((4, 4, 2)),
+            keras.layers.Conv2D(3, 3, padding="same"),
+            brn,
+            keras.layers.ReLU(),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(1),
+        ]
+    )
     net.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
     before = [np_(w).copy() for w in brn.trainable_weights]
     net.fit(xi, ti, batch_size=8, epochs=2, verbose=0)

@@ -57,10 +57,14 @@ def free_ports(n: int) -> list:
 
 def cluster_env(index: int, ports: list) -> dict:
     """The environment that tells worker ``index`` about the cluster on ``ports``."""
-    tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                 "task": {"type": "worker", "index": index}}
-    return {"MW_INDEX": str(index), "MW_COUNT": str(len(ports)), "MW_PORTS": ",".join(map(str, ports)),
-            "TF_CONFIG": json.dumps(tf_config), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{ports[0]}"}
+    tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
+    return {
+        "MW_INDEX": str(index),
+        "MW_COUNT": str(len(ports)),
+        "MW_PORTS": ",".join(map(str, ports)),
+        "TF_CONFIG": json.dumps(tf_config),
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{ports[0]}",
+    }
 
 
 def _netns_prefix() -> list:
@@ -85,23 +89,36 @@ def run_workers(argv_of, n: int = 2, *, timeout: float = 180, grace: float = 10,
     ``(results, fired)``, ``fired`` holding ``[fault index, seconds since the
     start]`` of each fault that was sent.
     """
-    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=os.pathsep.join([str(REPO), str(HERE)]),
-                    CUDA_VISIBLE_DEVICES="", **(env or {}))
-    spec = json.dumps({"argvs": [list(argv_of(i)) for i in range(n)], "timeout": timeout, "grace": grace,
-                       "faults": list(faults or [])})
+    full_env = dict(
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONPATH=os.pathsep.join([str(REPO), str(HERE)]),
+        CUDA_VISIBLE_DEVICES="",
+        **(env or {}),
+    )
+    spec = json.dumps(
+        {
+            "argvs": [list(argv_of(i)) for i in range(n)],
+            "timeout": timeout,
+            "grace": grace,
+            "faults": list(faults or []),
+        }
+    )
     cmd = _netns_prefix() + [sys.executable, str(Path(__file__).resolve()), spec]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
-                            cwd=REPO, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=REPO, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout + grace + 30)
     except subprocess.TimeoutExpired:
         _kill_group(proc.pid)
         out, err = proc.communicate()
-        raise AssertionError(f"the workers' launcher outlived {timeout} s and was killed:\n{out[-3000:]}\n"
-                             f"{err[-3000:]}") from None
+        raise AssertionError(
+            f"the workers' launcher outlived {timeout} s and was killed:\n{out[-3000:]}\n{err[-3000:]}"
+        ) from None
     finally:
         _kill_group(proc.pid)  # nothing of the group survives a test
-    lines = [ln for ln in out.splitlines() if ln.startswith("{\"workers\"")]
+    lines = [ln for ln in out.splitlines() if ln.startswith('{"workers"')]
     assert proc.returncode == 0 and lines, f"launcher failed (exit {proc.returncode}):\n{out[-3000:]}\n{err[-3000:]}"
     report = json.loads(lines[-1])
     results = [(w["returncode"], w["output"]) for w in report["workers"]]
@@ -125,8 +142,14 @@ def _launch(spec: dict) -> dict:
         for i, argv in enumerate(argvs):
             f = open(os.path.join(logs, f"worker{i}.log"), "w+")
             files.append(f)
-            procs.append(subprocess.Popen([sys.executable] + argv, stdout=f, stderr=subprocess.STDOUT,
-                                          env=dict(os.environ, **cluster_env(i, ports))))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable] + argv,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    env=dict(os.environ, **cluster_env(i, ports)),
+                )
+            )
         t0 = time.monotonic()
         deadline = t0 + timeout
         failed_at = None
@@ -138,8 +161,7 @@ def _launch(spec: dict) -> dict:
                     procs[fault["worker"]].send_signal(getattr(signal, fault["signal"]))
                 fired.append([len(fired), round(time.monotonic() - t0, 3)])
             now = time.monotonic()
-            if failed_at is None and any(p.returncode not in (None, 0) for p in procs) \
-                    and len(fired) == len(faults):
+            if failed_at is None and any(p.returncode not in (None, 0) for p in procs) and len(fired) == len(faults):
                 failed_at = now
             if now > deadline or (failed_at is not None and now > failed_at + grace):
                 for p in procs:

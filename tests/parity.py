@@ -158,10 +158,22 @@ CONFIG_ERRORS = [
 # docs/SPEC.md, section 3 (Masks): the cases on which every port runs with a mask. Each mask
 # selects about 3/4 of the values, and at least 3 values of every group and feature it does not
 # mask entirely (groups of 2 values are the ill-conditioned case of section 6, covered unmasked).
-MASK_CASES = [c for c in CASES if c.name in (
-    "dense", "dense_mb4_tight", "nhwc", "nhwc_mb2_tight", "nchw_axis1_mb2", "seq_axis1", "schedule_step",
-    "no_center", "batchnorm",
-)]
+MASK_CASES = [
+    c
+    for c in CASES
+    if c.name
+    in (
+        "dense",
+        "dense_mb4_tight",
+        "nhwc",
+        "nhwc_mb2_tight",
+        "nchw_axis1_mb2",
+        "seq_axis1",
+        "schedule_step",
+        "no_center",
+        "batchnorm",
+    )
+]
 MASK_CASE_IDS = [c.name for c in MASK_CASES]
 
 

@@ -44,9 +44,24 @@ def test_markdown_table_and_args():
 def test_jax_layer_suite_runs(tmp_path):
     pytest.importorskip("jax")
     out = tmp_path / "layers_jax.json"
-    subprocess.run([sys.executable, "-m", "benchmarks.layers_jax", "--shapes", "16,8", "--rounds", "1",
-                    "--warmup", "1", "--out", str(out)], check=True, capture_output=True,
-                   cwd=pathlib.Path(__file__).resolve().parents[1])
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.layers_jax",
+            "--shapes",
+            "16,8",
+            "--rounds",
+            "1",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+    )
     data = json.loads(out.read_text())
     names = {(r["mode"], r["candidate"]) for r in data["rows"]}
     assert ("train", "renorm mb=2") in names and ("infer", "flax BatchNorm") in names
@@ -57,12 +72,16 @@ def test_jax_layer_suite_runs(tmp_path):
 def test_study_suite_runs_and_splits_a_run_into_its_parts(tmp_path):
     pytest.importorskip("tensorflow")
     out = tmp_path / "study_tf.json"
-    subprocess.run([sys.executable, "-m", "benchmarks.study_tf", "--quick", "--rounds", "1", "--warmup", "1",
-                    "--out", str(out)],
-                   check=True, capture_output=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.study_tf", "--quick", "--rounds", "1", "--warmup", "1", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+    )
     data = json.loads(out.read_text())
     assert {(r["experiment"], r["candidate"]) for r in data["rows"]} == {
-        (e, c) for e in ("iid", "mbk4") for c in ("none", "bn", "brn")}
+        (e, c) for e in ("iid", "mbk4") for c in ("none", "bn", "brn")
+    }
     assert all(r["vs_no_norm"] == 1.0 for r in data["rows"] if r["candidate"] == "none")
     for r in data["run_split"]:
         parts = r["training_steps"] + r["evaluations_inference"] + r["lag_diagnostic"]
@@ -110,8 +129,13 @@ def test_quick_run_writes_the_scratch_folder_not_the_committed_file(tmp_path):
     """``--quick`` as the README spells it, run from a stand-in repository root (``tmp_path``)."""
     pytest.importorskip("jax")
     env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "benchmarks.layers_jax", "--quick", "--rounds", "1", "--warmup", "0"],
-                   check=True, capture_output=True, cwd=tmp_path, env=env)
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.layers_jax", "--quick", "--rounds", "1", "--warmup", "0"],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+        env=env,
+    )
     assert not (tmp_path / "benchmarks/results/layers_jax.json").exists()
     data = json.loads((tmp_path / "benchmarks/results/scratch/layers_jax.json").read_text())
     assert data["full"] is False and data["command"].endswith("--quick --rounds 1 --warmup 0")

@@ -59,7 +59,11 @@ class ResNet(nn.Module):
     def __call__(self, x, train: bool = True):
         conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
         norm = functools.partial(
-            self.norm_cls, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+            self.norm_cls,
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=self.dtype,
             axis_name="batch",
         )
         x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
@@ -220,8 +224,9 @@ def test_linen_epsilon_is_required_and_read_from_the_modules():
     assert rel(rn_model.apply(wrong, x), y_bn) > 1e-2  # what a wrong epsilon does, silently
     # Back: the renorm model's own epsilons.
     assert batch_norm_epsilons(rn_model, x) == {"BatchRenorm_0": 1e-3, "head_norm": 1e-2}
-    exported = export_batch_norm(converted, jax.eval_shape(bn_model.init, jax.random.key(0), x),
-                                 epsilon=batch_norm_epsilons(rn_model, x))
+    exported = export_batch_norm(
+        converted, jax.eval_shape(bn_model.init, jax.random.key(0), x), epsilon=batch_norm_epsilons(rn_model, x)
+    )
     assert rel(bn_model.apply(exported, x), y_bn) <= 1e-5
     with pytest.raises(ValueError, match="names no epsilon for 1 norm module.*head_norm"):
         convert_batch_norm(checkpoint, target, epsilon={"BatchNorm_0": 1e-3})
@@ -243,11 +248,18 @@ def test_linen_export_negative_variance():
 
 def test_linen_step_survives_the_examples_pmean():
     """The ImageNet example's sync_batch_stats: pmean over batch_stats, then training goes on."""
+
     class Net(nn.Module):
         @nn.compact
         def __call__(self, x, train: bool = True):
-            norm = functools.partial(BatchRenorm, use_running_average=not train, axis_name="batch",
-                                     warmup_steps=1, rmax_steps=3, dmax_steps=3)
+            norm = functools.partial(
+                BatchRenorm,
+                use_running_average=not train,
+                axis_name="batch",
+                warmup_steps=1,
+                rmax_steps=3,
+                dmax_steps=3,
+            )
             return nn.Dense(3)(norm(name="bn_init")(nn.Conv(4, (3, 3))(x)).mean((1, 2)))
 
     model = Net()
@@ -275,8 +287,12 @@ def test_functional_train_reads_a_float_step():
     from renorm.jax import functional as F
 
     state = F.init_state(3)._replace(step=jnp.asarray(6.0, jnp.float32))
-    _, new, diag = F.train(jnp.ones((4, 3)) * jnp.arange(4.0)[:, None], None, state,
-                           F.BatchRenormConfig(rmax=3.0, warmup_steps=2, rmax_steps=10))
+    _, new, diag = F.train(
+        jnp.ones((4, 3)) * jnp.arange(4.0)[:, None],
+        None,
+        state,
+        F.BatchRenormConfig(rmax=3.0, warmup_steps=2, rmax_steps=10),
+    )
     assert new.step.dtype == jnp.int32 and int(new.step) == 7
     np.testing.assert_allclose(diag.rmax, 1 + 2 * 4 / 8)
 

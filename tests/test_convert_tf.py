@@ -104,9 +104,7 @@ APPS = {
 }
 
 
-@pytest.mark.parametrize(
-    "app,dtype", [("ResNet50", "float32"), ("ResNet50", "float64"), ("MobileNetV2", "float32")]
-)
+@pytest.mark.parametrize("app,dtype", [("ResNet50", "float32"), ("ResNet50", "float64"), ("MobileNetV2", "float32")])
 def test_application_in_and_out(app, dtype, floatx):
     floatx(dtype)
     model = APPS[app]()
@@ -263,8 +261,14 @@ def test_exported_model_loads_without_renorm(tmp_path):
         np.save({str(tmp_path / "y.npy")!r}, model(np.load({str(tmp_path / "x.npy")!r}), training=False).numpy())
     """
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH="")
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=180, env=env, cwd=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert rel(np.load(tmp_path / "y.npy"), y) <= 1e-5
 

@@ -35,8 +35,13 @@ def masked_step_fn(module):
     @jax.jit
     def step(params, stats, x, dy, mask):
         def fwd(params, x):
-            return module.apply({"params": params, "batch_stats": stats}, x, use_running_average=False,
-                                mask=mask, mutable=["batch_stats", "intermediates"])
+            return module.apply(
+                {"params": params, "batch_stats": stats},
+                x,
+                use_running_average=False,
+                mask=mask,
+                mutable=["batch_stats", "intermediates"],
+            )
 
         y, vjp, upd = jax.vjp(fwd, params, x, has_aux=True)
         dparams, dx = vjp(dy.astype(y.dtype))
@@ -75,8 +80,12 @@ def run_masked_parity(case, dtype, per_feature, explicit_backward=True, seed=0, 
             assert abs(float(inter["r_clipped"][0]) - ref.r_clipped) <= slack, what
             assert abs(float(inter["d_clipped"][0]) - ref.d_clipped) <= slack, what
     assert ref.step < case.steps or case.microbatch_size is not None  # the no-step call was exercised
-    y = module.apply({"params": params, "batch_stats": stats}, jnp.asarray(x_eval), use_running_average=True,
-                     mask=jnp.asarray(masks[0]))  # checked, and ignored in inference
+    y = module.apply(
+        {"params": params, "batch_stats": stats},
+        jnp.asarray(x_eval),
+        use_running_average=True,
+        mask=jnp.asarray(masks[0]),
+    )  # checked, and ignored in inference
     assert_close(y, ref.infer(np.asarray(x_eval, np.float64)), dtype, "value", f"{case.name} inference")
 
 
@@ -108,8 +117,9 @@ def test_masked_nnx_matches_oracle_and_keeps_diagnostics_when_nothing_is_selecte
     masks = make_masks(case, 3, per_feature=True)
     p = make_params(case, 3)
     ref = oracle(case, 0.5, p)
-    layer = rnnx.BatchRenorm(case.num_features, momentum=0.5, param_dtype=jnp.float64, rngs=nnx.Rngs(0),
-                             **case.layer_kwargs())
+    layer = rnnx.BatchRenorm(
+        case.num_features, momentum=0.5, param_dtype=jnp.float64, rngs=nnx.Rngs(0), **case.layer_kwargs()
+    )
     layer.scale[...], layer.bias[...] = jnp.asarray(p["gamma"]), jnp.asarray(p["beta"])
     layer.mean[...], layer.stddev[...] = jnp.asarray(p["mean"]), jnp.asarray(p["stddev"])
 
@@ -181,7 +191,8 @@ def test_nothing_selected_leaves_linen_state_unchanged():
     jax.tree.map(np.testing.assert_array_equal, upd["batch_stats"], stats)
     assert int(upd["batch_stats"]["step"]) == 1
     y_inf = jax.jit(module.apply, static_argnames="use_running_average")(
-        {"params": v["params"], "batch_stats": stats}, x, use_running_average=True)
+        {"params": v["params"], "batch_stats": stats}, x, use_running_average=True
+    )
     np.testing.assert_allclose(y, y_inf, rtol=1e-6)
 
 
@@ -198,19 +209,27 @@ def test_unselected_nan_padding_does_not_enter_the_statistics(x64):
     for explicit in (True, False):
         module = BatchRenorm(momentum=0.5, param_dtype=jnp.float64, explicit_backward=explicit)
         v = module.init(jax.random.key(0), bad, use_running_average=True)
-        y, upd = jax.jit(lambda v: module.apply(v, bad, use_running_average=False, mask=mask,
-                                                mutable=["batch_stats"]))(v)
+        y, upd = jax.jit(lambda v: module.apply(v, bad, use_running_average=False, mask=mask, mutable=["batch_stats"]))(
+            v
+        )
         assert_close(upd["batch_stats"]["mean"], ref.mean, "float64", "value", "mean")
         assert_close(upd["batch_stats"]["stddev"], ref.stddev, "float64", "value", "stddev")
         assert_close(y[:, :3], y_ref, "float64", "value", "selected outputs")
 
 
-@pytest.mark.parametrize("mask, exc, match", [
-    (np.ones((8, 3), bool), ValueError, r"`mask` must have a shape broadcastable to the input's shape \(8, 5, 4\); "
-                                        r"got a mask of shape \(8, 3\)"),
-    (np.ones((2, 8, 5, 4), bool), ValueError, r"`mask`.*shape \(2, 8, 5, 4\)"),
-    (np.array([["a"]]), TypeError, "`mask` must be boolean.*dtype <U1"),
-])
+@pytest.mark.parametrize(
+    "mask, exc, match",
+    [
+        (
+            np.ones((8, 3), bool),
+            ValueError,
+            r"`mask` must have a shape broadcastable to the input's shape \(8, 5, 4\); "
+            r"got a mask of shape \(8, 3\)",
+        ),
+        (np.ones((2, 8, 5, 4), bool), ValueError, r"`mask`.*shape \(2, 8, 5, 4\)"),
+        (np.array([["a"]]), TypeError, "`mask` must be boolean.*dtype <U1"),
+    ],
+)
 def test_mask_errors(mask, exc, match):
     x = jnp.ones((8, 5, 4))
     module = BatchRenorm()
@@ -251,8 +270,11 @@ def test_force_float32_reductions_false_computes_in_the_input_dtype():
 
     def full_size_float32_ops(module, variables):
         """The primitives that produce a float32 array of the input's size."""
-        text = str(jax.make_jaxpr(lambda v, x: module.apply(v, x, use_running_average=False,
-                                                            mutable=["batch_stats"]))(variables, x))
+        text = str(
+            jax.make_jaxpr(lambda v, x: module.apply(v, x, use_running_average=False, mutable=["batch_stats"]))(
+                variables, x
+            )
+        )
         lines = [line.split(" = ", 1)[1].strip() for line in text.splitlines() if "f32[8,5] =" in line]
         return {re.match(r"\w+", rhs).group() for rhs in lines}
 
@@ -280,8 +302,7 @@ def test_force_float32_reductions_false_float32_input_is_unchanged():
     module = linen_module(case, 0.5)
     v = module.init(jax.random.key(0), xs[0], use_running_average=False)
     a = module.apply(v, xs[0], use_running_average=False, mutable=["batch_stats"])
-    b = module.clone(force_float32_reductions=False).apply(v, xs[0], use_running_average=False,
-                                                           mutable=["batch_stats"])
+    b = module.clone(force_float32_reductions=False).apply(v, xs[0], use_running_average=False, mutable=["batch_stats"])
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
@@ -298,7 +319,7 @@ def test_nnx_promote_dtype_is_called_as_nnx_batch_norm_calls_it():
         for use_bias in (True, False):
             layer = cls(4, use_bias=use_bias, promote_dtype=spy, rngs=nnx.Rngs(0))
             y = layer(x)
-            (shapes, dtype), = calls[-1:]
+            ((shapes, dtype),) = calls[-1:]
             assert dtype is None and len(shapes) == 5
             assert shapes[0] == ((8, 4), jnp.bfloat16) and shapes[1:3] == (((4,), jnp.float32),) * 2
             assert shapes[3] == ((4,), jnp.float32) and (shapes[4] is None) == (not use_bias)
@@ -313,6 +334,7 @@ def test_nnx_promote_dtype_is_called_as_nnx_batch_norm_calls_it():
 
 def test_nnx_promote_dtype_result_is_used():
     """A promote_dtype that casts to float16: the computation sees float16 values, in training and inference."""
+
     def to_f16(args, /, *, dtype=None):
         return tuple(None if a is None else jnp.asarray(a, jnp.float16) for a in args)
 
@@ -320,8 +342,9 @@ def test_nnx_promote_dtype_result_is_used():
     x = jnp.asarray(rng.normal(2.0, 3.0, (8, 4)), jnp.float32)
     layer = rnnx.BatchRenorm(4, promote_dtype=to_f16, momentum=0.5, rngs=nnx.Rngs(0))
     layer.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, 4), jnp.float32)
-    ref = BatchRenormReference(4, momentum=0.5, epsilon=1e-5,
-                               gamma=np.asarray(jnp.asarray(layer.scale[...], jnp.float16), np.float64))
+    ref = BatchRenormReference(
+        4, momentum=0.5, epsilon=1e-5, gamma=np.asarray(jnp.asarray(layer.scale[...], jnp.float16), np.float64)
+    )
     y = layer(x)
     assert y.dtype == jnp.float16
     assert_close(y, ref.train(np.asarray(jnp.asarray(x, jnp.float16), np.float64)), "float16", "value", "y")

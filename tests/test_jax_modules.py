@@ -100,8 +100,12 @@ def test_init_creates_flax_names_and_does_not_update_stats():
 
 
 def test_initializers_and_param_dtype():
-    module = BatchRenorm(use_running_average=False, scale_init=nn.initializers.constant(2.0),
-                         bias_init=nn.initializers.constant(-1.0), param_dtype=jnp.bfloat16)
+    module = BatchRenorm(
+        use_running_average=False,
+        scale_init=nn.initializers.constant(2.0),
+        bias_init=nn.initializers.constant(-1.0),
+        param_dtype=jnp.bfloat16,
+    )
     v = module.init(jax.random.key(0), X)
     assert v["params"]["scale"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(v["params"]["scale"], np.full(4, 2.0))
@@ -171,7 +175,8 @@ def test_reduced_precision_dtypes(dtype):
     assert upd["batch_stats"]["mean"].dtype == jnp.float32 and upd["batch_stats"]["stddev"].dtype == jnp.float32
     assert module.apply(v, x, use_running_average=True).dtype == dtype
     y32, _ = BatchRenorm(use_running_average=False, microbatch_size=4, dtype=jnp.float32).apply(
-        v, x, mutable=["batch_stats"])
+        v, x, mutable=["batch_stats"]
+    )
     assert y32.dtype == jnp.float32
     layer = make_nnx(dtype=jnp.float32)
     assert layer(x).dtype == jnp.float32 and layer.mean[...].dtype == jnp.float32
@@ -187,8 +192,11 @@ def test_diagnostics_sown_and_in_nnx():
     assert 0 < ref.r_clipped and 0 < ref.d_clipped  # the check below is not vacuous
     module = BatchRenorm(use_running_average=False, rmax=1.05, dmax=0.05, param_dtype=jnp.float32)
     params, stats = variables(case, p, jnp.float32)
-    _, upd = module.apply({"params": params, "batch_stats": stats}, jnp.asarray(xs[0], jnp.float32),
-                          mutable=["batch_stats", "intermediates"])
+    _, upd = module.apply(
+        {"params": params, "batch_stats": stats},
+        jnp.asarray(xs[0], jnp.float32),
+        mutable=["batch_stats", "intermediates"],
+    )
     assert float(upd["intermediates"]["r_clipped"][0]) == pytest.approx(ref.r_clipped)
     assert float(upd["intermediates"]["d_clipped"][0]) == pytest.approx(ref.d_clipped)
     layer = make_nnx(num_features=5, rmax=1.05, dmax=0.05)
@@ -392,8 +400,11 @@ def test_forward_mode_with_autodiff_backward():
 
 
 # ------------------------------------------------------- empty batches (issue 11)
-@pytest.mark.parametrize("kw", [dict(), dict(microbatch_size=2), dict(explicit_backward=False), dict(axis=1)],
-                         ids=["whole", "microbatch", "autodiff", "axis1"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(microbatch_size=2), dict(explicit_backward=False), dict(axis=1)],
+    ids=["whole", "microbatch", "autodiff", "axis1"],
+)
 def test_empty_batch_gives_empty_output_and_leaves_state_unchanged(kw):
     """0 examples: empty output, zero gradients, state (moving statistics, step) and diagnostics unchanged."""
     x = jnp.zeros((0, 4, 3)) if kw.get("axis") == 1 else jnp.zeros((0, 3, 4))
@@ -419,8 +430,11 @@ def test_empty_batch_gives_empty_output_and_leaves_state_unchanged(kw):
     assert "r_clipped" not in upd.get("intermediates", {})
     # nnx: statistics, step and diagnostics unchanged
     layer = make_nnx(**kw)
-    layer(jnp.ones((8, 4, 3)) * jnp.arange(8.0)[:, None, None] if kw.get("axis") == 1 else
-          jnp.ones((8, 3, 4)) * jnp.arange(8.0)[:, None, None])
+    layer(
+        jnp.ones((8, 4, 3)) * jnp.arange(8.0)[:, None, None]
+        if kw.get("axis") == 1
+        else jnp.ones((8, 3, 4)) * jnp.arange(8.0)[:, None, None]
+    )
     before = jax.tree.map(np.array, nnx.state(layer))
     assert layer(x).shape == x.shape
     jax.tree.map(np.testing.assert_array_equal, nnx.state(layer), before)
@@ -429,15 +443,20 @@ def test_empty_batch_gives_empty_output_and_leaves_state_unchanged(kw):
 
 # -------------------------------------------------- overflowing statistics (issue 11)
 @pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
-@pytest.mark.parametrize("kw", [dict(), dict(microbatch_size=2), dict(explicit_backward=False)],
-                         ids=["whole", "microbatch", "autodiff"])
+@pytest.mark.parametrize(
+    "kw", [dict(), dict(microbatch_size=2), dict(explicit_backward=False)], ids=["whole", "microbatch", "autodiff"]
+)
 def test_overflowing_statistics_give_nan_output(kw):
     """float32 |x - mean| ~ 1e20 overflows the variance: that feature's output is NaN, as the oracle's."""
     rng = np.random.default_rng(14)
     x = rng.standard_normal((4, 3)).astype(np.float32)
     x[:, 1] = np.array([1e20, -1e20, 3e20, -2e20], np.float32)
-    ref = oracle(CASES[0].__class__("overflow", (4, 3), microbatch_size=kw.get("microbatch_size")), 0.5,
-                 dict(gamma=None, beta=None, mean=None, stddev=None), dtype=np.float32)
+    ref = oracle(
+        CASES[0].__class__("overflow", (4, 3), microbatch_size=kw.get("microbatch_size")),
+        0.5,
+        dict(gamma=None, beta=None, mean=None, stddev=None),
+        dtype=np.float32,
+    )
     y_ref = ref.train(x)
     assert np.isnan(y_ref[:, 1]).all()
     state = F.init_state(3)
@@ -460,5 +479,6 @@ def test_zero_features_input_is_an_error():
         with pytest.raises(ValueError, match="0 features on axis -1"):
             BatchRenorm(use_running_average=not train).init(jax.random.key(0), jnp.ones((8, 0)))
     with pytest.raises(ValueError, match="0 features on axis -1"):
-        F.train(jnp.ones((8, 0)), None, F.init_state(1)._replace(mean=jnp.zeros(0), stddev=jnp.ones(0)),
-                BatchRenormConfig())
+        F.train(
+            jnp.ones((8, 0)), None, F.init_state(1)._replace(mean=jnp.zeros(0), stddev=jnp.ones(0)), BatchRenormConfig()
+        )

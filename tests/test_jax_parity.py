@@ -122,8 +122,14 @@ def test_rmax1_dmax0_is_flax_batchnorm(shape, axis, explicit, masked, x64):
 
     def run(module, stats):
         def fwd(params, x):
-            return module.apply({"params": params, "batch_stats": stats}, x, use_running_average=False,
-                                mask=mask, mutable=["batch_stats"])
+            return module.apply(
+                {"params": params, "batch_stats": stats},
+                x,
+                use_running_average=False,
+                mask=mask,
+                mutable=["batch_stats"],
+            )
+
         y, vjp, upd = jax.vjp(fwd, params, x, has_aux=True)
         return y, vjp(dy), upd["batch_stats"]
 
@@ -135,8 +141,9 @@ def test_rmax1_dmax0_is_flax_batchnorm(shape, axis, explicit, masked, x64):
     assert_close(dp1["bias"], dp2["bias"], "float64", "grad", "dbias")
     assert_close(s1["mean"], s2["mean"], "float64", "value", "moving mean")
     if masked:  # the mask mattered: the unmasked output differs
-        y0 = ours.apply({"params": params, "batch_stats": stats_ours}, x, use_running_average=False,
-                        mutable=["batch_stats"])[0]
+        y0 = ours.apply(
+            {"params": params, "batch_stats": stats_ours}, x, use_running_average=False, mutable=["batch_stats"]
+        )[0]
         assert rel_err(y0, y1) > 1e-3
 
 
@@ -151,8 +158,14 @@ def test_linen_and_nnx_identical(case):
     p = make_params(case, 7)
     module = linen_module(case, 0.9)
     params, stats = variables(case, p, jnp.float32)
-    layer = rnnx.BatchRenorm(case.num_features, momentum=0.9, use_bias=case.center, use_scale=case.scale,
-                             rngs=nnx.Rngs(0), **case.layer_kwargs())
+    layer = rnnx.BatchRenorm(
+        case.num_features,
+        momentum=0.9,
+        use_bias=case.center,
+        use_scale=case.scale,
+        rngs=nnx.Rngs(0),
+        **case.layer_kwargs(),
+    )
     if case.scale:
         layer.scale[...] = params["scale"]
     if case.center:
@@ -169,8 +182,11 @@ def test_linen_and_nnx_identical(case):
         return dx, g_layer
 
     step = train_step_fn(module)
-    linen_fwd = jax.jit(lambda params, stats, x: module.apply(
-        {"params": params, "batch_stats": stats}, x, use_running_average=False, mutable=["batch_stats"])[0])
+    linen_fwd = jax.jit(
+        lambda params, stats, x: module.apply(
+            {"params": params, "batch_stats": stats}, x, use_running_average=False, mutable=["batch_stats"]
+        )[0]
+    )
     nnx_fwd = nnx.jit(lambda layer, x: layer(x))
     for x, dy in zip(xs, dys):
         x, dy = jnp.asarray(x), jnp.asarray(dy)

@@ -38,14 +38,25 @@ CITIZEN_BACKENDS = [backend("jax"), backend("torch", slow=True), backend("tensor
 
 
 def run_script(backend, *sections, x64=False, timeout=900):
-    env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-               PYTHONPATH=os.pathsep.join([REPO, HERE]))
+    env = dict(
+        os.environ,
+        KERAS_BACKEND=backend,
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONPATH=os.pathsep.join([REPO, HERE]),
+    )
     if x64:
         env["JAX_ENABLE_X64"] = "1"  # float64 on JAX (the float64 rows of the tolerance table)
     else:
         env.pop("JAX_ENABLE_X64", None)
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "keras_backend_script.py"), *sections], env=env,
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "keras_backend_script.py"), *sections],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, f"{backend} {sections} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert f"backend {backend}" in proc.stdout
     return proc.stdout

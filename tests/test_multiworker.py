@@ -43,8 +43,9 @@ def test_jax_two_processes_match_oracle_on_the_global_batch():
     """jax.distributed on a local coordinator, Gloo collectives: axis_name pools the 2 processes'
     moments; per-process micro-batches (state pmean-ed) == one process with microbatch_size."""
     pytest.importorskip("jax")
-    results = run_workers(lambda i: ["tests/jax_multiprocess_script.py"], timeout=240,
-                          env={"JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"})
+    results = run_workers(
+        lambda i: ["tests/jax_multiprocess_script.py"], timeout=240, env={"JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"}
+    )
     _assert_all_ok(results, "multiprocess OK")
     for _, out in results:
         assert out.count("OK pooled") == 3 and out.count("OK per-process") == 2, out[-4000:]
@@ -52,8 +53,19 @@ def test_jax_two_processes_match_oracle_on_the_global_batch():
 
 _CLI = "import sys; from renorm_repro.cli import main; sys.exit(main(sys.argv[1:]))"
 # Rows at steps 3 and 6, checkpoints at 2, 4 and 6 (so a worker can fall back by one checkpoint).
-_SMOKE = ["--preset", "smoke", "--arms", "bn_micro,brn_micro", "--steps", "6", "--eval-every", "3",
-          "--checkpoint-every", "2", "--no-progress"]
+_SMOKE = [
+    "--preset",
+    "smoke",
+    "--arms",
+    "bn_micro,brn_micro",
+    "--steps",
+    "6",
+    "--eval-every",
+    "3",
+    "--checkpoint-every",
+    "2",
+    "--no-progress",
+]
 _OVERRIDES = {"arms": "bn_micro,brn_micro", "steps": 6, "eval_every": 3, "checkpoint_every": 2}
 
 
@@ -69,8 +81,22 @@ def _rows(path):
 
 
 def _run_multiworker(out_of, cache, *extra, **kwargs):
-    return run_workers(lambda i: ["-c", _CLI, "run", *_SMOKE, "--strategy", "multiworker", "--cache-dir",
-                                  str(cache), "--out", str(out_of(i)), *extra], **kwargs)
+    return run_workers(
+        lambda i: [
+            "-c",
+            _CLI,
+            "run",
+            *_SMOKE,
+            "--strategy",
+            "multiworker",
+            "--cache-dir",
+            str(cache),
+            "--out",
+            str(out_of(i)),
+            *extra,
+        ],
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +160,13 @@ def test_repro_multiworker_kill_9_then_resume_both_ends_like_the_uninterrupted_r
     out = [tmp_path / "worker0", tmp_path / "worker1"]
     bn0, bn1 = out[0] / "runs" / "bn_micro" / "seed0", out[1] / "runs" / "bn_micro" / "seed0"
     (rc0, out0), (rc1, _) = _run_multiworker(
-        lambda i: out[i], cache, timeout=420, grace=150, env={"PYTHONUNBUFFERED": "1"},
-        faults=[{"worker": 1, "signal": "SIGKILL", "after_file": str(bn0 / "done.json")}])[0]
+        lambda i: out[i],
+        cache,
+        timeout=420,
+        grace=150,
+        env={"PYTHONUNBUFFERED": "1"},
+        faults=[{"worker": 1, "signal": "SIGKILL", "after_file": str(bn0 / "done.json")}],
+    )[0]
     assert rc1 == -9
     errors = _error_lines(out0)
     assert rc0 == 1 and len(errors) == 1, out0[-4000:]  # no hang: one line when the peer is gone
@@ -152,8 +183,10 @@ def test_repro_multiworker_kill_9_then_resume_both_ends_like_the_uninterrupted_r
     results = _run_multiworker(lambda i: out[i], cache, "--resume", timeout=420)
     _assert_all_ok(results, "trained 2 arms x 1 seeds")
     log0, log1 = results[0][1], results[1][1]
-    assert "[bn_micro seed0] complete here, but not on every worker: training again from the common " \
-           "checkpoint at step 4" in log0, log0[-4000:]
+    assert (
+        "[bn_micro seed0] complete here, but not on every worker: training again from the common "
+        "checkpoint at step 4" in log0
+    ), log0[-4000:]
     assert "ckpt-4 at step 4 (the newest checkpoint every worker holds)" in log0, log0[-4000:]
     for log in (log0, log1):
         assert "[bn_micro seed0] dropping ckpt-6: newer than the checkpoint every worker holds" in log, log[-4000:]
@@ -186,8 +219,13 @@ def test_repro_multiworker_chief_killed_with_every_checkpoint_damaged(uninterrup
     out = [tmp_path / "worker0", tmp_path / "worker1"]
     run0, run1 = out[0] / "runs" / "bn_micro" / "seed0", out[1] / "runs" / "bn_micro" / "seed0"
     (rc0, _), (rc1, out1) = _run_multiworker(
-        lambda i: out[i], cache, timeout=420, grace=150, env={"PYTHONUNBUFFERED": "1"},
-        faults=[{"worker": 0, "signal": "SIGKILL", "after_file": str(run1 / "checkpoints" / "ckpt-4.index")}])[0]
+        lambda i: out[i],
+        cache,
+        timeout=420,
+        grace=150,
+        env={"PYTHONUNBUFFERED": "1"},
+        faults=[{"worker": 0, "signal": "SIGKILL", "after_file": str(run1 / "checkpoints" / "ckpt-4.index")}],
+    )[0]
     assert rc0 == -9
     errors = _error_lines(out1)
     assert rc1 == 1 and len(errors) == 1, out1[-4000:]  # the other worker stops by itself, with one line
@@ -231,8 +269,10 @@ def test_repro_multiworker_needs_tf_config(tmp_path, monkeypatch):
     from renorm_repro.runs import RunDirError
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    cfg = C.get_config("smoke", overrides={"arms": "bn_micro", "steps": 2, "strategy": "multiworker",
-                                           "cache_dir": str(tmp_path / "cache")})
+    cfg = C.get_config(
+        "smoke",
+        overrides={"arms": "bn_micro", "steps": 2, "strategy": "multiworker", "cache_dir": str(tmp_path / "cache")},
+    )
     with pytest.raises(RunDirError, match="TF_CONFIG"):
         run_experiment(cfg, tmp_path / "out", progress=False, log=lambda m: None)
 
@@ -242,10 +282,12 @@ def test_launcher_kills_the_other_workers_when_one_fails_or_time_runs_out():
     deadline kills every worker; the ports handed out are on 127.0.0.1 and distinct."""
     import time
 
-    code = ("import os, sys, time, json; i = int(os.environ['MW_INDEX']); "
-            "print(os.environ['TF_CONFIG'].replace(' ', ''), os.environ['JAX_COORDINATOR_ADDRESS']); "
-            "sys.stdout.flush(); "
-            "sys.exit(3) if i == 0 else time.sleep(300)")
+    code = (
+        "import os, sys, time, json; i = int(os.environ['MW_INDEX']); "
+        "print(os.environ['TF_CONFIG'].replace(' ', ''), os.environ['JAX_COORDINATOR_ADDRESS']); "
+        "sys.stdout.flush(); "
+        "sys.exit(3) if i == 0 else time.sleep(300)"
+    )
     t0 = time.monotonic()
     (rc0, out0), (rc1, out1) = run_workers(lambda i: ["-c", code], timeout=120, grace=1)
     assert rc0 == 3 and rc1 == -9 and time.monotonic() - t0 < 60

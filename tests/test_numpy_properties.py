@@ -50,8 +50,9 @@ def _split(a, k):
 def test_gradient_sums_to_zero_per_group(problem, rmax, dmax):
     shape, axis, k, seed, eps = problem
     x, dy, gamma, beta, mean, std = _arrays(shape, axis, seed)
-    res = train_forward(x, gamma, beta, mean, std, rmax=rmax, dmax=dmax, momentum=0.9, epsilon=eps, axis=axis,
-                        microbatch_size=k)
+    res = train_forward(
+        x, gamma, beta, mean, std, rmax=rmax, dmax=dmax, momentum=0.9, epsilon=eps, axis=axis, microbatch_size=k
+    )
     dx, _, _ = train_backward(dy, res.cache)
     red = tuple(i for i in range(len(shape)) if i != axis % len(shape))
     for dxg, dyg in zip(_split(dx, k or shape[0]), _split(dy, k or shape[0])):
@@ -64,8 +65,9 @@ def test_gradient_sums_to_zero_per_group(problem, rmax, dmax):
 def test_unclipped_training_equals_inference(problem):
     shape, axis, k, seed, eps = problem
     x, _, gamma, beta, mean, std = _arrays(shape, axis, seed)
-    res = train_forward(x, gamma, beta, mean, std, rmax=1e8, dmax=1e8, momentum=0.9, epsilon=eps, axis=axis,
-                        microbatch_size=k)
+    res = train_forward(
+        x, gamma, beta, mean, std, rmax=1e8, dmax=1e8, momentum=0.9, epsilon=eps, axis=axis, microbatch_size=k
+    )
     y_inf = inference_forward(x, gamma, beta, mean, std, axis=axis)
     assert rel_err(res.y, y_inf) < 1e-10
 
@@ -76,8 +78,9 @@ def test_rmax1_dmax0_output_is_standardized_per_group(problem):
     """Batch norm: each group's (y - beta) / gamma has mean 0 and variance var / (var + eps)."""
     shape, axis, k, seed, eps = problem
     x, _, gamma, beta, mean, std = _arrays(shape, axis, seed)
-    res = train_forward(x, gamma, beta, mean, std, rmax=1.0, dmax=0.0, momentum=0.9, epsilon=eps, axis=axis,
-                        microbatch_size=k)
+    res = train_forward(
+        x, gamma, beta, mean, std, rmax=1.0, dmax=0.0, momentum=0.9, epsilon=eps, axis=axis, microbatch_size=k
+    )
     ax = axis % len(shape)
     red = tuple(i for i in range(len(shape)) if i != ax)
     fshape = [1] * len(shape)

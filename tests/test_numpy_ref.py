@@ -53,10 +53,23 @@ def _groups(a, case):
 
 
 # --------------------------------------------------------------------------- backward vs finite differences
-FD_CASES = [c for c in CASES if c.name in {
-    "dense", "dense_mb2", "dense_mb4_tight", "nhwc", "nhwc_mb2_tight", "nchw_axis1", "nchw_axis1_mb2",
-    "seq_axis1", "loose", "no_center",
-}]
+FD_CASES = [
+    c
+    for c in CASES
+    if c.name
+    in {
+        "dense",
+        "dense_mb2",
+        "dense_mb4_tight",
+        "nhwc",
+        "nhwc_mb2_tight",
+        "nchw_axis1",
+        "nchw_axis1_mb2",
+        "seq_axis1",
+        "loose",
+        "no_center",
+    }
+]
 
 
 def _fd(f, v, h=1e-3):
@@ -207,8 +220,18 @@ def test_microbatches_equal_groups_run_one_by_one(case):
     whole = dict(axis=case.axis, microbatch_size=None)
     parts = []
     for xg, dyg in zip(_groups(xs[0], case), _groups(dys[0], case)):
-        rg = train_forward(xg, p["gamma"], p["beta"], p["mean"], p["stddev"], rmax=case.rmax, dmax=case.dmax,
-                           momentum=momentum, epsilon=EPS, **whole)
+        rg = train_forward(
+            xg,
+            p["gamma"],
+            p["beta"],
+            p["mean"],
+            p["stddev"],
+            rmax=case.rmax,
+            dmax=case.dmax,
+            momentum=momentum,
+            epsilon=EPS,
+            **whole,
+        )
         parts.append((rg, train_backward(dyg, rg.cache)))
     assert_close(res.y, np.concatenate([r.y for r, _ in parts]), what="y")
     assert_close(dx, np.concatenate([g[0] for _, g in parts]), kind="grad", what="dx")
@@ -240,8 +263,18 @@ def test_corrections_and_clip_fractions():
     # One feature, two groups of 2: group 0 = [0, 2] (mu 1, var 1), group 1 = [10, 10] (mu 10, var 0).
     x = np.array([[0.0], [2.0], [10.0], [10.0]])
     eps = 1e-12
-    res = train_forward(x, None, None, np.array([0.0]), np.array([2.0]), rmax=1.5, dmax=1.0, momentum=0.5,
-                        epsilon=eps, microbatch_size=2)
+    res = train_forward(
+        x,
+        None,
+        None,
+        np.array([0.0]),
+        np.array([2.0]),
+        rmax=1.5,
+        dmax=1.0,
+        momentum=0.5,
+        epsilon=eps,
+        microbatch_size=2,
+    )
     # sigma_g = [1, ~0]; r_raw = [0.5, ~0] -> clipped to 1/1.5 both; d_raw = [0.5, 5] -> [0.5, 1].
     np.testing.assert_allclose(res.r[:, 0], [1 / 1.5, 1 / 1.5])
     np.testing.assert_allclose(res.d[:, 0], [0.5, 1.0])
@@ -255,8 +288,17 @@ def test_variance_is_stable_on_offset_float32_data():
     rng = np.random.default_rng(7)
     noise = rng.standard_normal((256, 3))
     x = (1000.0 + 0.01 * noise).astype(np.float32)
-    res = train_forward(x, None, None, np.full(3, 1000.0, np.float32), np.full(3, 0.01, np.float32),
-                        rmax=1e6, dmax=1e6, momentum=0.5, epsilon=1e-9)
+    res = train_forward(
+        x,
+        None,
+        None,
+        np.full(3, 1000.0, np.float32),
+        np.full(3, 0.01, np.float32),
+        rmax=1e6,
+        dmax=1e6,
+        momentum=0.5,
+        epsilon=1e-9,
+    )
     sigma64 = np.sqrt(x.astype(np.float64).var(axis=0) + 1e-9)
     # E[x^2] - E[x]^2 in float32 gives 0 here (sigma = sqrt(eps) ~ 3e-5): the two-pass one is right.
     np.testing.assert_allclose(res.sigma_g[0], sigma64, rtol=1e-3)
@@ -266,8 +308,9 @@ def test_variance_is_stable_on_offset_float32_data():
 def test_constant_channel_gives_finite_gradients():
     x = np.ones((4, 2))
     x[:, 1] = [1.0, 2.0, 3.0, 4.0]
-    res = train_forward(x, None, None, np.zeros(2), np.ones(2), rmax=3, dmax=5, momentum=0.9, epsilon=1e-3,
-                        microbatch_size=2)
+    res = train_forward(
+        x, None, None, np.zeros(2), np.ones(2), rmax=3, dmax=5, momentum=0.9, epsilon=1e-3, microbatch_size=2
+    )
     np.testing.assert_allclose(res.sigma_g[:, 0], np.sqrt(1e-3))
     dx, dg, db = train_backward(np.random.default_rng(0).standard_normal((4, 2)), res.cache)
     assert np.all(np.isfinite(dx)) and np.all(np.isfinite(dg)) and np.all(np.isfinite(db))
@@ -284,8 +327,17 @@ def test_reduced_precision_input_computes_in_float32(dtype):
     mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
     res = train_forward(x, None, None, mean, std, rmax=3, dmax=5, momentum=0.9, epsilon=1e-3)
     assert res.y.dtype == dt and res.mean.dtype == np.float32 and res.sigma_g.dtype == np.float32
-    ref = train_forward(x.astype(np.float64), None, None, mean.astype(np.float64), std.astype(np.float64),
-                        rmax=3, dmax=5, momentum=0.9, epsilon=1e-3)
+    ref = train_forward(
+        x.astype(np.float64),
+        None,
+        None,
+        mean.astype(np.float64),
+        std.astype(np.float64),
+        rmax=3,
+        dmax=5,
+        momentum=0.9,
+        epsilon=1e-3,
+    )
     assert_close(res.y, ref.y, dtype="bfloat16" if dtype == "bfloat16" else dtype)
     assert_close(res.stddev, ref.stddev, dtype="float32")
 
@@ -310,8 +362,9 @@ def test_non_finite_batch_leaves_state_unchanged_but_step_advances():
 
 def test_reference_layer_follows_schedule_over_steps():
     """The wrapper evaluates the schedule at its own step counter before each step."""
-    layer = BatchRenormReference(2, momentum=0.99, epsilon=1e-3, rmax=3.0, dmax=2.0, warmup_steps=2,
-                                 rmax_steps=6, dmax_steps=4)
+    layer = BatchRenormReference(
+        2, momentum=0.99, epsilon=1e-3, rmax=3.0, dmax=2.0, warmup_steps=2, rmax_steps=6, dmax_steps=4
+    )
     seen = []
     rng = np.random.default_rng(10)
     for _ in range(8):
@@ -336,14 +389,26 @@ def test_reference_layer_sequence_matches_functional_calls():
         # schedule by hand: warmup 2, rmax ramps to step 5, dmax to step 4.
         ramp_r = min(max((t - 2) / 3, 0), 1) if t >= 2 else 0
         ramp_d = min(max((t - 2) / 2, 0), 1) if t >= 2 else 0
-        res = train_forward(x, p["gamma"], p["beta"], mean, std, rmax=1 + (rmax - 1) * ramp_r, dmax=dmax * ramp_d,
-                            momentum=0.9, epsilon=EPS, axis=case.axis, microbatch_size=case.microbatch_size)
+        res = train_forward(
+            x,
+            p["gamma"],
+            p["beta"],
+            mean,
+            std,
+            rmax=1 + (rmax - 1) * ramp_r,
+            dmax=dmax * ramp_d,
+            momentum=0.9,
+            epsilon=EPS,
+            axis=case.axis,
+            microbatch_size=case.microbatch_size,
+        )
         np.testing.assert_array_equal(y, res.y)
         np.testing.assert_array_equal(layer.backward(dy)[0], train_backward(dy, res.cache)[0])
         mean, std = res.mean, res.stddev
     assert layer.step == case.steps
-    np.testing.assert_array_equal(layer.infer(x_eval), inference_forward(x_eval, p["gamma"], p["beta"], mean, std,
-                                                                          axis=case.axis))
+    np.testing.assert_array_equal(
+        layer.infer(x_eval), inference_forward(x_eval, p["gamma"], p["beta"], mean, std, axis=case.axis)
+    )
 
 
 def test_center_and_scale_off():
@@ -378,8 +443,9 @@ def test_input_errors(shape, kwargs, exc, match):
 
 def test_non_floating_input_is_rejected():
     with pytest.raises(TypeError, match="floating-point input.*int64"):
-        train_forward(np.zeros((4, 3), np.int64), None, None, np.zeros(3), np.ones(3), rmax=3, dmax=5,
-                      momentum=0.9, epsilon=1e-3)
+        train_forward(
+            np.zeros((4, 3), np.int64), None, None, np.zeros(3), np.ones(3), rmax=3, dmax=5, momentum=0.9, epsilon=1e-3
+        )
     with pytest.raises(TypeError, match="int32"):
         inference_forward(np.zeros((4, 3), np.int32), None, None, np.zeros(3), np.ones(3))
 
@@ -394,23 +460,46 @@ def test_inference_allows_any_batch():
 def test_output_dtype_and_shape_follow_input(axis, microbatch):
     x = np.random.default_rng(13).standard_normal((4, 3, 5)).astype(np.float32)
     c = x.shape[axis]
-    res = train_forward(x, None, None, np.zeros(c, np.float32), np.ones(c, np.float32), rmax=3, dmax=5,
-                        momentum=0.9, epsilon=1e-3, axis=axis, microbatch_size=microbatch)
+    res = train_forward(
+        x,
+        None,
+        None,
+        np.zeros(c, np.float32),
+        np.ones(c, np.float32),
+        rmax=3,
+        dmax=5,
+        momentum=0.9,
+        epsilon=1e-3,
+        axis=axis,
+        microbatch_size=microbatch,
+    )
     assert res.y.shape == x.shape and res.y.dtype == np.float32 and res.mean.shape == (c,)
     g = 1 if microbatch is None else 2
     assert res.mu_g.shape == (g, c)
 
 
 # --------------------------------------------------------------------------- empty batches, overflow, 0 features
-@pytest.mark.parametrize("shape, axis, microbatch", [((0, 3), -1, None), ((0, 3), -1, 2), ((0, 3, 2), 1, None),
-                                                     ((0, 2, 3), -1, 1)])
+@pytest.mark.parametrize(
+    "shape, axis, microbatch", [((0, 3), -1, None), ((0, 3), -1, 2), ((0, 3, 2), 1, None), ((0, 2, 3), -1, 1)]
+)
 def test_empty_batch_gives_empty_output_and_leaves_state_unchanged(shape, axis, microbatch):
     """A batch of 0 examples (one replica's share of a short last batch) is a no-op, not an error or NaN state."""
     c = shape[axis]
     mean, std = np.arange(1.0, c + 1.0), np.full(c, 2.0)
     x = np.zeros(shape)
-    res = train_forward(x, np.ones(c), np.zeros(c), mean, std, rmax=3, dmax=5, momentum=0.5, epsilon=EPS,
-                        axis=axis, microbatch_size=microbatch)
+    res = train_forward(
+        x,
+        np.ones(c),
+        np.zeros(c),
+        mean,
+        std,
+        rmax=3,
+        dmax=5,
+        momentum=0.5,
+        epsilon=EPS,
+        axis=axis,
+        microbatch_size=microbatch,
+    )
     assert res.y.shape == shape and res.y.dtype == x.dtype
     np.testing.assert_array_equal(res.mean, mean)
     np.testing.assert_array_equal(res.stddev, std)
@@ -420,8 +509,9 @@ def test_empty_batch_gives_empty_output_and_leaves_state_unchanged(shape, axis, 
     np.testing.assert_array_equal(dgamma, np.zeros(c))
     np.testing.assert_array_equal(dbeta, np.zeros(c))
     # The stateful wrapper: moving statistics, step and diagnostics exactly unchanged.
-    layer = BatchRenormReference(c, momentum=0.5, epsilon=EPS, axis=axis, microbatch_size=microbatch, mean=mean,
-                                 stddev=std, rmax=1.01, dmax=0.01)
+    layer = BatchRenormReference(
+        c, momentum=0.5, epsilon=EPS, axis=axis, microbatch_size=microbatch, mean=mean, stddev=std, rmax=1.01, dmax=0.01
+    )
     full = np.random.default_rng(3).normal(3.0, 5.0, (4,) + shape[1:])
     layer.train(full)
     before = layer.state, layer.r_clipped, layer.d_clipped
@@ -440,16 +530,36 @@ def test_overflowing_statistics_give_nan_output_not_a_constant(microbatch):
     rng = np.random.default_rng(14)
     x = rng.standard_normal((4, 3)).astype(np.float32)
     x[:, 1] = np.array([1e20, -1e20, 3e20, -2e20], np.float32)
-    res = train_forward(x, None, None, np.zeros(3, np.float32), np.ones(3, np.float32), rmax=3, dmax=5,
-                        momentum=0.5, epsilon=EPS, microbatch_size=microbatch)
+    res = train_forward(
+        x,
+        None,
+        None,
+        np.zeros(3, np.float32),
+        np.ones(3, np.float32),
+        rmax=3,
+        dmax=5,
+        momentum=0.5,
+        epsilon=EPS,
+        microbatch_size=microbatch,
+    )
     assert np.isnan(res.y[:, 1]).all()
     assert np.isfinite(res.y[:, [0, 2]]).all()
     assert not res.finite
     np.testing.assert_array_equal(res.mean, np.zeros(3))
     np.testing.assert_array_equal(res.stddev, np.ones(3))
     # The other features are what they are without the overflowing one.
-    sub = train_forward(x[:, [0, 2]], None, None, np.zeros(2, np.float32), np.ones(2, np.float32), rmax=3, dmax=5,
-                        momentum=0.5, epsilon=EPS, microbatch_size=microbatch)
+    sub = train_forward(
+        x[:, [0, 2]],
+        None,
+        None,
+        np.zeros(2, np.float32),
+        np.ones(2, np.float32),
+        rmax=3,
+        dmax=5,
+        momentum=0.5,
+        epsilon=EPS,
+        microbatch_size=microbatch,
+    )
     np.testing.assert_array_equal(res.y[:, [0, 2]], sub.y)
 
 
@@ -459,8 +569,7 @@ def test_zero_features_is_an_error():
     with pytest.raises(TypeError, match="num_features=2.5"):
         BatchRenormReference(2.5, momentum=0.9, epsilon=EPS)
     with pytest.raises(ValueError, match="0 features on axis -1"):
-        train_forward(np.zeros((4, 0)), None, None, np.zeros(0), np.ones(0), rmax=3, dmax=5, momentum=0.9,
-                      epsilon=EPS)
+        train_forward(np.zeros((4, 0)), None, None, np.zeros(0), np.ones(0), rmax=3, dmax=5, momentum=0.9, epsilon=EPS)
     with pytest.raises(ValueError, match="0 features on axis 1"):
         inference_forward(np.zeros((4, 0, 2)), None, None, np.zeros(0), np.ones(0), axis=1)
 
@@ -468,9 +577,18 @@ def test_zero_features_is_an_error():
 # --------------------------------------------------------------------------- masks (docs/SPEC.md, section 3)
 def _masked_fwd(x, p, case, mask, **kw):
     return train_forward(
-        x, p["gamma"], p["beta"], p["mean"], p["stddev"], rmax=kw.get("rmax", case.rmax),
-        dmax=kw.get("dmax", case.dmax), momentum=0.5, epsilon=EPS, axis=case.axis,
-        microbatch_size=kw.get("microbatch_size", case.microbatch_size), mask=mask,
+        x,
+        p["gamma"],
+        p["beta"],
+        p["mean"],
+        p["stddev"],
+        rmax=kw.get("rmax", case.rmax),
+        dmax=kw.get("dmax", case.dmax),
+        momentum=0.5,
+        epsilon=EPS,
+        axis=case.axis,
+        microbatch_size=kw.get("microbatch_size", case.microbatch_size),
+        mask=mask,
     )
 
 
@@ -491,8 +609,14 @@ def test_mask_statistics_are_those_of_the_selected_examples():
     np.testing.assert_allclose(res.y[keep], sub.y, rtol=1e-12, atol=1e-12)
     # The unselected examples are normalized with the same statistics.
     g = np.arange(16)[~keep] // 4
-    y = p["gamma"] * ((x[~keep] - res.mu_g[g, None, None]) / res.sigma_g[g, None, None] * res.r[g, None, None]
-                      + res.d[g, None, None]) + p["beta"]
+    y = (
+        p["gamma"]
+        * (
+            (x[~keep] - res.mu_g[g, None, None]) / res.sigma_g[g, None, None] * res.r[g, None, None]
+            + res.d[g, None, None]
+        )
+        + p["beta"]
+    )
     np.testing.assert_allclose(res.y[~keep], y, rtol=1e-12)
     np.testing.assert_array_equal(res.count, np.full((4, 3), 3 * 6))
 
@@ -503,40 +627,59 @@ def test_per_feature_mask_statistics_written_out():
     x = rng.normal(-2.0, 3.0, (8, 5, 3))
     mask = rng.random(x.shape) < 0.6
     mask[4:, :, 2] = False  # feature 2 has nothing selected in the second micro-batch
-    p = dict(gamma=rng.uniform(0.5, 1.5, 3), beta=rng.normal(size=3), mean=rng.normal(size=3),
-             stddev=rng.uniform(0.5, 2.0, 3))
-    res = train_forward(x, p["gamma"], p["beta"], p["mean"], p["stddev"], rmax=1.5, dmax=0.5, momentum=0.75,
-                        epsilon=EPS, microbatch_size=4, mask=mask)
+    p = dict(
+        gamma=rng.uniform(0.5, 1.5, 3),
+        beta=rng.normal(size=3),
+        mean=rng.normal(size=3),
+        stddev=rng.uniform(0.5, 2.0, 3),
+    )
+    res = train_forward(
+        x,
+        p["gamma"],
+        p["beta"],
+        p["mean"],
+        p["stddev"],
+        rmax=1.5,
+        dmax=0.5,
+        momentum=0.75,
+        epsilon=EPS,
+        microbatch_size=4,
+        mask=mask,
+    )
     mus, sigmas = np.zeros((2, 3)), np.zeros((2, 3))
     for g in range(2):
         for c in range(3):
-            sel = x[4 * g:4 * g + 4, :, c][mask[4 * g:4 * g + 4, :, c]]
+            sel = x[4 * g : 4 * g + 4, :, c][mask[4 * g : 4 * g + 4, :, c]]
             if sel.size == 0:
                 mus[g, c], sigmas[g, c] = p["mean"][c], p["stddev"][c]  # no statistic: the moving ones
             else:
                 mus[g, c], sigmas[g, c] = sel.mean(), np.sqrt(sel.var() + EPS)
-            xg = x[4 * g:4 * g + 4, :, c]
+            xg = x[4 * g : 4 * g + 4, :, c]
             r = np.clip(sigmas[g, c] / p["stddev"][c], 1 / 1.5, 1.5)
             d = np.clip((mus[g, c] - p["mean"][c]) / p["stddev"][c], -0.5, 0.5)
             y = p["gamma"][c] * ((xg - mus[g, c]) / sigmas[g, c] * r + d) + p["beta"][c]
-            np.testing.assert_allclose(res.y[4 * g:4 * g + 4, :, c], y, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(res.y[4 * g : 4 * g + 4, :, c], y, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(res.mu_g, mus, rtol=1e-13)
     np.testing.assert_allclose(res.sigma_g, sigmas, rtol=1e-13)
     # Feature 2 moves towards its first micro-batch only; the others towards the mean over both.
     expected_mean = p["mean"] + 0.25 * (np.array([mus[:, 0].mean(), mus[:, 1].mean(), mus[0, 2]]) - p["mean"])
-    expected_std = p["stddev"] + 0.25 * (np.array([sigmas[:, 0].mean(), sigmas[:, 1].mean(), sigmas[0, 2]])
-                                         - p["stddev"])
+    expected_std = p["stddev"] + 0.25 * (
+        np.array([sigmas[:, 0].mean(), sigmas[:, 1].mean(), sigmas[0, 2]]) - p["stddev"]
+    )
     np.testing.assert_allclose(res.mean, expected_mean, rtol=1e-13)
     np.testing.assert_allclose(res.stddev, expected_std, rtol=1e-13)
     # Fractions over the 5 (group, feature) entries that have a statistic.
     r_raw = sigmas / p["stddev"]
-    out = ((r_raw < 1 / 1.5) | (r_raw > 1.5))
+    out = (r_raw < 1 / 1.5) | (r_raw > 1.5)
     out[1, 2] = False
     assert res.r_clipped == out.sum() / 5
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("dense", "nchw_axis1_mb2", "seq_axis1")],
-                         ids=["dense", "nchw_axis1_mb2", "seq_axis1"])
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES if c.name in ("dense", "nchw_axis1_mb2", "seq_axis1")],
+    ids=["dense", "nchw_axis1_mb2", "seq_axis1"],
+)
 def test_all_true_mask_is_no_mask(case):
     xs, _, dys = make_steps(case, seed=22)
     p = make_params(case, 22)
@@ -544,8 +687,9 @@ def test_all_true_mask_is_no_mask(case):
     b = _masked_fwd(xs[0], p, case, None)
     for name in ("y", "mean", "stddev", "mu_g", "sigma_g"):
         np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-14, atol=1e-14, err_msg=name)
-    np.testing.assert_allclose(train_backward(dys[0], a.cache)[0], train_backward(dys[0], b.cache)[0],
-                               rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(
+        train_backward(dys[0], a.cache)[0], train_backward(dys[0], b.cache)[0], rtol=1e-12, atol=1e-13
+    )
 
 
 def test_all_masked_group_contributes_nothing():
@@ -563,8 +707,9 @@ def test_all_masked_group_contributes_nothing():
     np.testing.assert_allclose(res.stddev, sub.stddev, rtol=1e-14)
     np.testing.assert_allclose(res.y[others], sub.y, rtol=1e-13)
     assert (res.r_clipped, res.d_clipped) == (sub.r_clipped, sub.d_clipped)
-    np.testing.assert_allclose(res.y[4:8], inference_forward(x[4:8], p["gamma"], p["beta"], p["mean"], p["stddev"]),
-                               rtol=1e-13)
+    np.testing.assert_allclose(
+        res.y[4:8], inference_forward(x[4:8], p["gamma"], p["beta"], p["mean"], p["stddev"]), rtol=1e-13
+    )
     np.testing.assert_array_equal(res.r[1], np.ones(3))
     np.testing.assert_array_equal(res.d[1], np.zeros(3))
 
@@ -633,12 +778,16 @@ def test_masked_backward_matches_central_finite_differences(name, per_feature, m
     np.testing.assert_allclose(dxg.sum(axis=1)[res.count > 0], 0.0, atol=1e-10)
 
 
-@pytest.mark.parametrize("mask, exc, match", [
-    (np.ones((8, 4), bool), ValueError, r"`mask` must have a shape broadcastable.*\(8, 4\).*\(8, 5\)"),
-    (np.ones((8, 5, 1), bool), ValueError, r"`mask` must have .*\(8, 5, 1\)"),
-    (np.array([["a"] * 5] * 8), TypeError, "`mask` must be boolean.*dtype <U1"),
-])
+@pytest.mark.parametrize(
+    "mask, exc, match",
+    [
+        (np.ones((8, 4), bool), ValueError, r"`mask` must have a shape broadcastable.*\(8, 4\).*\(8, 5\)"),
+        (np.ones((8, 5, 1), bool), ValueError, r"`mask` must have .*\(8, 5, 1\)"),
+        (np.array([["a"] * 5] * 8), TypeError, "`mask` must be boolean.*dtype <U1"),
+    ],
+)
 def test_mask_errors(mask, exc, match):
     with pytest.raises(exc, match=match):
-        train_forward(np.zeros((8, 5)), None, None, np.zeros(5), np.ones(5), rmax=3, dmax=5, momentum=0.9,
-                      epsilon=EPS, mask=mask)
+        train_forward(
+            np.zeros((8, 5)), None, None, np.zeros(5), np.ones(5), rmax=3, dmax=5, momentum=0.9, epsilon=EPS, mask=mask
+        )

@@ -67,8 +67,10 @@ def existing(tmp_path_factory):
 def test_config_errors_come_before_tensorflow_is_imported(tmp_path, existing, argv, code, text):
     argv = [a.format(tmp=tmp_path, existing=existing) for a in argv]
     before = sorted(p.name for p in existing.rglob("*"))
-    script = ("import sys, time; t0 = time.perf_counter(); from renorm_repro.cli import main; rc = main(sys.argv[1:]); "
-              "print(rc, 'tensorflow' in sys.modules, 'jax' in sys.modules, time.perf_counter() - t0)")
+    script = (
+        "import sys, time; t0 = time.perf_counter(); from renorm_repro.cli import main; rc = main(sys.argv[1:]); "
+        "print(rc, 'tensorflow' in sys.modules, 'jax' in sys.modules, time.perf_counter() - t0)"
+    )
     res = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
     rc, tf_loaded, jax_loaded, seconds = res.stdout.split()[-4:]
     assert int(rc) == code, res.stderr
@@ -106,9 +108,14 @@ def test_run_help_gives_every_option_help_type_allowed_values_and_the_presets_va
         assert row is not None, opt
         help_text = row.split("  ")[-1].strip()
         assert len(row.split()) >= 4 and help_text, row  # option, type, value, help
-    for opt, allowed in (("--dataset", C.DATASETS), ("--optimizer", C.OPTIMIZERS), ("--precision", C.PRECISIONS),
-                         ("--strategy", C.STRATEGIES), ("--lr-schedule", C.LR_SCHEDULES)):
-        block = text[text.index(f"  {opt} "):]
+    for opt, allowed in (
+        ("--dataset", C.DATASETS),
+        ("--optimizer", C.OPTIMIZERS),
+        ("--precision", C.PRECISIONS),
+        ("--strategy", C.STRATEGIES),
+        ("--lr-schedule", C.LR_SCHEDULES),
+    ):
+        block = text[text.index(f"  {opt} ") :]
         block = block[: block.index("\n  --", 3)]
         assert all(a in block for a in allowed), (opt, block)
     steps_row = next(ln for ln in lines if ln.strip().startswith("--steps "))
@@ -145,8 +152,18 @@ def _iid(out, *extra):
     return ["run", "--experiment", "iid", "--preset", "smoke", "--out", str(out), "--no-progress", *extra]
 
 
-EXTENDABLE = ("--warmup-steps", "1", "--rmax-steps", "4", "--dmax-steps", "3", "--eval-every", "3",
-              "--checkpoint-every", "3")
+EXTENDABLE = (
+    "--warmup-steps",
+    "1",
+    "--rmax-steps",
+    "4",
+    "--dmax-steps",
+    "3",
+    "--eval-every",
+    "3",
+    "--checkpoint-every",
+    "3",
+)
 
 
 def _rows(out, arm="brn"):
@@ -186,8 +203,9 @@ def test_resume_of_a_complete_committed_experiment_leaves_git_status_clean(finis
     capsys.readouterr()
     assert main(["run", "--resume", "--out", str(repo / "exp")]) == 0
     out = capsys.readouterr().out
-    assert _one_line(out).endswith("nothing to do, no file changed (`renorm-repro plot --out "
-                                   f"{repo / 'exp'}` rewrites the report).")
+    assert _one_line(out).endswith(
+        f"nothing to do, no file changed (`renorm-repro plot --out {repo / 'exp'}` rewrites the report)."
+    )
     assert _git(repo, "status", "--porcelain", "--untracked-files=all") == ""
     # The same command with the preset and overrides repeated says the same.
     assert main(_iid(repo / "exp", "--resume", "--cache-dir", str(finished.parent / "cache"), *EXTENDABLE)) == 0
@@ -215,8 +233,10 @@ def test_versions_json_records_every_invocation_that_trained(tmp_path, capsys):
     record = json.loads((out / "versions.json").read_text())
     assert {k: v for k, v in record.items() if k != "later_invocations"} == first  # the first one is kept
     assert len(record["later_invocations"]) == 1
-    assert record["later_invocations"][0]["command"][-3:] == ["--resume", "--out", str(out), "--no-progress"][-3:] \
+    assert (
+        record["later_invocations"][0]["command"][-3:] == ["--resume", "--out", str(out), "--no-progress"][-3:]
         or record["later_invocations"][0]["packages"]
+    )
     run_record = json.loads((out / "runs" / "brn" / "seed0" / "versions.json").read_text())
     assert len(run_record["later_invocations"]) == 1
 
@@ -244,11 +264,14 @@ def test_resume_steps_extends_a_finished_run_exactly(finished, tmp_path, capsys)
     assert "no file changed" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("extra, why", [
-    ((), "schedule_base=paper_scaled scales the breakpoints"),
-    (("--lr-schedule", "cosine"), "the learning rate depends on steps"),
-    (EXTENDABLE[:6] + ("--eval-every", "4", "--checkpoint-every", "3"), "is not an evaluation step"),
-])
+@pytest.mark.parametrize(
+    "extra, why",
+    [
+        ((), "schedule_base=paper_scaled scales the breakpoints"),
+        (("--lr-schedule", "cosine"), "the learning rate depends on steps"),
+        (EXTENDABLE[:6] + ("--eval-every", "4", "--checkpoint-every", "3"), "is not an evaluation step"),
+    ],
+)
 def test_resume_steps_is_refused_when_the_run_would_have_differed(tmp_path, extra, why, capsys):
     cfg = C.get_config("smoke", "iid", C.parse_override_tokens(list(extra)))
     out = tmp_path / "out"
@@ -263,8 +286,9 @@ def test_resume_steps_is_refused_when_the_run_would_have_differed(tmp_path, extr
 
 
 # ------------------------------------------------------------- item 6: progress bars
-@pytest.mark.parametrize("tty, flag, expected",
-                         [(False, [], False), (True, [], True), (True, ["--no-progress"], False)])
+@pytest.mark.parametrize(
+    "tty, flag, expected", [(False, [], False), (True, [], True), (True, ["--no-progress"], False)]
+)
 def test_progress_bars_only_on_a_terminal(tmp_path, monkeypatch, tty, flag, expected):
     import renorm_repro.cli as cli
 
@@ -279,8 +303,20 @@ def test_progress_bars_only_on_a_terminal(tmp_path, monkeypatch, tty, flag, expe
 @pytest.mark.slow
 def test_no_progress_bar_when_stderr_is_not_a_terminal(finished, tmp_path):
     pytest.importorskip("tensorflow")
-    res = _repro("run", "--experiment", "iid", "--preset", "smoke", "--out", str(tmp_path / "o"), "--arms", "bn",
-                 "--cache-dir", str(finished.parent / "cache"), timeout=300)  # no --no-progress
+    res = _repro(
+        "run",
+        "--experiment",
+        "iid",
+        "--preset",
+        "smoke",
+        "--out",
+        str(tmp_path / "o"),
+        "--arms",
+        "bn",
+        "--cache-dir",
+        str(finished.parent / "cache"),
+        timeout=300,
+    )  # no --no-progress
     assert res.returncode == 0, res.stderr
     assert "\r" not in res.stdout + res.stderr
     assert "it/s" not in res.stderr

@@ -130,7 +130,7 @@ def test_batch_indices_are_a_pure_function_of_seed_and_step():
     stream = np.concatenate([D.batch_indices(n, b, seed=5, step=t) for t in range(5)])
     # Each epoch (10 consecutive positions) is a permutation.
     for e in range(2):
-        assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+        assert sorted(stream[e * n : (e + 1) * n]) == list(range(n))
     np.testing.assert_array_equal(D.batch_indices(n, b, 5, 3), stream[12:16])
     assert not np.array_equal(D.batch_indices(n, b, 6, 0), D.batch_indices(n, b, 5, 0))
 

@@ -63,8 +63,9 @@ def test_noniid_config_arms_and_training_batches():
         for b in same[1:]:
             np.testing.assert_array_equal(b, same[0])  # every non-i.i.d. arm trains on the very same batches
         _check_noniid_batch(labels, same[0])
-        np.testing.assert_array_equal(cfg.train_batch_indices(labels, 3, step, "bn_iid"),
-                                      D.batch_indices(len(labels), 32, 3, step))
+        np.testing.assert_array_equal(
+            cfg.train_batch_indices(labels, 3, step, "bn_iid"), D.batch_indices(len(labels), 32, 3, step)
+        )
     # Test minibatches of the batch-statistics evaluation: built the same way, a fixed seed for every run and arm.
     for arm in cfg.arms:
         ev = cfg.eval_batch_indices(labels, 5, arm)
@@ -143,8 +144,23 @@ def noniid_smoke(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(C.NoniidConfig, "train_batch_indices", recording)
     try:
-        assert main(["run", "--experiment", "noniid", "--preset", "smoke", "--out", str(out),
-                     "--cache-dir", str(cache), "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "run",
+                    "--experiment",
+                    "noniid",
+                    "--preset",
+                    "smoke",
+                    "--out",
+                    str(out),
+                    "--cache-dir",
+                    str(cache),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     finally:
         mp.undo()
     return out, cache, seen
@@ -206,8 +222,13 @@ def test_extra_evaluations_match_a_hand_computation_from_the_checkpoint(noniid_s
 
     out, cache, _ = noniid_smoke
     cfg = C.get_config("smoke", "noniid", {"cache_dir": str(cache)})
-    ds = D.load_dataset("synthetic", cache_dir=str(cache), num_train=cfg.synthetic_train,
-                        num_test=cfg.synthetic_test, num_classes=cfg.synthetic_classes)
+    ds = D.load_dataset(
+        "synthetic",
+        cache_dir=str(cache),
+        num_train=cfg.synthetic_train,
+        num_test=cfg.synthetic_test,
+        num_classes=cfg.synthetic_classes,
+    )
     rdir = out / "runs" / "bn" / "seed0"
     model = build_model(ds.image_shape, ds.num_classes, cfg.width, lambda name: make_norm_layer(cfg, "bn", name))
     tf.train.Checkpoint(model=model).restore(tf.train.latest_checkpoint(str(rdir / "checkpoints"))).expect_partial()
@@ -240,8 +261,16 @@ def test_batch_statistics_evaluation_leaves_training_unchanged(tmp_path):
 
     rows = {}
     for on in (True, False):
-        cfg = C.get_config("smoke", "noniid", {"arms": "brn", "cache_dir": str(tmp_path / "cache"),
-                                               "eval_batch_stats": on, "eval_train_examples": 64 if on else 0})
+        cfg = C.get_config(
+            "smoke",
+            "noniid",
+            {
+                "arms": "brn",
+                "cache_dir": str(tmp_path / "cache"),
+                "eval_batch_stats": on,
+                "eval_train_examples": 64 if on else 0,
+            },
+        )
         run_experiment(cfg, tmp_path / str(on), progress=False, log=lambda m: None)
         rows[on] = read_metrics(tmp_path / str(on) / "runs" / "brn" / "seed0" / "metrics.csv")
     assert "val_batchstat_accuracy" in rows[True][0] and "val_batchstat_accuracy" not in rows[False][0]
@@ -256,8 +285,23 @@ def test_iid_smoke_end_to_end(tmp_path):
     from renorm_repro.cli import main
 
     out = tmp_path / "iid"
-    assert main(["run", "--experiment", "iid", "--preset", "smoke", "--out", str(out),
-                 "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--experiment",
+                "iid",
+                "--preset",
+                "smoke",
+                "--out",
+                str(out),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["experiment"] == "iid" and list(summary["arms"]) == ["bn", "brn"]
     assert "i.i.d. minibatches of 8" in (out / "summary.md").read_text()
@@ -276,16 +320,49 @@ def test_explicit_schedule_is_recorded_and_clip_means_average_every_step_of_the_
     rows = {}
     for every in (1, 3):
         out = tmp_path / f"every{every}"
-        assert main(["run", "--experiment", "iid", "--preset", "smoke", "--out", str(out), "--arms", "brn",
-                     "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--no-tensorboard",
-                     "--warmup-steps", "2", "--rmax", "1.05", "--dmax", "0.01", "--rmax-steps", "0",
-                     "--dmax-steps", "4", "--log-clip-means", "true", "--eval-every", str(every)]) == 0
+        assert (
+            main(
+                [
+                    "run",
+                    "--experiment",
+                    "iid",
+                    "--preset",
+                    "smoke",
+                    "--out",
+                    str(out),
+                    "--arms",
+                    "brn",
+                    "--cache-dir",
+                    str(tmp_path / "cache"),
+                    "--no-progress",
+                    "--no-tensorboard",
+                    "--warmup-steps",
+                    "2",
+                    "--rmax",
+                    "1.05",
+                    "--dmax",
+                    "0.01",
+                    "--rmax-steps",
+                    "0",
+                    "--dmax-steps",
+                    "4",
+                    "--log-clip-means",
+                    "true",
+                    "--eval-every",
+                    str(every),
+                ]
+            )
+            == 0
+        )
         rows[every] = _rows(out / "runs" / "brn" / "seed0" / "metrics.csv")
         recorded = json.loads((out / "runs" / "brn" / "seed0" / "config.json").read_text())
-        assert recorded["normalization"]["schedule"] == dict(rmax=1.05, dmax=0.01, warmup_steps=2, rmax_steps=0,
-                                                             dmax_steps=4)
-        assert json.loads((out / "config.json").read_text())["derived"]["arms"]["brn"]["schedule"] == \
-            recorded["normalization"]["schedule"]
+        assert recorded["normalization"]["schedule"] == dict(
+            rmax=1.05, dmax=0.01, warmup_steps=2, rmax_steps=0, dmax_steps=4
+        )
+        assert (
+            json.loads((out / "config.json").read_text())["derived"]["arms"]["brn"]["schedule"]
+            == recorded["normalization"]["schedule"]
+        )
     every1, every3 = rows[1], rows[3]
     assert [float(r["rmax"]) for r in every1] == [1.0, 1.0, 1.05, 1.05, 1.05, 1.05]
     assert [float(r["dmax"]) for r in every1] == pytest.approx([0, 0, 0, 0.005, 0.01, 0.01])
@@ -305,9 +382,28 @@ def test_clip_means_survive_a_kill_between_checkpoint_and_evaluation(tmp_path):
     pytest.importorskip("tensorflow")
     from renorm_repro.cli import main
 
-    args = ["--experiment", "iid", "--preset", "smoke", "--arms", "brn", "--cache-dir", str(tmp_path / "cache"),
-            "--no-progress", "--no-tensorboard", "--rmax", "1.05", "--dmax", "0.01", "--log-clip-means", "true",
-            "--eval-every", "6", "--checkpoint-every", "3"]
+    args = [
+        "--experiment",
+        "iid",
+        "--preset",
+        "smoke",
+        "--arms",
+        "brn",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-progress",
+        "--no-tensorboard",
+        "--rmax",
+        "1.05",
+        "--dmax",
+        "0.01",
+        "--log-clip-means",
+        "true",
+        "--eval-every",
+        "6",
+        "--checkpoint-every",
+        "3",
+    ]
     assert main(["run", *args, "--out", str(tmp_path / "whole")]) == 0
     # The stopped run has no evaluation yet, so the report after it finds nothing to aggregate (exit 1).
     main(["run", *args, "--out", str(tmp_path / "cut"), "--stop-after", "4"])

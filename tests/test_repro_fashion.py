@@ -99,8 +99,9 @@ def test_load_fashion_mnist_refuses_wrong_files(tmp_path):
 
 def test_debian_folder_is_asked_of_dpkg(tmp_path, monkeypatch):
     write_small_fashion(tmp_path / "usr/share/datasets/fm")
-    listing = "\n".join(["/.", "/usr/share/doc/x/README.md.gz",
-                         str(tmp_path / "usr/share/datasets/fm/train-images-idx3-ubyte.gz")])
+    listing = "\n".join(
+        ["/.", "/usr/share/doc/x/README.md.gz", str(tmp_path / "usr/share/datasets/fm/train-images-idx3-ubyte.gz")]
+    )
     calls = []
 
     def fake_run(cmd, **kw):
@@ -140,8 +141,9 @@ def test_download_over_file_url(tmp_path):
     assert not any((tmp_path / "c1" / "fashion-mnist").iterdir())
     folder = D.download_fashion_mnist(tmp_path / "c2", url=url, check=False)
     assert sorted(p.name for p in folder.iterdir()) == sorted(f[0] + ".gz" for f in D.FASHION_MNIST_FILES.values())
-    with pytest.raises(D.DataError, match="Could not download train-images-idx3-ubyte.gz from "
-                                          ".*apt-get install dataset-fashion-mnist"):
+    with pytest.raises(
+        D.DataError, match="Could not download train-images-idx3-ubyte.gz from .*apt-get install dataset-fashion-mnist"
+    ):
         D.download_fashion_mnist(tmp_path / "c3", url=(tmp_path / "absent").as_uri())
 
 
@@ -155,8 +157,14 @@ def _debian_installed():
 @pytest.mark.skipif(not _debian_installed(), reason="dataset-fashion-mnist (Debian) is not installed")
 def test_real_fashion_mnist_from_debian():
     ds = D.load_dataset("fashion_mnist", val_examples=5000)
-    assert ds.summary() == {"name": "fashion_mnist", "train": 55000, "test": 10000, "validation": 5000,
-                            "image_shape": [28, 28, 1], "num_classes": 10}
+    assert ds.summary() == {
+        "name": "fashion_mnist",
+        "train": 55000,
+        "test": 10000,
+        "validation": 5000,
+        "image_shape": [28, 28, 1],
+        "num_classes": 10,
+    }
     np.testing.assert_array_equal(np.bincount(ds.y_val), [500] * 10)
     np.testing.assert_array_equal(np.bincount(ds.y_test), [1000] * 10)
 
@@ -195,12 +203,14 @@ def test_validation_split_is_stratified_fixed_and_disjoint(tmp_path):
 
 
 def test_config_checks_of_the_new_fields():
-    for key, value, msg in [("val_examples", "60000", "must be smaller than the 60000"),
-                            ("val_examples", "-1", "must be >= 0"),
-                            ("lr_schedule", "linear", "must be one of"),
-                            ("lr_decay_at", "0.8,0.5", "increasing fractions"),
-                            ("lr_decay_factor", "0", "must be in"),
-                            ("eval_lag_examples", "-3", "must be >= 0")]:
+    for key, value, msg in [
+        ("val_examples", "60000", "must be smaller than the 60000"),
+        ("val_examples", "-1", "must be >= 0"),
+        ("lr_schedule", "linear", "must be one of"),
+        ("lr_decay_at", "0.8,0.5", "increasing fractions"),
+        ("lr_decay_factor", "0", "must be in"),
+        ("eval_lag_examples", "-3", "must be >= 0"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             get_config("fashion", "noniid", {key: value})
     assert "fashion" in preset_names()
@@ -216,8 +226,17 @@ def test_learning_rate_schedules():
     assert cfg.learning_rate_at(500) == pytest.approx(0.005)
     assert cfg.learning_rate_at(250) == pytest.approx(0.005 * (1 + math.cos(math.pi / 4)))
     assert cfg.learning_rate_at(1000) == pytest.approx(0.0, abs=1e-12)
-    step = get_config("fashion", "noniid", {"steps": 1000, "learning_rate": 0.01, "lr_schedule": "step",
-                                             "lr_decay_at": "0.5,0.75", "lr_decay_factor": 0.1})
+    step = get_config(
+        "fashion",
+        "noniid",
+        {
+            "steps": 1000,
+            "learning_rate": 0.01,
+            "lr_schedule": "step",
+            "lr_decay_at": "0.5,0.75",
+            "lr_decay_factor": 0.1,
+        },
+    )
     got = [step.learning_rate_at(t) for t in (0, 499, 500, 749, 750, 999)]
     np.testing.assert_allclose(got, [0.01, 0.01, 0.001, 0.001, 1e-4, 1e-4], rtol=1e-12)
     const = get_config("fashion", "noniid", {"lr_schedule": "constant"})
@@ -250,8 +269,9 @@ def test_keras_renorm_arm_matches_the_oracle_through_the_schedule():
     sched = ClipSchedule(rmax=2.0, dmax=1.0, warmup_steps=2, rmax_steps=6, dmax_steps=5)
     layer = ScheduledKerasRenorm(sched, momentum=0.6, epsilon=1e-3, dtype="float64")
     layer.build((None, 4, 4, 3))
-    ref = BatchRenormReference(3, momentum=0.6, epsilon=1e-3, rmax=2.0, dmax=1.0, warmup_steps=2, rmax_steps=6,
-                               dmax_steps=5)
+    ref = BatchRenormReference(
+        3, momentum=0.6, epsilon=1e-3, rmax=2.0, dmax=1.0, warmup_steps=2, rmax_steps=6, dmax_steps=5
+    )
     rng = np.random.default_rng(0)
     clipped = []
     for t in range(9):
@@ -278,8 +298,9 @@ def test_keras_renorm_arm_matches_the_oracle_through_the_schedule():
         clipped.append(ref.r_clipped + ref.d_clipped)
     assert sum(clipped[3:]) > 0  # the schedule opened and the clip was exercised
     x = rng.normal(size=(5, 4, 4, 3))
-    np.testing.assert_allclose(layer(tf.constant(x), training=False).numpy(),
-                               (x - ref.mean) / ref.stddev, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        layer(tf.constant(x), training=False).numpy(), (x - ref.mean) / ref.stddev, rtol=1e-10, atol=1e-10
+    )
 
 
 def test_keras_arm_refuses_micro_batches():
@@ -308,15 +329,31 @@ def test_small_fashion_run_logs_test_lag_and_learning_rate(tmp_path, monkeypatch
 
     write_small_fashion(tmp_path / "fm")
     # The small files are not the real dataset: read them through the loader with their own sums.
-    sums = {k: D.md5sum(D._read_maybe_gzip(tmp_path / "fm" / (D.FASHION_MNIST_FILES[k][0] + ".gz")))
-            for k in SMALL}
-    small = dataclasses.replace(D.DATASETS["fashion_mnist"], load=lambda data_dir, cache, download, **_:
-                                D.load_fashion_mnist(data_dir, checksums=sums, shapes=SMALL))
+    sums = {k: D.md5sum(D._read_maybe_gzip(tmp_path / "fm" / (D.FASHION_MNIST_FILES[k][0] + ".gz"))) for k in SMALL}
+    small = dataclasses.replace(
+        D.DATASETS["fashion_mnist"],
+        load=lambda data_dir, cache, download, **_: D.load_fashion_mnist(data_dir, checksums=sums, shapes=SMALL),
+    )
     monkeypatch.setitem(D.DATASETS, "fashion_mnist", small)
-    cfg = get_config("fashion", "noniid", {
-        "data_dir": str(tmp_path / "fm"), "val_examples": 20, "arms": "bn,brn,keras_brn", "seeds": "0",
-        "steps": 6, "eval_every": 3, "checkpoint_every": 3, "width": 2, "eval_train_examples": 16,
-        "eval_lag_examples": 24, "labels_per_batch": 4, "per_label": 2, "batch_size": 8})
+    cfg = get_config(
+        "fashion",
+        "noniid",
+        {
+            "data_dir": str(tmp_path / "fm"),
+            "val_examples": 20,
+            "arms": "bn,brn,keras_brn",
+            "seeds": "0",
+            "steps": 6,
+            "eval_every": 3,
+            "checkpoint_every": 3,
+            "width": 2,
+            "eval_train_examples": 16,
+            "eval_lag_examples": 24,
+            "labels_per_batch": 4,
+            "per_label": 2,
+            "batch_size": 8,
+        },
+    )
     report = run_experiment(cfg, tmp_path / "out", progress=False, log=lambda m: None)
     rows = {arm: read_metrics(tmp_path / "out" / "runs" / arm / "seed0" / "metrics.csv") for arm in cfg.arms}
     assert tuple(rows["bn"][0]) == metric_columns(cfg)
@@ -326,8 +363,9 @@ def test_small_fashion_run_logs_test_lag_and_learning_rate(tmp_path, monkeypatch
             assert all(math.isfinite(r[c]) and r[c] >= 0 for c in EXTRA_METRIC_COLUMNS["lag"])
             assert r["learning_rate"] == pytest.approx(cfg.learning_rate_at(r["step"] - 1))
             # 20 validation images and 20 test images: accuracies are multiples of 1/20.
-            assert (r["val_accuracy"] * 20) % 1 == pytest.approx(0.0, abs=1e-9) or \
-                   (r["val_accuracy"] * 20) % 1 == pytest.approx(1.0, abs=1e-9)
+            assert (r["val_accuracy"] * 20) % 1 == pytest.approx(0.0, abs=1e-9) or (
+                r["val_accuracy"] * 20
+            ) % 1 == pytest.approx(1.0, abs=1e-9)
     # Keras's renorm and ours: same seed, same batches, same maths (float32 rounding apart).
     for a, b in zip(rows["brn"], rows["keras_brn"]):
         for col in ("train_loss", "val_loss", "test_loss", "train_eval_loss", "lag_mean_norm2", "lag_std_norm4"):
@@ -411,8 +449,11 @@ def test_report_intervals_and_paired_differences(tmp_path):
 
 
 def test_old_and_new_metric_layouts_are_read(tmp_path):
-    for cols in (METRIC_COLUMNS, METRIC_COLUMNS + EXTRA_METRIC_COLUMNS["test"] + EXTRA_METRIC_COLUMNS["lag"],
-                 metric_columns(get_config("fashion", "noniid"))):
+    for cols in (
+        METRIC_COLUMNS,
+        METRIC_COLUMNS + EXTRA_METRIC_COLUMNS["test"] + EXTRA_METRIC_COLUMNS["lag"],
+        metric_columns(get_config("fashion", "noniid")),
+    ):
         p = tmp_path / "m.csv"
         p.write_text(",".join(cols) + "\n" + ",".join("1" for _ in cols) + "\n")
         assert tuple(read_metrics(p)[0]) == cols
@@ -441,18 +482,26 @@ def test_compare_pairs_the_same_arm_across_two_folders(tmp_path):
     from renorm_repro.report import compare, compare_table
 
     cfg = get_config("fashion", "iid", {"arms": "bn,brn", "seeds": "0,1,2,3,4"})
-    _fake_experiment(tmp_path / "const", cfg, {"bn": {s: 0.80 + 0.01 * s for s in range(5)},
-                                               "brn": {s: 0.70 + 0.02 * s for s in range(5)}})
-    _fake_experiment(tmp_path / "cos", cfg, {"bn": {s: 0.81 + 0.01 * s for s in range(5)},
-                                             "brn": {s: 0.75 + 0.02 * s for s in range(5)}})
+    _fake_experiment(
+        tmp_path / "const",
+        cfg,
+        {"bn": {s: 0.80 + 0.01 * s for s in range(5)}, "brn": {s: 0.70 + 0.02 * s for s in range(5)}},
+    )
+    _fake_experiment(
+        tmp_path / "cos",
+        cfg,
+        {"bn": {s: 0.81 + 0.01 * s for s in range(5)}, "brn": {s: 0.75 + 0.02 * s for s in range(5)}},
+    )
     res = compare(tmp_path / "const", tmp_path / "cos", scalars=["test_final"])
     by_arm = {r["arm"]: r for r in res["rows"]}
     # bn's seed 4 is unfinished in both folders: 4 pairs; brn: 5 pairs, each +0.05.
     assert by_arm["bn"]["diff"]["n"] == 4 and by_arm["bn"]["diff"]["mean"] == pytest.approx(0.01)
     assert by_arm["brn"]["diff"]["n"] == 5 and by_arm["brn"]["diff"]["mean"] == pytest.approx(0.05)
     assert by_arm["brn"]["diff"]["half_width"] == pytest.approx(0.0, abs=1e-12)  # the same gain on every seed
-    assert "| Batch Renorm | test_final | 74.00 [70.07, 77.93] | 79.00 [75.07, 82.93] | 5.00 [5.00, 5.00], 5/5 |" \
+    assert (
+        "| Batch Renorm | test_final | 74.00 [70.07, 77.93] | 79.00 [75.07, 82.93] | 5.00 [5.00, 5.00], 5/5 |"
         in compare_table(res)
+    )
     with pytest.raises(RunDirError, match=r"arms \['keras_brn'\] are not in both"):
         compare(tmp_path / "const", tmp_path / "cos", arms=["keras_brn"])
 
@@ -470,13 +519,27 @@ def test_cli_compare_writes_table_and_figure(tmp_path, capsys):
     cfg = get_config("fashion", "iid", {"arms": "bn,brn", "seeds": "0,1,2,3,4"})
     _fake_experiment(tmp_path / "const", cfg, {"bn": {s: 0.80 for s in range(5)}, "brn": {s: 0.70 for s in range(5)}})
     _fake_experiment(tmp_path / "cos", cfg, {"bn": {s: 0.81 for s in range(5)}, "brn": {s: 0.75 for s in range(5)}})
-    rc = main(["compare", "--a", str(tmp_path / "const"), "--b", str(tmp_path / "cos"), "--arms", "brn",
-               "--figure", str(tmp_path / "fig.png"), "--table", str(tmp_path / "t.md")])
+    rc = main(
+        [
+            "compare",
+            "--a",
+            str(tmp_path / "const"),
+            "--b",
+            str(tmp_path / "cos"),
+            "--arms",
+            "brn",
+            "--figure",
+            str(tmp_path / "fig.png"),
+            "--table",
+            str(tmp_path / "t.md"),
+        ]
+    )
     assert rc == 0
     table = (tmp_path / "t.md").read_text()
     assert "| Batch Renorm | test_final | 70.00 (" not in table  # 5 seeds: intervals, not single runs
-    assert ("| Batch Renorm | test_final | 70.00 [70.00, 70.00] | 75.00 [75.00, 75.00] | 5.00 [5.00, 5.00], 5/5 |"
-            in table)
+    assert (
+        "| Batch Renorm | test_final | 70.00 [70.00, 70.00] | 75.00 [75.00, 75.00] | 5.00 [5.00, 5.00], 5/5 |" in table
+    )
     assert "Batch Norm" not in table.split("\n", 3)[-1]  # --arms brn only
     assert (tmp_path / "fig.png").stat().st_size > 1000 and (tmp_path / "fig.svg").is_file()
     rc = main(["compare", "--a", str(tmp_path / "const"), "--b", str(tmp_path / "cos"), "--arms", "keras_brn"])

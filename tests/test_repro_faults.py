@@ -40,9 +40,27 @@ STEPS = 12
 
 
 def _args(out, cache, *extra):
-    return ["run", "--experiment", "noniid", "--preset", "smoke", "--arms", "brn", "--steps", str(STEPS),
-            "--eval-every", "2", "--checkpoint-every", "4", "--cache-dir", str(cache), "--no-progress",
-            "--out", str(out), *extra]
+    return [
+        "run",
+        "--experiment",
+        "noniid",
+        "--preset",
+        "smoke",
+        "--arms",
+        "brn",
+        "--steps",
+        str(STEPS),
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "4",
+        "--cache-dir",
+        str(cache),
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _rdir(out):
@@ -126,7 +144,7 @@ def test_metrics_log_writes_whole_lines_and_rewrites_by_rename(tmp_path):
     with pytest.raises(RunDirError, match=r"has rows at steps 2, which are not evaluation steps"):
         MetricsLog(tmp_path / "m.csv", cols).start(4, [4])
     header = raw[: raw.index(b"\r\n") + 2]
-    (tmp_path / "m.csv").write_bytes(header + b"2,0.5\x00\x00\x00\r\n" + raw[raw.index(b"4,"):])
+    (tmp_path / "m.csv").write_bytes(header + b"2,0.5\x00\x00\x00\r\n" + raw[raw.index(b"4,") :])
     with pytest.raises(RunDirError, match=r"line 2 is damaged"):
         read_metrics(tmp_path / "m.csv")
 
@@ -191,8 +209,10 @@ def test_an_unfinished_first_save_starts_the_run_over_and_says_so(tmp_path, cach
 # ------------------------------------------------------------------ item 8: the lock
 def test_a_second_process_on_the_same_folder_is_refused(stopped, cache, capsys):
     before = (_rdir(stopped) / "metrics.csv").read_bytes()
-    code = ("import sys, time; from renorm_repro.runs import ExperimentLock; ExperimentLock(sys.argv[1]).acquire(); "
-            "print('locked', flush=True); time.sleep(120)")
+    code = (
+        "import sys, time; from renorm_repro.runs import ExperimentLock; ExperimentLock(sys.argv[1]).acquire(); "
+        "print('locked', flush=True); time.sleep(120)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(stopped)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -231,6 +251,7 @@ def _fake_loader(good, real=D.load_dataset):
         if data_dir != str(good):
             raise D.DataError(f"Could not download CIFAR-100 to {data_dir} (no network).")
         return real("synthetic", cache_dir=cache_dir, num_train=128, num_test=64, num_classes=4)
+
     return load
 
 
@@ -255,9 +276,19 @@ def test_a_failed_data_load_can_be_retried_with_a_corrected_source(tmp_path, cac
 
     for extra in (["--resume"], []):
         out = tmp_path / f"old{len(extra)}"
-        bad = C.get_config("smoke", "noniid", {"arms": "brn", "steps": STEPS, "eval_every": 2, "checkpoint_every": 4,
-                                               "cache_dir": str(cache), "dataset": "cifar100",
-                                               "data_dir": str(tmp_path / "nowhere")})
+        bad = C.get_config(
+            "smoke",
+            "noniid",
+            {
+                "arms": "brn",
+                "steps": STEPS,
+                "eval_every": 2,
+                "checkpoint_every": 4,
+                "cache_dir": str(cache),
+                "dataset": "cifar100",
+                "data_dir": str(tmp_path / "nowhere"),
+            },
+        )
         prepare_experiment_dir(out, bad, resume=False)
         rc, cap = run(good, *extra)
         assert rc == 0, cap.err
@@ -296,8 +327,10 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, cache, capsys, mo
     def full(self, checkpoint_number=None, **kw):
         if checkpoint_number == 8:
             raise tf.errors.ResourceExhaustedError(
-                None, None, f"{out}/ckpt-8_temp/part-00000-of-00001.data-00000-of-00001.tempstate1; "
-                            f"No space left on device")
+                None,
+                None,
+                f"{out}/ckpt-8_temp/part-00000-of-00001.data-00000-of-00001.tempstate1; No space left on device",
+            )
         return real_save(self, checkpoint_number=checkpoint_number, **kw)
 
     monkeypatch.setattr(tf.train.CheckpointManager, "save", full)
@@ -313,8 +346,10 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, cache, capsys, mo
     monkeypatch.setattr(MetricsLog, "append", no_space)
     assert main(_args(out, cache, "--resume")) == 1
     err = _one_line(capsys.readouterr().err)
-    assert err == f"renorm-repro: error: No space left on device: {_rdir(out) / 'metrics.csv'}; once fixed, " \
-                  f"continue with --resume"
+    assert (
+        err == f"renorm-repro: error: No space left on device: {_rdir(out) / 'metrics.csv'}; once fixed, "
+        f"continue with --resume"
+    )
     monkeypatch.undo()
     _resume(out, cache, capsys)
     assert _rows(out) == reference
@@ -348,9 +383,13 @@ def test_run_help_lists_every_config_field_with_type_and_default(capsys):
         main(["run", "--experiment", "noniid", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for line in ("--steps                    INT        8000", "--seeds                    INT,...    0,1,2,3,4",
-                 "--labels-per-batch         INT        16", "--data-dir                 STR|none   none",
-                 "--eval-batch-stats         BOOL       true"):
+    for line in (
+        "--steps                    INT        8000",
+        "--seeds                    INT,...    0,1,2,3,4",
+        "--labels-per-batch         INT        16",
+        "--data-dir                 STR|none   none",
+        "--eval-batch-stats         BOOL       true",
+    ):
         assert line in text, line
     with pytest.raises(SystemExit):
         main(["show", "--preset", "smoke", "--help"])
@@ -359,8 +398,9 @@ def test_run_help_lists_every_config_field_with_type_and_default(capsys):
 
 def _repro(*args, timeout=300):
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    return subprocess.run([sys.executable, "-m", "renorm_repro.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "renorm_repro.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_tensorflow_start_up_lines_are_hidden_by_default():
@@ -405,8 +445,12 @@ def test_kill_9_at_any_point_then_resume_ends_with_the_same_metrics(tmp_path, ca
     killed = []
     for name, cond in kill_points:
         args = _args(out, cache, *(["--resume"] if (out / "config.json").exists() else []))
-        proc = subprocess.Popen([sys.executable, "-m", "renorm_repro.cli", *args],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "renorm_repro.cli", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         try:
             if _wait_for(proc, cond):
                 os.kill(proc.pid, signal.SIGKILL)
@@ -460,7 +504,7 @@ def _event_file(rdir):
 def _flip_8_bytes(f):
     data = bytearray(f.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + 8] = bytes(b ^ 0xFF for b in data[mid:mid + 8])
+    data[mid : mid + 8] = bytes(b ^ 0xFF for b in data[mid : mid + 8])
     f.write_bytes(bytes(data))
 
 
@@ -488,7 +532,7 @@ def test_a_damaged_event_file_is_reported_and_its_columns_rewritten(stopped, cac
             assert [v for _, v in events[c]] == [float(np.float32(r[c])) for r in rows], c
 
 
-@pytest.mark.parametrize("content", [b"{\"final_st", pytest.param(b"[1, 2]", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("content", [b'{"final_st', pytest.param(b"[1, 2]", marks=pytest.mark.slow)])
 def test_a_damaged_done_json_resumes_from_the_checkpoint(tmp_path, cache, capsys, reference, content):
     """Before: a JSONDecodeError traceback (or a TypeError); now the run is continued from its checkpoints."""
     out = tmp_path / "out"

@@ -31,11 +31,11 @@ def test_bn_arm_equals_keras_batch_norm_on_each_micro_batch(arm, k):
     ref = keras.layers.BatchNormalization(momentum=cfg.momentum, epsilon=cfg.epsilon)
     outs, dxs = [], []
     for g in range(64 // k):
-        xg = x[g * k:(g + 1) * k]
+        xg = x[g * k : (g + 1) * k]
         with tf.GradientTape() as tape:
             tape.watch(xg)
             yg = ref(xg, training=True)
-            lg = tf.reduce_sum(yg * dy[g * k:(g + 1) * k])
+            lg = tf.reduce_sum(yg * dy[g * k : (g + 1) * k])
         outs.append(yg)
         dxs.append(tape.gradient(lg, xg))
     np.testing.assert_allclose(ours.numpy(), tf.concat(outs, 0).numpy(), rtol=1e-4, atol=1e-4)
@@ -48,8 +48,13 @@ def test_bn_arm_equals_keras_batch_norm_on_each_micro_batch(arm, k):
 def test_brn_arm_uses_the_scaled_paper_schedule():
     cfg = C.get_config("seed")
     layer = make_norm_layer(cfg, "brn_micro")
-    assert (layer.rmax, layer.dmax, layer.warmup_steps, layer.rmax_steps, layer.dmax_steps) == \
-        (3.0, 5.0, 250, 2000, 1250)
+    assert (layer.rmax, layer.dmax, layer.warmup_steps, layer.rmax_steps, layer.dmax_steps) == (
+        3.0,
+        5.0,
+        250,
+        2000,
+        1250,
+    )
     assert layer.microbatch_size == 2 and layer.momentum == 0.99 and layer.epsilon == cfg.epsilon
 
 
@@ -99,13 +104,17 @@ def test_rerun_into_the_same_folder_is_refused(smoke_out, capsys):
     assert main(["run", "--preset", "smoke", "--out", str(out), "--cache-dir", str(cache)]) == 1
     assert "already holds an experiment" in capsys.readouterr().err
     # --resume with another config is refused too; nothing is overwritten.
-    assert main(["run", "--preset", "smoke", "--out", str(out), "--cache-dir", str(cache), "--resume",
-                 "--width", "4"]) == 1
+    assert (
+        main(["run", "--preset", "smoke", "--out", str(out), "--cache-dir", str(cache), "--resume", "--width", "4"])
+        == 1
+    )
     err = capsys.readouterr().err
     assert "config differs" in err and "width: 2 -> 4" in err
     # More --steps would extend it, but the preset's clipping schedule scales with steps: refused, saying why.
-    assert main(["run", "--preset", "smoke", "--out", str(out), "--cache-dir", str(cache), "--resume",
-                 "--steps", "16"]) == 1
+    assert (
+        main(["run", "--preset", "smoke", "--out", str(out), "--cache-dir", str(cache), "--resume", "--steps", "16"])
+        == 1
+    )
     err = capsys.readouterr().err
     assert "cannot continue exactly as if it had been started with 16 steps" in err and "paper_scaled" in err
     assert (out / "runs" / "bn_micro" / "seed0" / "metrics.csv").read_bytes() == before
@@ -129,8 +138,21 @@ def test_plot_reads_only_the_logs(smoke_out, tmp_path):
 
 def test_resume_after_a_kill_ends_with_identical_metrics(tmp_path, capsys):
     cache = str(tmp_path / "cache")
-    common = ["--preset", "smoke", "--cache-dir", cache, "--arms", "brn_micro", "--steps", "10",
-              "--eval-every", "2", "--checkpoint-every", "4", "--no-progress"]
+    common = [
+        "--preset",
+        "smoke",
+        "--cache-dir",
+        cache,
+        "--arms",
+        "brn_micro",
+        "--steps",
+        "10",
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "4",
+        "--no-progress",
+    ]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(["run", "--out", str(full)] + common) == 0
     # Killed after 7 steps: the last checkpoint is at step 4, rows for 6 were logged after it.
@@ -155,8 +177,17 @@ def test_resume_after_a_kill_ends_with_identical_metrics(tmp_path, capsys):
 
 
 def test_ema_and_rmsprop_options_run(tmp_path):
-    cfg = C.get_config("smoke", overrides={"arms": "brn_micro", "steps": 4, "eval_every": 2, "ema_decay": 0.9,
-                                           "optimizer": "rmsprop", "cache_dir": str(tmp_path / "cache")})
+    cfg = C.get_config(
+        "smoke",
+        overrides={
+            "arms": "brn_micro",
+            "steps": 4,
+            "eval_every": 2,
+            "ema_decay": 0.9,
+            "optimizer": "rmsprop",
+            "cache_dir": str(tmp_path / "cache"),
+        },
+    )
     from renorm_repro.cli import run_experiment
 
     report = run_experiment(cfg, tmp_path / "out", progress=False, log=lambda m: None)
@@ -168,9 +199,17 @@ def test_ema_and_rmsprop_options_run(tmp_path):
 
 
 def test_mirrored_strategy_and_mixed_precision_run(tmp_path):
-    cfg = C.get_config("smoke", overrides={"arms": "brn_micro", "steps": 2, "eval_every": 2,
-                                           "strategy": "mirrored", "precision": "mixed_bfloat16",
-                                           "cache_dir": str(tmp_path / "cache")})
+    cfg = C.get_config(
+        "smoke",
+        overrides={
+            "arms": "brn_micro",
+            "steps": 2,
+            "eval_every": 2,
+            "strategy": "mirrored",
+            "precision": "mixed_bfloat16",
+            "cache_dir": str(tmp_path / "cache"),
+        },
+    )
     from renorm_repro.cli import run_experiment
 
     report = run_experiment(cfg, tmp_path / "out", progress=False, log=lambda m: None)
@@ -183,6 +222,8 @@ def test_mirrored_strategy_and_mixed_precision_run(tmp_path):
 def test_bench_measures_steps_per_second(capsys):
     assert main(["bench", "--preset", "smoke", "--bench-steps", "2"]) == 0
     out = capsys.readouterr().out
-    result = json.loads(out[out.index("{"):])
-    assert result["steps_per_s"] > 0 and result["train_flops_per_step"] == C.get_config("smoke").derived()[
-        "train_flops_per_step"]
+    result = json.loads(out[out.index("{") :])
+    assert (
+        result["steps_per_s"] > 0
+        and result["train_flops_per_step"] == C.get_config("smoke").derived()["train_flops_per_step"]
+    )

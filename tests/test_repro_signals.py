@@ -26,8 +26,13 @@ def _start(out, *extra, env=None, stderr=subprocess.PIPE):
     args = [*REPRO, "run", "--preset", "smoke", "--out", str(out), *extra]
     environ = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     environ.update(env or {})
-    return subprocess.Popen(args, stdout=subprocess.PIPE if stderr == subprocess.PIPE else stderr, stderr=stderr,
-                            env=environ, start_new_session=True)
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE if stderr == subprocess.PIPE else stderr,
+        stderr=stderr,
+        env=environ,
+        start_new_session=True,
+    )
 
 
 def _rows(out):
@@ -171,7 +176,7 @@ def test_on_a_terminal_the_bar_is_drawn_and_no_message_shares_its_line(tmp_path)
         line = next(ln for ln in text.split("\n") if marker in ln)
         before = line[: line.index(marker)].rsplit("\r", 1)[-1]
         assert before.strip() == "", repr(line)  # nothing of the bar before it on its (visible) line
-        assert "it/s" not in line[line.index(marker):] and "%|" not in line[line.index(marker):], repr(line)
+        assert "it/s" not in line[line.index(marker) :] and "%|" not in line[line.index(marker) :], repr(line)
 
 
 @pytest.mark.slow
@@ -181,7 +186,11 @@ def test_a_signal_after_an_interrupt_resumes_to_the_same_end(tmp_path):
     sent, rc, _, err = _signal_at(tmp_path, "resume", lambda t, o: _rows(o) >= 2, signal.SIGINT)
     out = tmp_path / "out-resume"
     assert sent and rc == 130, err
-    res = subprocess.run([*REPRO, "run", "--preset", "smoke", "--out", str(out), "--no-progress", "--resume"],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [*REPRO, "run", "--preset", "smoke", "--out", str(out), "--no-progress", "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert all((out / "runs" / arm / "seed0" / "done.json").is_file() for arm in ("bn_micro", "brn_micro", "bn_32"))

@@ -44,8 +44,15 @@ def test_pool_joins_seeds_of_two_folders_and_pairs_them(tmp_path):
     b_cfg = get_config("fashion", "iid", {"arms": "brn,keras_brn", "seeds": "3,4"})
     brn = {0: 0.80, 1: 0.82, 2: 0.84, 3: 0.70, 4: 0.90}
     keras = {0: 0.81, 1: 0.81, 2: 0.86, 3: 0.72, 4: 0.89}
-    _folder(tmp_path / "a", a_cfg, {"bn": {0: 0.9, 1: 0.9, 2: 0.9}, "brn": {s: brn[s] for s in (0, 1, 2)},
-                                    "keras_brn": {s: keras[s] for s in (0, 1, 2)}})
+    _folder(
+        tmp_path / "a",
+        a_cfg,
+        {
+            "bn": {0: 0.9, 1: 0.9, 2: 0.9},
+            "brn": {s: brn[s] for s in (0, 1, 2)},
+            "keras_brn": {s: keras[s] for s in (0, 1, 2)},
+        },
+    )
     _folder(tmp_path / "b", b_cfg, {"brn": {s: brn[s] for s in (3, 4)}, "keras_brn": {s: keras[s] for s in (3, 4)}})
     res = study.pool([tmp_path / "a", tmp_path / "b"])
     s = res["arms"]["brn"]["scalars"]["test_last4"]
@@ -64,8 +71,11 @@ def test_pool_joins_seeds_of_two_folders_and_pairs_them(tmp_path):
 def test_pool_refuses_other_experiments_and_seeds_given_twice(tmp_path):
     cfg = get_config("fashion", "iid", {"arms": "bn", "seeds": "0,1"})
     _folder(tmp_path / "a", cfg, {"bn": {0: 0.9, 1: 0.9}})
-    _folder(tmp_path / "b", get_config("fashion", "iid", {"arms": "bn", "seeds": "0,1", "momentum": "0.9"}),
-            {"bn": {0: 0.9, 1: 0.9}})
+    _folder(
+        tmp_path / "b",
+        get_config("fashion", "iid", {"arms": "bn", "seeds": "0,1", "momentum": "0.9"}),
+        {"bn": {0: 0.9, 1: 0.9}},
+    )
     with pytest.raises(RunDirError, match=r"config differs in momentum \(0.99 vs 0.9\)"):
         study.pool([tmp_path / "a", tmp_path / "b"])
     _folder(tmp_path / "c", get_config("fashion", "iid", {"arms": "bn", "seeds": "1,2"}), {"bn": {1: 0.9, 2: 0.9}})
@@ -77,16 +87,32 @@ def test_pool_refuses_other_experiments_and_seeds_given_twice(tmp_path):
 
 def _sweep_folders(tmp_path):
     seeds = {10: 0.0, 11: 0.01}
-    ref = _folder(tmp_path / "bn", get_config("fashion", "iid", {"arms": "bn", "seeds": "10,11"}),
-                  {"bn": {s: 0.90 + o for s, o in seeds.items()}})
+    ref = _folder(
+        tmp_path / "bn",
+        get_config("fashion", "iid", {"arms": "bn", "seeds": "10,11"}),
+        {"bn": {s: 0.90 + o for s, o in seeds.items()}},
+    )
     folders = []
     # val and test disagree on purpose: the best on test (tau 20) is not the best on validation (tau 10)
-    for tau, lim, acc, val_offset in ((1.25, (3, 5), 0.87, -0.01), (10, (1.5, 0.5), 0.895, -0.001),
-                                      (20, (1.5, 0.5), 0.899, -0.02)):
-        cfg = get_config("fashion", "iid", {"arms": "brn", "seeds": "10,11", "warmup_time_constants": str(tau),
-                                            "rmax": str(lim[0]), "dmax": str(lim[1])})
-        folders.append(_folder(tmp_path / f"tau{tau}", cfg, {"brn": {s: acc + o for s, o in seeds.items()}},
-                               val_offset=val_offset))
+    for tau, lim, acc, val_offset in (
+        (1.25, (3, 5), 0.87, -0.01),
+        (10, (1.5, 0.5), 0.895, -0.001),
+        (20, (1.5, 0.5), 0.899, -0.02),
+    ):
+        cfg = get_config(
+            "fashion",
+            "iid",
+            {
+                "arms": "brn",
+                "seeds": "10,11",
+                "warmup_time_constants": str(tau),
+                "rmax": str(lim[0]),
+                "dmax": str(lim[1]),
+            },
+        )
+        folders.append(
+            _folder(tmp_path / f"tau{tau}", cfg, {"brn": {s: acc + o for s, o in seeds.items()}}, val_offset=val_offset)
+        )
     return ref, folders
 
 
@@ -114,8 +140,21 @@ def test_pool_and_sweep_commands(tmp_path, capsys):
     ref, folders = _sweep_folders(tmp_path)
     table = tmp_path / "out" / "sweep.md"
     table.parent.mkdir()
-    assert main(["sweep", *map(str, folders), "--reference", str(ref), "--table", str(table),
-                 "--figure", str(tmp_path / "out" / "sweep.png")]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                *map(str, folders),
+                "--reference",
+                str(ref),
+                "--table",
+                str(table),
+                "--figure",
+                str(tmp_path / "out" / "sweep.png"),
+            ]
+        )
+        == 0
+    )
     assert "**tau10**" in table.read_text() and json.loads(table.with_suffix(".json").read_text())["chosen"] == "tau10"
     assert (tmp_path / "out" / "sweep.svg").is_file()
     capsys.readouterr()

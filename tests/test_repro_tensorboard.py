@@ -24,9 +24,29 @@ PER_LAYER = ("r_clipped", "d_clipped", "rmax", "dmax")
 
 
 def _args(out, cache, arms, *extra, steps=STEPS):
-    return ["run", "--experiment", "noniid", "--preset", "smoke", "--arms", arms, "--steps", str(steps),
-            "--eval-every", "2", "--checkpoint-every", "4", "--eval-lag-examples", "64", "--cache-dir", str(cache),
-            "--no-progress", "--out", str(out), *extra]
+    return [
+        "run",
+        "--experiment",
+        "noniid",
+        "--preset",
+        "smoke",
+        "--arms",
+        arms,
+        "--steps",
+        str(steps),
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "4",
+        "--eval-lag-examples",
+        "64",
+        "--cache-dir",
+        str(cache),
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def read_events(logdir):
@@ -166,6 +186,8 @@ def test_no_tensorboard_writes_no_event_files_and_a_later_resume_says_what_they_
     assert not (rdir / "tensorboard").exists()
     capsys.readouterr()
     assert main(_args(out, cache, "brn", "--resume", steps=6)) == 0  # with events from here on
-    assert "[brn seed0] the TensorBoard events lack steps 2..4 (2 evaluations; metrics.csv has them); " \
-           "continuing" in capsys.readouterr().out
+    assert (
+        "[brn seed0] the TensorBoard events lack steps 2..4 (2 evaluations; metrics.csv has them); "
+        "continuing" in capsys.readouterr().out
+    )
     assert {tag: [s for s, _ in pts] for tag, pts in read_events(rdir / "tensorboard").items()}["val_loss"] == [6]

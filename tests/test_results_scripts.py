@@ -25,9 +25,31 @@ def _script(name):
 def test_weight_norms_reads_each_runs_last_checkpoint(tmp_path, capsys):
     wn = _script("weight_norms")
     out = tmp_path / "exp"
-    assert main(["run", "--experiment", "noniid", "--preset", "smoke", "--arms", "bn,brn", "--seeds", "0,1",
-                 "--steps", "8", "--eval-every", "2", "--checkpoint-every", "4", "--no-progress",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--experiment",
+                "noniid",
+                "--preset",
+                "smoke",
+                "--arms",
+                "bn,brn",
+                "--seeds",
+                "0,1",
+                "--steps",
+                "8",
+                "--eval-every",
+                "2",
+                "--checkpoint-every",
+                "4",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     wn.main([str(out)])
     lines = capsys.readouterr().out.splitlines()
@@ -42,9 +64,14 @@ def test_weight_norms_reads_each_runs_last_checkpoint(tmp_path, capsys):
         assert float(cells[-1]) == pytest.approx(100 * np.mean(vals[-4:]), abs=0.006)
         # Every convolution of the model (4 layers), read back independently of the script.
         ckpt = tf.train.load_checkpoint(str(run / "checkpoints" / "ckpt-8"))
-        kernels = sorted((k for k, s in ckpt.get_variable_to_shape_map().items()
-                          if k.startswith("optimizer/_trainable_variables/") and len(s) == 4),
-                         key=lambda k: int(k.split("/")[2]))
+        kernels = sorted(
+            (
+                k
+                for k, s in ckpt.get_variable_to_shape_map().items()
+                if k.startswith("optimizer/_trainable_variables/") and len(s) == 4
+            ),
+            key=lambda k: int(k.split("/")[2]),
+        )
         assert len(kernels) == 4 == len(cells) - 3
         for key, cell in zip(kernels, cells[2:-1]):
             assert float(cell) == pytest.approx(np.linalg.norm(ckpt.get_tensor(key)), abs=0.006)

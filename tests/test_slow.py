@@ -32,18 +32,30 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Groups of 12 values per feature, momentum 0.99 (the default), the paper's
 # schedule shape at a small scale: batch norm for 20 steps, rmax 1 -> 3 by
 # step 150, dmax 0 -> 5 by step 100.
-LONG = Case("long_schedule", (16, 3, 2), microbatch_size=4, rmax=3.0, dmax=5.0, warmup_steps=20,
-            rmax_steps=150, dmax_steps=100, steps=200)
+LONG = Case(
+    "long_schedule",
+    (16, 3, 2),
+    microbatch_size=4,
+    rmax=3.0,
+    dmax=5.0,
+    warmup_steps=20,
+    rmax_steps=150,
+    dmax_steps=100,
+    steps=200,
+)
 # Tight limits, groups of 2 values: the clip is active at almost every step.
 LONG_TIGHT = Case("long_tight_mb2", (8, 4), microbatch_size=2, rmax=1.1, dmax=0.1, steps=200)
 
 
 # ----------------------------------------------------------------- many-step parity
-@pytest.mark.parametrize("case,dtype,mode", [
-    (LONG, "float64", "eager"),
-    (LONG, "float32", "function"),
-    (LONG_TIGHT, "float64", "function"),
-])
+@pytest.mark.parametrize(
+    "case,dtype,mode",
+    [
+        (LONG, "float64", "eager"),
+        (LONG, "float32", "function"),
+        (LONG_TIGHT, "float64", "function"),
+    ],
+)
 def test_tf_layer_matches_oracle_over_200_steps(case, dtype, mode):
     pytest.importorskip("tensorflow")
     from tf_helpers import check_against_oracle
@@ -105,7 +117,10 @@ def test_digits_iid_experiment_reproduces_committed_summary(tmp_path):
             assert abs(n[key] - o[key]) <= ACCURACY_TOL, (arm, key, n[key], o[key])
         assert n["runs_reaching_threshold"] == o["runs_reaching_threshold"]
         assert abs(n["steps_to_threshold_mean"] - o["steps_to_threshold_mean"]) <= STEPS_TOL, (
-            arm, n["steps_to_threshold_mean"], o["steps_to_threshold_mean"])
+            arm,
+            n["steps_to_threshold_mean"],
+            o["steps_to_threshold_mean"],
+        )
         curve_new = np.asarray(n["curves"]["val_accuracy"]["mean"])
         curve_old = np.asarray(o["curves"]["val_accuracy"]["mean"])
         assert curve_new.shape == curve_old.shape and np.all(np.isfinite(curve_new))

@@ -64,9 +64,7 @@ def test_feature_size_differs_from_built():
 
 def test_batch_not_divisible_is_checked_in_the_graph_when_batch_is_unknown():
     layer = BatchRenormalization(microbatch_size=2)
-    step = tf.function(
-        lambda x: layer(x, training=True), input_signature=[tf.TensorSpec([None, 3], tf.float32)]
-    )
+    step = tf.function(lambda x: layer(x, training=True), input_signature=[tf.TensorSpec([None, 3], tf.float32)])
     step(tf.ones((4, 3)))
     with pytest.raises(tf.errors.InvalidArgumentError, match="got a batch of 5 examples and microbatch_size=2"):
         step(tf.ones((5, 3)))
@@ -95,8 +93,18 @@ def test_functional_op_matches_oracle_and_touches_no_state():
     mean, std = tf.zeros(3, tf.float64), tf.ones(3, tf.float64)
     for x in xs:
         out = batch_renorm(
-            tf.constant(x), None, None, mean, std, training=True, rmax=1.3, dmax=0.3, momentum=0.9,
-            epsilon=1e-5, axis=1, microbatch_size=2,
+            tf.constant(x),
+            None,
+            None,
+            mean,
+            std,
+            training=True,
+            rmax=1.3,
+            dmax=0.3,
+            momentum=0.9,
+            epsilon=1e-5,
+            axis=1,
+            microbatch_size=2,
         )
         y_ref = ref.train(x)
         assert_close(out.y.numpy(), y_ref, "float64", "value", "y")
@@ -112,15 +120,37 @@ def test_functional_op_matches_oracle_and_touches_no_state():
 # ------------------------------------------------------------------ config
 def test_config_round_trip():
     layer = BatchRenormalization(
-        axis=1, momentum=0.9, epsilon=1e-4, center=False, rmax=2.0, dmax=1.0, warmup_steps=3, rmax_steps=8,
-        dmax_steps=6, microbatch_size=2, explicit_gradient=False, gamma_regularizer="l2",
-        moving_stddev_initializer="ones", name="brn",
+        axis=1,
+        momentum=0.9,
+        epsilon=1e-4,
+        center=False,
+        rmax=2.0,
+        dmax=1.0,
+        warmup_steps=3,
+        rmax_steps=8,
+        dmax_steps=6,
+        microbatch_size=2,
+        explicit_gradient=False,
+        gamma_regularizer="l2",
+        moving_stddev_initializer="ones",
+        name="brn",
     )
     config = layer.get_config()
     clone = BatchRenormalization.from_config(config)
     assert clone.get_config() == config
-    for key, value in dict(axis=1, momentum=0.9, epsilon=1e-4, center=False, rmax=2.0, dmax=1.0, warmup_steps=3,
-                           rmax_steps=8, dmax_steps=6, microbatch_size=2, explicit_gradient=False).items():
+    for key, value in dict(
+        axis=1,
+        momentum=0.9,
+        epsilon=1e-4,
+        center=False,
+        rmax=2.0,
+        dmax=1.0,
+        warmup_steps=3,
+        rmax_steps=8,
+        dmax_steps=6,
+        microbatch_size=2,
+        explicit_gradient=False,
+    ).items():
         assert config[key] == value and getattr(clone, key) == value, key
     # Registered: deserializable by name.
     assert keras.saving.get_registered_object("renorm>BatchRenormalization") is BatchRenormalization
@@ -130,7 +160,13 @@ def test_weights_names_and_order():
     layer = BatchRenormalization()
     layer.build((2, 3))
     assert [w.name for w in layer.weights] == [
-        "gamma", "beta", "moving_mean", "moving_stddev", "step", "r_clipped_fraction", "d_clipped_fraction",
+        "gamma",
+        "beta",
+        "moving_mean",
+        "moving_stddev",
+        "step",
+        "r_clipped_fraction",
+        "d_clipped_fraction",
     ]
     assert [w.name for w in layer.trainable_weights] == ["gamma", "beta"]
     layer = BatchRenormalization(center=False, scale=False)
@@ -174,14 +210,16 @@ def test_fit_learns_with_conv_and_microbatches():
     rng = np.random.default_rng(12)
     x = rng.standard_normal((16, 4, 4, 2)).astype(np.float32)
     target = rng.standard_normal((16, 1)).astype(np.float32)
-    model = keras.Sequential([
-        keras.Input((4, 4, 2)),
-        keras.layers.Conv2D(3, 3, padding="same"),
-        BatchRenormalization(microbatch_size=4),
-        keras.layers.ReLU(),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(1),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((4, 4, 2)),
+            keras.layers.Conv2D(3, 3, padding="same"),
+            BatchRenormalization(microbatch_size=4),
+            keras.layers.ReLU(),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(1),
+        ]
+    )
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
     before = [w.numpy().copy() for w in model.layers[1].trainable_weights]
     model.fit(x, target, batch_size=8, epochs=1, verbose=0)
@@ -215,8 +253,9 @@ def test_keras_save_and_load_restore_exactly(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     np.testing.assert_array_equal(loaded(x_eval, training=False).numpy(), model(x_eval, training=False).numpy())
     # Training continues identically (the restored step drives the schedule).
-    np.testing.assert_array_equal(new(tf.constant(xs[3]), training=True).numpy(),
-                                  layer(tf.constant(xs[3]), training=True).numpy())
+    np.testing.assert_array_equal(
+        new(tf.constant(xs[3]), training=True).numpy(), layer(tf.constant(xs[3]), training=True).numpy()
+    )
     np.testing.assert_array_equal(new.moving_stddev.numpy(), layer.moving_stddev.numpy())
 
 
@@ -239,8 +278,14 @@ def test_tf_checkpoint_round_trip(tmp_path):
 def _run(code: str, env_extra=None, timeout=180):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
     env.update(env_extra or {})
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -300,7 +345,9 @@ def replica_train_step(layer):
     return step
 """
 
-DISTRIBUTED = MIRRORED_PRELUDE + """
+DISTRIBUTED = (
+    MIRRORED_PRELUDE
+    + """
 assert strategy.num_replicas_in_sync == 2
 rng = np.random.default_rng(0)
 xs = [rng.normal(1.0, 2.0, (8, 3)) * rng.uniform(0.5, 2, 3) for _ in range(3)]
@@ -339,6 +386,7 @@ for synchronized in (True, False):
             assert int(v.numpy()) == ref.step, (int(v.numpy()), ref.step)
     print("OK", synchronized)
 """
+)
 
 
 def test_mirrored_strategy_two_cpu_replicas():
@@ -402,8 +450,10 @@ def test_empty_batch_gives_empty_output_and_leaves_state_unchanged(kwargs, mode)
 def test_empty_batch_functional_op(kwargs):
     mean, std = tf.constant([1.0, -2.0, 0.5]), tf.constant([2.0, 0.5, 1.0])
     for spec in ([None, 3], [0, 3]):
-        fn = tf.function(lambda x: batch_renorm(x, tf.ones(3), tf.zeros(3), mean, std, training=True, **kwargs),
-                         input_signature=[tf.TensorSpec(spec, tf.float32)])
+        fn = tf.function(
+            lambda x: batch_renorm(x, tf.ones(3), tf.zeros(3), mean, std, training=True, **kwargs),
+            input_signature=[tf.TensorSpec(spec, tf.float32)],
+        )
         out = fn(tf.zeros((0, 3)))
         assert out.y.shape == (0, 3)
         np.testing.assert_array_equal(out.moving_mean.numpy(), mean.numpy())
@@ -414,7 +464,9 @@ def test_empty_batch_functional_op(kwargs):
     assert not bool(out.empty)
 
 
-UNEVEN = MIRRORED_PRELUDE + """
+UNEVEN = (
+    MIRRORED_PRELUDE
+    + """
 rng = np.random.default_rng(0)
 x = rng.normal(1.0, 2.0, (9, 2, 3)) * rng.uniform(0.5, 2, 3)
 dy = rng.standard_normal((9, 2, 3))
@@ -479,6 +531,7 @@ for kw in (dict(microbatch_size=1), dict(synchronized=True), dict()):
         assert_close(layer.moving_stddev.numpy(), ref.stddev, "float32", "value", "fit stddev")
     print("FIT OK", kw)
 """
+)
 
 
 def test_mirrored_strategy_uneven_last_batch():
@@ -508,8 +561,9 @@ def test_too_few_values_is_checked_in_the_graph_when_other_dims_are_unknown(spec
         step(tf.ones(x_shape))
     for w, v in zip(layer.non_trainable_weights, before):
         np.testing.assert_array_equal(w.numpy(), v, err_msg=w.name)
-    fn = tf.function(lambda x: batch_renorm(x, None, None, tf.zeros(3), tf.ones(3), training=True, **kwargs),
-                     input_signature=sig)
+    fn = tf.function(
+        lambda x: batch_renorm(x, None, None, tf.zeros(3), tf.ones(3), training=True, **kwargs), input_signature=sig
+    )
     with pytest.raises(tf.errors.InvalidArgumentError, match=words):
         fn(tf.ones(x_shape))
     # Enough values per group through the same traces.
@@ -551,8 +605,7 @@ def test_functional_op_checks_python_limits(limits, exc, words):
 @pytest.mark.parametrize("mode", ["eager", "function"])
 def test_functional_op_checks_tensor_limits_in_the_graph(limits, words, mode):
     def fn(rmax, dmax):
-        return batch_renorm(tf.ones((4, 3)), None, None, tf.zeros(3), tf.ones(3), training=True, rmax=rmax,
-                            dmax=dmax).y
+        return batch_renorm(tf.ones((4, 3)), None, None, tf.zeros(3), tf.ones(3), training=True, rmax=rmax, dmax=dmax).y
 
     if mode == "function":
         fn = tf.function(fn)
@@ -565,9 +618,11 @@ def test_functional_op_checks_tensor_limits_in_the_graph(limits, words, mode):
 
 # -------------------------------------------------- overflowing statistics (issue 11)
 @pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
-@pytest.mark.parametrize("kwargs", [dict(), dict(fused=False), dict(explicit_gradient=False),
-                                    dict(microbatch_size=2), dict(synchronized=True)],
-                         ids=["fused", "generic", "autodiff", "microbatch", "synchronized"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(fused=False), dict(explicit_gradient=False), dict(microbatch_size=2), dict(synchronized=True)],
+    ids=["fused", "generic", "autodiff", "microbatch", "synchronized"],
+)
 def test_overflowing_statistics_give_nan_output(kwargs):
     """float32 |x - mean| ~ 1e20 overflows the variance: NaN output for that feature (as the oracle), never ±dmax."""
     rng = np.random.default_rng(14)
@@ -577,8 +632,9 @@ def test_overflowing_statistics_give_nan_output(kwargs):
     layer.build((None, 3))
     before = [w.numpy().copy() for w in (layer.moving_mean, layer.moving_stddev)]
     y = layer(tf.constant(x), training=True).numpy()
-    ref = BatchRenormReference(3, momentum=0.5, epsilon=1e-3, dtype=np.float32,
-                               microbatch_size=kwargs.get("microbatch_size"))
+    ref = BatchRenormReference(
+        3, momentum=0.5, epsilon=1e-3, dtype=np.float32, microbatch_size=kwargs.get("microbatch_size")
+    )
     y_ref = ref.train(x)
     assert np.isnan(y_ref[:, 1]).all()
     assert np.isnan(y[:, 1]).all(), y

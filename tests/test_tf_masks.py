@@ -83,8 +83,10 @@ def test_masked_unknown_batch_size_and_nothing_selected_in_a_graph():
     """One trace for every batch size; a mask selecting nothing is decided when the graph runs: no step."""
     case = next(c for c in MASK_CASES if c.name == "dense_mb4_tight")
     layer, ref = make_pair(case, 5, momentum=0.5)
-    step = tf.function(lambda x, m: layer(x, training=True, mask=m),
-                       input_signature=[tf.TensorSpec([None, 3], tf.float64), tf.TensorSpec([None], tf.bool)])
+    step = tf.function(
+        lambda x, m: layer(x, training=True, mask=m),
+        input_signature=[tf.TensorSpec([None, 3], tf.float64), tf.TensorSpec([None], tf.bool)],
+    )
     xs, _, _ = make_steps(case, 5)
     rng = np.random.default_rng(5)
     for x, mask in [(xs[0], rng.random(8) < 0.7), (xs[1][:4], np.zeros(4, bool)), (xs[2], np.ones(8, bool))]:
@@ -108,14 +110,17 @@ def test_mask_from_embedding_reaches_the_layer_and_is_passed_on():
 
     def model(norm):
         inp = keras.Input((6,), dtype="int32")
-        emb = keras.layers.Embedding(20, 3, mask_zero=True, embeddings_initializer=keras.initializers.RandomNormal(
-            1.0, 2.0, seed=3))
+        emb = keras.layers.Embedding(
+            20, 3, mask_zero=True, embeddings_initializer=keras.initializers.RandomNormal(1.0, 2.0, seed=3)
+        )
         h = norm(emb(inp))
         out = keras.layers.GlobalAveragePooling1D()(h)  # mask-aware: averages over the kept steps
         return keras.Model(inp, [h, out]), emb
 
-    (ours, emb), (bn, emb_bn) = model(BatchRenormalization(rmax=1.0, dmax=0.0, momentum=0.5)), \
-        model(keras.layers.BatchNormalization(momentum=0.5))
+    (ours, emb), (bn, emb_bn) = (
+        model(BatchRenormalization(rmax=1.0, dmax=0.0, momentum=0.5)),
+        model(keras.layers.BatchNormalization(momentum=0.5)),
+    )
     emb_bn.set_weights(emb.get_weights())
     (h, pooled), (h_bn, pooled_bn) = ours(tokens, training=True), bn(tokens, training=True)
     assert_close(h.numpy(), h_bn.numpy(), "float32", "value", "y")
@@ -154,26 +159,46 @@ def test_batch_renorm_function_takes_a_mask():
     mask = rng.random((8, 2)) < 0.7
     mask[4:] = False  # the second micro-batch selects nothing
     mean, std = rng.normal(size=4), rng.uniform(0.5, 2.0, 4)
-    out = batch_renorm(tf.constant(x), None, None, tf.constant(mean), tf.constant(std), training=True, rmax=1.5,
-                       dmax=0.5, momentum=0.5, microbatch_size=4, mask=mask.astype(np.float32))  # nonzero selects
-    ref = BatchRenormReference(4, momentum=0.5, epsilon=1e-3, rmax=1.5, dmax=0.5, microbatch_size=4, mean=mean,
-                               stddev=std)
+    out = batch_renorm(
+        tf.constant(x),
+        None,
+        None,
+        tf.constant(mean),
+        tf.constant(std),
+        training=True,
+        rmax=1.5,
+        dmax=0.5,
+        momentum=0.5,
+        microbatch_size=4,
+        mask=mask.astype(np.float32),
+    )  # nonzero selects
+    ref = BatchRenormReference(
+        4, momentum=0.5, epsilon=1e-3, rmax=1.5, dmax=0.5, microbatch_size=4, mean=mean, stddev=std
+    )
     assert_close(out.y.numpy(), ref.train(x, mask=mask[..., None]), "float64", "value", "y")
     assert_close(out.moving_mean.numpy(), ref.mean, "float64", "value", "mean")
     assert_close(out.moving_stddev.numpy(), ref.stddev, "float64", "value", "stddev")
     assert not bool(out.empty)
-    none = batch_renorm(tf.constant(x), None, None, tf.constant(mean), tf.constant(std), training=True,
-                        mask=np.zeros((8, 2), bool))
+    none = batch_renorm(
+        tf.constant(x), None, None, tf.constant(mean), tf.constant(std), training=True, mask=np.zeros((8, 2), bool)
+    )
     assert bool(none.empty)
     np.testing.assert_array_equal(none.moving_mean.numpy(), mean)
 
 
-@pytest.mark.parametrize("mask, exc, match", [
-    (np.ones((4, 3, 2), bool), ValueError, r"`mask` must have a shape equal to the input's shape without its "
-                                           r"feature axis -1, \(4, 3\).*got a mask of shape \(4, 3, 2\)"),
-    (np.ones((4, 2), bool), ValueError, r"`mask`.*\(4, 2\) for an input of shape \(4, 3, 2\)"),
-    (np.array([["a"] * 3] * 4), TypeError, "`mask` must be boolean.*dtype string"),
-])
+@pytest.mark.parametrize(
+    "mask, exc, match",
+    [
+        (
+            np.ones((4, 3, 2), bool),
+            ValueError,
+            r"`mask` must have a shape equal to the input's shape without its "
+            r"feature axis -1, \(4, 3\).*got a mask of shape \(4, 3, 2\)",
+        ),
+        (np.ones((4, 2), bool), ValueError, r"`mask`.*\(4, 2\) for an input of shape \(4, 3, 2\)"),
+        (np.array([["a"] * 3] * 4), TypeError, "`mask` must be boolean.*dtype string"),
+    ],
+)
 def test_mask_errors(mask, exc, match):
     layer = BatchRenormalization()
     x = tf.ones((4, 3, 2))
@@ -190,7 +215,9 @@ def test_mask_with_fused_true_is_an_error():
         layer(tf.ones((4, 2, 2, 3)), training=True, mask=tf.ones((4, 2, 2), bool))
 
 
-SYNCHRONIZED_MASKED = MIRRORED_PRELUDE + """
+SYNCHRONIZED_MASKED = (
+    MIRRORED_PRELUDE
+    + """
 rng = np.random.default_rng(1)
 with strategy.scope():
     layer = BatchRenormalization(momentum=0.5, rmax=1.2, dmax=0.3, synchronized=True, dtype="float64")
@@ -223,6 +250,7 @@ for _ in range(2):
         assert_close(v.numpy(), ref.stddev, "float64", "value", "stddev")
 print("OK masked")
 """
+)
 
 
 def test_synchronized_mask_pools_sums_and_counts_over_replicas():

@@ -168,7 +168,11 @@ def test_offset_data_float32(shape, microbatch_size):
     from renorm.numpy_ref import BatchRenormReference
 
     ref = BatchRenormReference(
-        c, momentum=0.99, epsilon=1e-6, mean=np.full(c, 1000.0), stddev=np.full(c, 0.01),
+        c,
+        momentum=0.99,
+        epsilon=1e-6,
+        mean=np.full(c, 1000.0),
+        stddev=np.full(c, 0.01),
         microbatch_size=microbatch_size,
     )
     with tf.GradientTape() as tape:

@@ -11,8 +11,25 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def test_layers_torch_quick_run(tmp_path):
     out = tmp_path / "layers_torch.json"
-    subprocess.run([sys.executable, "-m", "benchmarks.layers_torch", "--quick", "--no-compile", "--rounds", "2",
-                    "--warmup", "1", "--out", str(out)], check=True, capture_output=True, cwd=REPO, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.layers_torch",
+            "--quick",
+            "--no-compile",
+            "--rounds",
+            "2",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+        timeout=300,
+    )
     data = json.loads(out.read_text())
     assert data["full"] is False and data["suite"] == "layers_torch"
     names = {(r["shape"], r["candidate"]) for r in data["rows"]}

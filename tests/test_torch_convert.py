@@ -136,8 +136,12 @@ def test_converted_resnet_with_rmax1_dmax0_trains_as_batch_norm():
 
 
 def test_convert_carries_options_flags_and_sync():
-    seq = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, eps=1e-3, momentum=None, affine=True),
-                        nn.SyncBatchNorm(4, track_running_stats=False), nn.BatchNorm3d(4, affine=False))
+    seq = nn.Sequential(
+        nn.Linear(3, 4),
+        nn.BatchNorm1d(4, eps=1e-3, momentum=None, affine=True),
+        nn.SyncBatchNorm(4, track_running_stats=False),
+        nn.BatchNorm3d(4, affine=False),
+    )
     seq[1].weight.requires_grad_(False)
     out = convert_batch_norm(seq, rmax=1.5)
     assert out is seq  # in place, as SyncBatchNorm.convert_sync_batchnorm

@@ -44,21 +44,28 @@ def _worker() -> None:
 
     rank, world = int(os.environ["MW_INDEX"]), int(os.environ["MW_COUNT"])
     port = os.environ["MW_PORTS"].split(",")[0]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
     k = SHAPE[0] // world
     rows = slice(rank * k, (rank + 1) * k)
     c = SHAPE[1]
 
     def check(name, synchronized, explicit):
         rng = np.random.default_rng(0)  # the same draws on every process
-        p = dict(gamma=rng.uniform(0.5, 1.5, c), beta=rng.normal(0, 0.5, c), mean=rng.normal(0, 1, c),
-                 stddev=rng.uniform(0.5, 2.0, c))
+        p = dict(
+            gamma=rng.uniform(0.5, 1.5, c),
+            beta=rng.normal(0, 0.5, c),
+            mean=rng.normal(0, 1, c),
+            stddev=rng.uniform(0.5, 2.0, c),
+        )
         kw = dict(rmax=1.3, dmax=0.2)
-        ref = BatchRenormReference(c, momentum=0.5, epsilon=1e-5, axis=1,
-                                   microbatch_size=None if synchronized else k, **kw, **p)
-        m = BatchRenorm2d(c, momentum=0.5, dtype=torch.float64, synchronized=synchronized,
-                          explicit_backward=explicit, **kw)
+        ref = BatchRenormReference(
+            c, momentum=0.5, epsilon=1e-5, axis=1, microbatch_size=None if synchronized else k, **kw, **p
+        )
+        m = BatchRenorm2d(
+            c, momentum=0.5, dtype=torch.float64, synchronized=synchronized, explicit_backward=explicit, **kw
+        )
         with torch.no_grad():
             for t, v in ((m.weight, "gamma"), (m.bias, "beta"), (m.running_mean, "mean"), (m.running_std, "stddev")):
                 t.copy_(torch.from_numpy(p[v]))
@@ -114,8 +121,9 @@ def _empty_worker() -> None:
 
     rank, world = int(os.environ["MW_INDEX"]), int(os.environ["MW_COUNT"])
     port = os.environ["MW_PORTS"].split(",")[0]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=20))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=20)
+    )
     k, c = 4, SHAPE[1]
     shard = (k,) + SHAPE[1:]
     # (examples on rank 0, examples on rank 1) per step; the oracle sees the concatenated (non-empty) batch
@@ -123,8 +131,12 @@ def _empty_worker() -> None:
 
     def check(name, explicit):
         rng = np.random.default_rng(1)  # the same draws on every process
-        p = dict(gamma=rng.uniform(0.5, 1.5, c), beta=rng.normal(0, 0.5, c), mean=rng.normal(0, 1, c),
-                 stddev=rng.uniform(0.5, 2.0, c))
+        p = dict(
+            gamma=rng.uniform(0.5, 1.5, c),
+            beta=rng.normal(0, 0.5, c),
+            mean=rng.normal(0, 1, c),
+            stddev=rng.uniform(0.5, 2.0, c),
+        )
         kw = dict(rmax=1.3, dmax=0.2)
         ref = BatchRenormReference(c, momentum=0.5, epsilon=1e-5, axis=1, **kw, **p)
         m = BatchRenorm2d(c, momentum=0.5, dtype=torch.float64, synchronized=True, explicit_backward=explicit, **kw)
@@ -134,7 +146,7 @@ def _empty_worker() -> None:
         for step, sizes in enumerate(plan):
             x_all = rng.normal(1.0, 2.0, (sum(sizes),) + shard[1:]) * rng.uniform(0.5, 2.0, (1, c, 1, 1))
             dy_all = rng.standard_normal(x_all.shape)
-            rows = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+            rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
             x = torch.from_numpy(x_all[rows].copy()).requires_grad_(True)
             m.zero_grad(set_to_none=True)
             y = m(x)
@@ -193,8 +205,12 @@ def _empty_worker() -> None:
 def test_gloo_two_processes():
     from multiworker import run_workers
 
-    results = run_workers(lambda i: [os.path.abspath(__file__)], n=2, timeout=150,
-                          env={"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
+    results = run_workers(
+        lambda i: [os.path.abspath(__file__)],
+        n=2,
+        timeout=150,
+        env={"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"},
+    )
     for i, (rc, out) in enumerate(results):
         assert rc == 0 and "ALL OK" in out, f"worker {i} exited {rc}:\n{out[-4000:]}"
         for name in ("synchronized explicit", "synchronized autodiff", "per-replica"):
@@ -205,10 +221,17 @@ def test_gloo_empty_replica():
     """synchronized=True with 0 examples on a process: it joins the collectives (no hang) and matches the oracle."""
     from multiworker import run_workers
 
-    results = run_workers(lambda i: [os.path.abspath(__file__), "empty"], n=2, timeout=120,
-                          env={"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
-    failed = [f"worker {i} exited {rc}:\n{out[-3000:]}" for i, (rc, out) in enumerate(results)
-              if rc != 0 or "ALL OK" not in out]
+    results = run_workers(
+        lambda i: [os.path.abspath(__file__), "empty"],
+        n=2,
+        timeout=120,
+        env={"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"},
+    )
+    failed = [
+        f"worker {i} exited {rc}:\n{out[-3000:]}"
+        for i, (rc, out) in enumerate(results)
+        if rc != 0 or "ALL OK" not in out
+    ]
     assert not failed, "\n".join(failed)
     for _, out in results:
         for name in ("explicit", "autodiff"):

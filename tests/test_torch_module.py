@@ -74,7 +74,8 @@ def test_defaults_and_factory_kwargs():
     assert n.weight is None and n.bias is None and list(n.parameters()) == []
     assert repr(BatchRenorm2d(3, microbatch_size=2, warmup_steps=5)) == (
         "BatchRenorm2d(3, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, rmax=3.0, dmax=5.0, "
-        "warmup_steps=5, microbatch_size=2)")
+        "warmup_steps=5, microbatch_size=2)"
+    )
 
 
 def test_reset_running_stats():
@@ -89,8 +90,16 @@ def test_eval_is_inference_with_any_batch():
     """eval(): y = w (x - running_mean) / running_std + b, the oracle's inference; one example alone is fine."""
     m, x = trained()
     m.eval()
-    ref = BatchRenormReference(3, momentum=0.7, epsilon=1e-5, axis=1, gamma=m.weight.detach().numpy(),
-                               beta=m.bias.detach().numpy(), mean=m.running_mean.numpy(), stddev=m.running_std.numpy())
+    ref = BatchRenormReference(
+        3,
+        momentum=0.7,
+        epsilon=1e-5,
+        axis=1,
+        gamma=m.weight.detach().numpy(),
+        beta=m.bias.detach().numpy(),
+        mean=m.running_mean.numpy(),
+        stddev=m.running_std.numpy(),
+    )
     state = {k: v.clone() for k, v in m.state_dict().items()}
     y = m(x)
     assert_close(y.detach().numpy(), ref.infer(x.numpy()), "float32", "value", "eval")
@@ -115,8 +124,11 @@ def _torch_config(kw):
     return kw
 
 
-TORCH_CONFIG_ERRORS = [(_torch_config(kw), exc, _torch_config({"x": words})["x"].replace("epsilon=", "eps="))
-                       for kw, exc, words in CONFIG_ERRORS if "momentum" not in kw] + [
+TORCH_CONFIG_ERRORS = [
+    (_torch_config(kw), exc, _torch_config({"x": words})["x"].replace("epsilon=", "eps="))
+    for kw, exc, words in CONFIG_ERRORS
+    if "momentum" not in kw
+] + [
     # PyTorch's momentum is the update rate: (0, 1] or None. 0 would never move the state (the spec's momentum=1).
     (dict(momentum=0.0), ValueError, "momentum=0.0"),
     (dict(momentum=-0.1), ValueError, "momentum=-0.1"),
@@ -144,15 +156,18 @@ def test_num_features_errors(num_features, exc):
         BatchRenorm1d(num_features)
 
 
-@pytest.mark.parametrize("cls,x,exc,words", [
-    (BatchRenorm2d, torch.zeros(4, 3, 2, 2, dtype=torch.int32), TypeError, "int32"),
-    (BatchRenorm, torch.zeros(4), ValueError, r"shape \(4,\) of rank 1"),
-    (BatchRenorm2d, torch.zeros(4, 3, 2), ValueError, r"BatchRenorm2d expects a 4-D \(N, C, H, W\) input.*rank 3"),
-    (BatchRenorm1d, torch.zeros(4, 3, 2, 2), ValueError, r"2-D \(N, C\) or 3-D \(N, C, L\).*rank 4"),
-    (BatchRenorm3d, torch.zeros(4, 3, 2, 2), ValueError, "5-D"),
-    (BatchRenorm2d, torch.zeros(4, 5, 2, 2), ValueError, "5 features on axis 1 but the layer was built for 3"),
-    (BatchRenorm1d, torch.zeros(1, 3), ValueError, "a batch holds 1"),
-])
+@pytest.mark.parametrize(
+    "cls,x,exc,words",
+    [
+        (BatchRenorm2d, torch.zeros(4, 3, 2, 2, dtype=torch.int32), TypeError, "int32"),
+        (BatchRenorm, torch.zeros(4), ValueError, r"shape \(4,\) of rank 1"),
+        (BatchRenorm2d, torch.zeros(4, 3, 2), ValueError, r"BatchRenorm2d expects a 4-D \(N, C, H, W\) input.*rank 3"),
+        (BatchRenorm1d, torch.zeros(4, 3, 2, 2), ValueError, r"2-D \(N, C\) or 3-D \(N, C, L\).*rank 4"),
+        (BatchRenorm3d, torch.zeros(4, 3, 2, 2), ValueError, "5-D"),
+        (BatchRenorm2d, torch.zeros(4, 5, 2, 2), ValueError, "5 features on axis 1 but the layer was built for 3"),
+        (BatchRenorm1d, torch.zeros(1, 3), ValueError, "a batch holds 1"),
+    ],
+)
 def test_input_errors(cls, x, exc, words):
     with pytest.raises(exc, match=words):
         cls(3)(x)
@@ -221,8 +236,9 @@ def test_offset_data_float32():
         m.running_mean.fill_(1000.0)
         m.running_std.fill_(0.02)
     y = m(torch.from_numpy(x)).detach().numpy()
-    ref = BatchRenormReference(4, momentum=0.5, epsilon=1e-5, rmax=1e3, dmax=1e6, mean=np.full(4, 1000.0),
-                               stddev=np.full(4, 0.02))
+    ref = BatchRenormReference(
+        4, momentum=0.5, epsilon=1e-5, rmax=1e3, dmax=1e6, mean=np.full(4, 1000.0), stddev=np.full(4, 0.02)
+    )
     assert_close(y, ref.train(x.astype(np.float64)), "float32", "value", "y")
     assert_close(m.running_std.numpy(), ref.stddev, "float32", "value", "running_std")
 
@@ -247,8 +263,14 @@ def test_channels_last(cls, shape):
 
 
 # ---------------------------------------------------------------- compile, autocast, export
-COMPILE_CONFIGS = [dict(), dict(microbatch_size=2, warmup_steps=1, rmax_steps=3), dict(momentum=None),
-                   dict(explicit_backward=False), dict(track_running_stats=False), dict(affine=False)]
+COMPILE_CONFIGS = [
+    dict(),
+    dict(microbatch_size=2, warmup_steps=1, rmax_steps=3),
+    dict(momentum=None),
+    dict(explicit_backward=False),
+    dict(track_running_stats=False),
+    dict(affine=False),
+]
 
 
 @pytest.mark.parametrize("kw", COMPILE_CONFIGS, ids=[str(k) for k in COMPILE_CONFIGS])
@@ -273,8 +295,9 @@ def test_compiled_parity_aot_eager(case):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("nhwc_mb2_tight", "schedule", "dense")],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.name in ("nhwc_mb2_tight", "schedule", "dense")], ids=lambda c: c.name
+)
 def test_compiled_parity_inductor(case, dtype):
     """torch.compile with the default (inductor) backend against the oracle (about a minute per case on CPU)."""
     torch._dynamo.reset()
@@ -325,7 +348,9 @@ def test_import_loads_no_other_framework():
     import subprocess
     import sys
 
-    code = ("import sys, renorm.torch; bad = [m for m in ('tensorflow', 'keras', 'jax', 'flax') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, renorm.torch; bad = [m for m in ('tensorflow', 'keras', 'jax', 'flax') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

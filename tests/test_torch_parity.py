@@ -27,8 +27,16 @@ def module_class(ndim: int):
 def torch_module(case, momentum, *, eps=1e-5, param_dtype=torch.float32, p=None, **kw):
     """The port for ``case`` with PyTorch's ``momentum`` (the update rate), parameters and state from ``p``."""
     cls = module_class(len(case.shape))
-    m = cls(case.num_features, eps=eps, momentum=momentum, affine=True, dtype=param_dtype,
-            microbatch_size=case.microbatch_size, **case.schedule_kwargs, **kw)
+    m = cls(
+        case.num_features,
+        eps=eps,
+        momentum=momentum,
+        affine=True,
+        dtype=param_dtype,
+        microbatch_size=case.microbatch_size,
+        **case.schedule_kwargs,
+        **kw,
+    )
     if p is not None:
         with torch.no_grad():
             m.weight.copy_(torch.as_tensor(p["gamma"] if p["gamma"] is not None else np.ones(case.num_features)))
@@ -45,8 +53,16 @@ def torch_module(case, momentum, *, eps=1e-5, param_dtype=torch.float32, p=None,
 def oracle(case, momentum, p, eps=1e-5, dtype=np.float64):
     """The oracle with the specification's momentum, ``1 - `` PyTorch's."""
     spec = None if momentum is None else 1.0 - momentum
-    return BatchRenormReference(case.num_features, momentum=0.0 if spec is None else spec, epsilon=eps,
-                                center=case.center, scale=case.scale, dtype=dtype, **case.layer_kwargs(), **p)
+    return BatchRenormReference(
+        case.num_features,
+        momentum=0.0 if spec is None else spec,
+        epsilon=eps,
+        center=case.center,
+        scale=case.scale,
+        dtype=dtype,
+        **case.layer_kwargs(),
+        **p,
+    )
 
 
 def to_port(a, case, dtype):
@@ -211,16 +227,28 @@ def test_parity_cases_exercise_clipping():
 
 
 # ---------------------------------------------------------------- batch norm
-BN_SHAPES = [((8, 5), BatchRenorm1d, torch.nn.BatchNorm1d), ((8, 3, 4), BatchRenorm1d, torch.nn.BatchNorm1d),
-             ((6, 3, 2, 2), BatchRenorm2d, torch.nn.BatchNorm2d),
-             ((4, 2, 2, 2, 3), BatchRenorm3d, torch.nn.BatchNorm3d)]
+BN_SHAPES = [
+    ((8, 5), BatchRenorm1d, torch.nn.BatchNorm1d),
+    ((8, 3, 4), BatchRenorm1d, torch.nn.BatchNorm1d),
+    ((6, 3, 2, 2), BatchRenorm2d, torch.nn.BatchNorm2d),
+    ((4, 2, 2, 2, 3), BatchRenorm3d, torch.nn.BatchNorm3d),
+]
 BN_IDS = ["1d", "1d_seq", "2d", "3d"]
 
 
 def bn_pair(cls, bn_cls, c, *, momentum=0.3, microbatch_size=None, explicit=True, track=True, seed=0):
     rng = np.random.default_rng(seed)
-    ours = cls(c, eps=1e-3, momentum=momentum, rmax=1.0, dmax=0.0, dtype=torch.float64, track_running_stats=track,
-               microbatch_size=microbatch_size, explicit_backward=explicit)
+    ours = cls(
+        c,
+        eps=1e-3,
+        momentum=momentum,
+        rmax=1.0,
+        dmax=0.0,
+        dtype=torch.float64,
+        track_running_stats=track,
+        microbatch_size=microbatch_size,
+        explicit_backward=explicit,
+    )
     theirs = bn_cls(c, eps=1e-3, momentum=momentum, dtype=torch.float64, track_running_stats=track)
     weight, bias = torch.from_numpy(rng.uniform(0.5, 1.5, c)), torch.from_numpy(rng.normal(size=c))
     with torch.no_grad():
@@ -253,9 +281,18 @@ def test_rmax1_dmax0_is_torch_batchnorm(shape, cls, bn_cls, explicit):
     """
     c = shape[1]
     ours, theirs = bn_pair(cls, bn_cls, c, explicit=explicit)
-    ref = BatchRenormReference(c, momentum=0.7, epsilon=1e-3, rmax=1.0, dmax=0.0, axis=1,
-                               gamma=ours.weight.detach().numpy(), beta=ours.bias.detach().numpy(),
-                               mean=ours.running_mean.numpy(), stddev=ours.running_std.numpy())
+    ref = BatchRenormReference(
+        c,
+        momentum=0.7,
+        epsilon=1e-3,
+        rmax=1.0,
+        dmax=0.0,
+        axis=1,
+        gamma=ours.weight.detach().numpy(),
+        beta=ours.bias.detach().numpy(),
+        mean=ours.running_mean.numpy(),
+        stddev=ours.running_std.numpy(),
+    )
     rng = np.random.default_rng(1)
     for step in range(3):
         x = torch.from_numpy(3.0 + 2.0 * rng.standard_normal(shape))

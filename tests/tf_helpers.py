@@ -64,9 +64,7 @@ def train_step_fn(layer, mode: str):
     return tf.function(step, jit_compile=(mode == "jit"))
 
 
-def check_against_oracle(
-    case, seed, *, dtype, momentum, mode="eager", explicit_gradient=True, tol_dtype=None, **extra
-):
+def check_against_oracle(case, seed, *, dtype, momentum, mode="eager", explicit_gradient=True, tol_dtype=None, **extra):
     """Train ``case.steps`` steps, then infer; compare everything at every step with the oracle.
 
     Inputs are drawn in float64 and cast to ``dtype``; the oracle runs in

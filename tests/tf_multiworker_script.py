@@ -51,8 +51,12 @@ def replica_train_step(layer):
     @tf.function
     def step(x, dy):
         y, dx, dgamma, dbeta = strategy.run(replica_fn, args=(x, dy))
-        return (y, dx, strategy.reduce(tf.distribute.ReduceOp.SUM, dgamma, axis=None),
-                strategy.reduce(tf.distribute.ReduceOp.SUM, dbeta, axis=None))
+        return (
+            y,
+            dx,
+            strategy.reduce(tf.distribute.ReduceOp.SUM, dgamma, axis=None),
+            strategy.reduce(tf.distribute.ReduceOp.SUM, dbeta, axis=None),
+        )
 
     return step
 
@@ -60,7 +64,8 @@ def replica_train_step(layer):
 def shares(a, cuts):
     """Replica ``r`` gets ``a[cuts[r]:cuts[r + 1]]``."""
     return strategy.experimental_distribute_values_from_function(
-        lambda ctx: tf.constant(a[cuts[ctx.replica_id_in_sync_group]:cuts[ctx.replica_id_in_sync_group + 1]]))
+        lambda ctx: tf.constant(a[cuts[ctx.replica_id_in_sync_group] : cuts[ctx.replica_id_in_sync_group + 1]])
+    )
 
 
 def local(value):
@@ -112,10 +117,20 @@ def layer_checks():
                 assert_close(local(y), ys.numpy()[mine], "float64", "value", f"{at}: y vs one process")
                 assert_close(local(dx), dxs.numpy()[mine], "float64", "grad", f"{at}: dx vs one process")
                 assert_close(dgamma.numpy(), dgs.numpy(), "float64", "grad", f"{at}: dgamma vs one process")
-                assert_close(local(layer.moving_mean), single.moving_mean.numpy(), "float64", "value",
-                             f"{at}: moving_mean vs one process")
-                assert_close(local(layer.moving_stddev), single.moving_stddev.numpy(), "float64", "value",
-                             f"{at}: moving_stddev vs one process")
+                assert_close(
+                    local(layer.moving_mean),
+                    single.moving_mean.numpy(),
+                    "float64",
+                    "value",
+                    f"{at}: moving_mean vs one process",
+                )
+                assert_close(
+                    local(layer.moving_stddev),
+                    single.moving_stddev.numpy(),
+                    "float64",
+                    "value",
+                    f"{at}: moving_stddev vs one process",
+                )
         print("LAYER OK", kw, flush=True)
 
     # A last batch of 1 example: replica 0 gets it, replica 1 gets 0 examples (docs/SPEC.md, section 2).

@@ -137,26 +137,35 @@ def batch_norm_epsilons(model, *args, method=None, **kwargs):
     with nn.intercept_methods(record):
         jax.eval_shape(init, jax.random.key(0), *args, **kwargs)
     if not found:
-        raise ValueError(f"{type(model).__name__} has no nn.BatchNorm or BatchRenorm module (called with these "
-                         f"inputs), so it has no epsilon to read.")
+        raise ValueError(
+            f"{type(model).__name__} has no nn.BatchNorm or BatchRenorm module (called with these "
+            f"inputs), so it has no epsilon to read."
+        )
     return found
 
 
 def _check_epsilon(value, where):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(float(value)) or not float(value) > 0:
-        raise ValueError(f"`epsilon` must be a finite number > 0 (the batch norms' epsilon{where}), got "
-                         f"epsilon={value!r}.")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.floating, np.integer))
+        or not math.isfinite(float(value))
+        or not float(value) > 0
+    ):
+        raise ValueError(
+            f"`epsilon` must be a finite number > 0 (the batch norms' epsilon{where}), got epsilon={value!r}."
+        )
     return float(value)
 
 
 def _epsilons(epsilon, modules, rename, function):
     """``{module path tuple: epsilon}`` for ``modules`` (the source's norm paths) from a number or a mapping."""
     if epsilon is None:
-        raise TypeError(f"{function}() needs the batch norms' epsilon: epsilon=1e-5 (Flax's default), 1e-3 "
-                        f"(Keras's, and models ported from it), or "
-                        f"epsilon=renorm.jax.convert.batch_norm_epsilons(model, x) "
-                        f"to read it from the model's modules. A wrong epsilon changes every output silently.")
+        raise TypeError(
+            f"{function}() needs the batch norms' epsilon: epsilon=1e-5 (Flax's default), 1e-3 "
+            f"(Keras's, and models ported from it), or "
+            f"epsilon=renorm.jax.convert.batch_norm_epsilons(model, x) "
+            f"to read it from the model's modules. A wrong epsilon changes every output silently."
+        )
     if not isinstance(epsilon, Mapping):
         eps = _check_epsilon(epsilon, "")
         return {m: eps for m in modules}
@@ -170,8 +179,10 @@ def _epsilons(epsilon, modules, rename, function):
         else:
             out[m] = given[key]
     if missing:
-        raise ValueError(f"`epsilon` names no epsilon for {len(missing)} norm module(s): {', '.join(missing[:_SHOW])}"
-                         f" (it has {', '.join(sorted(given)[:_SHOW])}). Nothing was converted.")
+        raise ValueError(
+            f"`epsilon` names no epsilon for {len(missing)} norm module(s): {', '.join(missing[:_SHOW])}"
+            f" (it has {', '.join(sorted(given)[:_SHOW])}). Nothing was converted."
+        )
     return out
 
 
@@ -208,8 +219,9 @@ def convert_batch_norm(bn_variables, target, *, epsilon=None):
     tgt = _flat(target, "target")
     target_norms = set(_norm_modules(tgt, ("mean", "stddev", "step")))
     modules = _norm_modules(src, ("mean", "var"))
-    eps = _epsilons(epsilon, modules, lambda m: _rename(m, "BatchNorm", "BatchRenorm", target_norms),
-                    "convert_batch_norm")
+    eps = _epsilons(
+        epsilon, modules, lambda m: _rename(m, "BatchNorm", "BatchRenorm", target_norms), "convert_batch_norm"
+    )
     out = {}
     for path in modules:
         epsilon = eps[path]
@@ -259,8 +271,9 @@ def export_batch_norm(variables, target, *, epsilon=None, negative_variance: str
     tgt = _flat(target, "target")
     target_norms = set(_norm_modules(tgt, ("mean", "var")))
     modules = _norm_modules(src, ("mean", "stddev", "step"))
-    eps = _epsilons(epsilon, modules, lambda m: _rename(m, "BatchRenorm", "BatchNorm", target_norms),
-                    "export_batch_norm")
+    eps = _epsilons(
+        epsilon, modules, lambda m: _rename(m, "BatchRenorm", "BatchNorm", target_norms), "export_batch_norm"
+    )
     out = {}
     for path in modules:
         epsilon = eps[path]
@@ -271,7 +284,10 @@ def export_batch_norm(variables, target, *, epsilon=None, negative_variance: str
                 if col[0] == "batch_stats" and col[-1] == "stddev":
                     name = "/".join(map(str, path))
                     out[("batch_stats",) + new + ("var",)] = variance_from_stddev(
-                        np.asarray(jax.device_get(value)), epsilon, name=name, negative_variance=negative_variance,
+                        np.asarray(jax.device_get(value)),
+                        epsilon,
+                        name=name,
+                        negative_variance=negative_variance,
                         stacklevel=3,
                     )
                 elif not (col[0] == "batch_stats" and col[-1] == "step"):

@@ -178,7 +178,9 @@ def checked_mask(mask, x):
     if not hasattr(mask, "dtype"):
         mask = np.asarray(mask)
     check_mask(
-        np.shape(mask), x.shape, dtype_name=str(mask.dtype),
+        np.shape(mask),
+        x.shape,
+        dtype_name=str(mask.dtype),
         is_valid_dtype=bool(mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.number)),
     )
     mask = jnp.asarray(mask)

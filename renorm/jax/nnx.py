@@ -183,9 +183,7 @@ class BatchRenorm(nnx.Module):
             selects): the values the batch statistics are computed from, as
             in ``nnx.BatchNorm``.
         """
-        use_running_average = first_from(
-            use_running_average, self.use_running_average, error_msg=_MISSING_FLAG
-        )
+        use_running_average = first_from(use_running_average, self.use_running_average, error_msg=_MISSING_FLAG)
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
         x, mean, stddev, scale, bias = self.promote_dtype(
@@ -251,8 +249,9 @@ def _abstract(value) -> bool:
 def _replace_modules(model, cls, make):
     """A copy of ``model`` with every ``cls`` sub-module replaced by ``make(old)`` (``model`` untouched)."""
     if not isinstance(model, nnx.Module):
-        raise TypeError(f"`model` must be an nnx.Module (a model holding {cls.__name__} layers), got "
-                        f"{type(model).__name__}.")
+        raise TypeError(
+            f"`model` must be an nnx.Module (a model holding {cls.__name__} layers), got {type(model).__name__}."
+        )
     if isinstance(model, cls):
         return make(model, type(model).__name__)
     model = nnx.clone(model)
@@ -319,15 +318,20 @@ def convert_batch_norm(model, **renorm_options):
 
     def make(bn, name):
         layer = BatchRenorm(
-            bn.num_features, **{k: getattr(bn, k) for k in _SHARED}, promote_dtype=bn.promote_dtype,
-            **renorm_options, rngs=nnx.Rngs(0)
+            bn.num_features,
+            **{k: getattr(bn, k) for k in _SHARED},
+            promote_dtype=bn.promote_dtype,
+            **renorm_options,
+            rngs=nnx.Rngs(0),
         )
         _copy_params(layer, bn)
         _copy(layer.mean, bn.mean[...])
         var = bn.var[...]
         # Under nnx.eval_shape (an abstract model for orbax) the variance is a tracer: the same expression in jnp.
-        _copy(layer.stddev, jnp.sqrt(var + bn.epsilon) if _abstract(var)
-              else stddev_from_variance(var, bn.epsilon, name=name))
+        _copy(
+            layer.stddev,
+            jnp.sqrt(var + bn.epsilon) if _abstract(var) else stddev_from_variance(var, bn.epsilon, name=name),
+        )
         return layer
 
     return _replace_modules(model, nnx.BatchNorm, make)
@@ -362,8 +366,16 @@ def export_batch_norm(model, *, negative_variance: str = "raise"):
         _copy_params(bn, layer)
         _copy(bn.mean, layer.mean[...])
         stddev = layer.stddev[...]
-        variance = jnp.maximum(stddev * stddev - layer.epsilon, 0.0) if _abstract(stddev) else variance_from_stddev(
-            np.asarray(stddev), layer.epsilon, name=name, negative_variance=negative_variance, stacklevel=5,
+        variance = (
+            jnp.maximum(stddev * stddev - layer.epsilon, 0.0)
+            if _abstract(stddev)
+            else variance_from_stddev(
+                np.asarray(stddev),
+                layer.epsilon,
+                name=name,
+                negative_variance=negative_variance,
+                stacklevel=5,
+            )
         )
         _copy(bn.var, variance)
         return bn

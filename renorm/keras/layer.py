@@ -19,6 +19,7 @@ from renorm.schedule import ClipSchedule
 
 __all__ = ["BatchRenormalization", "batch_norm_config_to_renorm"]
 
+
 def _step_dtype():
     """int64, except on JAX without ``jax_enable_x64`` (int32: JAX would narrow an int64 with a warning)."""
     if keras.backend.backend() == "jax":
@@ -365,8 +366,14 @@ class BatchRenormalization(keras.layers.Layer):
 
             return tf_call(self, inputs, training, mask)
         x = ops.convert_to_tensor(inputs)
-        info, mask = kops.check(x, axis=self.axis, microbatch_size=self.microbatch_size,
-                                num_features=self._num_features, training=training, mask=mask)
+        info, mask = kops.check(
+            x,
+            axis=self.axis,
+            microbatch_size=self.microbatch_size,
+            num_features=self._num_features,
+            training=training,
+            mask=mask,
+        )
         gamma = None if self.gamma is None else self.gamma.value
         beta = None if self.beta is None else self.beta.value
         mean, stddev = self.moving_mean.value, self.moving_stddev.value
@@ -374,8 +381,18 @@ class BatchRenormalization(keras.layers.Layer):
             return ops.cast(kops.infer(x, gamma, beta, mean, stddev, axis=info.axis), self.compute_dtype)
         rmax, dmax = self.limits(kops.compute_dtype(x.dtype))
         out = kops.train(
-            x, gamma, beta, mean, stddev, rmax=rmax, dmax=dmax, momentum=self.momentum, epsilon=self.epsilon,
-            axis=info.axis, microbatch_size=self.microbatch_size, explicit_gradient=self.explicit_gradient,
+            x,
+            gamma,
+            beta,
+            mean,
+            stddev,
+            rmax=rmax,
+            dmax=dmax,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            axis=info.axis,
+            microbatch_size=self.microbatch_size,
+            explicit_gradient=self.explicit_gradient,
             mask=mask,
         )
         self._update(out)

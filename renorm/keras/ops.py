@@ -43,13 +43,25 @@ def check(x, *, axis, microbatch_size, num_features, training, mask=None):
     """The input checks of ``docs/SPEC.md``, section 10; returns ``(info, mask as bool or None)``."""
     name = keras.backend.standardize_dtype(x.dtype)
     shape = tuple(x.shape)
-    info = check_input(shape, dtype_name=name, is_floating="float" in name, axis=axis,
-                       microbatch_size=microbatch_size, num_features=num_features, training=training)
+    info = check_input(
+        shape,
+        dtype_name=name,
+        is_floating="float" in name,
+        axis=axis,
+        microbatch_size=microbatch_size,
+        num_features=num_features,
+        training=training,
+    )
     if mask is not None:
         mask = ops.convert_to_tensor(mask)
         mname = keras.backend.standardize_dtype(mask.dtype)
-        check_mask(tuple(mask.shape), shape, dtype_name=mname, feature_axis=axis,
-                   is_valid_dtype=mname == "bool" or "float" in mname or "int" in mname)
+        check_mask(
+            tuple(mask.shape),
+            shape,
+            dtype_name=mname,
+            feature_axis=axis,
+            is_valid_dtype=mname == "bool" or "float" in mname or "int" in mname,
+        )
         if mname != "bool":
             mask = ops.not_equal(mask, ops.zeros((), mname))
     return info, mask
@@ -147,8 +159,22 @@ class _Limits(NamedTuple):
     epsilon: object
 
 
-def train(x, gamma, beta, mean, stddev, *, rmax, dmax, momentum, epsilon, axis, microbatch_size,
-          explicit_gradient=True, mask=None) -> KerasRenormOutput:
+def train(
+    x,
+    gamma,
+    beta,
+    mean,
+    stddev,
+    *,
+    rmax,
+    dmax,
+    momentum,
+    epsilon,
+    axis,
+    microbatch_size,
+    explicit_gradient=True,
+    mask=None,
+) -> KerasRenormOutput:
     """One training step on checked inputs (``axis`` non-negative, ``mask`` bool or ``None``).
 
     ``rmax``, ``dmax``: the limits of this step (numbers or scalar tensors).
@@ -190,8 +216,9 @@ def train(x, gamma, beta, mean, stddev, *, rmax, dmax, momentum, epsilon, axis, 
     if explicit_gradient and _explicit_backward_available():
         w = ops.ones((1,) * len(groups.dims), cdt) if wg is None else ops.cast(wg, cdt)
         sg = ops.stop_gradient
-        yg = _affine_explicit(xg, shaped(gamma_c), shaped(beta_c), sg(m.mu), sg(m.sigma), m.r, m.d, w, sg(m.div),
-                              groups.red)
+        yg = _affine_explicit(
+            xg, shaped(gamma_c), shaped(beta_c), sg(m.mu), sg(m.sigma), m.r, m.d, w, sg(m.div), groups.red
+        )
     else:
         yg = (xg - m.mu) * (shaped(gamma_c) * m.r / m.sigma) + (shaped(beta_c) + shaped(gamma_c) * m.d)
     y = ops.cast(ops.reshape(yg, dims), x.dtype)
@@ -311,5 +338,11 @@ def _update(y, m: _Moments, mean_c, std_c, momentum, state_dtype, zero32) -> Ker
         d_frac = ops.where(empty, zero32, d_frac)
     new_mean = ops.where(update, mean_c + alpha * (ops.stop_gradient(batch_mean) - mean_c), mean_c)
     new_std = ops.where(update, std_c + alpha * (ops.stop_gradient(batch_std) - std_c), std_c)
-    return KerasRenormOutput(y, ops.cast(new_mean, state_dtype), ops.cast(new_std, state_dtype),
-                             ops.stop_gradient(r_frac), ops.stop_gradient(d_frac), empty)
+    return KerasRenormOutput(
+        y,
+        ops.cast(new_mean, state_dtype),
+        ops.cast(new_std, state_dtype),
+        ops.stop_gradient(r_frac),
+        ops.stop_gradient(d_frac),
+        empty,
+    )

@@ -54,6 +54,7 @@ def tf_call(self, inputs, training, mask):
         _update(self, out)
     return tf.cast(out.y, self.compute_dtype)
 
+
 def _update(self, out):
     """Assign the new state of a training step.
 
@@ -82,4 +83,3 @@ def _update(self, out):
         self._r_clipped.assign(r_frac)
         self._d_clipped.assign(d_frac)
         self.step.assign_add(advance)
-

@@ -116,8 +116,11 @@ def _runtime_checks(x, info, microbatch_size, cross_replica=False):
     shape = tf.shape(x, out_type=tf.int64) if None in x.shape.as_list() else None
     if microbatch_size is not None and x.shape[0] is None:
         checks.append(
-            _graph_assert(tf.equal(shape[0] % microbatch_size, 0),
-                          lambda b: batch_not_divisible_message(b, microbatch_size), shape[0])
+            _graph_assert(
+                tf.equal(shape[0] % microbatch_size, 0),
+                lambda b: batch_not_divisible_message(b, microbatch_size),
+                shape[0],
+            )
         )
     if info.group_count is None and not cross_replica:
         others = [i for i in range(1, x.shape.rank) if i != info.axis]
@@ -367,15 +370,45 @@ def batch_renorm(
     """
     limit_checks = _limit_checks(rmax, dmax, graph=training is True)
     return _batch_renorm(
-        x, gamma, beta, moving_mean, moving_stddev, training=training, rmax=rmax, dmax=dmax, momentum=momentum,
-        epsilon=epsilon, axis=axis, microbatch_size=microbatch_size, synchronized=synchronized,
-        explicit_gradient=explicit_gradient, fused=fused, limit_checks=limit_checks, mask=mask,
+        x,
+        gamma,
+        beta,
+        moving_mean,
+        moving_stddev,
+        training=training,
+        rmax=rmax,
+        dmax=dmax,
+        momentum=momentum,
+        epsilon=epsilon,
+        axis=axis,
+        microbatch_size=microbatch_size,
+        synchronized=synchronized,
+        explicit_gradient=explicit_gradient,
+        fused=fused,
+        limit_checks=limit_checks,
+        mask=mask,
     )
 
 
 def _batch_renorm(
-    x, gamma, beta, moving_mean, moving_stddev, *, training, rmax, dmax, momentum, epsilon, axis, microbatch_size,
-    synchronized, explicit_gradient, fused, limit_checks=(), mask=None,
+    x,
+    gamma,
+    beta,
+    moving_mean,
+    moving_stddev,
+    *,
+    training,
+    rmax,
+    dmax,
+    momentum,
+    epsilon,
+    axis,
+    microbatch_size,
+    synchronized,
+    explicit_gradient,
+    fused,
+    limit_checks=(),
+    mask=None,
 ) -> BatchRenormOutput:
     """:func:`batch_renorm` with limits already checked (``limit_checks``: graph assertions to run first).
 
@@ -395,8 +428,14 @@ def _batch_renorm(
     # Pooled over replicas, a group is the global batch: its size is checked once pooled.
     cross_replica = training and synchronized and _cross_replica()
     info = _check_x(x, axis, microbatch_size, moving_mean, training, cross_replica)
-    call = _Call(x, _bool_mask(mask, x, axis), info.axis,
-                 _compute_vectors(x.dtype, gamma, beta, moving_mean, moving_stddev), moving_mean, moving_stddev)
+    call = _Call(
+        x,
+        _bool_mask(mask, x, axis),
+        info.axis,
+        _compute_vectors(x.dtype, gamma, beta, moving_mean, moving_stddev),
+        moving_mean,
+        moving_stddev,
+    )
     if not training:
         return _inference_step(call, fused)
     eligible = _fused_choice(call, opts, axis)
@@ -439,7 +478,10 @@ def _bool_mask(mask, x, axis):
     if mask.shape.rank is None:
         raise ValueError(f"`mask` must have a known rank, got a mask of shape {mask.shape}.")
     check_mask(
-        mask.shape.as_list(), _static_shape(x), dtype_name=mask.dtype.name, feature_axis=axis,
+        mask.shape.as_list(),
+        _static_shape(x),
+        dtype_name=mask.dtype.name,
+        feature_axis=axis,
         is_valid_dtype=mask.dtype.is_bool or mask.dtype.is_floating or mask.dtype.is_integer,
     )
     if not mask.dtype.is_bool:
@@ -466,8 +508,12 @@ def _fused_choice(call: _Call, opts: _Options, axis) -> bool:
     """
     x, mask = call.x, call.mask
     eligible = mask is None and fused_eligible(
-        x, axis=call.axis, epsilon=opts.epsilon, microbatch_size=opts.microbatch_size,
-        synchronized=opts.synchronized, explicit_gradient=opts.explicit_gradient,
+        x,
+        axis=call.axis,
+        epsilon=opts.epsilon,
+        microbatch_size=opts.microbatch_size,
+        synchronized=opts.synchronized,
+        explicit_gradient=opts.explicit_gradient,
     )
     if opts.fused and not eligible:
         raise ValueError(
@@ -528,13 +574,20 @@ def _infer(x, gamma, beta, mean, stddev, ax, fused):
     if ax == nd - 1:
         x4, data_format = tf.reshape(x, [-1, 1, 1, c]), "NHWC"
     else:  # no -1: it cannot be inferred for an empty batch
-        x4, data_format = tf.reshape(x, [_prod(dims[:ax]), c, 1, _prod(dims[ax + 1:])]), "NCHW"
+        x4, data_format = tf.reshape(x, [_prod(dims[:ax]), c, 1, _prod(dims[ax + 1 :])]), "NCHW"
 
     def kernel():
         # variance 0.5 + epsilon 0.5: a divisor of exactly 1, so the scale is gamma / stddev.
         y4 = tf.raw_ops.FusedBatchNormV3(
-            x=x4, scale=gamma / stddev, offset=beta, mean=mean, variance=tf.fill([c], tf.constant(0.5, mean.dtype)),
-            epsilon=0.5, exponential_avg_factor=1.0, data_format=data_format, is_training=False,
+            x=x4,
+            scale=gamma / stddev,
+            offset=beta,
+            mean=mean,
+            variance=tf.fill([c], tf.constant(0.5, mean.dtype)),
+            epsilon=0.5,
+            exponential_avg_factor=1.0,
+            data_format=data_format,
+            is_training=False,
         )[0]
         return tf.reshape(y4, dims)
 
@@ -573,9 +626,16 @@ def _fused_step(call: _Call, opts: _Options, checks, nonempty) -> _TrainStats:
         dims = _dims(x_in)
         x_in = tf.reshape(x_in, [dims[0], 1, _prod(dims[1:-1]), c])
     stats = _fused_kernels(
-        x_in, tf.cast(vec.gamma, tf.float32), tf.cast(vec.beta, tf.float32), vec.mean, vec.stddev,
-        _as(opts.rmax, tf.float32), _as(opts.dmax, tf.float32), float(opts.epsilon),
-        "NCHW" if (nd == 4 and call.axis == 1) else "NHWC", nonempty,
+        x_in,
+        tf.cast(vec.gamma, tf.float32),
+        tf.cast(vec.beta, tf.float32),
+        vec.mean,
+        vec.stddev,
+        _as(opts.rmax, tf.float32),
+        _as(opts.dmax, tf.float32),
+        float(opts.epsilon),
+        "NCHW" if (nd == 4 and call.axis == 1) else "NHWC",
+        nonempty,
     )
     if nd != 4:
         stats = stats._replace(y=tf.reshape(stats.y, tf.shape(x)))
@@ -634,8 +694,15 @@ def _fused_kernels(x, gamma, beta, mean, stddev, rmax, dmax, epsilon, data_forma
     def forward(xv, gamma_v, beta_v):
         ones = tf.ones_like(gamma_v)
         xhat, bmean, bvar, rs1, rs2, rs3 = tf.raw_ops.FusedBatchNormV3(
-            x=xv, scale=ones, offset=tf.zeros_like(beta_v), mean=empty, variance=empty, epsilon=epsilon,
-            exponential_avg_factor=1.0, data_format=data_format, is_training=True,
+            x=xv,
+            scale=ones,
+            offset=tf.zeros_like(beta_v),
+            mean=empty,
+            variance=empty,
+            epsilon=epsilon,
+            exponential_avg_factor=1.0,
+            data_format=data_format,
+            is_training=True,
         )[:6]
         shape = tf.shape(xv)
         n = tf.cast(tf.reduce_prod(tf.gather(shape, reduce_axes)), f32)
@@ -646,15 +713,28 @@ def _fused_kernels(x, gamma, beta, mean, stddev, rmax, dmax, epsilon, data_forma
         r, d, r_frac, d_frac = _corrections(mu, sigma, mean, stddev, rmax, dmax)
         scale = gamma_v * r
         y = tf.raw_ops.FusedBatchNormV3(
-            x=xhat, scale=scale, offset=beta_v + gamma_v * d, mean=tf.zeros_like(mu),
-            variance=tf.fill(tf.shape(mu), tf.constant(0.5, f32)), epsilon=0.5, exponential_avg_factor=1.0,
-            data_format=data_format, is_training=False,
+            x=xhat,
+            scale=scale,
+            offset=beta_v + gamma_v * d,
+            mean=tf.zeros_like(mu),
+            variance=tf.fill(tf.shape(mu), tf.constant(0.5, f32)),
+            epsilon=0.5,
+            exponential_avg_factor=1.0,
+            data_format=data_format,
+            is_training=False,
         )[0]
 
         def grad(dy, *unused):
             dx, dscale, doffset = tf.raw_ops.FusedBatchNormGradV3(
-                y_backprop=dy, x=xv, scale=scale, reserve_space_1=rs1, reserve_space_2=rs2, reserve_space_3=rs3,
-                epsilon=epsilon, data_format=data_format, is_training=True,
+                y_backprop=dy,
+                x=xv,
+                scale=scale,
+                reserve_space_1=rs1,
+                reserve_space_2=rs2,
+                reserve_space_3=rs3,
+                epsilon=epsilon,
+                data_format=data_format,
+                is_training=True,
             )[:3]
             return dx, r * dscale + d * doffset, doffset
 
@@ -976,7 +1056,7 @@ def _group_sum(v, red):
     ca = c_axis[0]
     dims = _dims(v)
     before = _prod(dims[1:ca])
-    after = _prod(dims[ca + 1:])
+    after = _prod(dims[ca + 1 :])
     t = v
     if not (isinstance(after, int) and after == 1):
         t = tf.matmul(tf.reshape(t, [-1, after]), tf.ones([after, 1], v.dtype))  # (G * before * C, 1)

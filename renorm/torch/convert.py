@@ -84,8 +84,16 @@ def convert_batch_norm(module: nn.Module, **renorm_options) -> nn.Module:
             cls, extra = _TO_RENORM[type(bn)], {}
         else:
             raise TypeError(f"Module {name!r} is a {type(bn).__name__}, which convert_batch_norm does not know.")
-        new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                  track_running_stats=bn.track_running_stats, **_factory(bn), **extra, **renorm_options)
+        new = cls(
+            bn.num_features,
+            eps=bn.eps,
+            momentum=bn.momentum,
+            affine=bn.affine,
+            track_running_stats=bn.track_running_stats,
+            **_factory(bn),
+            **extra,
+            **renorm_options,
+        )
         if bn.track_running_stats:
             std = stddev_from_variance(bn.running_var.detach().cpu().double().numpy(), bn.eps, name=name)
             with torch.no_grad():
@@ -123,11 +131,23 @@ def export_batch_norm(module: nn.Module, *, negative_variance: str = "raise") ->
                 f"Module {name!r} is a {type(layer).__name__} of no fixed rank; export_batch_norm needs "
                 "BatchRenorm1d/2d/3d (or synchronized=True, exported as SyncBatchNorm)."
             )
-        new = cls(layer.num_features, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
-                  track_running_stats=layer.track_running_stats, **_factory(layer), **extra)
+        new = cls(
+            layer.num_features,
+            eps=layer.eps,
+            momentum=layer.momentum,
+            affine=layer.affine,
+            track_running_stats=layer.track_running_stats,
+            **_factory(layer),
+            **extra,
+        )
         if layer.track_running_stats:
-            var = variance_from_stddev(layer.running_std.detach().cpu().numpy(), layer.eps, name=name,
-                                       negative_variance=negative_variance, stacklevel=5)
+            var = variance_from_stddev(
+                layer.running_std.detach().cpu().numpy(),
+                layer.eps,
+                name=name,
+                negative_variance=negative_variance,
+                stacklevel=5,
+            )
             with torch.no_grad():
                 new.running_mean.copy_(layer.running_mean)
                 new.running_var.copy_(torch.from_numpy(var))

@@ -238,7 +238,7 @@ def _group_sum(t: torch.Tensor, dims) -> torch.Tensor:
         return torch.sum(t, dim=dims, keepdim=True)
     acc = t[:, 0:1] + t[:, 1:2]
     for j in range(2, t.shape[1]):
-        acc.add_(t[:, j:j + 1])
+        acc.add_(t[:, j : j + 1])
     return acc
 
 
@@ -251,7 +251,7 @@ def _group_dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     if _dense_small(u):
         acc = u[:, 0:1] * v[:, 0:1]
         for j in range(1, u.shape[1]):
-            acc.addcmul_(u[:, j:j + 1], v[:, j:j + 1])
+            acc.addcmul_(u[:, j : j + 1], v[:, j : j + 1])
         return acc
     return _bmm_dot(u, v)
 

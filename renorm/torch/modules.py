@@ -157,9 +157,7 @@ class BatchRenorm(nn.Module):
         if self.track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
             self.register_buffer("running_std", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         else:
             self.register_buffer("running_mean", None)
             self.register_buffer("running_std", None)
@@ -195,8 +193,10 @@ class BatchRenorm(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.schedule
-        out = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-               f"track_running_stats={self.track_running_stats}, rmax={s.rmax}, dmax={s.dmax}")
+        out = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, rmax={s.rmax}, dmax={s.dmax}"
+        )
         for name in ("warmup_steps", "rmax_steps", "dmax_steps"):
             if getattr(s, name):
                 out += f", {name}={getattr(s, name)}"
@@ -254,8 +254,10 @@ class BatchRenorm(nn.Module):
         if self.track_running_stats:
             return F.snapshot(self.running_mean), F.snapshot(self.running_std)
         cdt = F.compute_dtype(x.dtype)
-        return (torch.zeros(self.num_features, dtype=cdt, device=x.device),
-                torch.ones(self.num_features, dtype=cdt, device=x.device))
+        return (
+            torch.zeros(self.num_features, dtype=cdt, device=x.device),
+            torch.ones(self.num_features, dtype=cdt, device=x.device),
+        )
 
     def _limits(self, cdt):
         """``(rmax(t), dmax(t))`` as 0-dim tensors for the step counter ``t = num_batches_tracked``."""
