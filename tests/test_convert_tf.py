@@ -12,6 +12,8 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
+from parity import assert_close  # noqa: E402
+
 from renorm.tf import BatchRenormalization, convert_batch_norm, export_batch_norm  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,8 +64,8 @@ def test_from_config_of_a_batch_norm():
     assert (layer.axis, layer.momentum, layer.epsilon, layer.center, layer.name) == (1, 0.9, 1e-2, False, "bn7")
     # moving_variance_initializer "ones" is mapped exactly: the initial inference output is batch norm's.
     x = np.random.default_rng(0).normal(size=(4, 3, 5)).astype("float32")
-    np.testing.assert_allclose(layer(x, training=False), bn(x, training=False), rtol=1e-6)
-    np.testing.assert_allclose(layer.moving_stddev.numpy(), np.sqrt(1.01), rtol=1e-7)
+    assert_close(layer(x, training=False).numpy(), bn(x, training=False).numpy(), "float32", "value", "y vs batch norm")
+    assert_close(layer.moving_stddev.numpy(), np.full(3, np.sqrt(1.01)), "float32", "value", "moving_stddev")
     # ... and the result round-trips through its own config.
     again = BatchRenormalization.from_config(layer.get_config())
     assert again.get_config() == layer.get_config()
@@ -73,7 +75,7 @@ def test_from_config_constant_variance():
     bn = keras.layers.BatchNormalization(moving_variance_initializer=keras.initializers.Constant(4.0), epsilon=0.5)
     layer = BatchRenormalization.from_config(bn.get_config())
     layer.build((2, 3))
-    np.testing.assert_allclose(layer.moving_stddev.numpy(), np.sqrt(4.5), rtol=1e-7)
+    assert_close(layer.moving_stddev.numpy(), np.full(3, np.sqrt(4.5)), "float32", "value", "moving_stddev")
 
 
 def test_from_config_renorm_true_is_a_clear_error():
@@ -215,7 +217,10 @@ def test_export_negative_variance_raises_or_clamps():
         export_batch_norm(model)
     with pytest.warns(UserWarning, match="'brn'"):
         exported = export_batch_norm(model, negative_variance="clamp")
-    np.testing.assert_allclose(exported.layers[0].moving_variance.numpy(), [1.0 - 1e-2, 0.0, 0.0], atol=1e-7)
+    variance = exported.layers[0].moving_variance.numpy()
+    assert_close(variance[:1], [1.0 - 1e-2], "float32", "value", "exported variance")
+    # Clamped (0.05) and at sqrt(epsilon) (0.1): variance 0, an absolute check (a relative one has no scale there).
+    np.testing.assert_allclose(variance[1:], 0.0, atol=1e-7)
 
 
 def test_export_rounding_below_sqrt_epsilon_is_variance_zero():
