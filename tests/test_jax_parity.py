@@ -195,11 +195,11 @@ def test_linen_and_nnx_identical(case):
         _, dparams, dx, stats, inter = step(params, stats, x, dy)
         dx_nnx, g = nnx_step(layer, x, dy)
         np.testing.assert_array_equal(y, y_nnx)
-        np.testing.assert_allclose(dx, dx_nnx, rtol=0, atol=1e-6)
+        assert_close(dx, dx_nnx, "float32", "grad", "dx linen vs nnx")
         if case.scale:
-            np.testing.assert_allclose(dparams["scale"], g.scale[...], rtol=0, atol=1e-5)
+            assert_close(dparams["scale"], g.scale[...], "float32", "grad", "dscale linen vs nnx")
         if case.center:
-            np.testing.assert_allclose(dparams["bias"], g.bias[...], rtol=0, atol=1e-5)
+            assert_close(dparams["bias"], g.bias[...], "float32", "grad", "dbias linen vs nnx")
         np.testing.assert_array_equal(stats["mean"], layer.mean[...])
         np.testing.assert_array_equal(stats["stddev"], layer.stddev[...])
         assert int(stats["step"]) == int(layer.step[...])
