@@ -110,6 +110,7 @@ def test_functional_op_matches_oracle_and_touches_no_state():
         assert_close(out.y.numpy(), y_ref, "float64", "value", "y")
         assert_close(out.moving_mean.numpy(), ref.mean, "float64", "value", "mean")
         assert_close(out.moving_stddev.numpy(), ref.stddev, "float64", "value", "stddev")
+        # Clip fractions are ratios of counts, not values of docs/SPEC.md section 9's table.
         np.testing.assert_allclose(out.r_clipped_fraction.numpy(), ref.r_clipped, atol=1e-7)
         np.testing.assert_allclose(out.d_clipped_fraction.numpy(), ref.d_clipped, atol=1e-7)
         assert bool(out.finite)
@@ -189,7 +190,7 @@ def _fit_one_step(build_model):
     assert int(layer.step.numpy()) == 1
     assert_close(layer.moving_mean.numpy(), ref.mean, "float32", "value", "mean")
     assert_close(layer.moving_stddev.numpy(), ref.stddev, "float32", "value", "stddev")
-    np.testing.assert_allclose(float(layer.r_clipped_fraction.numpy()), ref.r_clipped, atol=1e-6)
+    np.testing.assert_allclose(float(layer.r_clipped_fraction.numpy()), ref.r_clipped, atol=1e-6)  # a ratio of counts
     # predict() is inference: same as the oracle's.
     assert_close(model.predict(x, verbose=0), ref.infer(x.astype(np.float64)), "float32", "value", "predict")
 
