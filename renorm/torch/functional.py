@@ -1,55 +1,25 @@
 """Batch Renormalization as PyTorch functions (the core of :mod:`renorm.torch`'s modules).
 
-Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
-Batch-Normalized Models", NeurIPS 2017, arXiv:1702.03275, Algorithm 1,
-extended with micro-batches (``docs/SPEC.md``). Features are on dim 1, as in
-``torch.nn.BatchNorm*d``. Per normalization group ``g`` (``G = B / k``
-groups of ``k`` consecutive examples, or the whole batch) and feature ``c``::
+The algorithm (Ioffe 2017, arXiv:1702.03275, Algorithm 1, extended with micro-batches), its numerics and its
+explicit backward are specified once, in ``docs/SPEC.md``: sections 2-6 (the training step, ``r`` and ``d`` as
+constants for the gradient, the backward formula), 8 (numerics and precision) and 11 (cross-replica statistics).
+Features are on dim 1, as in ``torch.nn.BatchNorm*d``. What is particular to this implementation:
 
-    mu_g    = mean(x)                                 over the group
-    sigma_g = sqrt(mean((x - mu_g)**2) + eps)         biased
-    r_g     = clip(sigma_g / running_std, 1/rmax(t), rmax(t))           a constant for the gradient
-    d_g     = clip((mu_g - running_mean) / running_std, -dmax(t), dmax(t))  a constant for the gradient
-    y       = weight * ((x - mu_g) / sigma_g * r_g + d_g) + bias
-
-Numerics, written once here:
-
-- Statistics and normalization run in float64 for float64 inputs and in
-  float32 for every narrower float (float16, bfloat16, and under
-  ``torch.autocast``); the output has the input's dtype.
-- The variance is two-pass, ``mean((x - mu)**2)`` (for a whole batch in
-  float32/float64, ``torch.batch_norm_update_stats``, torch's batch-norm
-  moments), never ``E[x^2] - E[x]^2`` (tested on ``1000 + 0.01 * noise`` in
-  float32).
-- Micro-batches are a free view ``(B, C, ...) -> (G, k, C, ...)`` of any
-  memory format (channels-last included): no copy. Eagerly, each pass over
-  it writes into one reused input-sized buffer (``x - mu``, then ``y`` or
-  ``dx`` in place), and the sums of products (``sum((x - mu)**2)``,
-  ``sum(dy * (x - mu))``) avoid an input-sized product where they can: one
-  ``torch.bmm`` of rows for 16 to 256 spatial values, ``k`` slices for dense
-  groups of at most 8 examples (the only Python loop); under
-  ``torch.compile`` the plain expressions, which inductor fuses.
-- Where ``mu_g`` or ``sigma_g`` is not finite, ``r_g`` and ``d_g`` are NaN
-  (never clipped to a finite-looking constant), and the caller keeps the
-  moving statistics (``docs/SPEC.md``, section 3).
-- With a ``process_group`` (``synchronized=True`` in the modules) the sums
-  and counts are all-reduced (two all-reduces, the variance around the
-  global mean), so the statistics are those of the concatenated global
-  batch; the backward all-reduces its two sums likewise, as
-  ``torch.nn.SyncBatchNorm`` does. The gradients of ``weight`` and ``bias``
-  stay per process (DDP averages them).
-
-Gradients: ``r`` and ``d`` are constants, as in the paper.
-:class:`BatchRenormFunction` is a ``torch.autograd.Function`` whose backward
-is the paper's explicit formula (``docs/SPEC.md``, section 6), per group with
-``g = dy * weight``::
-
-    dx = r / sigma * (g - mean(g) - (x - mu) * mean(g * (x - mu)) / sigma**2)
-
-It saves only the input (in its own dtype) and per-group-and-feature
-vectors (``mu``, ``1 / sigma``, ``r``, ``d``, ``weight * r / sigma``).
-:func:`renorm_autodiff` is the same forward in plain differentiable ops, the
-tested reference (``explicit_backward=False`` in the modules).
+- For a whole batch in float32/float64 the moments are ``torch.batch_norm_update_stats`` (torch's batch-norm
+  moments, two-pass); narrower floats (float16, bfloat16, ``torch.autocast``) compute in float32.
+- Micro-batches are a free view ``(B, C, ...) -> (G, k, C, ...)`` of any memory format (channels-last
+  included): no copy. Eagerly, each pass over it writes into one reused input-sized buffer (``x - mu``, then
+  ``y`` or ``dx`` in place), and the sums of products (``sum((x - mu)**2)``, ``sum(dy * (x - mu))``) avoid an
+  input-sized product where they can: one ``torch.bmm`` of rows for 16 to 256 spatial values, ``k`` slices for
+  dense groups of at most 8 examples (the only Python loop); under ``torch.compile`` the plain expressions,
+  which inductor fuses.
+- With a ``process_group`` (``synchronized=True`` in the modules) the sums and counts are all-reduced (two
+  all-reduces, the variance around the global mean), and the backward all-reduces its two sums, as
+  ``torch.nn.SyncBatchNorm`` does; the gradients of ``weight`` and ``bias`` stay per process (DDP averages them).
+- :class:`BatchRenormFunction` (a ``torch.autograd.Function``, the paper's explicit backward) saves only the
+  input (in its own dtype) and per-group-and-feature vectors (``mu``, ``1 / sigma``, ``r``, ``d``,
+  ``weight * r / sigma``). :func:`renorm_autodiff` is the same forward in plain differentiable operations, the
+  tested reference (``explicit_backward=False`` in the modules).
 """
 
 from __future__ import annotations
