@@ -200,6 +200,11 @@ def _empty_worker() -> None:
     dist.barrier()
     dist.destroy_process_group()
     print("ALL OK", flush=True)
+    # Every check has passed and the group is destroyed; skip the interpreter's teardown, where torch 2.13's Gloo
+    # once aborted a worker after this line ("terminate called without an active exception", exit -6: in 1 of 2
+    # CI runs on a loaded machine; the unchanged test then passed 6 reruns in a row).
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def test_gloo_two_processes():
