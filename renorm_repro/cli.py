@@ -252,17 +252,16 @@ def _parser(experiment: str = _DEFAULT_EXPERIMENT, preset=None):
     return p, parsers
 
 
+def _subcommand(sub, common, name, help_text, epilog=None):
+    """A subcommand's parser: the common options, no abbreviations; an ``epilog`` (the config fields) is shown
+    as written."""
+    layout = {} if epilog is None else {"formatter_class": argparse.RawDescriptionHelpFormatter, "epilog": epilog}
+    return sub.add_parser(name, help=help_text, parents=[common], allow_abbrev=False, **layout)
+
+
 def _run_parser(sub, common, fields):
     """``renorm-repro run``: its own options (the config fields are read from the rest by ``_command_config``)."""
-    raw = argparse.RawDescriptionHelpFormatter
-    run = sub.add_parser(
-        "run",
-        help="train every arm x seed, then aggregate and plot",
-        parents=[common],
-        allow_abbrev=False,
-        formatter_class=raw,
-        epilog=fields,
-    )
+    run = _subcommand(sub, common, "run", "train every arm x seed, then aggregate and plot", epilog=fields)
     run.add_argument(
         "--preset",
         default=None,
@@ -297,27 +296,16 @@ def _run_parser(sub, common, fields):
 
 def _report_parsers(sub, common, fields):
     """``plot``, ``show`` and ``bench``: one experiment folder or preset each."""
-    raw = argparse.RawDescriptionHelpFormatter
-    plot = sub.add_parser(
-        "plot", help="aggregate the logs in --out and write the figure and tables", parents=[common], allow_abbrev=False
-    )
+    plot = _subcommand(sub, common, "plot", "aggregate the logs in --out and write the figure and tables")
     plot.add_argument("--out", required=True)
-    show = sub.add_parser(
-        "show",
-        help="print a preset's config and derived values (JSON)",
-        parents=[common],
-        allow_abbrev=False,
-        formatter_class=raw,
-        epilog=fields,
-    )
+    show = _subcommand(sub, common, "show", "print a preset's config and derived values (JSON)", epilog=fields)
     show.add_argument("--preset", required=True, choices=preset_names())
     show.add_argument("--experiment", default=_DEFAULT_EXPERIMENT, choices=sorted(EXPERIMENTS))
-    bench = sub.add_parser(
+    bench = _subcommand(
+        sub,
+        common,
         "bench",
-        help="measure training steps/s of a preset's model on random data and estimate the preset's time",
-        parents=[common],
-        allow_abbrev=False,
-        formatter_class=raw,
+        "measure training steps/s of a preset's model on random data and estimate the preset's time",
         epilog=fields,
     )
     bench.add_argument("--preset", required=True, choices=preset_names())
@@ -332,12 +320,12 @@ def _report_parsers(sub, common, fields):
 
 def _study_parsers(sub, common):
     """``compare``, ``pool`` and ``sweep``: several experiment folders."""
-    compare = sub.add_parser(
+    compare = _subcommand(
+        sub,
+        common,
         "compare",
-        help="the same arms in two experiment folders (one factor changed), "
+        "the same arms in two experiment folders (one factor changed), "
         "paired by seed: a table, and a figure with --figure",
-        parents=[common],
-        allow_abbrev=False,
     )
     compare.add_argument("--a", required=True, help="experiment folder of the first setting")
     compare.add_argument("--b", required=True, help="experiment folder of the second setting")
@@ -346,21 +334,21 @@ def _study_parsers(sub, common):
     compare.add_argument("--arms", default=None, help="comma-separated arms (default: every arm of both)")
     compare.add_argument("--figure", default=None, help="write the figure here (.png; an .svg beside it)")
     compare.add_argument("--table", default=None, help="write the Markdown table here")
-    pool = sub.add_parser(
+    pool = _subcommand(
+        sub,
+        common,
         "pool",
-        help="one experiment's seeds spread over several folders, pooled: per arm the "
+        "one experiment's seeds spread over several folders, pooled: per arm the "
         "mean over every seed, per pair the paired difference (renorm_repro.study)",
-        parents=[common],
-        allow_abbrev=False,
     )
     pool.add_argument("folders", nargs="+", help="experiment folders whose configs differ only in seeds and arms")
     pool.add_argument("--table", default=None, help="write the Markdown table here (and the JSON beside it)")
-    sweep = sub.add_parser(
+    sweep = _subcommand(
+        sub,
+        common,
         "sweep",
-        help="folders that each ran one Batch Renorm schedule on the same seeds, "
+        "folders that each ran one Batch Renorm schedule on the same seeds, "
         "against a batch norm reference; the best chosen on validation",
-        parents=[common],
-        allow_abbrev=False,
     )
     sweep.add_argument("folders", nargs="+", help="one experiment folder per configuration")
     sweep.add_argument("--reference", required=True, help="folder of batch norm on the same seeds")
