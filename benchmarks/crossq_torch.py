@@ -1,12 +1,14 @@
 """Drop-in check in code nobody here wrote: sb3-contrib's CrossQ with its BatchRenorm swapped for renorm.torch's.
 
     pip install torch==2.13.0 sb3-contrib gymnasium   # not part of any extra; torch must stay 2.13.0
-    python -m benchmarks.crossq_torch [--quick] [--seeds 0,1] [--steps 6000] [--out FILE]
+    python -m benchmarks.crossq_torch [--quick] [--seeds 0,1] [--steps 6000] [--threads 1] [--resume] [--out FILE]
 
 Trains CrossQ (sb3_contrib 2.9.2) on Pendulum-v1 twice per seed, interleaved: once with
 its own ``sb3_contrib.common.torch_layers.BatchRenorm1d`` and once with
 ``renorm.torch.BatchRenorm1d`` in its place, then reports the mean return of 10
-deterministic evaluation episodes per run, and the same before training.
+deterministic evaluation episodes per run, and the same before training, and the paired difference
+(ours minus sb3-contrib's) over the seeds. The output is rewritten after every run (atomically);
+``--resume`` keeps its finished runs and runs the others (the same settings, or it stops with one line).
 
 The swap replaces the name ``BatchRenorm1d`` in ``sb3_contrib.crossq.policies``, which
 both builds the networks (``partial(BatchRenorm1d, momentum=..., eps=...,
@@ -39,6 +41,7 @@ import time
 
 RESULTS = "benchmarks/results/crossq_torch.json"
 SCRATCH = "benchmarks/results/scratch/crossq_torch.json"
+LAYERS = ("sb3-contrib", "renorm.torch")
 
 
 def ours_for_sb3():
@@ -106,34 +109,30 @@ def train(which: str, seed: int, steps: int, eval_episodes: int) -> dict:
         policies.BatchRenorm1d = torch_layers.BatchRenorm1d
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="1 seed, 600 steps: a check that it runs (scratch)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=6000, help="environment steps per run (default: %(default)s)")
-    p.add_argument("--eval-episodes", type=int, default=10)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    full = (
-        not args.quick
-        and args.seeds == p.get_default("seeds")
-        and args.steps == p.get_default("steps")
-        and args.eval_episodes == p.get_default("eval_episodes")
-    )
-    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
-    steps = 600 if args.quick else args.steps
-    out = args.out or (RESULTS if full else SCRATCH)
-    if not full and os.path.abspath(out) == os.path.abspath(RESULTS):
-        p.error(f"only a full run writes {RESULTS}")
-    runs = []
-    for seed in seeds:
-        for which in ("sb3-contrib", "renorm.torch"):  # interleaved
-            r = train(which, seed, steps, 2 if args.quick else args.eval_episodes)
-            runs.append(r)
-            print(json.dumps(r), flush=True)
+def _load_resume(out: str, settings: dict) -> list:
+    """The finished runs of an earlier call with the same settings (``--resume``); [] if ``out`` does not exist."""
+    if not os.path.exists(out):
+        return []
+    try:
+        with open(out) as f:
+            old = json.load(f)
+        old_settings, runs = old["settings"], old["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"crossq_torch: cannot resume from {out}: {type(e).__name__}: {e}") from None
+    if old_settings != settings:
+        raise SystemExit(f"crossq_torch: {out} was written with {old_settings}, not {settings}; use another --out")
+    return runs
+
+
+def summarize(runs: list) -> dict:
+    """Per layer: mean, min, max of the return after training; the paired difference over the seeds both ran."""
+    from renorm_repro.stats import paired_difference
+
     summary = {}
-    for which in ("sb3-contrib", "renorm.torch"):
+    for which in LAYERS:
         mine = [r for r in runs if r["which"] == which]
+        if not mine:
+            continue
         rs = [r["return_after"] for r in mine]
         summary[which] = {
             "mean_return": statistics.mean(rs),
@@ -143,26 +142,82 @@ def main(argv=None):
             "mean_return_before": statistics.mean(r["return_before"] for r in mine),
             "mean_train_seconds": statistics.mean(r["train_seconds"] for r in mine),
         }
-    print(json.dumps(summary, indent=2))
-    import sb3_contrib
+    after = {w: {r["seed"]: r["return_after"] for r in runs if r["which"] == w} for w in LAYERS}
+    if set(after[LAYERS[0]]) & set(after[LAYERS[1]]):
+        summary["renorm.torch minus sb3-contrib"] = paired_difference(after[LAYERS[0]], after[LAYERS[1]])
+    return summary
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {"torch": version("torch"), "sb3_contrib": version("sb3-contrib")}
+
+
+def _write(out: str, full: bool, settings: dict, runs: list, complete: bool) -> None:
+    """The results so far, atomically (a crash loses at most the run in progress)."""
+    doc = {
+        "suite": "crossq_torch",
+        "full": full,
+        "complete": complete,
+        "settings": settings,
+        **_versions(),
+        "env": "Pendulum-v1",
+        "runs": runs,
+        "summary": summarize(runs),
+        "note": "2-core CPU shared with other jobs; small networks (see the module docstring)",
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(tmp, out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="1 seed, 600 steps: a check that it runs (scratch)")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=6000, help="environment steps per run (default: %(default)s)")
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default: %(default)s; on 2 shared cores 2 threads were 3.7x slower)",
+    )
+    p.add_argument("--resume", action="store_true", help="keep the finished runs in --out, run the others")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    full = not args.quick and all(
+        getattr(args, k) == p.get_default(k) for k in ("seeds", "steps", "eval_episodes", "threads")
+    )
+    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    steps = 600 if args.quick else args.steps
+    episodes = 2 if args.quick else args.eval_episodes
+    out = args.out or (RESULTS if full else SCRATCH)
+    if not full and os.path.abspath(out) == os.path.abspath(RESULTS):
+        p.error(f"only a full run writes {RESULTS}")
+    settings = {"seeds": seeds, "steps": steps, "eval_episodes": episodes, "threads": args.threads}
+    runs = _load_resume(out, settings) if args.resume else []
+    if not args.resume and os.path.exists(out) and out == RESULTS:
+        p.error(f"{RESULTS} exists: --resume continues it, or remove it to start again")
     import torch
 
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(
-            {
-                "suite": "crossq_torch",
-                "full": full,
-                "torch": torch.__version__,
-                "sb3_contrib": sb3_contrib.__version__,
-                "env": "Pendulum-v1",
-                "runs": runs,
-                "summary": summary,
-                "note": "2-core CPU shared with other jobs; small networks (see the module docstring)",
-            },
-            f,
-            indent=2,
-        )
+    torch.set_num_threads(args.threads)
+    done = {(r["seed"], r["which"]) for r in runs}
+    for seed in seeds:
+        for which in LAYERS:  # interleaved
+            if (seed, which) in done:
+                continue
+            r = train(which, seed, steps, episodes)
+            runs.append(r)
+            print(json.dumps(r), flush=True)
+            _write(out, full, settings, runs, complete=False)
+    _write(out, full, settings, runs, complete=True)
+    print(json.dumps(summarize(runs), indent=2))
     print(f"wrote {out}")
 
 
