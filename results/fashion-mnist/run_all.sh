@@ -2,8 +2,8 @@
 # Every Fashion-MNIST experiment of results/fashion-mnist, in order, one after the other.
 # Rerunnable: a folder that exists is continued with --resume (finished runs are skipped).
 # Usage: bash results/fashion-mnist/run_all.sh [NAME ...]   (default: all but the sweep, in this order; the queue
-# names sweep-iid and sweep-mbk4 stand for the schedule sweep's folders, sweep/...), from the repository
-# root with the package installed. RENORM_SRC (the source tree to run, e.g. a `git worktree` of one
+# names sweep-iid and sweep-mbk4 stand for the schedule sweep's folders, sweep/..., and long-noniid-w8 for the
+# long run's, long/...), from the repository root with the package installed. RENORM_SRC (the source tree to run, e.g. a `git worktree` of one
 # revision, so that every run of the study uses the same code) and RENORM_OUT (where the folders go)
 # are optional. Two queues may run at once on different NAMEs (each folder is locked by its writer).
 # After each experiment: renorm-repro plot --out results/fashion-mnist/NAME (run also does it).
@@ -67,8 +67,14 @@ CMD[final/mb-bn32]="$FINAL_MBK2 --arms bn_32"
 # Toward the paper's regime: non-i.i.d. 4 x 8 with the convnet at width 8 for 40000 steps (~23 epochs) and the
 # paper's breakpoints unscaled (batch norm for 5000 steps = 50 time constants, dmax -> 5 at 25000, rmax -> 3 at
 # 40000), an evaluation every 1000 steps; batch norm, Batch Renorm, Keras's renorm, batch norm on i.i.d.
-# minibatches (the loss to recover). Long: resumable, queue it alone (`run_all.sh long-noniid-w8`).
-CMD[long-noniid-w8]="--experiment noniid --preset fashion --width 8 --steps 40000 --schedule-base paper --eval-every 1000 --checkpoint-every 2000 --arms bn,brn,keras_brn,bn_iid --log-clip-means true"
+# minibatches (the loss to recover). One folder per seed (seeds outer, so every finished folder is a complete
+# paired set); the queue name long-noniid-w8 stands for the five folders. Long (~2 h per folder with two queues):
+# resumable; two queues given long-noniid-w8 share the folders (a folder another queue holds is skipped).
+LONG_NONIID=()
+for seed in 0 1 2 3 4; do
+  LONG_NONIID+=("long/noniid-w8-seed$seed")
+  CMD[long/noniid-w8-seed$seed]="--experiment noniid --preset fashion --width 8 --steps 40000 --schedule-base paper --eval-every 1000 --checkpoint-every 2000 --arms bn,brn,keras_brn,bn_iid --log-clip-means true --seeds $seed"
+done
 ORDER=(noniid noniid-constant-lr microbatch-k2 microbatch-k4 iid noniid-constant-lr-momentum0.9 noniid-constant-lr-2000steps
        noniid-constant-lr-2000steps-seeds5-9)
 [ "${#ARGS[@]}" -gt 0 ] && ORDER=()
@@ -76,6 +82,7 @@ for a in "${ARGS[@]}"; do  # a queue name stands for its folders
   case "$a" in
     sweep-iid) ORDER+=("${SWEEP_IID[@]}") ;;
     sweep-mbk4) ORDER+=("${SWEEP_MBK4[@]}") ;;
+    long-noniid-w8) ORDER+=("${LONG_NONIID[@]}") ;;
     *) [ -n "${CMD[$a]+x}" ] || { echo "run_all.sh: unknown experiment $a" >&2; exit 2; }; ORDER+=("$a") ;;
   esac
 done
