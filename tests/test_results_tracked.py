@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _experiment_folders():
     # An experiment folder holds a config.json beside its runs/ (a run's own config.json lies under runs/).
-    return sorted(p.parent for p in (ROOT / "results" / "fashion-mnist").rglob("config.json") if "runs" not in p.relative_to(ROOT).parts)
+    configs = (ROOT / "results" / "fashion-mnist").rglob("config.json")
+    return sorted(p.parent for p in configs if "runs" not in p.relative_to(ROOT).parts)
 
 
 def _ignored(paths):

@@ -329,11 +329,18 @@ def test_autocast(dtype):
     assert_close(m.running_std.numpy(), ref.stddev, "float32", "value", "running_std")
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("nhwc_mb2_tight", "schedule")], ids=lambda c: c.name)
+def test_export_in_training_mode_against_the_oracle(case):
+    """torch.export of the training module: the exported program, trained step by step, against the oracle
+    (outputs, gradients, moving statistics, step counter and clip fractions, through the schedule)."""
+    run_parity(case, 0.5, "float64", exported=True)
+
+
 def test_export_and_trace_in_eval():
     """torch.export and torch.jit.trace of the eval module reproduce its output.
 
-    Only eval mode is tested (training-mode export is not checked here). torch.jit.script cannot compile the
-    module (its configuration is a Python dataclass, its checks are renorm.config's Python).
+    torch.jit.script cannot compile the module (its configuration is a Python dataclass, its checks are
+    renorm.config's Python).
     """
     m, x = trained()
     m.eval()

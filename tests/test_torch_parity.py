@@ -80,8 +80,12 @@ def rounded(p, dtype):
     return {k: None if v is None else torch.as_tensor(v).to(dtype).to(torch.float64).numpy() for k, v in p.items()}
 
 
-def run_parity(case, momentum, dtype, *, seed=0, explicit_backward=True, compiled=False, steps=None):
-    """Train ``case.steps`` steps and infer once; every step compared with the oracle (float64)."""
+def run_parity(case, momentum, dtype, *, seed=0, explicit_backward=True, compiled=False, exported=False, steps=None):
+    """Train ``case.steps`` steps and infer once; every step compared with the oracle (float64).
+
+    ``exported``: the module is ``torch.export``-ed in training mode first and the exported program trained
+    (the inference step is skipped: an exported program keeps the mode it was exported in).
+    """
     tdt = DTYPES[dtype]
     param_dtype = torch.float64 if dtype == "float64" else torch.float32
     xs, x_eval, dys = make_steps(case, seed)
@@ -93,6 +97,8 @@ def run_parity(case, momentum, dtype, *, seed=0, explicit_backward=True, compile
     m = torch_module(case, momentum, param_dtype=param_dtype, p=p, explicit_backward=explicit_backward)
     # compiled: a torch.compile backend name ("aot_eager" traces forward and backward, "inductor" generates code).
     fwd = torch.compile(m, backend=compiled, fullgraph=True) if compiled else m
+    if exported:
+        m = fwd = torch.export.export(m, (to_port(xs[0], case, tdt),)).module()
     groups = 1 if case.microbatch_size is None else case.shape[0] // case.microbatch_size
     entries = groups * case.num_features
     for i, (x_np, dy_np) in enumerate(list(zip(xs, dys))[:steps]):
@@ -132,6 +138,8 @@ def run_parity(case, momentum, dtype, *, seed=0, explicit_backward=True, compile
         slack = 1e-6 if dtype == "float64" else 1.0 / entries + 1e-6
         assert abs(float(m.r_clipped) - ref.r_clipped) <= slack, what
         assert abs(float(m.d_clipped) - ref.d_clipped) <= slack, what
+    if exported:
+        return m
     m.eval()
     y = fwd(to_port(x_eval, case, tdt))
     x_eval64 = from_port(to_port(x_eval, case, tdt), case)

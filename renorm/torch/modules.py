@@ -278,7 +278,11 @@ class BatchRenorm(nn.Module):
             # Eagerly on CPU, Python floats (no device synchronization): clamp with scalar limits is about
             # twice as fast as with 0-dim tensors on the (G, C) statistics.
             rmax, dmax = float(rmax), float(dmax)
-        fn = F.renorm_explicit if self.explicit_backward else F.renorm_autodiff
+        # torch.export traces a custom autograd.Function's forward and differentiates the trace, so the explicit
+        # backward (r and d held constant) would be lost, and the gradients wrong; the autodiff path detaches r
+        # and d itself, and its gradients equal the explicit backward's (tests/test_torch_module.py).
+        explicit = self.explicit_backward and not torch.compiler.is_exporting()
+        fn = F.renorm_explicit if explicit else F.renorm_autodiff
         yg, mu, sigma, counts, count = fn(xg, self.weight, self.bias, mean, std, rmax, dmax, self.eps, group)
         with torch.no_grad():
             # Pooled: a step only if some process had examples (count is the same on every process).
