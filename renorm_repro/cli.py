@@ -341,7 +341,12 @@ def _study_parsers(sub, common):
         "one experiment's seeds spread over several folders, pooled: per arm the "
         "mean over every seed, per pair the paired difference (renorm_repro.study)",
     )
-    pool.add_argument("folders", nargs="+", help="experiment folders whose configs differ only in seeds and arms")
+    pool.add_argument(
+        "folders",
+        nargs="+",
+        help="experiment folders whose configs differ only in seeds and arms (or in fields only the arms "
+        "read, if each arm is the same in every folder)",
+    )
     pool.add_argument("--table", default=None, help="write the Markdown table here (and the JSON beside it)")
     sweep = _subcommand(
         sub,

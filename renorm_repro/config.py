@@ -87,7 +87,11 @@ class ExperimentConfig:
     A subclass names its ``experiment``, its ``arms`` (:meth:`arm_specs_template`,
     :meth:`arm_spec`, :meth:`arm_label`) and its minibatch structure
     (:meth:`train_batch_indices`); it adds its own fields and checks (:meth:`_check`).
+    ``ARM_KEYS`` are the fields read only through the arms (:meth:`arm_spec`, :meth:`arm_label`,
+    :meth:`title`): two runs that differ only in them train each arm alike if its spec is the same.
     """
+
+    ARM_KEYS = ("rmax", "dmax", "schedule_base", "warmup_steps", "warmup_time_constants", "rmax_steps", "dmax_steps")
 
     experiment: str = ""
     # --- data
@@ -417,6 +421,7 @@ class MicrobatchConfig(ExperimentConfig):
     experiment: str = "microbatch"
     arms: tuple[str, ...] = ("bn_micro", "brn_micro", "bn_32")
     COMPARISONS = (("bn_micro", "brn_micro"), ("bn_32", "brn_micro"), ("bn_32", "bn_micro"))
+    ARM_KEYS = ExperimentConfig.ARM_KEYS + ("microbatch_size", "bn_group")
     batch_size: int = 1600
     microbatch_size: int = 2  # k
     bn_group: int = 32  # the bn_32 arm's group size

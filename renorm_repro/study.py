@@ -4,9 +4,12 @@ Both read only the folders' logs (through :func:`renorm_repro.report.aggregate`)
 
 :func:`pool` treats folders that ran the *same* experiment on different seeds (say seeds 0-4, then 5-9 in a
 second folder) as one: the configs must be equal but for ``seeds`` and ``arms``, and no seed may appear twice
-for an arm. Per arm and scalar it gives the mean with a 95% t interval over every seed, and per pair of the
-experiment's comparisons the paired difference over the seeds both arms hold, with the seeds where ``b > a``
-and an exact two-sided sign test.
+for an arm. They may also differ in fields that only the arms read (the config's ``ARM_KEYS``: the clipping
+schedule, the micro-batch size) if every arm is the same (:meth:`arm_spec`) in every folder that holds it: e.g.
+batch norm on groups of 32 run once, in a k=2 folder, pooled with the k=4 folders' arms. Per arm and scalar
+it gives the mean with a 95% t interval over every seed, and per pair of the experiment's comparisons the
+paired difference over the seeds both arms hold, with the seeds where ``b > a`` and an exact two-sided sign
+test.
 
 :func:`sweep` reads folders that each ran one Batch Renorm arm under one clipping schedule, on the same
 seeds, and a reference folder (batch norm on those seeds). Each configuration gets its validation and test
@@ -61,17 +64,36 @@ def pool(folders: Sequence, scalars: Sequence[str] | None = None) -> dict:
         raise RunDirError(f"pool needs at least 2 folders, got {[str(f) for f in folders]}.")
     configs = [read_experiment_config(f) for f in folders]
     cfgs = [config_to_dict(c) for c in configs]
+    arm_keys = set(getattr(type(configs[0]), "ARM_KEYS", ()))
     base = {k: v for k, v in cfgs[0].items() if k not in POOLABLE_KEYS}
-    for f, c in zip(folders[1:], cfgs[1:]):
+    differs: dict[str, dict[str, object]] = {}  # arm-only fields that differ: field -> folder -> value
+    for f, c, config in zip(folders[1:], cfgs[1:], configs[1:]):
         other = {k: v for k, v in c.items() if k not in POOLABLE_KEYS}
         diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
-        if diff:
+        if set(diff) - arm_keys or type(config) is not type(configs[0]):
             raise RunDirError(
                 f"{f} ran another experiment than {folders[0]}: its config differs in "
-                + ", ".join(f"{k} ({base.get(k)!r} vs {other.get(k)!r})" for k in diff)
-                + f"; only {', '.join(POOLABLE_KEYS)} may differ between pooled folders."
+                + ", ".join(f"{k} ({base.get(k)!r} vs {other.get(k)!r})" for k in diff if k not in arm_keys)
+                + f"; only {', '.join(POOLABLE_KEYS)} may differ between pooled folders (and fields only the "
+                "arms read, if each arm is the same in every folder)."
             )
+        for k in diff:
+            differs.setdefault(k, {})
+    for k in differs:
+        differs[k] = {str(f): c.get(k) for f, c in zip(folders, cfgs)}
     aggs = [aggregate(f) for f in folders]
+    if differs:  # then each arm must be trained alike in every folder that holds it
+        specs: dict[str, tuple] = {}
+        for f, cfg, agg in zip(folders, configs, aggs):
+            for arm in agg["arms"]:
+                spec = cfg.arm_spec(arm)
+                if arm in specs and specs[arm][1] != spec:
+                    raise RunDirError(
+                        f"arm {arm!r} is not the same in {f} as in {specs[arm][0]}: the configs differ in "
+                        + ", ".join(sorted(differs))
+                        + f", which change it ({specs[arm][1]} vs {spec}); pool folders whose arms are alike."
+                    )
+                specs.setdefault(arm, (f, spec))
     names = list(scalars or SCALARS)
     arms: dict[str, dict] = {}
     for f, agg in zip(folders, aggs):
@@ -97,7 +119,13 @@ def pool(folders: Sequence, scalars: Sequence[str] | None = None) -> dict:
                 sa, sb = arms[a]["scalars"].get(name), arms[b]["scalars"].get(name)
                 if sa and sb and set(sa["per_seed"]) & set(sb["per_seed"]):
                     paired.append(dict(_paired(sa["per_seed"], sb["per_seed"]), a=a, b=b, scalar=name))
-    return {"folders": [str(f) for f in folders], "experiment": cfgs[0]["experiment"], "arms": arms, "paired": paired}
+    return {
+        "folders": [str(f) for f in folders],
+        "experiment": cfgs[0]["experiment"],
+        "differs": differs,
+        "arms": arms,
+        "paired": paired,
+    }
 
 
 def _scale(name: str):
@@ -109,6 +137,15 @@ def pool_table(result: dict, scalars: Sequence[str] = (f"test_last{LAST_N}", f"v
     lines = [
         "Pooled folders: " + ", ".join(f"`{f}`" for f in result["folders"]),
         "",
+    ]
+    for k, by_folder in result.get("differs", {}).items():
+        values = "; ".join(f"{v!r} in {Path(f).name}" for f, v in by_folder.items())
+        lines += [
+            f"The configs differ in `{k}` ({values}), which only the arms read; each arm is the same in "
+            "every folder that holds it.",
+            "",
+        ]
+    lines += [
         "| arm | seeds (folder) |" + "".join(f" {s} |" for s in scalars),
         "| --- | --- |" + " --- |" * len(scalars),
     ]

@@ -158,5 +158,36 @@ def test_pool_and_sweep_commands(tmp_path, capsys):
     assert "**tau10**" in table.read_text() and json.loads(table.with_suffix(".json").read_text())["chosen"] == "tau10"
     assert (tmp_path / "out" / "sweep.svg").is_file()
     capsys.readouterr()
-    assert main(["pool", str(ref), str(folders[0])]) == 1
-    assert "only seeds, arms may differ" in capsys.readouterr().err
+    # batch norm reads no schedule: the reference pools with a configuration (the schedule shown differing) ...
+    assert main(["pool", str(ref), str(folders[0])]) == 0
+    assert "The configs differ in `warmup_time_constants` (None in bn; 1.25 in tau1.25)" in capsys.readouterr().out
+    # ... but two configurations hold the same arm under two schedules: refused, in one line.
+    assert main(["pool", str(folders[0]), str(folders[1])]) == 1
+    err = capsys.readouterr().err
+    assert "arm 'brn' is not the same" in err and len(err.strip().splitlines()) == 1
+
+
+def test_pool_joins_folders_that_differ_only_in_what_their_arms_do_not_read(tmp_path):
+    """Groups of 32 run once (in a k=2 folder) pool with the k=4 folders; a k=2 and a k=4 bn_micro do not."""
+    mb = {"seeds": "20,21,22"}
+    k2 = get_config("fashion", "microbatch", dict(mb, arms="bn_32,bn_micro", microbatch_size="2"))
+    k4 = get_config("fashion", "microbatch", dict(mb, arms="brn_micro", microbatch_size="4"))
+    g32, brn4 = {20: 0.90, 21: 0.91, 22: 0.92}, {20: 0.93, 21: 0.91, 22: 0.95}
+    _folder(tmp_path / "k2", k2, {"bn_32": g32, "bn_micro": {20: 0.5, 21: 0.5, 22: 0.5}})
+    _folder(tmp_path / "k4", k4, {"brn_micro": brn4})
+    res = study.pool([tmp_path / "k2", tmp_path / "k4"])
+    assert res["differs"] == {"microbatch_size": {str(tmp_path / "k2"): 2, str(tmp_path / "k4"): 4}}
+    p = next(p for p in res["paired"] if (p["a"], p["b"], p["scalar"]) == ("bn_32", "brn_micro", "test_last4"))
+    np.testing.assert_allclose(p["differences"], [brn4[s] - g32[s] for s in (20, 21, 22)], atol=1e-12)
+    assert res["arms"]["brn_micro"]["label"] == "Batch Renorm, micro-batch 4"
+    assert "differ in `microbatch_size` (2 in k2; 4 in k4)" in study.pool_table(res)
+    # The same arm under two micro-batch sizes is two arms: refused, naming it.
+    k4_bn = get_config("fashion", "microbatch", {"seeds": "23", "arms": "bn_micro", "microbatch_size": "4"})
+    _folder(tmp_path / "k4bn", k4_bn, {"bn_micro": {23: 0.6}})
+    with pytest.raises(RunDirError, match="arm 'bn_micro' is not the same in .*k4bn as in .*k2.*microbatch_size"):
+        study.pool([tmp_path / "k2", tmp_path / "k4bn"])
+    # A field that the training reads (here the width) is never poolable, even beside an arm-only one.
+    wide = get_config("fashion", "microbatch", dict(mb, arms="brn_micro", microbatch_size="4", width="8"))
+    _folder(tmp_path / "wide", wide, {"brn_micro": brn4})
+    with pytest.raises(RunDirError, match=r"differs in width \(16 vs 8\)"):
+        study.pool([tmp_path / "k2", tmp_path / "wide"])
