@@ -11,6 +11,9 @@ Each worker checks, in float64, over 3 training steps:
   examples; with the moving statistics averaged over the processes after each step (what mirrored
   variables do in TensorFlow), 2 processes equal one process with ``microbatch_size = k`` on the
   concatenated batch: outputs, gradients and state.
+- ``synchronized=True`` under ``torch.compile`` (``aot_eager``, forward and backward traced): the explicit
+  backward with ``fullgraph=True`` (the all-reduces inside the graph), the autodiff path with graph breaks (dynamo
+  does not trace ``torch.distributed.nn.functional.all_reduce``, the differentiable all-reduce); the same checks.
 
 Run with ``empty`` (:func:`test_gloo_empty_replica`), ``synchronized=True`` with a process that has 0 examples
 (``torch.nn.SyncBatchNorm``'s behaviour): it still joins the all-reduces with zero sums and counts, so no process
@@ -51,7 +54,7 @@ def _worker() -> None:
     rows = slice(rank * k, (rank + 1) * k)
     c = SHAPE[1]
 
-    def check(name, synchronized, explicit):
+    def check(name, synchronized, explicit, compiled=None, fullgraph=False):
         rng = np.random.default_rng(0)  # the same draws on every process
         p = dict(
             gamma=rng.uniform(0.5, 1.5, c),
@@ -69,12 +72,13 @@ def _worker() -> None:
         with torch.no_grad():
             for t, v in ((m.weight, "gamma"), (m.bias, "beta"), (m.running_mean, "mean"), (m.running_std, "stddev")):
                 t.copy_(torch.from_numpy(p[v]))
+        fwd = torch.compile(m, backend=compiled, fullgraph=fullgraph) if compiled else m
         for step in range(STEPS):
             x_all = rng.normal(1.0, 2.0, SHAPE) * rng.uniform(0.5, 2.0, (1, c, 1, 1))
             dy_all = rng.standard_normal(SHAPE)
             x = torch.from_numpy(x_all[rows]).requires_grad_(True)
             m.zero_grad(set_to_none=True)
-            y = m(x)
+            y = fwd(x)
             y.backward(torch.from_numpy(dy_all[rows]))
             if not synchronized:  # the per-replica layout: average the state updates over the processes
                 for buf in (m.running_mean, m.running_std):
@@ -100,6 +104,8 @@ def _worker() -> None:
     check("synchronized explicit", True, True)
     check("synchronized autodiff", True, False)
     check("per-replica", False, True)
+    check("synchronized explicit, compiled", True, True, compiled="aot_eager", fullgraph=True)
+    check("synchronized autodiff, compiled", True, False, compiled="aot_eager")
     # The two layouts give different outputs on the same data (else the checks above could not tell them apart).
     x = torch.from_numpy(np.random.default_rng(5).normal(size=SHAPE)[rows] * (1 + rank))
     ys = [BatchRenorm2d(c, dtype=torch.float64, synchronized=s, rmax=1.0, dmax=0.0)(x).detach() for s in (True, False)]
@@ -218,7 +224,13 @@ def test_gloo_two_processes():
     )
     for i, (rc, out) in enumerate(results):
         assert rc == 0 and "ALL OK" in out, f"worker {i} exited {rc}:\n{out[-4000:]}"
-        for name in ("synchronized explicit", "synchronized autodiff", "per-replica"):
+        for name in (
+            "synchronized explicit",
+            "synchronized autodiff",
+            "per-replica",
+            "synchronized explicit, compiled",
+            "synchronized autodiff, compiled",
+        ):
             assert f"ok {name}" in out
 
 
