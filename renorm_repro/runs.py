@@ -3,7 +3,7 @@
 Layout of an experiment's output folder ``OUT``::
 
     OUT/config.json              the experiment's config and derived values
-    OUT/versions.json            package versions, git revision, platform
+    OUT/versions.json            package versions, git revision, platform, CPU, thread settings
     OUT/runs/<arm>/seed<k>/      one directory per (arm, seed), never shared:
         config.json              the experiment config + this run's arm, seed, normalization
         versions.json
@@ -183,8 +183,29 @@ def versions() -> dict:
         "git_revision": _git_revision(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        # The thread pools change the arithmetic (reductions split differently): the same seed with 1 and 2
+        # intra-op threads differs from the first evaluation on. Unset: TensorFlow's default, all cores.
+        "threads": {k: os.environ.get(k) for k in THREAD_VARIABLES},
+        "cpu_count": os.cpu_count(),
         "command": sys.argv,
     }
+
+
+#: The environment variables that size the thread pools of a run (recorded in versions.json).
+THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
+
+
+def _cpu_model() -> str | None:
+    """The processor's model name (Linux: /proc/cpuinfo), or platform.processor(), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -241,6 +241,18 @@ def test_versions_json_records_every_invocation_that_trained(tmp_path, capsys):
     assert len(run_record["later_invocations"]) == 1
 
 
+def test_versions_record_the_thread_settings_and_the_cpu(monkeypatch):
+    """The thread pools change a run's arithmetic, so every record says how they were sized."""
+    from renorm_repro.runs import THREAD_VARIABLES, versions
+
+    for k in THREAD_VARIABLES:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "1")
+    v = versions()
+    assert v["threads"] == {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": None, "OMP_NUM_THREADS": None}
+    assert v["cpu_count"] >= 1 and (v["cpu"] is None or isinstance(v["cpu"], str))
+
+
 def test_resume_reads_the_config_from_the_folder_and_refuses_changes(finished, tmp_path, capsys):
     capsys.readouterr()
     assert main(["run", "--resume", "--out", str(finished), "--width", "4"]) == 1
