@@ -7,6 +7,12 @@
 # revision, so that every run of the study uses the same code) and RENORM_OUT (where the folders go)
 # are optional. Two queues may run at once on different NAMEs (each folder is locked by its writer).
 # After each experiment: renorm-repro plot --out results/fashion-mnist/NAME (run also does it).
+# Thread pools: one TensorFlow thread a run (the study ran two queues at once on 2 cores). The thread count changes
+# the arithmetic (1 against 2 intra-op threads differ from the first evaluation on), so a rerun needs the settings of
+# the run it repeats: these are the study queues' (the schedule study and the long run); set the variables to
+# override them.
+export TF_NUM_INTRAOP_THREADS="${TF_NUM_INTRAOP_THREADS:-1}" TF_NUM_INTEROP_THREADS="${TF_NUM_INTEROP_THREADS:-1}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 set -u
 ARGS=("$@")
 cd "${RENORM_SRC:-$(dirname "$0")/../..}"

@@ -1,0 +1,55 @@
+"""results/fashion-mnist/run_all.sh, with a stand-in for python: what each queue entry runs, and with which threads."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "results" / "fashion-mnist" / "run_all.sh"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def _run(tmp_path, *names, **env):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "python"
+    # The stand-in prints its arguments and the thread settings it was given, and trains nothing.
+    fake.write_text(
+        '#!/usr/bin/env bash\necho "ARGS $*"\n'
+        'echo "THREADS ${TF_NUM_INTRAOP_THREADS-unset} ${TF_NUM_INTEROP_THREADS-unset} ${OMP_NUM_THREADS-unset}"\n'
+    )
+    fake.chmod(0o755)
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
+    }
+    base.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RENORM_OUT=str(tmp_path / "out"), **env)
+    out = subprocess.run(["bash", str(SCRIPT), *names], env=base, capture_output=True, text=True, timeout=60)
+    return out
+
+
+def test_one_tensorflow_thread_a_run_unless_set(tmp_path):
+    out = _run(tmp_path, "final/mb-bn32")
+    assert out.returncode == 0, out.stderr
+    assert "THREADS 1 1 1" in out.stdout
+    assert "--arms bn_32" in out.stdout and f"--out {tmp_path / 'out' / 'final/mb-bn32'}" in out.stdout
+    out = _run(tmp_path, "final/mb-bn32", TF_NUM_INTRAOP_THREADS="2", OMP_NUM_THREADS="2")
+    assert "THREADS 2 1 2" in out.stdout
+
+
+def test_the_long_queue_name_stands_for_five_seed_folders(tmp_path):
+    out = _run(tmp_path, "long-noniid-w8")
+    assert out.returncode == 0, out.stderr
+    runs = [line for line in out.stdout.splitlines() if line.startswith("ARGS ")]
+    assert [r.split("--seeds ")[1].split()[0] for r in runs] == ["0", "1", "2", "3", "4"]
+    assert all("--steps 40000" in r and "--schedule-base paper" in r for r in runs)
+
+
+def test_an_unknown_name_is_refused_in_one_line(tmp_path):
+    out = _run(tmp_path, "nosuch")
+    assert out.returncode == 2 and out.stderr.strip() == "run_all.sh: unknown experiment nosuch"
