@@ -64,9 +64,9 @@ def pool(folders: Sequence, scalars: Sequence[str] | None = None) -> dict:
         raise RunDirError(f"pool needs at least 2 folders, got {[str(f) for f in folders]}.")
     configs = [read_experiment_config(f) for f in folders]
     cfgs = [config_to_dict(c) for c in configs]
-    arm_keys = set(getattr(type(configs[0]), "ARM_KEYS", ()))
+    arm_keys = set(type(configs[0]).ARM_KEYS)
     base = {k: v for k, v in cfgs[0].items() if k not in POOLABLE_KEYS}
-    differs: dict[str, dict[str, object]] = {}  # arm-only fields that differ: field -> folder -> value
+    differing: dict[str, None] = {}  # the arm-only fields that differ, in the order they are met
     for f, c, config in zip(folders[1:], cfgs[1:], configs[1:]):
         other = {k: v for k, v in c.items() if k not in POOLABLE_KEYS}
         diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
@@ -77,10 +77,9 @@ def pool(folders: Sequence, scalars: Sequence[str] | None = None) -> dict:
                 + f"; only {', '.join(POOLABLE_KEYS)} may differ between pooled folders (and fields only the "
                 "arms read, if each arm is the same in every folder)."
             )
-        for k in diff:
-            differs.setdefault(k, {})
-    for k in differs:
-        differs[k] = {str(f): c.get(k) for f, c in zip(folders, cfgs)}
+        differing.update(dict.fromkeys(diff))
+    # field -> folder -> value
+    differs = {k: {str(f): c.get(k) for f, c in zip(folders, cfgs)} for k in differing}
     aggs = [aggregate(f) for f in folders]
     if differs:  # then each arm must be trained alike in every folder that holds it
         specs: dict[str, tuple] = {}

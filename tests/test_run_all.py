@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from renorm_repro.runs import THREAD_VARIABLES  # the variables run_all.sh sets (and versions.json records)
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "results" / "fashion-mnist" / "run_all.sh"
 
@@ -23,14 +25,9 @@ def _run(tmp_path, *names, **env):
         'echo "THREADS ${TF_NUM_INTRAOP_THREADS-unset} ${TF_NUM_INTEROP_THREADS-unset} ${OMP_NUM_THREADS-unset}"\n'
     )
     fake.chmod(0o755)
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
-    }
+    base = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
     base.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RENORM_OUT=str(tmp_path / "out"), **env)
-    out = subprocess.run(["bash", str(SCRIPT), *names], env=base, capture_output=True, text=True, timeout=60)
-    return out
+    return subprocess.run(["bash", str(SCRIPT), *names], env=base, capture_output=True, text=True, timeout=60)
 
 
 def test_one_tensorflow_thread_a_run_unless_set(tmp_path):
