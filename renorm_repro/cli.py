@@ -348,6 +348,9 @@ def _study_parsers(sub, common):
         "read, if each arm is the same in every folder)",
     )
     pool.add_argument("--table", default=None, help="write the Markdown table here (and the JSON beside it)")
+    pool.add_argument(
+        "--figure", default=None, help="write the figure of every evaluation here (.png; an .svg beside it)"
+    )
     sweep = _subcommand(
         sub,
         common,
@@ -370,6 +373,8 @@ def _study_command(args) -> int:
     if args.command == "pool":
         result = study.pool(args.folders)
         text = study.pool_table(result)
+        if args.figure:
+            print("figures: " + ", ".join(str(p) for p in study.plot_pool(result, args.figure)))
     else:
         result = study.sweep(args.folders, args.reference, select=args.select)
         text = study.sweep_table(result)

@@ -15,7 +15,8 @@ test.
 seeds, and a reference folder (batch norm on those seeds). Each configuration gets its validation and test
 scalars and its paired difference from the reference; the configuration with the highest mean validation
 scalar is *chosen* (the test columns are reported, never used). :func:`plot_sweep` draws the validation scalar
-against the warm-up, one line per pair of final limits.
+against the warm-up, one line per pair of final limits; :func:`plot_pool` draws pooled folders' accuracy and
+paired differences at every evaluation.
 """
 
 from __future__ import annotations
@@ -24,12 +25,24 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from renorm_repro.config import config_to_dict
-from renorm_repro.report import LAST_N, SCALARS, _ci, aggregate, save_figure
+from renorm_repro.report import ARM_STYLE, LAST_N, SCALARS, _arm_runs, _ci, aggregate, save_figure
 from renorm_repro.runs import RunDirError, read_experiment_config
 from renorm_repro.stats import mean_ci, paired_difference
 
-__all__ = ["sign_test_p", "pool", "pool_table", "sweep", "sweep_table", "plot_sweep"]
+__all__ = [
+    "sign_test_p",
+    "pool",
+    "pool_table",
+    "pool_curves",
+    "paired_curve",
+    "plot_pool",
+    "sweep",
+    "sweep_table",
+    "plot_sweep",
+]
 
 #: Config keys that may differ between the folders :func:`pool` joins.
 POOLABLE_KEYS = ("seeds", "arms")
@@ -175,6 +188,109 @@ def pool_table(result: dict, scalars: Sequence[str] = (f"test_last{LAST_N}", f"v
             )
             lines.append(f"| {result['arms'][b]['label']} - {result['arms'][a]['label']} |{cells}")
     return "\n".join(lines) + "\n"
+
+
+def pool_curves(result: dict) -> dict:
+    """Per arm of a :func:`pool` result, per pooled seed: ``(steps, accuracy)`` of its complete run, from the logs.
+
+    The accuracy is the test column where every run logged one (a validation split was held out), else the
+    validation column; ``"column"`` names it.
+    """
+    runs: dict[str, dict[int, list]] = {}
+    for f in map(Path, result["folders"]):
+        cfg = read_experiment_config(f)
+        for arm in result["arms"]:
+            if arm in cfg.arms:
+                by_seed, done, _ = _arm_runs(f, cfg, arm)
+                runs.setdefault(arm, {}).update({s: rows for s, rows in by_seed.items() if s in done})
+    every = [rows for by_seed in runs.values() for rows in by_seed.values()]
+    column = "test_accuracy" if every and all("test_accuracy" in rows[0] for rows in every) else "val_accuracy"
+    curves = {
+        arm: {s: ([r["step"] for r in rows], [r[column] for r in rows]) for s, rows in sorted(by_seed.items())}
+        for arm, by_seed in runs.items()
+        if by_seed
+    }
+    return {"column": column, "arms": curves}
+
+
+def _at_common_steps(by_seed: dict) -> tuple[list, np.ndarray]:
+    """The steps every seed evaluated, and the seeds x steps array of their values there."""
+    common = sorted(set.intersection(*(set(steps) for steps, _ in by_seed.values())))
+    table = [dict(zip(steps, vals)) for steps, vals in by_seed.values()]
+    return common, np.array([[t[s] for s in common] for t in table], dtype=float)
+
+
+def paired_curve(a: dict, b: dict) -> tuple[list, np.ndarray]:
+    """``b - a`` at every step both arms' runs evaluated, per seed both hold (``a``, ``b``: one arm of
+    :func:`pool_curves`): the steps, and the seeds x steps array of differences (seeds in ascending order)."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise RunDirError("the two arms share no seed: no paired difference.")
+    steps_a, va = _at_common_steps({s: a[s] for s in seeds})
+    steps_b, vb = _at_common_steps({s: b[s] for s in seeds})
+    common = sorted(set(steps_a) & set(steps_b))
+    ia, ib = [steps_a.index(s) for s in common], [steps_b.index(s) for s in common]
+    return common, vb[:, ib] - va[:, ia]
+
+
+def plot_pool(result: dict, path, scalar: str = f"test_last{LAST_N}") -> list[Path]:
+    """Pooled folders at every evaluation: each arm's accuracy (left) and each paired difference ``b - a`` (right).
+
+    Mean over the pooled seeds (those both arms hold, for a difference) with a band from the lowest to the
+    highest seed; the legends give ``scalar``'s pooled mean and 95% t interval (and, for a difference, the seeds
+    where ``b > a``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = pool_curves(result)
+    if not curves["arms"]:
+        raise RunDirError(f"no complete run in {result['folders']}: nothing to plot.")
+    split = "test" if curves["column"] == "test_accuracy" else "validation"
+    pairs = [
+        p for p in result["paired"] if p["scalar"] == scalar and p["a"] in curves["arms"] and p["b"] in curves["arms"]
+    ]
+    fig, axes = plt.subplots(1, 2 if pairs else 1, figsize=(6.6 * (2 if pairs else 1), 6.0), dpi=150, squeeze=False)
+    ax = axes[0][0]
+    for arm, by_seed in curves["arms"].items():
+        steps, vals = _at_common_steps(by_seed)
+        style = ARM_STYLE.get(arm, {})
+        s = result["arms"][arm]["scalars"].get(scalar)
+        label = result["arms"][arm]["label"] + (f": {_ci(s, *_scale(scalar))}" if s else "")
+        ax.plot(steps, vals.mean(axis=0) * 100, linewidth=1.6, label=f"{label} ({len(vals)} seeds)", **style)
+        ax.fill_between(
+            steps, vals.min(axis=0) * 100, vals.max(axis=0) * 100, color=style.get("color"), alpha=0.15, lw=0
+        )
+    ax.set_ylabel(f"{split} accuracy, inference mode (%)")
+    ax.set_title(f"{split} accuracy: mean over seeds, band from lowest to highest seed", fontsize=10)
+    below = dict(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=7, title_fontsize=7)
+    ax.legend(title=f"{scalar}: mean [95% t interval]", **below)
+    if pairs:
+        ax = axes[0][1]
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        for p in pairs:
+            common, d = paired_curve(curves["arms"][p["a"]], curves["arms"][p["b"]])
+            d = d * 100
+            label = f"{result['arms'][p['b']]['label']} - {result['arms'][p['a']]['label']}"
+            (line,) = ax.plot(
+                common,
+                d.mean(axis=0),
+                linewidth=1.4,
+                linestyle=ARM_STYLE.get(p["b"], {}).get("linestyle", "-"),
+                label=f"{label}: {_ci(p, *_scale(scalar))}, {p['wins']}/{p['n']}",
+            )
+            ax.fill_between(common, d.min(axis=0), d.max(axis=0), color=line.get_color(), alpha=0.12, lw=0)
+        ax.set_ylabel(f"paired difference b - a, {split} accuracy (points)")
+        ax.set_title("paired differences (same seeds): mean, band from lowest to highest seed", fontsize=10)
+        ax.legend(title=f"{scalar}: mean [95% t interval], seeds where b > a", **below)
+    for ax in axes[0]:
+        ax.set_xlabel("training steps")
+        ax.grid(True, alpha=0.3)
+    cfg = read_experiment_config(result["folders"][0])
+    fig.suptitle(f"{cfg.dataset}: {cfg.title()} ({len(result['folders'])} folders pooled)", fontsize=10)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------- the sweep

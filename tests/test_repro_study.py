@@ -68,6 +68,34 @@ def test_pool_joins_seeds_of_two_folders_and_pairs_them(tmp_path):
     assert "0,1,2 (a); 3,4 (b)" in text and f"{p['mean'] * 100:.2f} [{p['lo'] * 100:.2f}" in text
 
 
+def test_pool_curves_and_figure_read_every_evaluation_of_the_complete_runs(tmp_path, capsys):
+    cfg = get_config("fashion", "iid", {"arms": "bn,brn", "seeds": "0,1", "steps": "1000"})
+    _folder(tmp_path / "a", cfg, {"bn": {0: 0.9, 1: 0.8}, "brn": {0: 0.85, 1: 0.86}})
+    b_cfg = get_config("fashion", "iid", {"arms": "bn,brn", "seeds": "2,3", "steps": "1000"})
+    _folder(tmp_path / "b", b_cfg, {"bn": {2: 0.7, 3: 0.75}, "brn": {2: 0.72, 3: 0.5}})
+    (tmp_path / "b" / "runs" / "brn" / "seed3" / "done.json").unlink()  # unfinished: left out
+    res = study.pool([tmp_path / "a", tmp_path / "b"])
+    curves = study.pool_curves(res)
+    assert curves["column"] == "test_accuracy"
+    assert sorted(curves["arms"]["bn"]) == [0, 1, 2, 3] and sorted(curves["arms"]["brn"]) == [0, 1, 2]
+    steps, acc = curves["arms"]["bn"][1]
+    assert steps == [250, 500, 750, 1000] and acc == [0.8] * 4
+    assert curves["arms"]["brn"][2][1] == [0.72] * 4
+    steps, d = study.paired_curve(curves["arms"]["bn"], curves["arms"]["brn"])  # seeds 0, 1, 2: brn's
+    assert steps == [250, 500, 750, 1000]
+    np.testing.assert_allclose(d, [[0.85 - 0.9] * 4, [0.86 - 0.8] * 4, [0.72 - 0.7] * 4], atol=1e-12)
+    short = {0: ([250, 500], [0.1, 0.2])}
+    steps, d = study.paired_curve(short, {0: ([250, 500, 750], [0.3, 0.5, 0.9]), 9: ([250], [0.0])})
+    assert steps == [250, 500] and np.allclose(d, [[0.2, 0.3]])
+    with pytest.raises(RunDirError, match="share no seed"):
+        study.paired_curve(short, {1: ([250], [0.0])})
+    paths = study.plot_pool(res, tmp_path / "pool.png")
+    assert [p.name for p in paths] == ["pool.png", "pool.svg"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and b"<svg" in paths[1].read_bytes()[:400]
+    assert main(["pool", str(tmp_path / "a"), str(tmp_path / "b"), "--figure", str(tmp_path / "out.png")]) == 0
+    assert "figures: " in capsys.readouterr().out and (tmp_path / "out.svg").is_file()
+
+
 def test_pool_refuses_other_experiments_and_seeds_given_twice(tmp_path):
     cfg = get_config("fashion", "iid", {"arms": "bn", "seeds": "0,1"})
     _folder(tmp_path / "a", cfg, {"bn": {0: 0.9, 1: 0.9}})
