@@ -92,11 +92,15 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 
 
 def machine_info() -> dict:
+    """The machine, and how loaded it was: the 1, 5 and 15-minute load averages when this is called (at the end
+    of a run, so the 5-minute one covers a short suite); a load above ``cpu_count`` means the run shared the
+    cores with other work."""
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
 

@@ -109,8 +109,6 @@ def run(args):
             "jax": jax.__version__,
             "keras": keras.__version__,
             "keras_backend": "jax",
-            "note": "CPU shared with two training jobs and other developers' processes: "
-            "only the paired ratios of one run mean anything",
             "rounds": args.rounds,
             "rows": rows,
             "raw": raw,

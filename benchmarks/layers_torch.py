@@ -9,9 +9,9 @@ and under ``torch.compile`` (inductor, CPU), interleaved in one process
 (``benchmarks/common.py``). Ratios are per round: ``vs_baseline`` to eager
 ``torch.nn.BatchNorm``, ``vs_whole`` of a micro-batch candidate to renorm
 on the whole batch in the same mode, ``vs_floor`` to one eager
-``torch.addcmul`` pass over the tensor. The machine this ran on is shared
-and loaded (see the JSON's ``machine`` and the spread); trust the paired
-ratios, not the milliseconds.
+``torch.addcmul`` pass over the tensor. The JSON's ``machine`` records the
+load averages at the end of the run; on a shared machine trust the paired
+ratios and their spread, not the milliseconds.
 
 Then, for the eager candidates only, the same interleaved rounds on one
 thread timed by the thread's CPU time (``time.thread_time``):
@@ -149,7 +149,6 @@ def run(args):
             "rows": rows,
             "raw": raw,
             "table": table,
-            "note": "shared machine, loaded by other jobs during the run",
         },
         args,
     )

@@ -32,6 +32,8 @@ def test_layers_torch_quick_run(tmp_path):
     )
     data = json.loads(out.read_text())
     assert data["full"] is False and data["suite"] == "layers_torch"
+    load = data["machine"]["load_average"]  # measured, not a note written in advance
+    assert len(load) == 3 and all(x >= 0 for x in load) and "note" not in data
     names = {(r["shape"], r["candidate"]) for r in data["rows"]}
     assert ("(64, 32)", "eager renorm mb=2") in names and ("(16, 8, 4, 4)", "eager BatchNorm") in names
     assert all(r["vs_baseline"] > 0 and r["n"] == 2 for r in data["rows"])
