@@ -563,14 +563,20 @@ def plot(agg: dict, out) -> list[Path]:
 
 
 def save_figure(fig, path) -> list[Path]:
-    """Lay out ``fig``, write it as ``path`` with the suffixes .png and .svg, close it; the two paths."""
+    """Lay out ``fig``, write it as ``path`` with the suffixes .png and .svg, close it; the two paths.
+
+    Both files are the same bytes for the same figure: the SVG carries no date and its element ids come from a
+    fixed salt, so redrawing a committed figure from unchanged logs leaves ``git status`` clean.
+    """
+    import matplotlib
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
     path = Path(path)
     paths = [path.with_suffix(".png"), path.with_suffix(".svg")]
-    for p in paths:
-        fig.savefig(p)
+    with matplotlib.rc_context({"svg.hashsalt": "renorm"}):
+        fig.savefig(paths[0])
+        fig.savefig(paths[1], metadata={"Date": None})
     plt.close(fig)
     return paths
 

@@ -94,6 +94,8 @@ def test_pool_curves_and_figure_read_every_evaluation_of_the_complete_runs(tmp_p
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and b"<svg" in paths[1].read_bytes()[:400]
     assert main(["pool", str(tmp_path / "a"), str(tmp_path / "b"), "--figure", str(tmp_path / "out.png")]) == 0
     assert "figures: " in capsys.readouterr().out and (tmp_path / "out.svg").is_file()
+    # redrawn from the same logs: the same bytes (no date in the SVG, fixed ids), so git sees no change
+    assert [p.read_bytes() for p in study.plot_pool(res, tmp_path / "again.png")] == [p.read_bytes() for p in paths]
 
 
 def test_pool_refuses_other_experiments_and_seeds_given_twice(tmp_path):
