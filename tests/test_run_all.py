@@ -50,3 +50,13 @@ def test_the_long_queue_name_stands_for_five_seed_folders(tmp_path):
 def test_an_unknown_name_is_refused_in_one_line(tmp_path):
     out = _run(tmp_path, "nosuch")
     assert out.returncode == 2 and out.stderr.strip() == "run_all.sh: unknown experiment nosuch"
+
+
+def test_the_width_8_counterpart_differs_from_the_figure_3_final_only_in_width(tmp_path):
+    out = _run(tmp_path, "final/noniid-bn", "final/noniid-w8-bn", "final/noniid-brn", "final/noniid-w8-brn")
+    assert out.returncode == 0, out.stderr
+    runs = [line.split(" --out ")[0].split() for line in out.stdout.splitlines() if line.startswith("ARGS ")]
+    assert len(runs) == 4
+    for w16, w8 in ((runs[0], runs[1]), (runs[2], runs[3])):
+        i = w8.index("--width")
+        assert w8[:i] + w8[i + 2 :] == w16 and w8[i + 1] == "8" and "--width" not in w16
