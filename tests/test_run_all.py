@@ -60,3 +60,27 @@ def test_the_width_8_counterpart_differs_from_the_figure_3_final_only_in_width(t
     for w16, w8 in ((runs[0], runs[1]), (runs[2], runs[3])):
         i = w8.index("--width")
         assert w8[:i] + w8[i + 2 :] == w16 and w8[i + 1] == "8" and "--width" not in w16
+
+
+def test_the_long_run_with_the_final_schedule_differs_only_in_its_schedule(tmp_path):
+    names = ["long/noniid-w8-seed0", "long/noniid-w8-final-schedule-seeds0-2", "long/noniid-w8-final-schedule-seeds3-4"]
+    out = _run(tmp_path, *names)
+    assert out.returncode == 0, out.stderr
+    runs = [line.split(" --out ")[0].split()[1:] for line in out.stdout.splitlines() if line.startswith("ARGS ")]
+
+    def options(args):  # flag -> value
+        return dict(zip(args[::2], args[1::2])) if all(a.startswith("--") for a in args[::2]) else {}
+
+    long, *short = [options(r[3:]) for r in runs]  # after `-m renorm_repro.cli run`
+    schedule = {
+        "--warmup-steps": "2000",
+        "--dmax-steps": "2500",
+        "--rmax-steps": "2875",
+        "--rmax": "1.5",
+        "--dmax": "0.5",
+    }
+    for opts, seeds in zip(short, ("0,1,2", "3,4")):
+        assert {k: v for k, v in opts.items() if k in schedule} == schedule
+        assert opts["--arms"] == "brn" and opts["--seeds"] == seeds
+        rest = {k: v for k, v in opts.items() if k not in schedule and k not in ("--arms", "--seeds")}
+        assert rest == {k: v for k, v in long.items() if k not in ("--arms", "--seeds")}
