@@ -347,6 +347,13 @@ def _study_parsers(sub, common):
         help="experiment folders whose configs differ only in seeds and arms (or in fields only the arms "
         "read, if each arm is the same in every folder)",
     )
+    pool.add_argument(
+        "--arms-of",
+        action="append",
+        default=[],
+        metavar="FOLDER=ARMS",
+        help="take only these comma-separated arms from that folder (repeatable; the others give every arm)",
+    )
     pool.add_argument("--table", default=None, help="write the Markdown table here (and the JSON beside it)")
     pool.add_argument(
         "--figure", default=None, help="write the figure of every evaluation here (.png; an .svg beside it)"
@@ -371,7 +378,13 @@ def _study_command(args) -> int:
     from renorm_repro import study
 
     if args.command == "pool":
-        result = study.pool(args.folders)
+        arms_of = {}
+        for spec in args.arms_of:
+            folder, sep, arms = spec.rpartition("=")
+            if not sep or not folder or not arms.strip():
+                raise ConfigError(f"`--arms-of` takes FOLDER=ARMS (e.g. runs/a=bn,bn_iid), got {spec!r}.")
+            arms_of[folder] = [a.strip() for a in arms.split(",") if a.strip()]
+        result = study.pool(args.folders, arms_of=arms_of)
         text = study.pool_table(result)
         if args.figure:
             print("figures: " + ", ".join(str(p) for p in study.plot_pool(result, args.figure)))

@@ -70,11 +70,19 @@ def _paired(a: dict[int, float], b: dict[int, float]) -> dict:
 
 
 # ----------------------------------------------------------------------------------- pooling
-def pool(folders: Sequence, scalars: Sequence[str] | None = None) -> dict:
-    """Seeds of the same experiment in several ``folders`` joined (see the module docstring)."""
+def pool(folders: Sequence, scalars: Sequence[str] | None = None, arms_of: dict | None = None) -> dict:
+    """Seeds of the same experiment in several ``folders`` joined (see the module docstring).
+
+    ``arms_of`` maps some of the folders to the arms to take from them (the others give every arm): e.g. batch
+    norm from folders that also hold a Batch Renorm arm under another schedule than the one pooled.
+    """
     folders = [Path(f) for f in folders]
     if len(folders) < 2:
         raise RunDirError(f"pool needs at least 2 folders, got {[str(f) for f in folders]}.")
+    arms_of = {str(Path(f)): list(a) for f, a in (arms_of or {}).items()}
+    unknown = sorted(set(arms_of) - {str(f) for f in folders})
+    if unknown:
+        raise RunDirError(f"`arms_of` names {unknown[0]}, which is not one of the pooled folders.")
     configs = [read_experiment_config(f) for f in folders]
     cfgs = [config_to_dict(c) for c in configs]
     arm_keys = set(type(configs[0]).ARM_KEYS)
@@ -93,7 +101,7 @@ def pool(folders: Sequence, scalars: Sequence[str] | None = None) -> dict:
         differing.update(dict.fromkeys(diff))
     # field -> folder -> value
     differs = {k: {str(f): c.get(k) for f, c in zip(folders, cfgs)} for k in differing}
-    aggs = [aggregate(f) for f in folders]
+    aggs = [_only_arms(aggregate(f), f, arms_of.get(str(f))) for f in folders]
     if differs:  # then each arm must be trained alike in every folder that holds it
         specs: dict[str, tuple] = {}
         for f, cfg, agg in zip(folders, configs, aggs):
@@ -131,13 +139,28 @@ def pool(folders: Sequence, scalars: Sequence[str] | None = None) -> dict:
                 sa, sb = arms[a]["scalars"].get(name), arms[b]["scalars"].get(name)
                 if sa and sb and set(sa["per_seed"]) & set(sb["per_seed"]):
                     paired.append(dict(_paired(sa["per_seed"], sb["per_seed"]), a=a, b=b, scalar=name))
-    return {
+    result = {
         "folders": [str(f) for f in folders],
         "experiment": cfgs[0]["experiment"],
         "differs": differs,
         "arms": arms,
         "paired": paired,
     }
+    if arms_of:
+        result["arms_of"] = arms_of
+    return result
+
+
+def _only_arms(agg: dict, folder: Path, arms) -> dict:
+    """``agg`` with only ``arms`` (all when None); an arm the folder did not run is an error."""
+    if arms is None:
+        return agg
+    missing = [a for a in arms if a not in agg["arms"]]
+    if missing:
+        raise RunDirError(
+            f"arm {missing[0]!r} is not in {folder} (its arms: {', '.join(agg['arms'])}): check `arms_of`."
+        )
+    return dict(agg, arms={a: v for a, v in agg["arms"].items() if a in arms})
 
 
 def _scale(name: str):
@@ -150,6 +173,8 @@ def pool_table(result: dict, scalars: Sequence[str] = (f"test_last{LAST_N}", f"v
         "Pooled folders: " + ", ".join(f"`{f}`" for f in result["folders"]),
         "",
     ]
+    for f, arms in result.get("arms_of", {}).items():
+        lines += [f"Taken from `{Path(f).name}`: {', '.join(f'`{a}`' for a in arms)} only.", ""]
     for k, by_folder in result.get("differs", {}).items():
         values = "; ".join(f"{v!r} in {Path(f).name}" for f, v in by_folder.items())
         lines += [
@@ -200,7 +225,7 @@ def pool_curves(result: dict) -> dict:
     for f in map(Path, result["folders"]):
         cfg = read_experiment_config(f)
         for arm in result["arms"]:
-            if arm in cfg.arms:
+            if arm in result.get("arms_of", {}).get(str(f), cfg.arms):
                 by_seed, done, _ = _arm_runs(f, cfg, arm)
                 runs.setdefault(arm, {}).update({s: rows for s, rows in by_seed.items() if s in done})
     every = [rows for by_seed in runs.values() for rows in by_seed.values()]

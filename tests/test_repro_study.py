@@ -221,3 +221,28 @@ def test_pool_joins_folders_that_differ_only_in_what_their_arms_do_not_read(tmp_
     _folder(tmp_path / "wide", wide, {"brn_micro": brn4})
     with pytest.raises(RunDirError, match=r"differs in width \(16 vs 8\)"):
         study.pool([tmp_path / "k2", tmp_path / "wide"])
+
+
+def test_pool_takes_chosen_arms_from_a_folder(tmp_path, capsys):
+    """Batch norm from a folder whose Batch Renorm ran another schedule, pooled with that arm under a new one."""
+    long = get_config("fashion", "iid", {"arms": "bn,brn", "seeds": "0,1"})
+    new = get_config("fashion", "iid", {"arms": "brn", "seeds": "0,1", "warmup_steps": "1000", "rmax": "1.5"})
+    _folder(tmp_path / "long", long, {"bn": {0: 0.80, 1: 0.82}, "brn": {0: 0.5, 1: 0.5}})
+    _folder(tmp_path / "new", new, {"brn": {0: 0.85, 1: 0.90}})
+    with pytest.raises(RunDirError, match="arm 'brn' is not the same"):
+        study.pool([tmp_path / "long", tmp_path / "new"])
+    res = study.pool([tmp_path / "long", tmp_path / "new"], arms_of={tmp_path / "long": ["bn"]})
+    assert res["arms"]["brn"]["folders"] == {str(tmp_path / "new"): [0, 1]}  # not the long folder's 0.5s
+    p = next(p for p in res["paired"] if (p["a"], p["b"], p["scalar"]) == ("bn", "brn", "test_last4"))
+    np.testing.assert_allclose(p["differences"], [0.05, 0.08], atol=1e-12)
+    assert study.pool_curves(res)["arms"]["brn"][0][1] == [0.85] * (new.steps // 250)
+    assert "Taken from `long`: `bn` only." in study.pool_table(res)
+    with pytest.raises(RunDirError, match="arm 'bn_iid' is not in"):
+        study.pool([tmp_path / "long", tmp_path / "new"], arms_of={tmp_path / "long": ["bn_iid"]})
+    with pytest.raises(RunDirError, match="not one of the pooled folders"):
+        study.pool([tmp_path / "long", tmp_path / "new"], arms_of={tmp_path / "other": ["bn"]})
+    folders = [str(tmp_path / "long"), str(tmp_path / "new")]
+    assert main(["pool", *folders, "--arms-of", f"{tmp_path / 'long'}=bn"]) == 0
+    assert "Taken from `long`" in capsys.readouterr().out
+    assert main(["pool", *folders, "--arms-of", "bn"]) == 2
+    assert "--arms-of` takes FOLDER=ARMS" in capsys.readouterr().err
