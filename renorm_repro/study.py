@@ -251,11 +251,8 @@ def paired_curve(a: dict, b: dict) -> tuple[list, np.ndarray]:
     seeds = sorted(set(a) & set(b))
     if not seeds:
         raise RunDirError("the two arms share no seed: no paired difference.")
-    steps_a, va = _at_common_steps({s: a[s] for s in seeds})
-    steps_b, vb = _at_common_steps({s: b[s] for s in seeds})
-    common = sorted(set(steps_a) & set(steps_b))
-    ia, ib = [steps_a.index(s) for s in common], [steps_b.index(s) for s in common]
-    return common, vb[:, ib] - va[:, ia]
+    common, both = _at_common_steps({(arm, s): c[s] for s in seeds for arm, c in (("a", a), ("b", b))})
+    return common, both[1::2] - both[0::2]
 
 
 def plot_pool(result: dict, path, scalar: str = f"test_last{LAST_N}") -> list[Path]:
