@@ -83,16 +83,17 @@ CMD[final/mb-bn32]="$FINAL_MBK2 --arms bn_32"
 # minibatches (the loss to recover). One folder per seed (seeds outer, so every finished folder is a complete
 # paired set); the queue name long-noniid-w8 stands for the five folders. Long (~2 h per folder with two queues):
 # resumable; two queues given long-noniid-w8 share the folders (a folder another queue holds is skipped).
+LONG="--experiment noniid --preset fashion --width 8 --steps 40000 --schedule-base paper --eval-every 1000 --checkpoint-every 2000 --log-clip-means true"
 LONG_NONIID=()
 for seed in 0 1 2 3 4; do
   LONG_NONIID+=("long/noniid-w8-seed$seed")
-  CMD[long/noniid-w8-seed$seed]="--experiment noniid --preset fashion --width 8 --steps 40000 --schedule-base paper --eval-every 1000 --checkpoint-every 2000 --arms bn,brn,keras_brn,bn_iid --log-clip-means true --seeds $seed"
+  CMD[long/noniid-w8-seed$seed]="$LONG --arms bn,brn,keras_brn,bn_iid --seeds $seed"
 done
 # Length, separated from the schedule: the long run's Batch Renorm arm again, 40000 steps at width 8, but with the
 # Figure 3 final's schedule in absolute steps (warm-up 2000 = 20 time constants, dmax -> 0.5 at 2500, rmax -> 1.5
 # at 2875) instead of the paper's unscaled one; seeds 0-4 in two folders (two queues), paired with the long run's
 # folders of the same seeds (whose batch norm arms do not read the schedule).
-LONG_SHORT_SCHEDULE="--experiment noniid --preset fashion --width 8 --steps 40000 --schedule-base paper --eval-every 1000 --checkpoint-every 2000 --arms brn --log-clip-means true --warmup-steps 2000 --dmax-steps 2500 --rmax-steps 2875 --rmax 1.5 --dmax 0.5"
+LONG_SHORT_SCHEDULE="$LONG --arms brn --warmup-steps 2000 --dmax-steps 2500 --rmax-steps 2875 --rmax 1.5 --dmax 0.5"
 CMD[long/noniid-w8-final-schedule-seeds0-2]="$LONG_SHORT_SCHEDULE --seeds 0,1,2"
 CMD[long/noniid-w8-final-schedule-seeds3-4]="$LONG_SHORT_SCHEDULE --seeds 3,4"
 ORDER=(noniid noniid-constant-lr microbatch-k2 microbatch-k4 iid noniid-constant-lr-momentum0.9 noniid-constant-lr-2000steps
