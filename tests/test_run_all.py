@@ -84,3 +84,14 @@ def test_the_long_run_with_the_final_schedule_differs_only_in_its_schedule(tmp_p
         assert opts["--arms"] == "brn" and opts["--seeds"] == seeds
         rest = {k: v for k, v in opts.items() if k not in schedule and k not in ("--arms", "--seeds")}
         assert rest == {k: v for k, v in long.items() if k not in ("--arms", "--seeds")}
+
+
+def test_the_long_runs_short_warm_up_differs_from_the_final_schedule_only_in_warm_up_and_limits(tmp_path):
+    names = ["long/noniid-w8-final-schedule-seeds0-2", "long/noniid-w8-warmup125-r1.5-d0.5", "long/noniid-w8-warmup125-r3-d5"]
+    out = _run(tmp_path, *names)
+    assert out.returncode == 0, out.stderr
+    runs = [line.split(" --out ")[0].split()[4:] for line in out.stdout.splitlines() if line.startswith("ARGS ")]
+    final, small, paper = (dict(zip(r[::2], r[1::2])) for r in runs)
+    changed = {"--warmup-steps": "125", "--dmax-steps": "625", "--rmax-steps": "1000", "--seeds": "0,1,2,3,4"}
+    assert {k: v for k, v in small.items() if final[k] != v} == changed
+    assert {k: v for k, v in paper.items() if small[k] != v} == {"--rmax": "3", "--dmax": "5"}

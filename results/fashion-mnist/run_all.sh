@@ -96,6 +96,14 @@ done
 LONG_SHORT_SCHEDULE="$LONG --arms brn --warmup-steps 2000 --dmax-steps 2500 --rmax-steps 2875 --rmax 1.5 --dmax 0.5"
 CMD[long/noniid-w8-final-schedule-seeds0-2]="$LONG_SHORT_SCHEDULE --seeds 0,1,2"
 CMD[long/noniid-w8-final-schedule-seeds3-4]="$LONG_SHORT_SCHEDULE --seeds 3,4"
+# The long regime with a short warm-up (issue 31; decision rule written in results/fashion-mnist/README.md before the
+# runs): the long run's Batch Renorm arm, 40000 steps at width 8, with the 4000-step runs' scaled schedule in absolute
+# steps (warm-up 125 = 1.25 time constants, dmax at 625, rmax at 1000), once with the paper's limits 3/5 and once with
+# 1.5/0.5 (the final schedule's limits and ramp lengths: against long/noniid-w8-final-schedule only the warm-up
+# differs); seeds 0-4 paired with the long run's batch norm arms. One folder per limit pair (two queues).
+LONG_SHORT_WARMUP="$LONG --arms brn --warmup-steps 125 --dmax-steps 625 --rmax-steps 1000"
+CMD[long/noniid-w8-warmup125-r3-d5]="$LONG_SHORT_WARMUP --rmax 3 --dmax 5 --seeds 0,1,2,3,4"
+CMD[long/noniid-w8-warmup125-r1.5-d0.5]="$LONG_SHORT_WARMUP --rmax 1.5 --dmax 0.5 --seeds 0,1,2,3,4"
 ORDER=(noniid noniid-constant-lr microbatch-k2 microbatch-k4 iid noniid-constant-lr-momentum0.9 noniid-constant-lr-2000steps
        noniid-constant-lr-2000steps-seeds5-9)
 [ "${#ARGS[@]}" -gt 0 ] && ORDER=()
