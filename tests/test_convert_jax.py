@@ -432,3 +432,33 @@ def test_nnx_convert_under_eval_shape_builds_the_abstract_model():
     assert isinstance(abstract.bn1, rnnx.BatchRenorm) and abstract.blocks[0].epsilon == 1e-3
     back = nnx.eval_shape(lambda: rnnx.export_batch_norm(rnnx.convert_batch_norm(CNN(rngs=nnx.Rngs(0)))))
     assert shapes(back) == shapes(CNN(rngs=nnx.Rngs(0)))
+
+
+def test_batch_norm_epsilons_with_a_static_keyword_argument():
+    """issue 32: the call of its own docstring, ``train=False``, failed with TracerBoolConversionError."""
+    from renorm.jax.convert import batch_norm_epsilons
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool, *, scale=None):
+            x = nn.BatchNorm(use_running_average=not train, epsilon=1e-3)(nn.Dense(4)(x))
+            return x if scale is None else x * scale
+
+    x = jnp.ones((4, 3))
+    assert batch_norm_epsilons(Net(), x, train=False) == {"BatchNorm_0": 1e-3}
+    assert batch_norm_epsilons(Net(), x, False) == {"BatchNorm_0": 1e-3}  # positional flags are closed over too
+    assert batch_norm_epsilons(Net(), x, train=True, scale=jnp.float32(2.0)) == {"BatchNorm_0": 1e-3}
+
+
+def test_nnx_converters_take_a_model_of_shapes_only():
+    """issue 32: convert_batch_norm(nnx.eval_shape(lambda: Model(...))) failed in float() of a ShapeDtypeStruct."""
+    abstract_bn = nnx.eval_shape(lambda: CNN(rngs=nnx.Rngs(0)))
+    abstract = rnnx.convert_batch_norm(abstract_bn, rmax=2.0)
+    concrete = rnnx.convert_batch_norm(CNN(rngs=nnx.Rngs(0)), rmax=2.0)
+    shapes = lambda m: jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(m))  # noqa: E731
+    assert shapes(abstract) == shapes(concrete)
+    assert isinstance(abstract.bn1, rnnx.BatchRenorm) and abstract.bn1.rmax == 2.0
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(abstract)))
+    back = rnnx.export_batch_norm(abstract)
+    assert isinstance(back.bn1, nnx.BatchNorm) and shapes(back) == shapes(CNN(rngs=nnx.Rngs(0)))
+    assert isinstance(abstract_bn.bn1, nnx.BatchNorm)  # the original is untouched

@@ -297,3 +297,33 @@ def test_export_refuses_a_renorm_epsilon_that_is_not_positive_and_finite(epsilon
     with pytest.raises(ValueError) as info:
         export_batch_norm(model)
     assert f"epsilon={epsilon!r}" in str(info.value) and "'brn'" in str(info.value)
+
+
+# ------------------------------------------------------ the edges (issue 32)
+def test_a_model_that_is_not_built_is_a_clear_error():
+    """A Sequential without keras.Input has no weights yet (it failed with "'NoneType' ... no attribute 'numpy'")."""
+    cases = ((convert_batch_norm, keras.layers.BatchNormalization), (export_batch_norm, BatchRenormalization))
+    for convert, layer in cases:
+        model = keras.Sequential([keras.layers.Dense(3), layer()])
+        with pytest.raises(ValueError, match="is not built.*keras.Input.*model.build"):
+            convert(model)
+        model.build((None, 4))
+        assert count(convert(model), BatchRenormalization) == (1 if convert is convert_batch_norm else 0)
+
+
+@pytest.mark.parametrize(
+    "options,error,message",
+    [
+        ({"rmax": 0.5}, ValueError, r"^`rmax` must be a finite number >= 1 .* got rmax=0.5\.$"),
+        ({"dmax": -1.0}, ValueError, r"^`dmax` must be"),
+        ({"microbatch_size": 0}, ValueError, r"^`microbatch_size` must be"),
+        ({"warmup_steps": 10, "rmax_steps": 5}, ValueError, r"^`rmax_steps` must be"),
+        ({"rmax": "3"}, TypeError, r"^`rmax` must be a real number"),
+    ],
+)
+def test_convert_refuses_a_bad_option_in_one_line(options, error, message):
+    """The layer's own message, before anything is cloned (it was buried in a deserialization TypeError)."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization()])
+    with pytest.raises(error, match=message) as info:
+        convert_batch_norm(model, **options)
+    assert "deserializing" not in str(info.value) and "\n" not in str(info.value)

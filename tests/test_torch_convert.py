@@ -177,6 +177,30 @@ def test_conversion_errors():
         export_batch_norm(nn.ModuleDict({"x": BatchRenorm(3)}))
 
 
+@pytest.mark.parametrize("fn", [convert_batch_norm, export_batch_norm])
+@pytest.mark.parametrize("bad", [None, 3, {"bn": nn.BatchNorm1d(3)}])
+def test_converters_refuse_what_is_not_a_module(fn, bad):
+    """issue 32: convert_batch_norm(None) failed with AttributeError ... 'named_children'."""
+    expected = rf"^{fn.__name__}\(\) takes a torch.nn.Module as `module`, got {type(bad).__name__}\.$"
+    with pytest.raises(TypeError, match=expected):
+        fn(bad)
+
+
+@pytest.mark.parametrize(
+    "setting,message", [({"momentum": 0.0}, "`momentum` must be in"), ({"eps": 0.0}, "`eps` must be")]
+)
+def test_convert_errors_name_the_module(setting, message):
+    """A batch norm setting that batch renorm refuses: the message names the argument and the module."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3, **setting)))
+    with pytest.raises(ValueError, match=rf"^Module '1\.1' \(BatchNorm1d\): {message}"):
+        convert_batch_norm(model)
+    assert isinstance(model[1][1], nn.BatchNorm1d)  # nothing replaced
+    with pytest.raises(ValueError, match=rf"^Module 'BatchNorm1d': {message}"):
+        convert_batch_norm(nn.BatchNorm1d(3, **setting))
+    with pytest.raises(ValueError, match=r"^`rmax` must be"):  # an option's error names no module: it is not one's
+        convert_batch_norm(nn.Sequential(nn.BatchNorm1d(3)), rmax=0.5)
+
+
 def test_exported_model_loads_without_renorm(tmp_path):
     """The exported model holds only torch modules: pickled whole, it loads where renorm cannot be imported."""
     model = convert_batch_norm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))

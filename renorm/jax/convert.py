@@ -110,17 +110,35 @@ def _wrap(result, like):
     return FrozenDict(result) if isinstance(like, FrozenDict) else result
 
 
+def _is_array(value) -> bool:
+    """An array or an array's shape and dtype (``jax.ShapeDtypeStruct``): what ``jax.eval_shape`` may trace."""
+    return isinstance(value, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
 def batch_norm_epsilons(model, *args, method=None, **kwargs):
     """``{"path/of/norm": epsilon}`` of every ``nn.BatchNorm`` (or :class:`renorm.jax.BatchRenorm`) in ``model``.
 
     Read from the modules themselves by tracing ``model.init(key, *args,
     **kwargs)`` abstractly (``jax.eval_shape``: nothing is computed), so the
     result is exactly what the model uses, whatever its constructor defaults.
-    Pass it as ``epsilon=`` to :func:`convert_batch_norm` or
-    :func:`export_batch_norm`::
+    Arrays among ``args`` and ``kwargs`` are traced; every other argument
+    (``train=False``, which a model branches on in Python) is passed as it
+    was given. Pass the result as ``epsilon=`` to :func:`convert_batch_norm`
+    or :func:`export_batch_norm`::
 
         eps = renorm.jax.convert.batch_norm_epsilons(bn_model, x, train=False)
         variables = renorm.jax.convert_batch_norm(bn_checkpoint, target, epsilon=eps)
+
+    Example:
+
+    >>> import jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> class Net(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x, train: bool):
+    ...         return nn.BatchNorm(use_running_average=not train, epsilon=1e-3)(nn.Dense(4)(x))
+    >>> batch_norm_epsilons(Net(), jnp.ones((8, 3)), train=False)
+    {'BatchNorm_0': 0.001}
     """
     import flax.linen as nn
 
@@ -134,8 +152,20 @@ def batch_norm_epsilons(model, *args, method=None, **kwargs):
         return next_fun(*call_args, **call_kwargs)
 
     init = model.init if method is None else functools.partial(model.init, method=method)
+    # Only the arrays are traced; every other argument (``train=False``, a flag the model branches
+    # on in Python) is closed over as it was given, as a static argument of ``init``.
+    leaves, tree = jax.tree.flatten((args, kwargs))
+    traced = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
+
+    def abstract_init(key, arrays):
+        given = list(leaves)
+        for i, array in zip(traced, arrays):
+            given[i] = array
+        call_args, call_kwargs = jax.tree.unflatten(tree, given)
+        return init(key, *call_args, **call_kwargs)
+
     with nn.intercept_methods(record):
-        jax.eval_shape(init, jax.random.key(0), *args, **kwargs)
+        jax.eval_shape(abstract_init, jax.random.key(0), [leaves[i] for i in traced])
     if not found:
         raise ValueError(
             f"{type(model).__name__} has no nn.BatchNorm or BatchRenorm module (called with these "

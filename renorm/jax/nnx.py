@@ -246,12 +246,25 @@ def _abstract(value) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
+def _shapes_only(model) -> bool:
+    """Whether ``model`` holds shapes instead of values (``nnx.eval_shape(lambda: Model(...))``)."""
+    import jax
+
+    return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(model)))
+
+
 def _replace_modules(model, cls, make):
-    """A copy of ``model`` with every ``cls`` sub-module replaced by ``make(old)`` (``model`` untouched)."""
+    """A copy of ``model`` with every ``cls`` sub-module replaced by ``make(old)`` (``model`` untouched).
+
+    A model of shapes only (built under ``nnx.eval_shape``) gives one of shapes only: the
+    replacement is itself traced by ``nnx.eval_shape``, where ``make`` sees tracers.
+    """
     if not isinstance(model, nnx.Module):
         raise TypeError(
             f"`model` must be an nnx.Module (a model holding {cls.__name__} layers), got {type(model).__name__}."
         )
+    if _shapes_only(model):
+        return nnx.eval_shape(lambda m: _replace_modules(m, cls, make), model)
     if isinstance(model, cls):
         return make(model, type(model).__name__)
     model = nnx.clone(model)
@@ -307,7 +320,9 @@ def convert_batch_norm(model, **renorm_options):
     rounded), ``step`` 0. The inference outputs are the original's to
     rounding. ``model`` itself is not changed; every other module is copied
     (``nnx.clone``). To convert a checkpoint, restore it into the batch-norm
-    model first (its own state), then convert the model.
+    model first (its own state), then convert the model. A model of shapes
+    only (``nnx.eval_shape(lambda: Model(...))``) gives the converted model
+    of shapes only, e.g. to restore a renorm checkpoint into.
     """
     unknown = [k for k in renorm_options if k not in _RENORM_OPTIONS]
     if unknown:
@@ -351,6 +366,7 @@ def export_batch_norm(model, *, negative_variance: str = "raise"):
     inference outputs are the original's to rounding, and the result needs
     no ``renorm``. ``negative_variance`` (``"raise"`` or ``"clamp"``) is the
     rule for a ``stddev`` below ``sqrt(epsilon)`` (``docs/SPEC.md``, section 14).
+    A model of shapes only gives one of shapes only, as in :func:`convert_batch_norm`.
     """
     check_negative_variance(negative_variance)
 

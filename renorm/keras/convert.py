@@ -120,6 +120,17 @@ def _check_epsilons(model, cls):
             )
 
 
+def _check_built(model, cls):
+    """Every ``cls`` layer of ``model`` has its weights: a Sequential model built without ``keras.Input`` has none."""
+    unbuilt = [layer.name for layer in _all_layers(model) if isinstance(layer, cls) and not layer.built]
+    if unbuilt:
+        raise ValueError(
+            f"Model {model.name!r} is not built, so its {cls.__name__} layer(s) {unbuilt[:10]} have no weights "
+            "to carry: give it a keras.Input (keras.Sequential([keras.Input(shape), ...])), or build it "
+            "(model.build(input_shape), or call it on a batch) first. Nothing was converted."
+        )
+
+
 def convert_batch_norm(model, **renorm_options):
     """Clone ``model`` with every ``BatchNormalization`` replaced by ``BatchRenormalization``.
 
@@ -138,7 +149,10 @@ def convert_batch_norm(model, **renorm_options):
     in training it is batch renormalization with the given options.
 
     Raises ``TypeError`` for a subclassed model, ``ValueError`` for a batch
-    norm with ``renorm=True`` or one the clone cannot reach.
+    norm with ``renorm=True`` or one the clone cannot reach, and, before
+    anything is cloned, for a model that is not built (a ``Sequential``
+    without ``keras.Input``) and for a renorm option the layer refuses
+    (``rmax=0.5``: the layer's own message).
     """
     unknown = [k for k in renorm_options if k not in _RENORM_ONLY[:-1]]
     if unknown:
@@ -147,7 +161,10 @@ def convert_batch_norm(model, **renorm_options):
             f"got {unknown}. The other arguments come from each batch norm's config."
         )
 
+    # The options' own errors (rmax=0.5, ...) first, in one line, not inside a deserialization error.
+    BatchRenormalization(name="renorm_options", **renorm_options)
     _check_epsilons(model, keras.layers.BatchNormalization)
+    _check_built(model, keras.layers.BatchNormalization)
 
     def make(bn):
         config = bn.get_config()
@@ -216,10 +233,12 @@ def export_batch_norm(model, *, negative_variance="raise"):
     layer. Where ``moving_stddev**2`` is close to ``epsilon`` the variance
     has few correct digits of its own, but batch norm only uses
     ``variance + epsilon``, which is ``moving_stddev**2`` to rounding: the
-    outputs are unaffected.
+    outputs are unaffected. A model that is not built (a ``Sequential``
+    without ``keras.Input``) is a ``ValueError``.
     """
     check_negative_variance(negative_variance)
     _check_epsilons(model, BatchRenormalization)
+    _check_built(model, BatchRenormalization)
 
     def make(layer):
         return keras.layers.BatchNormalization.from_config(_batch_norm_config(layer))

@@ -30,12 +30,14 @@ _TO_RENORM = {nn.BatchNorm1d: BatchRenorm1d, nn.BatchNorm2d: BatchRenorm2d, nn.B
 _TO_NORM = {BatchRenorm1d: nn.BatchNorm1d, BatchRenorm2d: nn.BatchNorm2d, BatchRenorm3d: nn.BatchNorm3d}
 
 
-def _replace(module: nn.Module, make, prefix: str = "") -> nn.Module:
+def _replace(module: nn.Module, make, prefix: str = "", function: str = "") -> nn.Module:
+    if not prefix and not isinstance(module, nn.Module):
+        raise TypeError(f"{function}() takes a torch.nn.Module as `module`, got {type(module).__name__}.")
     out = make(module, prefix or type(module).__name__)
     if out is not None:
         return out
     for name, child in module.named_children():
-        new = _replace(child, make, f"{prefix}.{name}" if prefix else name)
+        new = _replace(child, make, f"{prefix}.{name}" if prefix else name, function)
         if new is not child:
             module.add_module(name, new)
     return module
@@ -71,9 +73,14 @@ def convert_batch_norm(module: nn.Module, **renorm_options) -> nn.Module:
     and the diagnostics start at 0. ``renorm_options`` (``rmax``, ``dmax``, the
     schedule, ``microbatch_size``, ``explicit_backward``) go to every new
     module. A negative or non-finite ``running_var`` is a ``ValueError``
-    naming the module. Modules are replaced in place; the result is
-    ``module`` itself unless ``module`` is a norm.
+    naming the module, and so is a batch norm setting that batch renorm
+    refuses (``momentum=0``, ``eps=0``); a wrong renorm option is refused
+    before any module is touched, and a ``module`` that is not a
+    ``torch.nn.Module`` is a ``TypeError``. Modules are replaced in place;
+    the result is ``module`` itself unless ``module`` is a norm.
     """
+
+    BatchRenorm(1, **renorm_options)  # the options' own errors first, naming the argument (not a module)
 
     def make(bn, name):
         if isinstance(bn, BatchRenorm) or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
@@ -84,16 +91,20 @@ def convert_batch_norm(module: nn.Module, **renorm_options) -> nn.Module:
             cls, extra = _TO_RENORM[type(bn)], {}
         else:
             raise TypeError(f"Module {name!r} is a {type(bn).__name__}, which convert_batch_norm does not know.")
-        new = cls(
-            bn.num_features,
-            eps=bn.eps,
-            momentum=bn.momentum,
-            affine=bn.affine,
-            track_running_stats=bn.track_running_stats,
-            **_factory(bn),
-            **extra,
-            **renorm_options,
-        )
+        try:
+            new = cls(
+                bn.num_features,
+                eps=bn.eps,
+                momentum=bn.momentum,
+                affine=bn.affine,
+                track_running_stats=bn.track_running_stats,
+                **_factory(bn),
+                **extra,
+                **renorm_options,
+            )
+        except (TypeError, ValueError) as err:  # e.g. momentum=0: name the module whose setting it is
+            kind = "" if name == type(bn).__name__ else f" ({type(bn).__name__})"
+            raise type(err)(f"Module {name!r}{kind}: {err}") from err
         if bn.track_running_stats:
             std = stddev_from_variance(bn.running_var.detach().cpu().double().numpy(), bn.eps, name=name)
             with torch.no_grad():
@@ -101,7 +112,7 @@ def convert_batch_norm(module: nn.Module, **renorm_options) -> nn.Module:
                 new.running_std.copy_(torch.from_numpy(std))
         return _like(new, bn)
 
-    return _replace(module, make)
+    return _replace(module, make, function="convert_batch_norm")
 
 
 def export_batch_norm(module: nn.Module, *, negative_variance: str = "raise") -> nn.Module:
@@ -154,4 +165,4 @@ def export_batch_norm(module: nn.Module, *, negative_variance: str = "raise") ->
                 new.num_batches_tracked.copy_(layer.num_batches_tracked)
         return _like(new, layer)
 
-    return _replace(module, make)
+    return _replace(module, make, function="export_batch_norm")
