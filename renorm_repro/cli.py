@@ -125,6 +125,7 @@ FIELD_HELP = {
     "warmup_time_constants": "the warm-up in 1/(1 - momentum)-step time constants (not with --warmup-steps)",
     "rmax_steps": "step at which rmax is reached (0: no ramp; none: from schedule_base)",
     "dmax_steps": "step at which dmax is reached (0: no ramp; none: from schedule_base)",
+    "gn_groups": "groups of the gn arm's GroupNormalization layers (must divide width)",
     "width": "channels of the first convolution (then 2x, 4x, 8x)",
     "optimizer": "the optimizer",
     "learning_rate": "the (initial) learning rate",
@@ -139,6 +140,8 @@ FIELD_HELP = {
     "eval_batch_stats": "also validate with batch statistics on minibatches built like the training ones",
     "eval_lag_examples": "log the moving statistics' lag against this many fixed training examples (0: off)",
     "log_clip_means": "log r/d clipped fractions averaged over every step since the previous evaluation",
+    "precise_bn_batches": "also evaluate with population statistics recomputed on this many fixed i.i.d. training "
+    "batches (precise BN; 0: off)",
     "checkpoint_every": "steps between checkpoints (and the last step)",
     "threshold": "accuracy for 'steps to reach' in the summary (a fraction)",
     "jit_compile": "XLA-compile the steps (needs --deterministic false)",
@@ -494,6 +497,7 @@ def benchmark(cfg, arm, steps, gpu_tflops=100.0, log=print):
         eval_batch_stats=False,
         val_examples=0,
         eval_lag_examples=0,
+        precise_bn_batches=0,
         # the layers' cost does not depend on the breakpoints; a few timed steps
         # cannot hold a warm-up meant for the whole run
         schedule_base="paper_scaled",

@@ -91,7 +91,16 @@ class ExperimentConfig:
     :meth:`title`): two runs that differ only in them train each arm alike if its spec is the same.
     """
 
-    ARM_KEYS = ("rmax", "dmax", "schedule_base", "warmup_steps", "warmup_time_constants", "rmax_steps", "dmax_steps")
+    ARM_KEYS = (
+        "rmax",
+        "dmax",
+        "schedule_base",
+        "warmup_steps",
+        "warmup_time_constants",
+        "rmax_steps",
+        "dmax_steps",
+        "gn_groups",
+    )
 
     experiment: str = ""
     # --- data
@@ -124,6 +133,9 @@ class ExperimentConfig:
     warmup_time_constants: float | None = None
     rmax_steps: int | None = None  # step at which rmax is reached; 0: no ramp (rmax right after the warm-up)
     dmax_steps: int | None = None  # the same for dmax
+    # Groups of the `gn` arm: Keras's own GroupNormalization(groups=gn_groups) in place of every batch-norm
+    # layer (each example normalized alone, over groups of channels). Must divide `width` (then every layer's).
+    gn_groups: int = 4
     # --- model and optimization
     width: int = 32
     optimizer: str = "adam"
@@ -151,6 +163,11 @@ class ExperimentConfig:
     # Log r_clipped_mean/d_clipped_mean: the clipped fractions of r and d averaged over every training step
     # since the previous evaluation (r_clipped/d_clipped are those of the last step before it only).
     log_clip_means: bool = False
+    # Precise BN (Wu & Johnson 2021): at each evaluation, also evaluate with population statistics recomputed
+    # under the current weights over this many fixed i.i.d. training batches of `batch_size`
+    # (:meth:`precise_bn_indices`), on a copy of the layers' state (training is untouched); 0 turns it off.
+    # Columns val_*_precise, test_*_precise, train_eval_*_precise (NaN for arms without moving statistics).
+    precise_bn_batches: int = 0
     checkpoint_every: int = 1000
     threshold: float = 0.5  # accuracy for "steps to reach" in the summary
     # --- speed
@@ -161,6 +178,8 @@ class ExperimentConfig:
 
     #: Seed of the test minibatches of the batch-statistics evaluation: the same for every run.
     EVAL_SEED = 1_000_003
+    #: Seed of the training batches precise BN recomputes the population statistics on: the same for every run.
+    PRECISE_BN_SEED = 3_000_017
 
     # ------------------------------------------------------------- checking
     def _bad(self, key, why):
@@ -200,7 +219,7 @@ class ExperimentConfig:
         ):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
-        for key in ("val_examples", "eval_lag_examples"):
+        for key in ("val_examples", "eval_lag_examples", "precise_bn_batches"):
             if getattr(self, key) < 0:
                 bad(key, "must be >= 0 (0 turns it off)")
         full = DATASETS[self.dataset].resolve(self)["train_size"]
@@ -224,6 +243,14 @@ class ExperimentConfig:
             bad("ema_decay", "must be in [0, 1) (0 turns the EMA of the weights off)")
         if not 0.0 < self.threshold <= 1.0:
             bad("threshold", "must be an accuracy in (0, 1]")
+        if self.gn_groups < 1:
+            bad("gn_groups", "must be >= 1")
+        if "gn" in self.arms and self.width % self.gn_groups:
+            bad(
+                "gn_groups",
+                f"must divide width={self.width} (the gn arm's layers have width, 2, 4 and 8 x width channels, "
+                f"split into gn_groups groups)",
+            )
         self._check()
         self._check_schedule()
 
@@ -364,6 +391,35 @@ class ExperimentConfig:
         """Test minibatches of the batch-statistics evaluation: as many examples as the test set, rounded up."""
         return -(-num_test // self.batch_size)
 
+    def precise_bn_indices(self, num_train: int) -> list:
+        """The ``precise_bn_batches`` training batches precise BN recomputes the population statistics on.
+
+        I.i.d. minibatches of ``batch_size``: the first ``precise_bn_batches`` batches of the shuffled epochs
+        of :func:`renorm_repro.data.batch_indices` under the fixed seed :attr:`PRECISE_BN_SEED` (a pure
+        function: the same batches at every evaluation, in every run, arm and seed, drawn from no stream
+        of the training loop). The estimate pools the batches (mean of E[x], mean of E[x^2]), so only the
+        number of examples, ``precise_bn_batches * batch_size``, matters, not how they are cut into batches.
+        """
+        from renorm_repro.data import batch_indices
+
+        return [
+            batch_indices(num_train, self.batch_size, self.PRECISE_BN_SEED, i) for i in range(self.precise_bn_batches)
+        ]
+
+    def _gn_spec(self) -> dict:
+        """The ``gn`` arm: Keras's GroupNormalization, each example normalized alone (a group of 1 example)."""
+        return {
+            "microbatch_size": 1,
+            "schedule": ClipSchedule.batch_norm(),
+            "impl": "group_norm",
+            "groups": self.gn_groups,
+        }
+
+    def _gn_label(self) -> str:
+        return f"Group Norm, {self.gn_groups} groups"
+
+    _GN_TEMPLATE = "Group Normalization (Keras's GroupNormalization, gn_groups groups) in place of every batch norm"
+
     def title(self) -> str:
         """One line naming the minibatch structure (figure title, summary heading)."""
         return f"minibatch {self.batch_size}"
@@ -398,6 +454,7 @@ class ExperimentConfig:
                     "groups_per_batch": self.batch_size // self.arm_spec(arm)["microbatch_size"],
                     "schedule": self.arm_spec(arm)["schedule"].to_dict(),
                     "implementation": self.arm_spec(arm).get("impl", "renorm"),
+                    **({"groups": self.arm_spec(arm)["groups"]} if "groups" in self.arm_spec(arm) else {}),
                 }
                 for arm in self.arms
             },
@@ -420,7 +477,14 @@ class MicrobatchConfig(ExperimentConfig):
 
     experiment: str = "microbatch"
     arms: tuple[str, ...] = ("bn_micro", "brn_micro", "bn_32")
-    COMPARISONS = (("bn_micro", "brn_micro"), ("bn_32", "brn_micro"), ("bn_32", "bn_micro"))
+    COMPARISONS = (
+        ("bn_micro", "brn_micro"),
+        ("bn_32", "brn_micro"),
+        ("bn_32", "bn_micro"),
+        ("bn_micro", "gn"),
+        ("brn_micro", "gn"),
+        ("bn_32", "gn"),
+    )
     ARM_KEYS = ExperimentConfig.ARM_KEYS + ("microbatch_size", "bn_group")
     batch_size: int = 1600
     microbatch_size: int = 2  # k
@@ -439,6 +503,7 @@ class MicrobatchConfig(ExperimentConfig):
             "brn_micro": "Batch Renorm on micro-batches of microbatch_size, with the config's clipping schedule "
             "(default: the paper's, scaled)",
             "bn_32": "batch norm on groups of bn_group",
+            "gn": self._GN_TEMPLATE,
         }
 
     def arm_spec(self, arm: str) -> dict:
@@ -448,6 +513,8 @@ class MicrobatchConfig(ExperimentConfig):
             return {"microbatch_size": self.microbatch_size, "schedule": self.schedule()}
         if arm == "bn_32":
             return {"microbatch_size": self.bn_group, "schedule": ClipSchedule.batch_norm()}
+        if arm == "gn":
+            return self._gn_spec()
         raise self._unknown_arm(arm)
 
     def arm_label(self, arm: str) -> str:
@@ -456,6 +523,7 @@ class MicrobatchConfig(ExperimentConfig):
             "bn_micro": f"Batch Norm, micro-batch {k}",
             "brn_micro": f"Batch Renorm, micro-batch {k}",
             "bn_32": f"Batch Norm, groups of {g}",
+            "gn": self._gn_label(),
         }[arm]
 
     def title(self) -> str:
@@ -488,6 +556,9 @@ class NoniidConfig(ExperimentConfig):
         ("bn_iid", "brn"),
         ("bn_iid", "bn"),
         ("bn", "bn_split"),
+        ("bn", "gn"),
+        ("brn", "gn"),
+        ("bn_iid", "gn"),
     )
     batch_size: int = 32
     eval_train_examples: int = 10000
@@ -522,6 +593,7 @@ class NoniidConfig(ExperimentConfig):
             "bn_split": "batch norm applied separately to split_groups parts, the images of each label split "
             "between them",
             "bn_iid": "batch norm on i.i.d. minibatches of batch_size (reference)",
+            "gn": self._GN_TEMPLATE + ", on the non-i.i.d. minibatches",
         }
 
     def arm_spec(self, arm: str) -> dict:
@@ -535,6 +607,8 @@ class NoniidConfig(ExperimentConfig):
             }
         if arm == "bn_split":
             return {"microbatch_size": self.batch_size // self.split_groups, "schedule": ClipSchedule.batch_norm()}
+        if arm == "gn":
+            return self._gn_spec()
         raise self._unknown_arm(arm)
 
     def arm_label(self, arm: str) -> str:
@@ -544,6 +618,7 @@ class NoniidConfig(ExperimentConfig):
             "keras_brn": "Keras renorm, non-i.i.d.",
             "bn_split": f"Batch Norm, non-i.i.d., {self.split_groups} parts of {self.batch_size // self.split_groups}",
             "bn_iid": "Batch Norm, i.i.d. (reference)",
+            "gn": self._gn_label() + ", non-i.i.d.",
         }[arm]
 
     def train_batch_indices(self, labels, seed: int, step: int, arm: str | None = None):
@@ -571,7 +646,7 @@ class IidConfig(ExperimentConfig):
 
     experiment: str = "iid"
     arms: tuple[str, ...] = ("bn", "brn")
-    COMPARISONS = (("bn", "brn"), ("brn", "keras_brn"), ("bn", "keras_brn"))
+    COMPARISONS = (("bn", "brn"), ("brn", "keras_brn"), ("bn", "keras_brn"), ("bn", "gn"), ("brn", "gn"))
     batch_size: int = 32
 
     def arm_specs_template(self) -> dict[str, str]:
@@ -580,9 +655,12 @@ class IidConfig(ExperimentConfig):
             "brn": "Batch Renorm on the whole minibatch, with the config's clipping schedule "
             "(default: the paper's, scaled)",
             "keras_brn": "Keras's own BatchNormalization(renorm=True) configured as the paper, same schedule",
+            "gn": self._GN_TEMPLATE,
         }
 
     def arm_spec(self, arm: str) -> dict:
+        if arm == "gn":
+            return self._gn_spec()
         if arm == "bn":
             return {"microbatch_size": self.batch_size, "schedule": ClipSchedule.batch_norm()}
         if arm in ("brn", "keras_brn"):
@@ -594,7 +672,7 @@ class IidConfig(ExperimentConfig):
         raise self._unknown_arm(arm)
 
     def arm_label(self, arm: str) -> str:
-        return {"bn": "Batch Norm", "brn": "Batch Renorm", "keras_brn": "Keras renorm"}[arm]
+        return {"bn": "Batch Norm", "brn": "Batch Renorm", "keras_brn": "Keras renorm", "gn": self._gn_label()}[arm]
 
     def title(self) -> str:
         return f"i.i.d. minibatches of {self.batch_size}"

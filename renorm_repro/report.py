@@ -44,6 +44,7 @@ ARM_STYLE = {
     "bn_split": dict(color="tab:orange", linestyle="-."),
     "bn_iid": dict(color="black", linestyle="-"),
     "keras_brn": dict(color="tab:green", linestyle=":"),
+    "gn": dict(color="tab:purple", linestyle=(0, (5, 1, 1, 1))),
 }
 
 #: Evaluations averaged by the ``last`` scalars.
@@ -64,7 +65,12 @@ def _lag(rows):
 
 def _scalar_table():
     table = {}
-    for col, name in (("test_accuracy", "test"), ("val_accuracy", "val")):
+    for col, name in (
+        ("test_accuracy", "test"),
+        ("val_accuracy", "val"),
+        ("test_accuracy_precise", "test_precise"),  # logged with --precise-bn-batches only
+        ("val_accuracy_precise", "val_precise"),
+    ):
         table[f"{name}_final"] = (f"{col}, last evaluation", col, False, lambda v: v[-1])
         table[f"{name}_last{LAST_N}"] = (
             f"{col}, mean of the last {LAST_N} evaluations",
@@ -100,7 +106,10 @@ SCALARS = _scalar_table()
 def _scalar(rows, column, late, reduce):
     if column not in rows[0]:
         return None
-    return float(reduce([r[column] for r in (_second_half(rows) if late else rows)]))
+    values = [r[column] for r in (_second_half(rows) if late else rows)]
+    if all(np.isnan(v) for v in values):  # a column the arm cannot fill (the gn arm's lag, clip fractions)
+        return None
+    return float(reduce(values))
 
 
 #: Accuracies aggregated per arm when the runs logged them: column -> description.
@@ -112,6 +121,8 @@ CURVES = {
     "train_eval_accuracy": "training accuracy, inference mode",
     "val_batchstat_accuracy": "validation accuracy with batch statistics on test minibatches built like the "
     "training ones",
+    "val_accuracy_precise": "validation accuracy, inference mode with precise BN's recomputed population statistics",
+    "test_accuracy_precise": "test accuracy, inference mode with precise BN's recomputed population statistics",
 }
 
 #: Arms whose batch-statistics evaluation is drawn as its own curve (the paper's Figure 3 does it for batch norm).
@@ -154,6 +165,8 @@ def _arm_curves(runs, common) -> dict:
         if not all(col in rows[0] for rows in runs.values()):
             continue
         vals = np.array([[next(r[col] for r in rows if r["step"] == s) for s in common] for rows in runs.values()])
+        if vals.size and np.isnan(vals).all():  # a column the arm cannot fill (the gn arm's lag)
+            continue
         last = [rows[-1][col] for rows in runs.values()]
         curves[col] = {
             "mean": vals.mean(axis=0).tolist(),
@@ -394,6 +407,8 @@ _TABLE = (
     ("val_last{n}", "val., mean of last {n} evals (%)", 100.0),
     ("val_worst_late", "val., worst of 2nd half (%)", 100.0),
     ("lag_late", "moving-mean lag, 2nd half (std)", 1.0),
+    ("test_precise_last{n}", "test, precise BN, mean of last {n} evals (%)", 100.0),
+    ("val_precise_last{n}", "val., precise BN, mean of last {n} evals (%)", 100.0),
 )
 
 

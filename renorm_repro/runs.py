@@ -61,6 +61,7 @@ __all__ = [
     "METRIC_COLUMNS",
     "EXTRA_METRIC_COLUMNS",
     "metric_columns",
+    "precise_columns",
     "RunDirError",
     "Interrupted",
     "versions",
@@ -100,7 +101,9 @@ NORM_LAYERS = 4
 #: statistics on minibatches built like the training ones (``eval_batch_stats``); the test split
 #: when a validation split is held out (``val_examples > 0``); the learning rate (a schedule other
 #: than constant); how far each layer's moving statistics lag its input's (``eval_lag_examples > 0``); the
-#: clipped fractions averaged over every step since the previous evaluation (``log_clip_means``).
+#: clipped fractions averaged over every step since the previous evaluation (``log_clip_means``); the
+#: inference-mode evaluations again with precise BN's recomputed population statistics
+#: (``precise_bn_batches > 0``: validation, then test and train_eval where those are logged).
 EXTRA_METRIC_COLUMNS = {
     "train_eval": ("train_eval_loss", "train_eval_accuracy"),
     "batchstat": ("val_batchstat_loss", "val_batchstat_accuracy"),
@@ -108,6 +111,9 @@ EXTRA_METRIC_COLUMNS = {
     "lr": ("learning_rate",),
     "lag": tuple(f"lag_{k}_norm{i}" for k in ("mean", "std") for i in range(1, NORM_LAYERS + 1)),
     "clip_mean": ("r_clipped_mean", "d_clipped_mean"),
+    "precise": ("val_loss_precise", "val_accuracy_precise"),
+    "precise_test": ("test_loss_precise", "test_accuracy_precise"),
+    "precise_train_eval": ("train_eval_loss_precise", "train_eval_accuracy_precise"),
 }
 
 
@@ -126,6 +132,18 @@ def metric_columns(cfg) -> tuple:
         cols += EXTRA_METRIC_COLUMNS["lag"]
     if cfg.log_clip_means:
         cols += EXTRA_METRIC_COLUMNS["clip_mean"]
+    return cols + precise_columns(cfg)
+
+
+def precise_columns(cfg) -> tuple:
+    """The precise-BN columns of ``cfg`` (none when ``precise_bn_batches`` is 0), in the log's order."""
+    if not getattr(cfg, "precise_bn_batches", 0):
+        return ()
+    cols = EXTRA_METRIC_COLUMNS["precise"]
+    if cfg.val_examples > 0:
+        cols += EXTRA_METRIC_COLUMNS["precise_test"]
+    if cfg.eval_train_examples > 0:
+        cols += EXTRA_METRIC_COLUMNS["precise_train_eval"]
     return cols
 
 

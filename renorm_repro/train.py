@@ -118,10 +118,15 @@ def make_norm_layer(cfg, arm: str, name: str | None = None):
     norm, docs/SPEC.md), so the arms differ only in the clipping limits and
     the group size. Arms whose spec has ``impl == "keras"`` use Keras 3's own
     ``BatchNormalization(renorm=True)`` with the same schedule
-    (:class:`renorm_repro.keras_renorm.ScheduledKerasRenorm`).
+    (:class:`renorm_repro.keras_renorm.ScheduledKerasRenorm`). The ``gn`` arm (``impl == "group_norm"``) uses
+    Keras's ``GroupNormalization(groups=cfg.gn_groups)``: no moving statistics, no clip diagnostics.
     """
     spec = cfg.arm_spec(arm)
     s = spec["schedule"]
+    if spec.get("impl") == "group_norm":  # the gn arm: Keras's own layer, no batch statistics at all
+        import keras
+
+        return keras.layers.GroupNormalization(groups=spec["groups"], epsilon=cfg.epsilon, name=name)
     if spec.get("impl", "renorm") == "keras":
         from renorm_repro.keras_renorm import ScheduledKerasRenorm
 
@@ -471,6 +476,8 @@ class _RunState:
             else {}
         )
         self.norm_layers = [layer for layer in model.layers if layer.name.startswith("norm")]
+        # The layers with clip diagnostics: every one but the gn arm's.
+        self.clip_layers = [layer for layer in self.norm_layers if hasattr(layer, "r_clipped_fraction")]
         self.mean, self.std = mean, std
         self.ckpt = tf.train.Checkpoint(
             model=model,
@@ -728,10 +735,12 @@ def _replica_step(cfg, st: _RunState, x, y) -> None:
     st.loss_sum.assign_add(tf.cast(tf.reduce_sum(per_ex), tf.float64))
     st.correct_sum.assign_add(correct)
     st.count_sum.assign_add(tf.cast(tf.shape(y)[0], tf.float64))
-    if st.clip_sums:  # this step's clipped fractions, averaged over layers (per replica; summed on read)
+    if (
+        st.clip_sums and st.clip_layers
+    ):  # this step's clipped fractions, averaged over layers (per replica; summed on read)
         for key, attr in (("r_clip_sum", "r_clipped_fraction"), ("d_clip_sum", "d_clipped_fraction")):
             st.clip_sums[key].assign_add(
-                tf.add_n([tf.cast(getattr(layer, attr), tf.float64) for layer in st.norm_layers]) / len(st.norm_layers)
+                tf.add_n([tf.cast(getattr(layer, attr), tf.float64) for layer in st.clip_layers]) / len(st.clip_layers)
             )
         st.clip_sums["clip_steps"].assign_add(tf.constant(1.0, tf.float64))
 
@@ -820,6 +829,24 @@ class _Evaluator:
             if cfg.eval_batch_stats
             else []
         )
+        self._init_precise(x_train)
+
+    def _init_precise(self, x_train) -> None:
+        """Precise BN's fixed training batches and, per normalization layer, the model up to its input."""
+        import keras
+
+        from renorm.tf import BatchRenormalization
+
+        self.precise_batches = self.precise_models = None
+        if not self.cfg.precise_bn_batches:
+            return
+        # Only this package's layer is recomputed (every arm but keras_brn and gn): its inference
+        # reads moving_mean and moving_stddev alone. The others get NaN columns.
+        self.precise_ok = all(isinstance(layer, BatchRenormalization) for layer in self.st.norm_layers)
+        if self.precise_ok:
+            self.precise_batches = np.stack(self.cfg.precise_bn_indices(len(x_train)))  # (N, batch_size)
+            self.x_train = x_train
+            self.precise_models = [keras.Model(self.st.model.inputs, layer.input) for layer in self.st.norm_layers]
 
     def _ranges(self, n):
         return [slice(i, i + self.cfg.eval_batch_size) for i in range(0, n, self.cfg.eval_batch_size)]
@@ -850,8 +877,72 @@ class _Evaluator:
                 v.assign(b)
         if self.lag_model is not None:
             res.update(self.lag_stats())
+        if self.cfg.precise_bn_batches:
+            res.update(self.precise_evaluation())
         if backup is not None:
             for v, b in zip(model.trainable_variables, backup):
+                v.assign(b)
+        return res
+
+    def precise_statistics(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Precise BN: every layer's population ``(mean, stddev)`` over the fixed batches, layer by layer.
+
+        Layer ``j``'s input is computed in inference mode with layers ``< j`` already using their recomputed
+        statistics (assigned here: the caller restores the state). Per batch ``b`` (all the batch's examples and
+        positions) its mean ``m_b`` and biased variance ``v_b`` in float64; the population mean is the mean of the
+        ``m_b``, its variance the mean of the ``v_b`` plus the variance of the ``m_b`` (equal batches: exactly the
+        moments of the pooled examples); ``stddev = sqrt(var + epsilon)``, the layer's convention.
+        """
+        cfg, st = self.cfg, self.st
+        nb, bs = self.precise_batches.shape
+        per_call = max(1, cfg.eval_batch_size // bs)  # whole batches per forward pass
+        stats = []
+        for layer, sub in zip(st.norm_layers, self.precise_models):
+            means, variances = [], []
+            for i in range(0, nb, per_call):
+                idx = self.precise_batches[i : i + per_call]
+                f = np.asarray(sub(st.prep(self.x_train[idx.reshape(-1)]), training=False), dtype=np.float64)
+                f = f.reshape(len(idx), -1, f.shape[-1])  # (batches, examples x positions, channels)
+                means.append(f.mean(axis=1))
+                variances.append(f.var(axis=1))
+            m, v = np.concatenate(means), np.concatenate(variances)
+            mean = m.mean(axis=0)
+            var = v.mean(axis=0) + ((m - mean) ** 2).mean(axis=0)
+            stddev = np.sqrt(var + cfg.epsilon)
+            layer.moving_mean.assign(mean.astype(np.float32))
+            layer.moving_stddev.assign(stddev.astype(np.float32))
+            stats.append((mean, stddev))
+        return stats
+
+    def precise_evaluation(self) -> dict:
+        """The inference-mode evaluations again with :meth:`precise_statistics`: the ``*_precise`` columns.
+
+        On a copy of the state: every non-trainable variable (moving statistics, step counters, diagnostics) is
+        saved before and assigned back after, bit for bit; no data stream or RNG of the training loop is read.
+        NaN for arms whose layers are not this package's (``keras_brn``, ``gn``).
+        """
+        from renorm_repro.runs import precise_columns
+
+        if not self.precise_ok:
+            return dict.fromkeys(precise_columns(self.cfg), float("nan"))
+        model = self.st.model
+        state = [v.numpy() for v in model.non_trainable_variables]
+        try:
+            self.precise_statistics()
+            res = {}
+            res["val_loss_precise"], res["val_accuracy_precise"] = _mean_over(
+                self.eval_batch, self.x_val, self.y_val, self.val_chunks
+            )
+            if self.test_chunks is not None:
+                res["test_loss_precise"], res["test_accuracy_precise"] = _mean_over(
+                    self.eval_batch, self.dataset.x_test, self.dataset.y_test, self.test_chunks
+                )
+            if self.train_sub is not None:
+                res["train_eval_loss_precise"], res["train_eval_accuracy_precise"] = _mean_over(
+                    self.eval_batch, *self.train_sub
+                )
+        finally:
+            for v, b in zip(model.non_trainable_variables, state):
                 v.assign(b)
         return res
 
@@ -873,6 +964,9 @@ class _Evaluator:
                 cnt[j] += f.shape[0]
         res = {}
         for j, layer in enumerate(norm_layers):
+            if not hasattr(layer, "moving_stddev"):  # the gn arm: no moving statistics to lag
+                res[f"lag_mean_norm{j + 1}"] = res[f"lag_std_norm{j + 1}"] = float("nan")
+                continue
             mu = s1[j] / cnt[j]
             std = np.sqrt(np.maximum(s2[j] / cnt[j] - mu * mu, 0.0) + self.cfg.epsilon)
             mm = np.asarray(layer.moving_mean.numpy(), np.float64)
@@ -902,18 +996,24 @@ class _Clock:
         return timed / (self.last - self.first) if timed > 0 and self.last > self.first else None
 
 
+def _layer_mean(layers, attr: str) -> float:
+    """The mean over ``layers`` of the scalar variable ``attr``; NaN when there is no layer."""
+    return float(np.mean([getattr(layer, attr).numpy() for layer in layers])) if layers else float("nan")
+
+
 def _evaluation_row(cfg, st: _RunState, schedule, step: int, evals: dict, clock: _Clock) -> dict:
     """The ``metrics.csv`` row after ``step`` steps: running training metrics, limits, clip fractions, ``evals``."""
     cnt = max(st.count_sum.numpy(), 1.0)
     rmax_t, dmax_t = schedule.limits(step - 1)
-    clip = st.clip_sums
+    clip = st.clip_sums if st.clip_layers else {}
+    nan_clip = {"r_clipped_mean": float("nan"), "d_clipped_mean": float("nan")} if st.clip_sums else {}
     clip_means = (
         {
             "r_clipped_mean": clip["r_clip_sum"].numpy() / max(clip["clip_steps"].numpy(), 1.0),
             "d_clipped_mean": clip["d_clip_sum"].numpy() / max(clip["clip_steps"].numpy(), 1.0),
         }
         if clip
-        else {}
+        else nan_clip
     )
     return {
         "step": step,
@@ -923,8 +1023,9 @@ def _evaluation_row(cfg, st: _RunState, schedule, step: int, evals: dict, clock:
         "val_accuracy": evals["val_accuracy"],
         "rmax": float(rmax_t),
         "dmax": float(dmax_t),
-        "r_clipped": float(np.mean([layer.r_clipped_fraction.numpy() for layer in st.norm_layers])),
-        "d_clipped": float(np.mean([layer.d_clipped_fraction.numpy() for layer in st.norm_layers])),
+        # NaN for the gn arm (no clip diagnostics)
+        "r_clipped": _layer_mean(st.clip_layers, "r_clipped_fraction"),
+        "d_clipped": _layer_mean(st.clip_layers, "d_clipped_fraction"),
         "elapsed_s": clock.elapsed(),
         "learning_rate": float(cfg.learning_rate_at(step - 1)),
         **clip_means,
@@ -941,6 +1042,7 @@ def _log_line(run: _RunCall, row: dict) -> str:
         f"r_clip {row['r_clipped']:.3f} d_clip {row['d_clipped']:.3f}"
         + (f" train_eval_acc {row['train_eval_accuracy']:.4f}" if "train_eval_accuracy" in row else "")
         + (f" val_batchstat_acc {row['val_batchstat_accuracy']:.4f}" if "val_batchstat_accuracy" in row else "")
+        + (f" val_acc_precise {row['val_accuracy_precise']:.4f}" if "val_accuracy_precise" in row else "")
     )
 
 
@@ -953,7 +1055,7 @@ def _record_evaluation(st: _RunState, row: dict, metrics: MetricsLog, events: Ev
         row["step"],
         {
             **{k: row[k] for k in metrics.columns if k != "step"},
-            **{k: v for layer in st.norm_layers for k, v in layer_scalars(layer).items()},
+            **{k: v for layer in st.clip_layers for k, v in layer_scalars(layer).items()},
         },
     )
 

@@ -85,7 +85,7 @@ def test_noniid_and_iid_configs_validate_and_derive():
         C.get_config("seed", "noniid")
     with pytest.raises(C.ConfigError, match=r"Unknown config key --microbatch-size .*'noniid'"):
         C.get_config("digits", "noniid", {"microbatch-size": "2"})
-    with pytest.raises(C.ConfigError, match=r"`arms` must be distinct names among \('bn', 'brn', 'keras_brn'\)"):
+    with pytest.raises(C.ConfigError, match=r"`arms` must be distinct names among \('bn', 'brn', 'keras_brn', 'gn'\)"):
         C.get_config("digits", "iid", {"arms": "bn,bn_split"})
     iid = C.get_config("digits", "iid")
     assert iid.batch_size == 32 and iid.arms == ("bn", "brn")
