@@ -87,7 +87,11 @@ def test_the_long_run_with_the_final_schedule_differs_only_in_its_schedule(tmp_p
 
 
 def test_the_long_runs_short_warm_up_differs_from_the_final_schedule_only_in_warm_up_and_limits(tmp_path):
-    names = ["long/noniid-w8-final-schedule-seeds0-2", "long/noniid-w8-warmup125-r1.5-d0.5", "long/noniid-w8-warmup125-r3-d5"]
+    names = [
+        "long/noniid-w8-final-schedule-seeds0-2",
+        "long/noniid-w8-warmup125-r1.5-d0.5",
+        "long/noniid-w8-warmup125-r3-d5",
+    ]
     out = _run(tmp_path, *names)
     assert out.returncode == 0, out.stderr
     runs = [line.split(" --out ")[0].split()[4:] for line in out.stdout.splitlines() if line.startswith("ARGS ")]
@@ -95,3 +99,67 @@ def test_the_long_runs_short_warm_up_differs_from_the_final_schedule_only_in_war
     changed = {"--warmup-steps": "125", "--dmax-steps": "625", "--rmax-steps": "1000", "--seeds": "0,1,2,3,4"}
     assert {k: v for k, v in small.items() if final[k] != v} == changed
     assert {k: v for k, v in paper.items() if small[k] != v} == {"--rmax": "3", "--dmax": "5"}
+
+
+def _entries(tmp_path, *names):
+    """``{name: [option tokens after `run`]}`` of the queue entries ``names``, as the script runs them."""
+    out = _run(tmp_path, *names)
+    assert out.returncode == 0, out.stderr
+    runs = [line.split(" --out ")[0].split()[4:] for line in out.stdout.splitlines() if line.startswith("ARGS ")]
+    assert len(runs) == len(names)
+    return dict(zip(names, runs))
+
+
+def _config(tokens):
+    """The config a `renorm-repro run` with these option tokens trains (``--experiment E --preset P`` first)."""
+    from renorm_repro.config import get_config, parse_override_tokens
+
+    opts = parse_override_tokens(tokens)
+    return get_config(opts.pop("preset"), opts.pop("experiment"), opts)
+
+
+PRECISE = {"final/iid-bn-precise": "final/iid-bn", "final/mbk2-bn-precise": "final/mbk2-bn"}
+PRECISE["final/noniid-bn-precise"] = "final/noniid-bn"
+
+
+def test_each_precise_bn_rerun_differs_from_its_committed_final_only_by_the_option(tmp_path):
+    from renorm_repro.runs import _config_diff
+
+    runs = _entries(tmp_path, *PRECISE, *PRECISE.values())
+    for precise, final in PRECISE.items():
+        assert runs[precise] == runs[final] + ["--precise-bn-batches", "100"], precise
+        committed = ROOT / "results" / "fashion-mnist" / final / "config.json"
+        # The committed folder's config is the rerun's but for the option (the rerun trains alike, bit for bit).
+        assert _config_diff(committed, _config(runs[precise])) == {"precise_bn_batches": (None, 100)}, precise
+        assert _config_diff(committed, _config(runs[final])) == {}, final
+
+
+def test_the_group_norm_entries_differ_from_the_batch_norm_finals_only_by_arm_groups_and_seeds(tmp_path):
+    from renorm_repro.runs import _config_diff
+
+    sweep = [f"sweep/gn-{s}-g{g}" for s in ("noniid", "mbk2") for g in (2, 4, 8)]
+    names = [*sweep, "final/noniid-gn", "final/mbk2-gn", "final/noniid-bn", "final/mbk2-bn"]
+    runs = {k: dict(zip(v[::2], v[1::2])) for k, v in _entries(tmp_path, *names).items()}
+    assert [runs[n]["--gn-groups"] for n in sweep] == ["2", "4", "8"] * 2
+    for name in names[:-2]:
+        final = "final/noniid-bn" if "noniid" in name else "final/mbk2-bn"
+        seeds = "10,11" if name.startswith("sweep/") else "20,21,22,23,24"
+        opts, bn = runs[name], runs[final]
+        assert opts["--arms"] == "gn" and opts["--seeds"] == seeds
+        assert {k: v for k, v in opts.items() if k not in ("--arms", "--seeds", "--gn-groups")} == {
+            k: v for k, v in bn.items() if k not in ("--arms", "--seeds")
+        }
+        committed = ROOT / "results" / "fashion-mnist" / final / "config.json"
+        diff = _config_diff(committed, _config([t for kv in opts.items() for t in kv]))
+        assert set(diff) <= {"arms", "seeds", "gn_groups"} and "arms" in diff, name  # renorm-repro pool pairs them
+    # The group counts divide the convnet's widths (16, 32, 64, 128 at the presets' width 16).
+    _config(["--experiment", "noniid", "--preset", "fashion", "--arms", "gn", "--gn-groups", "8"])
+
+
+def test_the_gn_sweep_queue_names_stand_for_their_folders(tmp_path):
+    out = _run(tmp_path, "sweep-gn-noniid", "sweep-gn-mbk2")
+    assert out.returncode == 0, out.stderr
+    folders = [line.split(" --out ")[1].split()[0] for line in out.stdout.splitlines() if line.startswith("ARGS ")]
+    assert [Path(f).relative_to(tmp_path / "out").as_posix() for f in folders] == [
+        f"sweep/gn-{s}-g{g}" for s in ("noniid", "mbk2") for g in (2, 4, 8)
+    ]

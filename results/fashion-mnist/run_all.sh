@@ -2,8 +2,8 @@
 # Every Fashion-MNIST experiment of results/fashion-mnist, in order, one after the other.
 # Rerunnable: a folder that exists is continued with --resume (finished runs are skipped).
 # Usage: bash results/fashion-mnist/run_all.sh [NAME ...]   (default: all but the sweep, in this order; the queue
-# names sweep-iid and sweep-mbk4 stand for the schedule sweep's folders, sweep/..., and long-noniid-w8 for the
-# long run's, long/...), from the repository root with the package installed. RENORM_SRC (the source tree to run, e.g. a `git worktree` of one
+# names sweep-iid and sweep-mbk4 stand for the schedule sweep's folders, sweep/..., sweep-gn-noniid and sweep-gn-mbk2
+# for the Group Normalization sweep's, and long-noniid-w8 for the long run's, long/...), from the repository root with the package installed. RENORM_SRC (the source tree to run, e.g. a `git worktree` of one
 # revision, so that every run of the study uses the same code) and RENORM_OUT (where the folders go)
 # are optional. Two queues may run at once on different NAMEs (each folder is locked by its writer).
 # After each experiment: renorm-repro plot --out results/fashion-mnist/NAME (run also does it).
@@ -104,6 +104,35 @@ CMD[long/noniid-w8-final-schedule-seeds3-4]="$LONG_SHORT_SCHEDULE --seeds 3,4"
 LONG_SHORT_WARMUP="$LONG --arms brn --warmup-steps 125 --dmax-steps 625 --rmax-steps 1000"
 CMD[long/noniid-w8-warmup125-r3-d5]="$LONG_SHORT_WARMUP --rmax 3 --dmax 5 --seeds 0,1,2,3,4"
 CMD[long/noniid-w8-warmup125-r1.5-d0.5]="$LONG_SHORT_WARMUP --rmax 1.5 --dmax 0.5 --seeds 0,1,2,3,4"
+# Group Normalization (issue 31 item 2): Keras's own GroupNormalization(groups=G) in place of every batch norm of the
+# same convnet, all else as the finals (its layers read no batch statistic, so neither the non-i.i.d. minibatches nor
+# the micro-batches of k can hurt it: the question is whether it beats batch norm there at all). The group count is
+# chosen on the validation split of seeds 10-11 (sweep: G in 2, 4, 8, which divide the widths 16, 32, 64, 128), in
+# the Figure 3 final's non-i.i.d. setting and the k=2 final's micro-batch setting; the queue names sweep-gn-noniid
+# and sweep-gn-mbk2 stand for the sweep's folders.
+SWEEP_GN_NONIID=() SWEEP_GN_MBK2=()
+FINAL_SEEDS="--seeds 20,21,22,23,24"
+for g in 2 4 8; do
+  SWEEP_GN_NONIID+=("sweep/gn-noniid-g$g") SWEEP_GN_MBK2+=("sweep/gn-mbk2-g$g")
+  CMD[sweep/gn-noniid-g$g]="${FINAL_NONIID/$FINAL_SEEDS/--seeds 10,11} --arms gn --gn-groups $g"
+  CMD[sweep/gn-mbk2-g$g]="${FINAL_MBK2/$FINAL_SEEDS/--seeds 10,11} --arms gn --gn-groups $g"
+done
+# The GN finals on seeds 20-24, one folder per setting, paired by seed with the committed batch-norm finals
+# (`renorm-repro pool final/noniid-bn final/noniid-gn`, `... final/mbk2-bn final/mb-bn32 final/mbk2-gn`; gn_groups
+# is read only by the gn arm, so the folders pool). GN_GROUPS: PLACEHOLDER, set from the sweep's validation choice
+# (the highest mean val_last4 over sweep/gn-*-g*) before these folders are run; override with GN_GROUPS=G.
+GN_GROUPS="${GN_GROUPS:-4}"
+CMD[final/noniid-gn]="$FINAL_NONIID --arms gn --gn-groups $GN_GROUPS"
+CMD[final/mbk2-gn]="$FINAL_MBK2 --arms gn --gn-groups $GN_GROUPS"
+# Precise BN (Wu & Johnson 2021; issue 31 item 3): the batch-norm arms of the i.i.d., k=2 and non-i.i.d. finals again,
+# identical arguments (same training, bit for bit: precise BN evaluates on a copy of the moving statistics) plus
+# population statistics recomputed at every evaluation on 100 fixed i.i.d. training batches of the run's batch size
+# (3200 images at 32, 12800 at 128): the *_precise columns tell how much of batch norm's loss is the lag or noise of
+# its moving averages rather than the training itself.
+PRECISE="--precise-bn-batches 100"
+CMD[final/iid-bn-precise]="${CMD[final/iid-bn]} $PRECISE"
+CMD[final/mbk2-bn-precise]="${CMD[final/mbk2-bn]} $PRECISE"
+CMD[final/noniid-bn-precise]="${CMD[final/noniid-bn]} $PRECISE"
 ORDER=(noniid noniid-constant-lr microbatch-k2 microbatch-k4 iid noniid-constant-lr-momentum0.9 noniid-constant-lr-2000steps
        noniid-constant-lr-2000steps-seeds5-9)
 [ "${#ARGS[@]}" -gt 0 ] && ORDER=()
@@ -112,6 +141,8 @@ for a in "${ARGS[@]}"; do  # a queue name stands for its folders
     sweep-iid) ORDER+=("${SWEEP_IID[@]}") ;;
     sweep-mbk4) ORDER+=("${SWEEP_MBK4[@]}") ;;
     long-noniid-w8) ORDER+=("${LONG_NONIID[@]}") ;;
+    sweep-gn-noniid) ORDER+=("${SWEEP_GN_NONIID[@]}") ;;
+    sweep-gn-mbk2) ORDER+=("${SWEEP_GN_MBK2[@]}") ;;
     *) [ -n "${CMD[$a]+x}" ] || { echo "run_all.sh: unknown experiment $a" >&2; exit 2; }; ORDER+=("$a") ;;
   esac
 done
