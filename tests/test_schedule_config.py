@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-import renorm
-from renorm import ClipSchedule, check_config, check_pooling
+from renorm import ClipSchedule
+from renorm.config import check_config, check_input, check_num_features, check_pooling
 from renorm.numpy_ref import BatchRenormReference
 
 
@@ -127,9 +127,9 @@ def test_pooling_with_microbatches_is_an_error():
 
 
 def test_check_input_with_unknown_sizes_defers_checks():
-    info = renorm.check_input((None, 3, 4), dtype_name="float32", is_floating=True, axis=-1, microbatch_size=2)
+    info = check_input((None, 3, 4), dtype_name="float32", is_floating=True, axis=-1, microbatch_size=2)
     assert info.axis == 2 and info.num_groups is None and info.group_count == 6 and info.num_features == 4
-    info = renorm.check_input((None, 4), dtype_name="float32", is_floating=True, axis=-1)
+    info = check_input((None, 4), dtype_name="float32", is_floating=True, axis=-1)
     assert info.group_count is None
 
 
@@ -148,15 +148,15 @@ def test_core_imports_no_framework():
 
 def test_check_input_empty_batch_and_zero_features():
     """An empty batch has no group to check; a micro-batch too small for any batch is still an error."""
-    info = renorm.check_input((0, 3), dtype_name="float32", is_floating=True, axis=-1)
+    info = check_input((0, 3), dtype_name="float32", is_floating=True, axis=-1)
     assert info.num_groups == 0 and info.num_features == 3
-    info = renorm.check_input((0, 2, 3), dtype_name="float32", is_floating=True, axis=-1, microbatch_size=1)
+    info = check_input((0, 2, 3), dtype_name="float32", is_floating=True, axis=-1, microbatch_size=1)
     assert info.num_groups == 0 and info.group_count == 2
     with pytest.raises(ValueError, match="micro-batch of 1 holds 1"):
-        renorm.check_input((0, 3), dtype_name="float32", is_floating=True, axis=-1, microbatch_size=1)
+        check_input((0, 3), dtype_name="float32", is_floating=True, axis=-1, microbatch_size=1)
     with pytest.raises(ValueError, match=r"0 features on axis -1.*\(4, 0\)"):
-        renorm.check_input((4, 0), dtype_name="float32", is_floating=True, axis=-1, training=False)
+        check_input((4, 0), dtype_name="float32", is_floating=True, axis=-1, training=False)
     for bad, exc in ((0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError), ("3", TypeError)):
         with pytest.raises(exc, match=f"num_features={bad!r}"):
-            renorm.check_num_features(bad)
-    assert renorm.check_num_features(np.int64(3)) == 3
+            check_num_features(bad)
+    assert check_num_features(np.int64(3)) == 3

@@ -40,17 +40,14 @@ class BatchRenorm(nn.Module):
     ``momentum=0.99``, ``epsilon=1e-5``, ``dtype``, ``param_dtype``,
     ``use_bias``, ``use_scale``, ``bias_init``, ``scale_init``, ``axis_name``,
     ``axis_index_groups``, ``use_fast_variance``, ``force_float32_reductions``,
-    and the call's ``mask``) plus the renorm fields.
-    In training (``use_running_average=False``)::
-
-        mu_g, sigma_g = batch (or micro-batch) mean and sqrt(var + epsilon)
-        r = stop_gradient(clip(sigma_g / stddev, 1/rmax(t), rmax(t)))
-        d = stop_gradient(clip((mu_g - mean) / stddev, -dmax(t), dmax(t)))
-        y = scale * ((x - mu_g) / sigma_g * r + d) + bias
-
-    and at inference ``y = scale * (x - mean) / stddev + bias``. See
-    ``docs/SPEC.md`` (section 8, "Numerics and precision") and
-    :mod:`renorm.jax.functional` for the numerics.
+    and the call's ``mask``) plus the renorm fields. In training
+    (``use_running_average=False``) each group of examples (``microbatch_size``,
+    or the whole batch) is normalized with its own statistics and corrected
+    by ``r`` and ``d`` towards the moving statistics, within the clipping
+    schedule's limits; in inference only the moving statistics enter. The
+    algorithm, and what an empty batch, a non-finite batch and a mask do, are
+    written once in ``docs/SPEC.md`` (sections 2-5; the numerics, section 8);
+    :mod:`renorm.jax.functional` computes it.
 
     Variables: params ``scale``, ``bias`` (shape ``(C,)``, ``param_dtype``);
     ``batch_stats`` ``mean`` (zeros), ``stddev`` (ones; the moving standard
@@ -71,21 +68,12 @@ class BatchRenorm(nn.Module):
     ``mutable=['batch_stats', 'intermediates']`` to read them (a no-op
     otherwise).
 
-    A training call on a batch of 0 examples (a static shape) is no step: it
-    returns an empty output, leaves ``batch_stats`` (``step`` included)
-    exactly as they were and sows nothing.
-
-    Masks, as in ``BatchNorm``: ``mask`` (broadcastable to ``x``, True or
-    nonzero selects) restricts the batch statistics to the selected values,
-    per micro-batch and feature; every value is normalized with them (the
-    output at unselected positions is not zeroed, as in ``BatchNorm``). A
-    micro-batch and feature with no selected value is normalized with the
-    moving statistics and takes no part in their update (``BatchNorm`` would
-    give NaN); a call that selects nothing leaves ``batch_stats`` as they
-    were (``step`` included) and sows clip fractions of 0. The mask is
-    ignored (but checked) in inference. Where a batch statistic is NaN or
-    Inf (or the variance overflows) the output of that feature is NaN and the
-    moving statistics are kept; ``step`` advances.
+    Flax specifics: a training call that is no step (a batch of 0 examples,
+    or a mask that selects nothing) leaves ``batch_stats`` as they were and
+    sows nothing, or clip fractions of 0 for the mask; the mask is Flax's,
+    broadcastable to ``x`` (so a selection may differ from feature to
+    feature), and the output at unselected positions is not zeroed, as in
+    ``BatchNorm``.
 
     Differences from ``BatchNorm``: ``use_fast_variance`` defaults to False
     (``E[x^2] - E[x]^2`` cancels to 0 on offset data such as

@@ -60,9 +60,10 @@ class BatchRenorm(nnx.Module):
     ``use_running_average=False``, ``axis=-1``, ``momentum=0.99``,
     ``epsilon=1e-5``, ...) plus ``rmax``, ``dmax``, ``warmup_steps``,
     ``rmax_steps``, ``dmax_steps``, ``microbatch_size``; ``model.train()`` and
-    ``model.eval()`` switch it like ``BatchNorm``. The math and numerics are
-    those of :class:`renorm.jax.BatchRenorm` (linen) and
-    :mod:`renorm.jax.functional`.
+    ``model.eval()`` switch it like ``BatchNorm``. The algorithm, and what an
+    empty batch, a non-finite batch and a mask do, are written once in
+    ``docs/SPEC.md`` (sections 2-5); the computation is that of
+    :class:`renorm.jax.BatchRenorm` (linen) and :mod:`renorm.jax.functional`.
 
     State: ``scale``, ``bias`` (:class:`nnx.Param`); ``mean``, ``stddev``
     (moving standard deviation, epsilon included), ``step`` (int32)
@@ -72,17 +73,10 @@ class BatchRenorm(nnx.Module):
     step. ``nnx.split(model, nnx.Param, nnx.BatchStat)`` therefore covers
     every variable, as with ``nnx.BatchNorm``.
 
-    A training call on a batch of 0 examples returns an empty output and
-    changes no state (statistics, ``step``, diagnostics). ``num_features``
-    must be an integer >= 1.
-
-    Masks, as in ``nnx.BatchNorm``: ``layer(x, mask=mask)`` (broadcastable
-    to ``x``, True or nonzero selects) computes the batch statistics from the
-    selected values only, per micro-batch and feature; every value is
-    normalized with them. A micro-batch and feature with no selected value
-    is normalized with the moving statistics and takes no part in their
-    update; a call that selects nothing changes no state (statistics,
-    ``step``, diagnostics). The mask is ignored (but checked) in inference.
+    A training call that is no step (a batch of 0 examples, or a mask that
+    selects nothing) changes no state, diagnostics included. The mask is
+    ``nnx.BatchNorm``'s, ``layer(x, mask=mask)``, broadcastable to ``x``.
+    ``num_features`` must be an integer >= 1.
 
     ``promote_dtype``, ``scale_metadata``, ``bias_metadata`` as in
     ``nnx.BatchNorm``: ``promote_dtype((x, mean, stddev, scale, bias),

@@ -97,7 +97,15 @@ def batch_norm_config_to_renorm(config):
 
 @keras.saving.register_keras_serializable(package="renorm")
 class BatchRenormalization(keras.layers.Layer):
-    """Batch Renormalization (Ioffe, 2017, arXiv:1702.03275), Algorithm 1.
+    """Batch Renormalization (Ioffe, 2017, arXiv:1702.03275), Algorithm 1, as a Keras 3 layer.
+
+    In training each group of examples (``microbatch_size``, or the whole
+    batch) is normalized with its own statistics, then corrected by ``r``
+    and ``d`` towards what the moving statistics would give, within the
+    limits of the clipping schedule; in inference only the moving statistics
+    enter. The algorithm, and what an empty batch, a non-finite batch and a
+    mask do, are written once in ``docs/SPEC.md`` (sections 2-5): this layer
+    computes exactly that.
 
     One layer for every Keras 3 backend (TensorFlow, JAX, PyTorch): the math
     is ``keras.ops`` (:mod:`renorm.keras.ops`), and on TensorFlow the fused TF
@@ -116,51 +124,13 @@ class BatchRenormalization(keras.layers.Layer):
     ``epsilon=1e-3``, ``center``, ``scale``, initializers, regularizers,
     constraints, ``synchronized``), and the same rule: batch statistics and a
     state update only when ``training`` is true *and* the layer is trainable.
-
-    In training, per normalization group ``g`` and feature::
-
-        mu_g, sigma_g = batch mean, sqrt(biased batch variance + epsilon)
-        r = stop_gradient(clip(sigma_g / moving_stddev, 1/rmax(t), rmax(t)))
-        d = stop_gradient(clip((mu_g - moving_mean) / moving_stddev, -dmax(t), dmax(t)))
-        y = gamma * ((x - mu_g) / sigma_g * r + d) + beta
-
-    then ``moving_mean``/``moving_stddev`` move by ``1 - momentum`` towards the
-    mean over groups of ``mu_g``/``sigma_g`` (unless a statistic is NaN/Inf)
-    and ``step`` advances. In inference
-    ``y = gamma * (x - moving_mean) / moving_stddev + beta``.
-
-    Non-finite statistics: where ``mu_g`` or ``sigma_g`` is NaN or Inf (NaN/Inf
-    input, or a variance that overflows, ``|x - mu_g|`` beyond about ``1.8e19``
-    in float32), the output of that group and feature is NaN, never a clipped
-    constant, and the moving statistics keep their values (``step`` still
-    advances).
-
-    Empty batches: a training call on 0 examples (such as one replica's share
-    of a short last batch) returns an empty output and is not a step: the
-    moving statistics, ``step`` and the diagnostics stay exactly as they were.
-    With ``synchronized`` the moments are those of the examples of all
-    replicas (an empty replica contributes nothing and takes the same update
-    as the others). Without it each replica updates from its own batch and the
-    strategy averages the replicas' new values (``aggregation="mean"``), an
-    empty replica's being its unchanged ones. ``step`` counts the steps of the
-    global batch: it advances on every replica when any replica had examples
-    (the same on every worker of a ``MultiWorkerMirroredStrategy``).
-
-    Masks, as in ``BatchNormalization``: ``layer(x, training=True,
-    mask=mask)``, or a mask Keras propagates (``Embedding(mask_zero=True)``,
-    ``Masking``), has the input's shape without the feature axis (for the
-    default ``axis=-1``: ``x.shape[:-1]``, Keras' own rule), boolean or
-    numeric (nonzero selects). The batch statistics of each group (micro-batch)
-    are those of its selected positions; every position is normalized with
-    them, and the mask is passed on to the next layer. A group with no
-    selected position is normalized with the moving statistics and takes no
-    part in their update (Keras' batch norm would pull them towards 0); a
-    batch that selects nothing is no step, like an empty batch. In inference
-    the mask is checked and ignored. A masked call does not use the fused
-    kernels.
-
-    Unlike Keras' batch norm the moving statistic is the standard deviation
-    (``epsilon`` included), as in the paper, not the variance.
+    The mask is Keras': ``layer(x, training=True, mask=mask)``, or a mask
+    Keras propagates (``Embedding(mask_zero=True)``, ``Masking``), has the
+    input's shape without the feature axis, and is passed on to the next
+    layer. Unlike Keras' batch norm the moving statistic is the standard
+    deviation (``epsilon`` included), as in the paper, not the variance.
+    Across replicas (``synchronized``, empty replicas, the step of the global
+    batch) the layer follows ``docs/SPEC.md``, section 11.
 
     Args:
       axis: the feature axis (an integer, not 0).
@@ -182,10 +152,12 @@ class BatchRenormalization(keras.layers.Layer):
       explicit_gradient: backward by the paper's explicit formula (default,
         two reductions and four element-wise passes) or by autodiff (``False``).
       fused: train on TensorFlow's fused batch-norm kernels (``FusedBatchNormV3``
-        and its gradient): ``None`` (default) where they apply (4-D input,
-        features on axis 1 or 3, float32/float16/bfloat16, no micro-batches,
-        not synchronized, explicit gradient), ``True`` to require them (an
-        error otherwise), ``False`` never. Same numbers, fewer kernels.
+        and its gradient): ``None`` (default) where they apply
+        (:func:`renorm.tf.fused_eligible`: features on the last axis of an
+        input of any rank, or on axis 1 of a 4-D input; float32, float16 or
+        bfloat16; ``microbatch_size=None``; not synchronized; explicit
+        gradient; ``epsilon >= 1.001e-5``; and no mask), ``True`` to require
+        them (an error otherwise), ``False`` never. Same numbers, fewer kernels.
         Inference runs on the kernel in inference mode (one pass) for
         float32/float16/bfloat16 where ``|moving_mean| <= 16 * moving_stddev``,
         the exact three-pass form elsewhere; ``fused=False`` never.

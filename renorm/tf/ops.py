@@ -146,7 +146,8 @@ def _limit_checks(rmax, dmax, graph: bool):
     False, e.g. in inference, where the limits are not used).
     """
     python = {k: v for k, v in (("rmax", rmax), ("dmax", dmax)) if not _is_tensor(v)}
-    check_schedule(rmax=python.get("rmax", 3.0), dmax=python.get("dmax", 5.0))
+    # batch norm's limits (always valid) stand in for a tensor, which is checked in the graph below
+    check_schedule(rmax=python.get("rmax", 1.0), dmax=python.get("dmax", 0.0))
     checks = []
     for name, value, low, message in (("rmax", rmax, 1.0, rmax_message), ("dmax", dmax, 0.0, dmax_message)):
         if name in python:

@@ -53,17 +53,13 @@ class BatchRenorm(nn.Module):
     ``docs/SPEC.md`` (``rmax=3``, ``dmax=5``, ``warmup_steps``, ``rmax_steps``,
     ``dmax_steps``, ``microbatch_size``).
 
-    Training, per group ``g`` (``microbatch_size`` consecutive examples, or
-    the whole batch) and feature::
-
-        sigma_g = sqrt(biased var_g + eps)
-        r = clip(sigma_g / running_std, 1/rmax(t), rmax(t))
-        d = clip((mu_g - running_mean) / running_std, -dmax(t), dmax(t))
-        y = weight * ((x - mu_g) / sigma_g * r + d) + bias
-
-    then ``running_mean``/``running_std`` move towards the mean over groups of
-    ``mu_g``/``sigma_g``. Inference: ``y = weight * (x - running_mean) /
-    running_std + bias``.
+    In training each group of examples (``microbatch_size`` consecutive
+    examples, or the whole batch) is normalized with its own statistics and
+    corrected by ``r`` and ``d`` towards the running statistics, within the
+    clipping schedule's limits; in ``eval()`` only the running statistics
+    enter. The algorithm, and what an empty batch and a non-finite batch do,
+    are written once in ``docs/SPEC.md`` (sections 2-5), and what PyTorch
+    changes in section 15.
 
     ``momentum`` is PyTorch's: the **update rate**, ``running = (1 -
     momentum) * running + momentum * batch``, so the paper's and the
@@ -91,14 +87,10 @@ class BatchRenorm(nn.Module):
     ``process_group`` (default: the whole world), as ``torch.nn.SyncBatchNorm``
     does, and is an error together with ``microbatch_size``.
 
-    A batch of 0 examples returns an empty output and changes no state; with
-    ``synchronized=True`` such a process still joins the all-reduces (zero
-    sums and counts, as ``torch.nn.SyncBatchNorm``) and takes the step of the
-    pooled statistics like the others, and only a step where every process
-    has 0 examples is no step. A
-    non-finite batch statistic leaves the moving statistics as they were
-    (``num_batches_tracked`` still advances) and makes the affected outputs
-    NaN (``docs/SPEC.md``, section 3).
+    With ``synchronized=True`` a process whose batch has 0 examples still
+    joins the all-reduces (zero sums and counts, as ``torch.nn.SyncBatchNorm``)
+    and takes the step of the pooled statistics like the others; only a step
+    where every process has 0 examples is no step.
     """
 
     _expected_dims: tuple | None = None  # ranks accepted (None: any >= 2)
