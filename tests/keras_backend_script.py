@@ -33,13 +33,14 @@ from parity import (  # noqa: E402
     CONFIG_ERRORS,
     MASK_CASES,
     assert_close,
-    make_masks,
+    check,
     make_params,
     make_steps,
 )
 
 from renorm.keras import BatchRenormalization, convert_batch_norm, export_batch_norm  # noqa: E402
 from renorm.numpy_ref import BatchRenormReference  # noqa: E402
+from renorm.testing.adapters import KerasAdapter  # noqa: E402
 
 BACKEND = keras.backend.backend()
 BY_NAME = {c.name: c for c in CASES}
@@ -47,58 +48,6 @@ BY_NAME = {c.name: c for c in CASES}
 
 def np_(v):
     return np.asarray(ops.convert_to_numpy(v))
-
-
-# ---------------------------------------------------------------- gradients per backend
-def grad_step_fn(layer, compiled=True):
-    """``(x, dy, mask) -> (y, [dx, dgamma?, dbeta?])`` of ``sum(y * dy)``, one training step, state assigned."""
-    if BACKEND == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        def loss(trainable, non_trainable, x, dy, mask):
-            y, non_trainable = layer.stateless_call(trainable, non_trainable, x, training=True, mask=mask)
-            return jnp.sum(y.astype(dy.dtype) * dy), (y, non_trainable)
-
-        fn = jax.value_and_grad(loss, argnums=(2, 0), has_aux=True)
-        if compiled:
-            fn = jax.jit(fn)
-
-        def step(x, dy, mask):
-            tv = [v.value for v in layer.trainable_variables]
-            ntv = [v.value for v in layer.non_trainable_variables]
-            (_, (y, ntv)), (dx, dtv) = fn(tv, ntv, x, dy, mask)
-            for v, value in zip(layer.non_trainable_variables, ntv):
-                v.assign(value)
-            return y, [dx] + list(dtv)
-
-        return step
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        def step(x, dy, mask):
-            x = tf.convert_to_tensor(x)
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                y = layer(x, training=True, mask=mask)
-                loss = tf.reduce_sum(tf.cast(y, dy.dtype) * dy)
-            return y, tape.gradient(loss, [x] + list(layer.trainable_variables))
-
-        return tf.function(step) if compiled else step
-    if BACKEND == "torch":
-        import torch
-
-        def step(x, dy, mask):
-            x = torch.as_tensor(x).clone().requires_grad_(True)
-            for v in layer.trainable_variables:
-                v.value.grad = None
-            y = layer(x, training=True, mask=mask)
-            loss = torch.sum(y.to(torch.as_tensor(dy).dtype) * torch.as_tensor(dy))
-            loss.backward()
-            return y.detach(), [x.grad] + [v.value.grad for v in layer.trainable_variables]
-
-        return step
-    raise SystemExit(f"unknown backend {BACKEND}")
 
 
 def make_pair(case, seed, *, momentum, dtype, epsilon=1e-3, explicit_gradient=True):
@@ -132,39 +81,14 @@ def make_pair(case, seed, *, momentum, dtype, epsilon=1e-3, explicit_gradient=Tr
 def check_against_oracle(
     case, seed, *, dtype, momentum=0.5, explicit_gradient=True, compiled=True, masked=False, tol_dtype=None
 ):
-    """Train ``case.steps`` steps, then infer; everything against the float64 oracle at every step."""
-    tol = tol_dtype or dtype
-    layer, ref = make_pair(case, seed, momentum=momentum, dtype=dtype, explicit_gradient=explicit_gradient)
-    xs, x_eval, dys = make_steps(case, seed)
-    masks = make_masks(case, seed) if masked else [None] * case.steps
-    step = grad_step_fn(layer, compiled)
-    cdt = layer.compute_dtype
-    ddt = "float64" if dtype == "float64" else "float32"
-    for i, (x, dy, mask) in enumerate(zip(xs, dys, masks)):
-        xt = ops.cast(ops.convert_to_tensor(x), cdt)
-        x64 = np_(ops.cast(xt, "float32" if cdt != "float64" else "float64")).astype(np.float64)
-        kmask = None if mask is None else ops.convert_to_tensor(np.squeeze(mask, case.axis))
-        y, grads = step(xt, ops.convert_to_tensor(dy.astype(ddt)), kmask)
-        y_ref = ref.train(x64, mask=mask)
-        expected = [g for g in ref.backward(dy) if g is not None]
-        at = f"{BACKEND} {case.name} {dtype} step {i}"
-        assert keras.backend.standardize_dtype(y.dtype) == cdt, (y.dtype, cdt)
-        assert_close(np_(y), y_ref, tol, "value", f"{at}: y")
-        assert len(grads) == len(expected)
-        for g, e, what in zip(grads, expected, ["dx", "dgamma/dbeta", "dbeta"]):
-            assert_close(np_(g), e, tol, "grad", f"{at}: {what}")
-        assert_close(np_(layer.moving_mean), ref.mean, tol, "value", f"{at}: moving_mean")
-        assert_close(np_(layer.moving_stddev), ref.stddev, tol, "value", f"{at}: moving_stddev")
-        assert int(np_(layer.step)) == ref.step, (at, int(np_(layer.step)), ref.step)
-        if dtype == "float64":
-            # Clip fractions (ratios of counts): docs/SPEC.md section 9's 1e-6 in float64, not its table.
-            np.testing.assert_allclose(float(np_(layer.r_clipped_fraction)), ref.r_clipped, atol=1e-6, err_msg=at)
-            np.testing.assert_allclose(float(np_(layer.d_clipped_fraction)), ref.d_clipped, atol=1e-6, err_msg=at)
-    xe = ops.cast(ops.convert_to_tensor(x_eval), cdt)
-    y_inf = layer(xe, training=False)
-    x64 = np_(ops.cast(xe, "float64" if cdt == "float64" else "float32")).astype(np.float64)
-    assert_close(np_(y_inf), ref.infer(x64), tol, "value", f"{case.name} inference")
-    return layer, ref
+    """Train ``case.steps`` steps, then infer; everything against the float64 oracle at every step, through the
+    driver of ``renorm.testing`` (``dtype`` ``"mixed_float16"``/``"mixed_bfloat16"``: that policy). Returns
+    ``(layer, report)``."""
+    adapter = KerasAdapter(mode="function" if compiled else "eager", explicit_gradient=explicit_gradient)
+    run_dtype = tol_dtype or dtype.removeprefix("mixed_")
+    report = check(adapter, [case], dtype=run_dtype, momentum=momentum, epsilon=1e-3, seed=seed, masked=masked)
+    report.assert_passed()
+    return adapter.last_layer, report
 
 
 def parity():

@@ -9,7 +9,6 @@ docs/SPEC.md, section 9 tolerances); "rmax=1, dmax=0 is batch norm" is against f
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 
 import jax
@@ -20,73 +19,30 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 from jax_helpers import batch_norm_pair_inputs, linen_module, oracle, variables
-from parity import MASK_CASE_IDS, MASK_CASES, assert_close, make_masks, make_params, make_steps
+from parity import MASK_CASE_IDS, MASK_CASES, assert_close, assert_matches_oracle, make_masks, make_params, make_steps
 
 from renorm.jax import BatchRenorm
 from renorm.jax import functional as F
 from renorm.jax import nnx as rnnx
 from renorm.numpy_ref import BatchRenormReference
-
-
-@functools.cache
-def masked_step_fn(module):
-    """Jitted ``(params, stats, x, dy, mask) -> (y, dparams, dx, new_stats, intermediates)``."""
-
-    @jax.jit
-    def step(params, stats, x, dy, mask):
-        def fwd(params, x):
-            return module.apply(
-                {"params": params, "batch_stats": stats},
-                x,
-                use_running_average=False,
-                mask=mask,
-                mutable=["batch_stats", "intermediates"],
-            )
-
-        y, vjp, upd = jax.vjp(fwd, params, x, has_aux=True)
-        dparams, dx = vjp(dy.astype(y.dtype))
-        return y, dparams, dx, upd["batch_stats"], upd["intermediates"]
-
-    return step
+from renorm.testing.adapters import LinenAdapter
 
 
 def run_masked_parity(case, dtype, per_feature, explicit_backward=True, seed=0, momentum=0.5):
-    """Every step (a masked group at step 1 or 2, nothing selected at step 1 without micro-batches) vs the oracle."""
-    xs, x_eval, dys = make_steps(case, seed, dtype)
-    masks = make_masks(case, seed, per_feature)
-    p = make_params(case, seed)
-    param_dtype = jnp.float64 if dtype == "float64" else jnp.float32
-    p_rounded = {k: None if v is None else np.asarray(np.asarray(v, param_dtype), np.float64) for k, v in p.items()}
-    ref = oracle(case, momentum, p_rounded)
-    module = linen_module(case, momentum, param_dtype=param_dtype, explicit_backward=explicit_backward)
-    params, stats = variables(case, p, param_dtype)
-    step = masked_step_fn(module)
-    for i, (x, dy, mask) in enumerate(zip(xs, dys, masks)):
-        y, dparams, dx, stats, inter = step(params, stats, jnp.asarray(x), jnp.asarray(dy), jnp.asarray(mask))
-        y_ref = ref.train(np.asarray(x, np.float64), mask=mask)
-        dx_ref, dg_ref, db_ref = ref.backward(np.asarray(dy, np.float64))
-        what = f"{case.name} step {i}"
-        assert_close(y, y_ref, dtype, "value", f"{what} y")
-        assert_close(dx, dx_ref, dtype, "grad", f"{what} dx")
-        if case.scale:
-            assert_close(dparams["scale"], dg_ref, dtype, "grad", f"{what} dscale")
-        if case.center:
-            assert_close(dparams["bias"], db_ref, dtype, "grad", f"{what} dbias")
-        assert_close(stats["mean"], ref.mean, dtype, "value", f"{what} mean")
-        assert_close(stats["stddev"], ref.stddev, dtype, "value", f"{what} stddev")
-        assert int(stats["step"]) == ref.step, what
-        if ref.last.count.sum() > 0:  # a call that selects nothing sows 0 and keeps no diagnostics
-            slack = 1e-6 if dtype == "float64" else 1.0 / ref.last.count.size + 1e-6
-            assert abs(float(inter["r_clipped"][0]) - ref.r_clipped) <= slack, what
-            assert abs(float(inter["d_clipped"][0]) - ref.d_clipped) <= slack, what
-    assert ref.step < case.steps or case.microbatch_size is not None  # the no-step call was exercised
-    y = module.apply(
-        {"params": params, "batch_stats": stats},
-        jnp.asarray(x_eval),
-        use_running_average=True,
-        mask=jnp.asarray(masks[0]),
-    )  # checked, and ignored in inference
-    assert_close(y, ref.infer(np.asarray(x_eval, np.float64)), dtype, "value", f"{case.name} inference")
+    """Every step (a masked group at step 1 or 2, nothing selected at step 1 without micro-batches) vs the oracle,
+    through the driver; then inference, where the mask is checked and ignored."""
+    assert case.microbatch_size is not None or np.any([~m.any() for m in make_masks(case, seed, per_feature)])
+    adapter = LinenAdapter(explicit_backward=explicit_backward)
+    masked = "per_feature" if per_feature else "positions"
+    assert_matches_oracle(adapter, case, dtype=dtype, momentum=momentum, epsilon=1e-5, seed=seed, masked=masked)
+    module = linen_module(case, momentum, param_dtype=jnp.float64 if dtype == "float64" else jnp.float32)
+    params, stats = variables(case, make_params(case, seed), jnp.float64 if dtype == "float64" else jnp.float32)
+    x_eval = jnp.asarray(make_steps(case, seed, dtype)[1])
+    y = module.apply({"params": params, "batch_stats": stats}, x_eval, use_running_average=True)
+    y_masked = module.apply(
+        {"params": params, "batch_stats": stats}, x_eval, use_running_average=True, mask=make_masks(case, seed)[0]
+    )
+    np.testing.assert_array_equal(y, y_masked)
 
 
 @pytest.mark.parametrize("case", MASK_CASES, ids=MASK_CASE_IDS)

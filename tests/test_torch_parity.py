@@ -9,12 +9,25 @@ NCHW tensor, the layout a channels-last model feeds its norms.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
-from parity import CASE_IDS, CASES, TOL, Case, assert_close, make_params, make_steps, rel_err
+from parity import (
+    CASE_IDS,
+    CASES,
+    REDUCED_CASES,
+    Case,
+    assert_close,
+    assert_matches_oracle,
+    make_params,
+    make_steps,
+    rel_err,
+)
 
 from renorm.numpy_ref import BatchRenormReference
+from renorm.testing.adapters import TorchAdapter
 from renorm.torch import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -81,71 +94,17 @@ def rounded(p, dtype):
 
 
 def run_parity(case, momentum, dtype, *, seed=0, explicit_backward=True, compiled=False, exported=False, steps=None):
-    """Train ``case.steps`` steps and infer once; every step compared with the oracle (float64).
+    """Train ``case.steps`` steps (or ``steps``) and infer once, every step against the oracle, through the driver.
 
-    ``exported``: the module is ``torch.export``-ed in training mode first and the exported program trained
-    (the inference step is skipped: an exported program keeps the mode it was exported in).
+    ``momentum`` is PyTorch's (the update rate); ``compiled`` a ``torch.compile`` backend name; ``exported``: the
+    module is ``torch.export``-ed in training mode first and the exported program trained (no inference step).
+    Returns the module trained.
     """
-    tdt = DTYPES[dtype]
-    param_dtype = torch.float64 if dtype == "float64" else torch.float32
-    xs, x_eval, dys = make_steps(case, seed)
-    p = rounded(make_params(case, seed), param_dtype)
-    ref = oracle(case, momentum, p)
-    # On groups of 2 values dL/dx is ill-conditioned (docs/SPEC.md, sections 6 and 9): the port may be at
-    # most 3x less accurate than the float32 oracle there.
-    ref32 = None if dtype == "float64" else oracle(case, momentum, p, dtype=np.float32)
-    m = torch_module(case, momentum, param_dtype=param_dtype, p=p, explicit_backward=explicit_backward)
-    # compiled: a torch.compile backend name ("aot_eager" traces forward and backward, "inductor" generates code).
-    fwd = torch.compile(m, backend=compiled, fullgraph=True) if compiled else m
-    if exported:
-        m = fwd = torch.export.export(m, (to_port(xs[0], case, tdt),)).module()
-    groups = 1 if case.microbatch_size is None else case.shape[0] // case.microbatch_size
-    entries = groups * case.num_features
-    for i, (x_np, dy_np) in enumerate(list(zip(xs, dys))[:steps]):
-        x = to_port(x_np, case, tdt).requires_grad_(True)
-        dy = to_port(dy_np, case, tdt)
-        x64, dy64 = from_port(x, case), from_port(dy, case)  # what the port received
-        m.zero_grad(set_to_none=True)
-        y = fwd(x)
-        y.backward(dy)
-        assert y.dtype == tdt and x.grad.dtype == tdt
-        y_ref = ref.train(x64)
-        dx_ref, dg_ref, db_ref = ref.backward(dy64)
-        what = f"{case.name} step {i}"
-        assert_close(from_port(y, case), y_ref, dtype, "value", f"{what} y")
-        dx = from_port(x.grad, case)
-        if ref32 is None:
-            assert_close(dx, dx_ref, dtype, "grad", f"{what} dx")
-        else:
-            ref32.train(x64.astype(np.float32))
-            dx32 = ref32.backward(dy64.astype(np.float32))[0]
-            tol = max(TOL[dtype]["grad"], 3 * rel_err(dx32, dx_ref))
-            assert rel_err(dx, dx_ref) <= tol, f"{what} dx: {rel_err(dx, dx_ref):.3e} > {tol:.1e}"
-        if case.scale:
-            assert m.weight.grad.dtype == param_dtype
-            assert_close(m.weight.grad.numpy(), dg_ref, dtype, "grad", f"{what} dweight")
-        else:
-            assert m.weight.grad is None
-        if case.center:
-            assert_close(m.bias.grad.numpy(), db_ref, dtype, "grad", f"{what} dbias")
-        else:
-            assert m.bias.grad is None
-        assert m.running_mean.dtype == param_dtype and m.running_std.dtype == param_dtype
-        assert_close(m.running_mean.numpy(), ref.mean, dtype, "value", f"{what} running_mean")
-        assert_close(m.running_std.numpy(), ref.stddev, dtype, "value", f"{what} running_std")
-        assert int(m.num_batches_tracked) == ref.step == i + 1
-        # A clip decision can flip at the boundary in low precision: one entry (docs/SPEC.md, section 9).
-        slack = 1e-6 if dtype == "float64" else 1.0 / entries + 1e-6
-        assert abs(float(m.r_clipped) - ref.r_clipped) <= slack, what
-        assert abs(float(m.d_clipped) - ref.d_clipped) <= slack, what
-    if exported:
-        return m
-    m.eval()
-    y = fwd(to_port(x_eval, case, tdt))
-    x_eval64 = from_port(to_port(x_eval, case, tdt), case)
-    assert y.dtype == tdt
-    assert_close(from_port(y, case), ref.infer(x_eval64), dtype, "value", f"{case.name} inference")
-    return m
+    adapter = TorchAdapter(explicit_backward=explicit_backward, compiled=compiled or None, exported=exported)
+    if steps is not None:
+        case = dataclasses.replace(case, steps=steps)
+    assert_matches_oracle(adapter, case, dtype=dtype, momentum=1.0 - momentum, epsilon=1e-5, seed=seed)
+    return adapter.last_module
 
 
 @pytest.mark.parametrize("momentum", [0.01, 0.5])
@@ -167,7 +126,7 @@ def test_parity_float32(case, momentum):
     run_parity(case, momentum, "float32")
 
 
-REDUCED = [c for c in CASES if c.name in ("dense_mb2", "nhwc_mb2_tight", "nchw_axis1", "schedule")]
+REDUCED = REDUCED_CASES
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
-from parity import assert_close, make_params, make_steps
+from parity import assert_matches_oracle, make_params
 
 from renorm.numpy_ref import BatchRenormReference
+from renorm.testing.adapters import KerasAdapter
 from renorm.tf import BatchRenormalization
 
 
@@ -43,61 +43,15 @@ def make_pair(case, seed, *, momentum, epsilon=1e-3, dtype="float64", explicit_g
     return layer, ref
 
 
-def train_step_fn(layer, mode: str):
-    """``(x, dy) -> (y, dx, dgamma, dbeta)`` for one training step: eager, tf.function or XLA."""
-
-    def step(x, dy):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x, training=True)
-            loss = tf.reduce_sum(tf.cast(y, tf.float64) * tf.cast(dy, tf.float64))
-        sources = [x] + [w for w in (layer.gamma, layer.beta) if w is not None]
-        grads = tape.gradient(loss, sources)
-        dx = grads[0]
-        rest = iter(grads[1:])
-        dgamma = next(rest) if layer.gamma is not None else None
-        dbeta = next(rest) if layer.beta is not None else None
-        return y, dx, dgamma, dbeta
-
-    if mode == "eager":
-        return step
-    return tf.function(step, jit_compile=(mode == "jit"))
-
-
 def check_against_oracle(case, seed, *, dtype, momentum, mode="eager", explicit_gradient=True, tol_dtype=None, **extra):
-    """Train ``case.steps`` steps, then infer; compare everything at every step with the oracle.
+    """Train ``case.steps`` steps, then infer; everything at every step against the oracle, through the driver.
 
-    Inputs are drawn in float64 and cast to ``dtype``; the oracle runs in
-    float64 on the same (cast) values.
+    ``dtype``: the layer's (``"mixed_float16"``/``"mixed_bfloat16"``: a policy, held to its compute dtype's
+    tolerance). Returns ``(layer, report)``.
     """
-    tol_dtype = tol_dtype or dtype
-    layer, ref = make_pair(case, seed, momentum=momentum, dtype=dtype, explicit_gradient=explicit_gradient, **extra)
-    xs, x_eval, dys = make_steps(case, seed, np.float64)
-    step = train_step_fn(layer, mode)
-    in_dtype = layer.compute_dtype
-    for i, (x, dy) in enumerate(zip(xs, dys)):
-        xt = tf.cast(tf.constant(x), in_dtype)
-        x64 = tf.cast(xt, tf.float64).numpy()  # what the layer actually saw
-        y, dx, dgamma, dbeta = step(xt, tf.constant(dy))
-        y_ref = ref.train(x64)
-        dx_ref, dgamma_ref, dbeta_ref = ref.backward(dy)
-        at = f"{case.name} step {i}"
-        assert y.dtype == in_dtype, (y.dtype, in_dtype)
-        assert_close(y.numpy(), y_ref, tol_dtype, "value", f"{at}: y")
-        assert_close(dx.numpy(), dx_ref, tol_dtype, "grad", f"{at}: dx")
-        if case.scale:
-            assert_close(dgamma.numpy(), dgamma_ref, tol_dtype, "grad", f"{at}: dgamma")
-        if case.center:
-            assert_close(dbeta.numpy(), dbeta_ref, tol_dtype, "grad", f"{at}: dbeta")
-        assert_close(layer.moving_mean.numpy(), ref.mean, tol_dtype, "value", f"{at}: moving_mean")
-        assert_close(layer.moving_stddev.numpy(), ref.stddev, tol_dtype, "value", f"{at}: moving_stddev")
-        assert int(layer.step.numpy()) == ref.step
-        if tol_dtype in ("float64",):
-            # Clip fractions (ratios of counts): docs/SPEC.md section 9's 1e-6 in float64, not its table.
-            np.testing.assert_allclose(float(layer.r_clipped_fraction.numpy()), ref.r_clipped, atol=1e-6)
-            np.testing.assert_allclose(float(layer.d_clipped_fraction.numpy()), ref.d_clipped, atol=1e-6)
-    xe = tf.cast(tf.constant(x_eval), in_dtype)
-    y_inf = layer(xe, training=False)
-    assert_close(y_inf.numpy(), ref.infer(tf.cast(xe, tf.float64).numpy()), tol_dtype, "value", "inference")
+    run_dtype = tol_dtype or dtype.removeprefix("mixed_")
+    adapter = KerasAdapter(mode=mode, explicit_gradient=explicit_gradient, **extra)
+    report = assert_matches_oracle(adapter, case, dtype=run_dtype, momentum=momentum, epsilon=1e-3, seed=seed)
+    layer = adapter.last_layer
     assert int(layer.step.numpy()) == case.steps  # inference does not advance the step
-    return layer, ref
+    return layer, report

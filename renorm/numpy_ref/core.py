@@ -190,6 +190,40 @@ class TrainResult(NamedTuple):
     count: np.ndarray  # (G, C) values that entered each statistic (m without a mask)
 
 
+def check_statistics(
+    gamma: ArrayLike | None, beta: ArrayLike | None, mean: ArrayLike, stddev: ArrayLike, num_features: int | None = None
+) -> int:
+    """The number of features, after refusing parameters and statistics the oracle cannot trust.
+
+    ``mean`` and ``stddev`` (and ``gamma``/``beta`` where given) must be vectors of one length (``num_features``
+    where given); ``stddev`` must be > 0 everywhere (it divides). Each refusal is one line naming the argument and
+    its value or shape.
+
+    >>> check_statistics(None, None, [0.0, 0.0], [1.0, 1.0])
+    2
+    >>> check_statistics(None, None, [0.0, 0.0], [1.0, 0.0])
+    Traceback (most recent call last):
+    ...
+    ValueError: stddev must be > 0 everywhere (it divides), got 0.0 at index 1
+    """
+    n = num_features
+    for name, value in (("mean", mean), ("stddev", stddev), ("gamma", gamma), ("beta", beta)):
+        if value is None and name in ("gamma", "beta"):
+            continue
+        shape = np.shape(value)
+        if len(shape) != 1:
+            raise ValueError(f"{name} must be a vector of one value per feature, got shape {shape}")
+        if n is None:
+            n = shape[0]
+        elif shape[0] != n:
+            raise ValueError(f"{name} has {shape[0]} values, expected {n} (one per feature)")
+    sd = np.asarray(stddev, np.float64)
+    bad = np.flatnonzero(~(sd > 0))
+    if bad.size:
+        raise ValueError(f"stddev must be > 0 everywhere (it divides), got {sd[bad[0]]} at index {bad[0]}")
+    return int(n)
+
+
 def _params(
     gamma: ArrayLike | None, beta: ArrayLike | None, num_features: int, dtype: np.dtype
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -296,7 +330,7 @@ def train_forward(
         is_floating=is_floating_dtype(x.dtype),
         axis=axis,
         microbatch_size=microbatch_size,
-        num_features=np.shape(mean)[0],
+        num_features=check_statistics(gamma, beta, mean, stddev),
     )
     ax = info.axis
     cdt = compute_dtype(x.dtype)
@@ -349,6 +383,8 @@ def train_backward(dy: ArrayLike, cache: TrainCache) -> tuple[np.ndarray, np.nda
     statistics). Where a group and feature has no selected value, ``dL/dx`` is
     ``g / stddev`` (the inference gradient).
     """
+    if np.shape(dy) != tuple(cache.shape):
+        raise ValueError(f"dy has shape {np.shape(dy)}, expected the training input's {tuple(cache.shape)}")
     xc, sigma_g, r, xhat = cache.xc, cache.sigma_g, cache.r, cache.xhat
     cdt = xc.dtype
     dyg = group_view(np.asarray(dy).astype(cdt), cache.axis, cache.microbatch_size)
@@ -386,7 +422,7 @@ def inference_forward(
         dtype_name=str(x.dtype),
         is_floating=is_floating_dtype(x.dtype),
         axis=axis,
-        num_features=np.shape(mean)[0],
+        num_features=check_statistics(gamma, beta, mean, stddev),
         training=False,
     )
     cdt = compute_dtype(x.dtype)

@@ -6,7 +6,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from renorm.config import check_config, check_num_features
-from renorm.numpy_ref.core import inference_forward, train_backward, train_forward
+from renorm.numpy_ref.core import check_statistics, inference_forward, train_backward, train_forward
 from renorm.schedule import ClipSchedule
 
 __all__ = ["BatchRenormReference"]
@@ -70,11 +70,18 @@ class BatchRenormReference:
         self.axis = axis
         self.microbatch_size = microbatch_size
         self.dtype = np.dtype(dtype)
+        if not np.issubdtype(self.dtype, np.floating):
+            raise TypeError(f"dtype={self.dtype.name!r}: the state needs a floating dtype (float32 or float64)")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"step={step!r}: expected an integer >= 0 (the training steps taken)")
         c = num_features
 
         def init(value: ArrayLike | None, default: float) -> np.ndarray:
-            return np.full(c, default, self.dtype) if value is None else np.array(value, self.dtype).reshape(c)
+            return np.full(c, default, self.dtype) if value is None else np.array(value, self.dtype)
 
+        check_statistics(
+            gamma if scale else None, beta if center else None, init(mean, 0.0), init(stddev, 1.0), c
+        )  # before reshaping: a wrong length or rank fails here, in one line
         self.gamma = init(gamma, 1.0) if scale else None
         self.beta = init(beta, 0.0) if center else None
         self.mean = init(mean, 0.0)
