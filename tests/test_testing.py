@@ -231,3 +231,32 @@ def test_oracle_refuses_a_dy_of_the_wrong_shape():
     )
     with pytest.raises(ValueError, match="dy has shape"):
         train_backward(np.ones((3, 3)), res.cache)
+
+
+def _docs_example(ddof: int = 1) -> dict:
+    """Run the adapter example of docs/testing.md (``ddof`` swapped in where asked) and return its namespace."""
+    page = (ROOT / "docs" / "testing.md").read_text()
+    section = page.split("## Your own layer", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    expected = section.split("```text\n", 1)[1].split("```", 1)[0].strip()
+    if ddof != 1:
+        assert "ddof = 1  #" in code
+        code = code.replace("ddof = 1  #", f"ddof = {ddof}  #")
+    namespace: dict = {"__name__": "docs_testing_example"}
+    exec(compile(code, "docs/testing.md", "exec"), namespace)
+    namespace["expected"] = expected
+    return namespace
+
+
+def test_the_documentations_adapter_example_fails_as_the_page_says(capsys):
+    ns = _docs_example()
+    out = capsys.readouterr().out
+    report = ns["report"]
+    assert not report.passed and all(r.passed is False for r in report.ran) and len(report.ran) == 3
+    assert str(report.failures[0]) == ns["expected"] == out.strip().splitlines()[-1]
+
+
+def test_the_documentations_adapter_example_passes_without_its_planted_deviation():
+    report = _docs_example(ddof=0)["report"]
+    report.assert_passed()
+    assert len(report.ran) == 3 and any(r.skipped for r in report.results)
