@@ -8,6 +8,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 
 import numpy as np
@@ -106,16 +107,20 @@ class KerasAdapter(Adapter):
 
     layout = "axis"
 
-    def __init__(self, *, mode: str = "function", explicit_gradient: bool = True, **layer_kwargs):
+    def __init__(
+        self, *, mode: str = "function", explicit_gradient: bool = True, device: str | None = None, **layer_kwargs
+    ):
         if mode not in ("eager", "function", "jit"):
             raise ValueError(f"mode={mode!r}: expected 'eager', 'function' or 'jit'")
         self.mode, self.explicit_gradient, self.layer_kwargs = mode, explicit_gradient, layer_kwargs
+        self._device = _keras_device_name(device)
 
     @property
     def name(self) -> str:
         import keras
 
-        return f"renorm.keras.BatchRenormalization (Keras {keras.backend.backend()} backend)"
+        grad = "explicit gradient" if self.explicit_gradient else "autodiff"
+        return f"renorm.keras.BatchRenormalization (Keras {keras.backend.backend()} backend, {self.mode}, {grad})"
 
     def versions(self):
         import keras
@@ -127,6 +132,8 @@ class KerasAdapter(Adapter):
     def device(self):
         import keras
 
+        if self._device is not None:
+            return self._device
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 
@@ -149,6 +156,13 @@ class KerasAdapter(Adapter):
         return None
 
     def build(self, case, *, momentum, epsilon, params, dtype):
+        import keras
+
+        on = (lambda: keras.device(self._device)) if self._device else contextlib.nullcontext
+        with on():
+            return self._build(case, momentum=momentum, epsilon=epsilon, params=params, dtype=dtype, on=on)
+
+    def _build(self, case, *, momentum, epsilon, params, dtype, on):
         import keras
         from keras import ops
 
@@ -182,6 +196,10 @@ class KerasAdapter(Adapter):
 
         class Layer:
             def train(self, x, dy, mask=None):
+                with on():
+                    return self._train(x, dy, mask)
+
+            def _train(self, x, dy, mask):
                 xt = ops.cast(ops.convert_to_tensor(x), cdt)
                 kmask = None if mask is None else ops.convert_to_tensor(np.squeeze(mask, case.axis))
                 dyt = ops.convert_to_tensor(np.asarray(dy, "float64" if cdt == "float64" else "float32"))
@@ -209,9 +227,21 @@ class KerasAdapter(Adapter):
                 )
 
             def infer(self, x):
-                return np_(layer(ops.cast(ops.convert_to_tensor(x), cdt), training=False))
+                with on():
+                    return np_(layer(ops.cast(ops.convert_to_tensor(x), cdt), training=False))
 
         return Layer()
+
+
+def _keras_device_name(device: str | None) -> str | None:
+    """``cuda``, ``cuda:N``, ``gpu``, ``cpu`` as Keras's ``keras.device`` names them (``gpu:0``, ``cpu:0``)."""
+    if device in (None, "", "default"):
+        return None
+    kind, _, index = device.partition(":")
+    kind = {"cuda": "gpu"}.get(kind, kind)
+    if kind not in ("cpu", "gpu", "tpu") or (index and not index.isdigit()):
+        raise ValueError(f"device={device!r}: expected cpu, gpu, cuda or cuda:N")
+    return f"{kind}:{index or 0}"
 
 
 def _keras_step(layer, backend: str, mode: str):
@@ -268,8 +298,11 @@ class TFFunctionAdapter(Adapter):
 
     name = "renorm.tf.batch_renorm (TensorFlow function)"
 
-    def __init__(self, *, mode: str = "function", explicit_gradient: bool = True, fused: bool | None = None):
+    def __init__(
+        self, *, mode: str = "function", explicit_gradient: bool = True, fused: bool | None = None, device=None
+    ):
         self.mode, self.explicit_gradient, self.fused = mode, explicit_gradient, fused
+        self._device = _keras_device_name(device)
 
     def versions(self):
         return {"renorm": _renorm_version(), "tensorflow": _version("tensorflow")}
@@ -277,12 +310,19 @@ class TFFunctionAdapter(Adapter):
     def device(self):
         import tensorflow as tf
 
-        return "gpu" if tf.config.list_logical_devices("GPU") else "cpu"
+        return self._device or ("gpu" if tf.config.list_logical_devices("GPU") else "cpu")
 
     def supports(self, case, dtype):
         return None if dtype in ("float64", "float32") else "the function takes one dtype; see the Keras layer"
 
     def build(self, case, *, momentum, epsilon, params, dtype):
+        import tensorflow as tf
+
+        on = (lambda: tf.device(self._device)) if self._device else contextlib.nullcontext
+        with on():
+            return _OnDevice(self._build(case, momentum=momentum, epsilon=epsilon, params=params, dtype=dtype), on)
+
+    def _build(self, case, *, momentum, epsilon, params, dtype):
         import tensorflow as tf
 
         from renorm.tf import batch_renorm
@@ -357,6 +397,21 @@ class TFFunctionAdapter(Adapter):
         return Layer()
 
 
+class _OnDevice:
+    """A layer whose calls run inside ``on()`` (a device context)."""
+
+    def __init__(self, layer, on):
+        self.layer, self.on = layer, on
+
+    def train(self, x, dy, mask=None):
+        with self.on():
+            return self.layer.train(x, dy, mask)
+
+    def infer(self, x):
+        with self.on():
+            return self.layer.infer(x)
+
+
 def _jax_device(device: str | None):
     import jax
 
@@ -383,7 +438,11 @@ class LinenAdapter(Adapter):
     float64 needs ``jax_enable_x64`` (the adapter skips float64 cases without it).
     """
 
-    name = "renorm.jax.BatchRenorm (Flax linen)"
+    label = "renorm.jax.BatchRenorm (Flax linen"
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}, {'explicit backward' if self.explicit_backward else 'autodiff'})"
 
     def __init__(self, *, explicit_backward: bool = True, device: str | None = None, **module_kwargs):
         self.explicit_backward, self._device, self.module_kwargs = explicit_backward, device, module_kwargs
@@ -501,7 +560,7 @@ class LinenAdapter(Adapter):
 class NNXAdapter(LinenAdapter):
     """``renorm.jax.nnx.BatchRenorm`` (Flax nnx), a jitted step with ``nnx.value_and_grad``."""
 
-    name = "renorm.jax.nnx.BatchRenorm (Flax nnx)"
+    label = "renorm.jax.nnx.BatchRenorm (Flax nnx"
 
     def build(self, case, *, momentum, epsilon, params, dtype):
         import jax
@@ -606,7 +665,8 @@ class TorchAdapter(Adapter):
     @property
     def name(self) -> str:
         how = f"torch.compile(backend={self.compiled!r})" if self.compiled else "eager"
-        return f"renorm.torch.BatchRenorm (PyTorch, {how})"
+        grad = "explicit backward" if self.explicit_backward else "autodiff"
+        return f"renorm.torch.BatchRenorm (PyTorch, {how}, {grad})"
 
     def versions(self):
         return {"renorm": _renorm_version(), "torch": _version("torch")}
@@ -716,9 +776,12 @@ def adapter_for(backend: str, *, device: str | None = None) -> list[Adapter]:
     ['TorchAdapter', 'TorchAdapter']
     """
     if backend == "keras":
-        return [KerasAdapter(mode="function"), KerasAdapter(mode="eager", explicit_gradient=False)]
+        return [
+            KerasAdapter(mode="function", device=device),
+            KerasAdapter(mode="eager", explicit_gradient=False, device=device),
+        ]
     if backend == "tf":
-        return [TFFunctionAdapter(mode="function")]
+        return [TFFunctionAdapter(mode="function", device=device)]
     if backend == "linen":
         return [LinenAdapter(device=device), LinenAdapter(device=device, explicit_backward=False)]
     if backend == "nnx":
