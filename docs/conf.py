@@ -175,7 +175,7 @@ def _drop_the_type_docstring(app, what, name, obj, options, lines):
 
 # Pages that other work adds (the PyTorch port's, the Keras backends', the command line's):
 # listed in index.md's toctree, and left out of it while the file does not exist yet.
-OPTIONAL_PAGES = ("keras", "torch", "reproduction")
+OPTIONAL_PAGES = ("keras", "torch", "repro-cli")
 
 
 def _drop_missing_optional_pages(app, docname, source):

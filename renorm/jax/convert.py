@@ -244,6 +244,22 @@ def convert_batch_norm(bn_variables, target, *, epsilon=None):
         ``epsilon`` that is not a finite number > 0 (or names no epsilon for
         some norm).
       TypeError: no ``epsilon`` given.
+
+    Example:
+
+    >>> from flax import linen as nn
+    >>> from renorm.jax import BatchRenorm
+    >>> class Net(nn.Module):
+    ...     norm: type = nn.BatchNorm
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         return self.norm(use_running_average=True, epsilon=0.25)(nn.Dense(3)(x))
+    >>> x, key = jnp.ones((2, 4)), jax.random.key(0)
+    >>> bn_variables = Net().init(key, x)  # a checkpoint: var = 1
+    >>> target = jax.eval_shape(Net(norm=BatchRenorm).init, key, x)
+    >>> variables = convert_batch_norm(bn_variables, target, epsilon=0.25)
+    >>> variables["batch_stats"]["BatchRenorm_0"]["stddev"].tolist()  # sqrt(1 + 0.25)
+    [1.1180340051651, 1.1180340051651, 1.1180340051651]
     """
     src = _flat(bn_variables, "bn_variables")
     tgt = _flat(target, "target")
@@ -294,6 +310,21 @@ def export_batch_norm(variables, target, *, epsilon=None, negative_variance: str
       target: the batch-norm model's variables (``model.init``, or
         ``jax.eval_shape(model.init, ...)``), for the structure, shapes and
         dtypes.
+
+    Example:
+
+    >>> from flax import linen as nn
+    >>> from renorm.jax import BatchRenorm
+    >>> class Net(nn.Module):
+    ...     norm: type = nn.BatchNorm
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         return self.norm(use_running_average=True, epsilon=0.25)(nn.Dense(3)(x))
+    >>> x, key = jnp.ones((2, 4)), jax.random.key(0)
+    >>> variables = Net(norm=BatchRenorm).init(key, x)  # stddev = 1
+    >>> bn_variables = export_batch_norm(variables, jax.eval_shape(Net().init, key, x), epsilon=0.25)
+    >>> bn_variables["batch_stats"]["BatchNorm_0"]["var"].tolist()  # 1**2 - 0.25
+    [0.75, 0.75, 0.75]
     """
     check_negative_variance(negative_variance)
     src = _flat(variables, "variables")

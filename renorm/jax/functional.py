@@ -21,6 +21,12 @@ this port:
   moments, which keeps ``x - mu`` in float32. ``explicit_backward=False`` is
   plain autodiff, the tested reference, and the one to use for forward-mode
   differentiation (``jax.jvp``, ``jax.jacfwd``).
+
+>>> import jax
+>>> x = jax.random.normal(jax.random.key(0), (8, 3))
+>>> y, state, diagnostics = train(x, None, init_state(3), BatchRenormConfig(microbatch_size=4))
+>>> inference(x, None, state).shape  # with the moving statistics only
+(8, 3)
 """
 
 from __future__ import annotations
@@ -54,7 +60,12 @@ __all__ = [
 
 
 class BatchRenormState(NamedTuple):
-    """Moving statistics and step counter (an ordinary pytree)."""
+    """Moving statistics and step counter (an ordinary pytree).
+
+    >>> state = init_state(3)
+    >>> state.mean.tolist(), state.stddev.tolist(), int(state.step)
+    ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], 0)
+    """
 
     mean: jax.Array  # (C,) moving mean
     stddev: jax.Array  # (C,) moving standard deviation (includes epsilon)
@@ -71,6 +82,11 @@ class Diagnostics(NamedTuple):
     statistics were then left unchanged); ``empty``: True when no value
     entered a statistic (a batch of 0 examples, or a mask selecting nothing):
     the state was returned unchanged, ``step`` included.
+
+    >>> x = jax.random.normal(jax.random.key(0), (8, 3)) + 5.0  # far from the moving mean 0
+    >>> _, _, diagnostics = train(x, None, init_state(3), BatchRenormConfig(dmax=1.0))
+    >>> float(diagnostics.d_clipped), float(diagnostics.dmax), bool(diagnostics.empty)
+    (1.0, 1.0, False)
     """
 
     r_clipped: jax.Array
@@ -92,6 +108,13 @@ class BatchRenormConfig:
     selects the custom VJP (default) or plain autodiff;
     ``force_float32_reductions`` (default True, as in ``flax.linen.BatchNorm``)
     computes in at least float32, False in ``dtype`` or the input's dtype.
+
+    >>> BatchRenormConfig(microbatch_size=2, warmup_steps=100).schedule
+    ClipSchedule(rmax=3.0, dmax=5.0, warmup_steps=100, rmax_steps=0, dmax_steps=0)
+    >>> BatchRenormConfig(rmax=0.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: `rmax` must be a finite number >= 1 (r is clipped to [1/rmax, rmax]), got rmax=0.5.
     """
 
     momentum: float = 0.99
@@ -156,7 +179,11 @@ _OPTIONAL_FIELDS = ("force_float32_reductions",)
 
 
 def compute_dtype(dtype) -> jnp.dtype:
-    """At least float32: float16/bfloat16/float32 -> float32, float64 stays."""
+    """At least float32: float16/bfloat16/float32 -> float32, float64 stays.
+
+    >>> compute_dtype(jnp.bfloat16)
+    dtype('float32')
+    """
     return jnp.promote_types(dtype, jnp.float32)
 
 
@@ -172,6 +199,9 @@ def checked_mask(mask, x):
 
     True or nonzero selects. A mask of another dtype, or of a shape that does
     not broadcast to ``x``, is an error naming ``mask`` (``docs/SPEC.md``, section 10).
+
+    >>> checked_mask([[1], [0]], jnp.ones((2, 3))).tolist()
+    [[True, True, True], [False, False, False]]
     """
     if mask is None:
         return None
@@ -188,7 +218,11 @@ def checked_mask(mask, x):
 
 
 def init_state(num_features: int, dtype=jnp.float32) -> BatchRenormState:
-    """``mean = 0``, ``stddev = 1``, ``step = 0``."""
+    """``mean = 0``, ``stddev = 1``, ``step = 0``.
+
+    >>> init_state(2, jnp.float16).stddev
+    Array([1., 1.], dtype=float16)
+    """
     return BatchRenormState(
         jnp.zeros((num_features,), dtype), jnp.ones((num_features,), dtype), jnp.zeros((), jnp.int32)
     )
@@ -202,6 +236,10 @@ def step_count(step) -> jax.Array:
     holding the same whole number (exact below 2**24 in float32). Reading it
     back through this function makes that idiom harmless: the next training
     step's state has an int32 ``step`` again.
+
+    >>> step = step_count(jnp.float32(41.99999))
+    >>> int(step), str(step.dtype)
+    (42, 'int32')
     """
     step = jnp.asarray(step)
     if jnp.issubdtype(step.dtype, jnp.floating):
@@ -210,7 +248,12 @@ def step_count(step) -> jax.Array:
 
 
 def checked_input(x, config: BatchRenormConfig, training: bool, num_features: int | None = None):
-    """``x`` as an array and its :class:`renorm.config.InputInfo`, checked as in docs/SPEC.md, section 10."""
+    """``x`` as an array and its :class:`renorm.config.InputInfo`, checked as in docs/SPEC.md, section 10.
+
+    >>> x, info = checked_input(jnp.ones((8, 3)), BatchRenormConfig(microbatch_size=2), training=True)
+    >>> info.axis, info.num_groups, info.group_count, info.num_features
+    (1, 4, 2, 3)
+    """
     x = jnp.asarray(x)
     info = check_input(
         x.shape,
@@ -496,6 +539,14 @@ def train(
       empty ``y`` and ``state`` itself (``step`` included), with clip
       fractions 0; a mask that selects nothing returns the state unchanged
       too (``diagnostics.empty``).
+
+    Example:
+
+    >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+    >>> params = {"scale": jnp.ones(3), "bias": jnp.zeros(3)}
+    >>> y, state, diagnostics = train(x, params, init_state(3), BatchRenormConfig(microbatch_size=4))
+    >>> y.shape, int(state.step)
+    ((8, 3), 1)
     """
     x, info = checked_input(x, config, training=True, num_features=state.mean.shape[0])
     mask = checked_mask(mask, x)
@@ -687,6 +738,10 @@ def inference(
 
     Each example's output is independent of the rest of the batch; ``stddev``
     already includes epsilon. Returns ``y`` (dtype ``dtype`` or ``x.dtype``).
+
+    >>> state = init_state(2)._replace(mean=jnp.array([1.0, 2.0]), stddev=jnp.array([2.0, 4.0]))
+    >>> inference(jnp.array([[3.0, 2.0]]), {"bias": jnp.array([0.5, 0.5])}, state).tolist()
+    [[1.5, 0.5]]
     """
     x, info = checked_input(x, config, training=False, num_features=state.mean.shape[0])
     ax, num_features = info.axis, info.num_features

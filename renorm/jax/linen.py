@@ -98,6 +98,16 @@ class BatchRenorm(nn.Module):
         ``dtype``, or the input's dtype when ``dtype`` is None (bfloat16 in,
         bfloat16 statistics), with ``batch_stats`` ``mean``/``stddev`` in
         ``param_dtype``.
+
+    Example:
+
+    >>> import jax
+    >>> layer = BatchRenorm(use_running_average=False, microbatch_size=2)
+    >>> x = jax.random.normal(jax.random.key(0), (4, 3))
+    >>> variables = layer.init(jax.random.key(1), x)
+    >>> y, updates = layer.apply(variables, x, mutable=["batch_stats"])
+    >>> y.shape, int(updates["batch_stats"]["step"])
+    ((4, 3), 1)
     """
 
     use_running_average: bool | None = None

@@ -34,6 +34,10 @@ class BatchRenormDiagnostic(nnx.BatchStat):
     ``nnx.split(model, nnx.Param, nnx.BatchStat)`` covers every variable, as
     with ``nnx.BatchNorm``: the diagnostics travel with the statistics. Filter
     on ``BatchRenormDiagnostic`` to pick them alone.
+
+    >>> layer = BatchRenorm(3, rngs=nnx.Rngs(0))
+    >>> sorted(nnx.state(layer, BatchRenormDiagnostic))
+    ['d_clipped', 'r_clipped']
     """
 
 
@@ -48,6 +52,10 @@ def no_promotion(args: tuple, /, *, dtype=None) -> tuple:
     ``nnx.BatchNorm``'s default instead (every array cast to their common
     type, e.g. a bfloat16 input with float32 parameters gives a float32
     output).
+
+    >>> x, scale = jnp.ones(2, jnp.bfloat16), jnp.ones(2, jnp.float32)
+    >>> [str(a.dtype) for a in no_promotion((x, scale), dtype=None)]
+    ['bfloat16', 'float32']
     """
     del dtype
     return args
@@ -93,6 +101,14 @@ class BatchRenorm(nnx.Module):
     ``dtype=None`` and the default ``promote_dtype`` the output has the
     input's dtype; a micro-batch (or batch) with no selected value is
     normalized with the moving statistics (``nnx.BatchNorm`` gives NaN).
+
+    Example:
+
+    >>> import jax
+    >>> layer = BatchRenorm(3, microbatch_size=2, rngs=nnx.Rngs(0))
+    >>> y = layer(jax.random.normal(jax.random.key(0), (4, 3)))  # training mode: the state moves
+    >>> y.shape, int(layer.step[...])
+    ((4, 3), 1)
     """
 
     def __init__(
@@ -317,6 +333,13 @@ def convert_batch_norm(model, **renorm_options):
     model first (its own state), then convert the model. A model of shapes
     only (``nnx.eval_shape(lambda: Model(...))``) gives the converted model
     of shapes only, e.g. to restore a renorm checkpoint into.
+
+    Example:
+
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.BatchNorm(3, epsilon=0.25, rngs=nnx.Rngs(0)))
+    >>> converted = convert_batch_norm(model, rmax=2.0)
+    >>> type(converted.layers[1]).__name__, converted.layers[1].stddev[...].tolist()  # sqrt(1 + 0.25)
+    ('BatchRenorm', [1.1180340051651, 1.1180340051651, 1.1180340051651])
     """
     unknown = [k for k in renorm_options if k not in _RENORM_OPTIONS]
     if unknown:
@@ -361,6 +384,13 @@ def export_batch_norm(model, *, negative_variance: str = "raise"):
     no ``renorm``. ``negative_variance`` (``"raise"`` or ``"clamp"``) is the
     rule for a ``stddev`` below ``sqrt(epsilon)`` (``docs/SPEC.md``, section 14).
     A model of shapes only gives one of shapes only, as in :func:`convert_batch_norm`.
+
+    Example:
+
+    >>> layer = BatchRenorm(3, epsilon=0.25, rngs=nnx.Rngs(0))
+    >>> exported = export_batch_norm(layer)
+    >>> type(exported).__name__, exported.var[...].tolist()  # 1**2 - 0.25
+    ('BatchNorm', [0.75, 0.75, 0.75])
     """
     check_negative_variance(negative_variance)
 

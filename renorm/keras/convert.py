@@ -153,6 +153,13 @@ def convert_batch_norm(model, **renorm_options):
     anything is cloned, for a model that is not built (a ``Sequential``
     without ``keras.Input``) and for a renorm option the layer refuses
     (``rmax=0.5``: the layer's own message).
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization()])
+    >>> converted = convert_batch_norm(model, rmax=2.0, dmax=1.0)
+    >>> [type(layer).__name__ for layer in converted.layers], converted.layers[1].rmax
+    (['Dense', 'BatchRenormalization'], 2.0)
     """
     unknown = [k for k in renorm_options if k not in _RENORM_ONLY[:-1]]
     if unknown:
@@ -235,6 +242,13 @@ def export_batch_norm(model, *, negative_variance="raise"):
     ``variance + epsilon``, which is ``moving_stddev**2`` to rounding: the
     outputs are unaffected. A model that is not built (a ``Sequential``
     without ``keras.Input``) is a ``ValueError``.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((4,)), BatchRenormalization(epsilon=0.25)])
+    >>> exported = export_batch_norm(model)
+    >>> type(exported.layers[0]).__name__, exported.layers[0].moving_variance.numpy().tolist()
+    ('BatchNormalization', [0.75, 0.75, 0.75, 0.75])
     """
     check_negative_variance(negative_variance)
     _check_epsilons(model, BatchRenormalization)

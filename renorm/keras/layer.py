@@ -65,6 +65,14 @@ def batch_norm_config_to_renorm(config):
       which arguments to use instead.
 
     A config without these keys is returned unchanged (a copy).
+
+    Example:
+
+    >>> import keras
+    >>> config = keras.layers.BatchNormalization(epsilon=0.25, moving_variance_initializer="ones").get_config()
+    >>> new = batch_norm_config_to_renorm(config)
+    >>> "moving_variance_initializer" in new, new["moving_stddev_initializer"]["config"]["value"]
+    (False, 1.118033988749895)
     """
     config = dict(config)
     if config.get("renorm"):
@@ -167,6 +175,15 @@ class BatchRenormalization(keras.layers.Layer):
     ``r_clipped_fraction`` and ``d_clipped_fraction`` (the diagnostics: the
     fraction of ``r`` and ``d`` values the clip changed in the last training
     step, over groups and features; the paper tunes ``rmax``/``dmax`` by them).
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = BatchRenormalization(microbatch_size=2)
+    >>> x = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
+    >>> y = layer(x, training=True)  # batch statistics, corrected towards the moving ones
+    >>> tuple(y.shape), int(layer.step)
+    ((4, 3), 1)
     """
 
     def __init__(

@@ -49,6 +49,13 @@ class BatchRenormOutput(NamedTuple):
         no position: the moving statistics are then returned unchanged, and a
         layer leaves its step counter and diagnostics as they were. False in
         inference.
+
+    Example:
+
+    >>> ones, zeros = tf.ones([3]), tf.zeros([3])
+    >>> out = batch_renorm(tf.zeros([4, 3]), ones, zeros, zeros, ones, training=False)
+    >>> out._fields
+    ('y', 'moving_mean', 'moving_stddev', 'r_clipped_fraction', 'd_clipped_fraction', 'finite', 'empty')
     """
 
     y: tf.Tensor
@@ -61,7 +68,11 @@ class BatchRenormOutput(NamedTuple):
 
 
 def compute_dtype(dtype) -> tf.DType:
-    """float64 stays float64; every narrower float is computed in float32."""
+    """float64 stays float64; every narrower float is computed in float32.
+
+    >>> compute_dtype(tf.bfloat16).name, compute_dtype("float64").name
+    ('float32', 'float64')
+    """
     dtype = tf.as_dtype(dtype)
     return tf.float64 if dtype == tf.float64 else tf.float32
 
@@ -368,6 +379,14 @@ def batch_renorm(
     Returns:
       :class:`BatchRenormOutput` ``(y, moving_mean, moving_stddev,
       r_clipped_fraction, d_clipped_fraction, finite, empty)``.
+
+    Example:
+
+    >>> x = tf.random.stateless_normal([8, 3], seed=[0, 0], mean=2.0)
+    >>> ones, zeros = tf.ones([3]), tf.zeros([3])
+    >>> out = batch_renorm(x, ones, zeros, zeros, ones, training=True, rmax=1.5, dmax=0.5, microbatch_size=4)
+    >>> tuple(out.y.shape), float(out.d_clipped_fraction)  # every d was clipped: the mean is 2 moving sigmas off
+    ((8, 3), 1.0)
     """
     limit_checks = _limit_checks(rmax, dmax, graph=training is True)
     return _batch_renorm(
@@ -653,7 +672,13 @@ def fused_eligible(x, *, axis, epsilon, microbatch_size=None, synchronized=False
     Features on the last axis of an input of any rank (viewed as the 4-D
     ``(B, 1, M, C)``, a free reshape), or on axis 1 of a 4-D input (NCHW);
     float32, float16 or bfloat16, whole-batch statistics, not pooled,
-    explicit gradient, ``epsilon >= 1.001e-5``.
+    explicit gradient, ``epsilon >= 1.001e-5``. (:func:`batch_renorm` and
+    the layer also require that no mask is given.)
+
+    >>> fused_eligible(tf.zeros([8, 5, 3]), axis=-1, epsilon=1e-3)
+    True
+    >>> fused_eligible(tf.zeros([8, 5, 3]), axis=-1, epsilon=1e-3, microbatch_size=2)
+    False
     """
     x = tf.convert_to_tensor(x)
     rank = x.shape.rank

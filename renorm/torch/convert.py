@@ -78,6 +78,13 @@ def convert_batch_norm(module: nn.Module, **renorm_options) -> nn.Module:
     before any module is touched, and a ``module`` that is not a
     ``torch.nn.Module`` is a ``TypeError``. Modules are replaced in place;
     the result is ``module`` itself unless ``module`` is a norm.
+
+    Example:
+
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=0.25))
+    >>> model = convert_batch_norm(model, rmax=2.0)
+    >>> type(model[1]).__name__, model[1].running_std.tolist()  # sqrt(1 + 0.25)
+    ('BatchRenorm2d', [1.1180340051651, 1.1180340051651, 1.1180340051651, 1.1180340051651])
     """
 
     BatchRenorm(1, **renorm_options)  # the options' own errors first, naming the argument (not a module)
@@ -127,6 +134,12 @@ def export_batch_norm(module: nn.Module, *, negative_variance: str = "raise") ->
     any other :class:`BatchRenorm` of unspecified rank is a ``TypeError``
     naming the module (torch has no rank-free batch norm). The renorm options
     (``rmax``, ...) have no batch-norm equivalent and are dropped.
+
+    Example:
+
+    >>> model = export_batch_norm(nn.Sequential(nn.Linear(2, 3), BatchRenorm1d(3, eps=0.25)))
+    >>> type(model[1]).__name__, model[1].running_var.tolist()  # 1**2 - 0.25
+    ('BatchNorm1d', [0.75, 0.75, 0.75])
     """
     check_negative_variance(negative_variance)
 

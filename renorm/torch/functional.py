@@ -20,6 +20,13 @@ Features are on dim 1, as in ``torch.nn.BatchNorm*d``. What is particular to thi
   input (in its own dtype) and per-group-and-feature vectors (``mu``, ``1 / sigma``, ``r``, ``d``,
   ``weight * r / sigma``). :func:`renorm_autodiff` is the same forward in plain differentiable operations, the
   tested reference (``explicit_backward=False`` in the modules).
+
+>>> import torch
+>>> x = torch.randn(8, 3)
+>>> xg = group_view(x, 2)  # two micro-batches of 4 examples
+>>> y = renorm_explicit(xg, None, None, torch.zeros(3), torch.ones(3), 3.0, 5.0, 1e-5)[0]
+>>> y.view_as(x).shape
+torch.Size([8, 3])
 """
 
 from __future__ import annotations
@@ -37,12 +44,20 @@ __all__ = [
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every narrower float is computed in float32."""
+    """float64 stays float64; every narrower float is computed in float32.
+
+    >>> compute_dtype(torch.bfloat16)
+    torch.float32
+    """
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def group_view(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """``x`` (``(B, C, ...)``) as ``(G, B / G, C, ...)``, a view for any memory format."""
+    """``x`` (``(B, C, ...)``) as ``(G, B / G, C, ...)``, a view for any memory format.
+
+    >>> group_view(torch.zeros(8, 3, 5), 4).shape
+    torch.Size([4, 2, 3, 5])
+    """
     return x.view((groups, x.shape[0] // groups) + tuple(x.shape[1:]))
 
 
@@ -318,6 +333,14 @@ class BatchRenormFunction(torch.autograd.Function):
     counts of :func:`_corrections`), and ``count``: with a ``group``, the number of
     values per feature pooled over the processes (shaped like ``mu``; 0 when
     every process had 0 examples), else ``None``.
+
+    Example (two groups of 4 examples, 3 features):
+
+    >>> xg = torch.randn(2, 4, 3)
+    >>> ones, zeros = torch.ones(3), torch.zeros(3)
+    >>> y, mu, sigma, counts, count = BatchRenormFunction.apply(xg, ones, zeros, zeros, ones, 3.0, 5.0, 1e-5, None)
+    >>> y.shape, mu.shape, count
+    (torch.Size([2, 4, 3]), torch.Size([2, 1, 3]), None)
     """
 
     @staticmethod
@@ -440,7 +463,13 @@ def _native_backward(ctx, dy, xg, weight, mu, inv_sigma, r, d):
 
 
 def renorm_explicit(xg, weight, bias, running_mean, running_std, rmax, dmax, eps: float, group=None):
-    """:class:`BatchRenormFunction` applied (the default, explicit gradient)."""
+    """:class:`BatchRenormFunction` applied (the default, explicit gradient).
+
+    >>> xg = torch.randn(1, 8, 3, requires_grad=True)  # the whole batch as one group
+    >>> y = renorm_explicit(xg, None, None, torch.zeros(3), torch.ones(3), 3.0, 5.0, 1e-5)[0]
+    >>> y.sum().backward(); xg.grad.shape
+    torch.Size([1, 8, 3])
+    """
     return BatchRenormFunction.apply(xg, weight, bias, running_mean, running_std, rmax, dmax, eps, group)
 
 
@@ -450,6 +479,11 @@ def renorm_autodiff(xg, weight, bias, running_mean, running_std, rmax, dmax, eps
     ``r`` and ``d`` are detached (the paper's stop-gradient); pooling uses the
     differentiable ``torch.distributed.nn.functional.all_reduce``. Returns what
     :class:`BatchRenormFunction` returns.
+
+    >>> xg = torch.randn(2, 4, 3, dtype=torch.float64)
+    >>> args = (torch.zeros(3), torch.ones(3), 3.0, 5.0, 1e-5)
+    >>> torch.allclose(renorm_autodiff(xg, None, None, *args)[0], renorm_explicit(xg, None, None, *args)[0])
+    True
     """
     cdt = compute_dtype(xg.dtype)
     nd = xg.dim()
@@ -471,6 +505,9 @@ def inference(x, weight, bias, running_mean, running_std):
 
     Only the moving statistics enter; ``running_std`` already includes
     epsilon. Computed in :func:`compute_dtype` of the input, returned in its dtype.
+
+    >>> inference(torch.tensor([[3.0, 2.0]]), None, None, torch.tensor([1.0, 2.0]), torch.tensor([2.0, 4.0]))
+    tensor([[1., 0.]])
     """
     cdt = compute_dtype(x.dtype)
     shape = (1, -1) + (1,) * (x.dim() - 2)

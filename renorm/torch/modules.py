@@ -91,6 +91,13 @@ class BatchRenorm(nn.Module):
     joins the all-reduces (zero sums and counts, as ``torch.nn.SyncBatchNorm``)
     and takes the step of the pooled statistics like the others; only a step
     where every process has 0 examples is no step.
+
+    Example:
+
+    >>> layer = BatchRenorm(3, microbatch_size=2)  # any rank >= 2, features on dim 1
+    >>> y = layer(torch.randn(4, 3, 5))
+    >>> y.shape, int(layer.num_batches_tracked)
+    (torch.Size([4, 3, 5]), 1)
     """
 
     _expected_dims: tuple | None = None  # ranks accepted (None: any >= 2)
@@ -318,18 +325,31 @@ class BatchRenorm(nn.Module):
 
 
 class BatchRenorm1d(BatchRenorm):
-    """:class:`BatchRenorm` for ``(N, C)`` or ``(N, C, L)`` inputs, a drop-in for ``torch.nn.BatchNorm1d``."""
+    """:class:`BatchRenorm` for ``(N, C)`` or ``(N, C, L)`` inputs, a drop-in for ``torch.nn.BatchNorm1d``.
+
+    >>> BatchRenorm1d(3)(torch.randn(8, 3)).shape
+    torch.Size([8, 3])
+    """
 
     _expected_dims = (2, 3)
 
 
 class BatchRenorm2d(BatchRenorm):
-    """:class:`BatchRenorm` for ``(N, C, H, W)`` inputs, a drop-in for ``torch.nn.BatchNorm2d``."""
+    """:class:`BatchRenorm` for ``(N, C, H, W)`` inputs, a drop-in for ``torch.nn.BatchNorm2d``.
+
+    >>> layer = BatchRenorm2d(3, warmup_steps=100).eval()  # eval(): the running statistics only
+    >>> layer(torch.ones(2, 3, 4, 4)).mean().item()
+    1.0
+    """
 
     _expected_dims = (4,)
 
 
 class BatchRenorm3d(BatchRenorm):
-    """:class:`BatchRenorm` for ``(N, C, D, H, W)`` inputs, a drop-in for ``torch.nn.BatchNorm3d``."""
+    """:class:`BatchRenorm` for ``(N, C, D, H, W)`` inputs, a drop-in for ``torch.nn.BatchNorm3d``.
+
+    >>> BatchRenorm3d(3)(torch.randn(2, 3, 2, 2, 2)).shape
+    torch.Size([2, 3, 2, 2, 2])
+    """
 
     _expected_dims = (5,)
