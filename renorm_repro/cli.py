@@ -610,19 +610,12 @@ def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, te
     load leaves ``out`` as it was; a folder none of whose runs started training
     is started again (:func:`renorm_repro.runs.check_experiment_dir`).
     """
-    from renorm_repro.report import write_report
-    from renorm_repro.runs import (
-        ExperimentLock,
-        check_experiment_dir,
-        experiment_complete,
-        report_without_runs,
-        write_experiment_record,
-    )
+    from renorm_repro.report import NothingToAggregate, write_report
+    from renorm_repro.runs import ExperimentLock, check_experiment_dir, write_experiment_record
 
     out = Path(out)
     mode = check_experiment_dir(out, cfg, resume=resume)  # before touching anything
-    if mode == "resume" and (experiment_complete(out, cfg) or report_without_runs(out)):
-        log(_complete_line(out, cfg))  # nothing is written, not even the lock file
+    if mode == "resume" and _finished(out, cfg, log):
         return {"summary": "", "figures": [], "complete": True}
     lock = None
     try:
@@ -646,12 +639,23 @@ def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, te
             tensorboard=tensorboard,
             log=log,
         )
-        with _interrupts.deferred():  # the report's files are written whole; a signal is honoured after them
-            report = write_report(out)
+        try:
+            with _interrupts.deferred():  # the report's files are written whole; a signal is honoured after them
+                report = write_report(out)
+        except NothingToAggregate:
+            if not stopped:
+                raise
+            report = None
     finally:
         if lock is not None:
             lock.release()
     _interrupts.check()
+    if report is None:
+        log(
+            f"stopped early (--stop-after {stop_after}) before the first evaluation: nothing logged yet, so no "
+            f"report; the runs continue with --resume"
+        )
+        return {"summary": "", "figures": [], "stopped": True}
     log(report["summary"])
     log("figures: " + ", ".join(str(p) for p in report["figures"]))
     log(report["aggregate"]["finding"])  # the last line: what the run measured
@@ -814,6 +818,39 @@ def _complete_line(out, cfg) -> str:
     )
 
 
+def _finished(out, cfg, log) -> bool:
+    """``--resume`` of a folder whose runs are all complete: say so and change nothing when its report is valid
+    (:func:`renorm_repro.runs.report_problem`), else rewrite the report from the logs, never touching a run, and
+    say why in one line. True when there was nothing else to do; False when some run is not complete."""
+    from renorm_repro.runs import ExperimentLock, report_problem, report_without_runs, runs_complete
+
+    if report_without_runs(out):
+        log(_complete_line(out, cfg))
+        return True
+    if not runs_complete(out, cfg):
+        return False
+    why = report_problem(out, cfg)
+    if why is None:
+        log(_complete_line(out, cfg))  # nothing is written, not even the lock file
+        return True
+    from renorm_repro.report import write_report
+
+    with ExperimentLock(out):
+        why = report_problem(out, cfg)  # again, now that no other process writes here
+        if why is not None:
+            with _interrupts.deferred():  # the report's files are written whole; a signal is honoured after them
+                write_report(out)
+    _interrupts.check()
+    if why is None:
+        log(_complete_line(out, cfg))
+    else:
+        log(
+            f"{out}: every run is complete but the report was not ({why}): rewrote summary.md, summary.json and "
+            f"the figures from the logs; no run changed."
+        )
+    return True
+
+
 def _signal_word(signum) -> str:
     return "interrupted" if signum in (None, signal.SIGINT) else f"terminated ({_interrupts.signal_name(signum)})"
 
@@ -940,13 +977,12 @@ def _config_command(args, rest, subparsers) -> int:
     if args.command == "bench":
         _check_bench(cfg, args)
     else:
-        from renorm_repro.runs import check_experiment_dir, experiment_complete, report_without_runs
+        from renorm_repro.runs import check_experiment_dir
 
         if args.stop_after is not None and args.stop_after < 1:
             raise ConfigError(f"--stop-after must be >= 1, got {args.stop_after}.")
         mode = check_experiment_dir(args.out, cfg, resume=args.resume)
-        if mode == "resume" and (experiment_complete(args.out, cfg) or report_without_runs(args.out)):
-            print(_complete_line(args.out, cfg))
+        if mode == "resume" and _finished(args.out, cfg, print):
             return 0
         _check_data_dir(cfg)
     if not args.tf_logs and "TF_CPP_MIN_LOG_LEVEL" not in os.environ:

@@ -29,10 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-from renorm_repro.runs import NORM_LAYERS, RunDirError, read_experiment_config, read_metrics, run_dir
+from renorm_repro.runs import NORM_LAYERS, RunDirError, atomic_file, read_experiment_config, read_metrics, run_dir
 from renorm_repro.stats import mean_ci, paired_difference
 
-__all__ = ["aggregate", "write_summary", "plot", "write_report"]
+__all__ = ["NothingToAggregate", "aggregate", "write_summary", "plot", "write_report"]
+
+
+class NothingToAggregate(RunDirError):
+    """No run of the folder has logged an evaluation yet (e.g. ``--stop-after`` before the first one)."""
+
 
 # Colours of the paper's Figure 2 style: baseline dark, BN on micro-batches red, renorm blue.
 ARM_STYLE = {
@@ -245,7 +250,7 @@ def aggregate(out) -> dict:
         if runs:
             arms[arm] = _arm_summary(cfg, arm, runs, done, unfinished)
     if not arms:
-        raise RunDirError(f"No metrics.csv found under {out / 'runs'}: nothing to aggregate.")
+        raise NothingToAggregate(f"No metrics.csv found under {out / 'runs'}: nothing to aggregate.")
     result = {
         "experiment": cfg.experiment,
         "dataset": cfg.dataset,
@@ -382,8 +387,10 @@ def write_summary(agg: dict, out) -> str:
         )
     lines += _stats_section(agg)
     text = "\n".join(lines) + "\n"
-    (out / "summary.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps(agg, indent=2) + "\n")
+    with atomic_file(out / "summary.md") as f:  # each file whole or not at all; summary.json last
+        f.write(text.encode())
+    with atomic_file(out / "summary.json") as f:
+        f.write((json.dumps(agg, indent=2) + "\n").encode())
     return text
 
 
@@ -581,7 +588,8 @@ def save_figure(fig, path) -> list[Path]:
     """Lay out ``fig``, write it as ``path`` with the suffixes .png and .svg, close it; the two paths.
 
     Both files are the same bytes for the same figure: the SVG carries no date and its element ids come from a
-    fixed salt, so redrawing a committed figure from unchanged logs leaves ``git status`` clean.
+    fixed salt, so redrawing a committed figure from unchanged logs leaves ``git status`` clean. Each is written
+    whole or not at all (:func:`renorm_repro.runs.atomic_file`): a kill or a full disk leaves the old file.
     """
     import matplotlib
     import matplotlib.pyplot as plt
@@ -590,16 +598,21 @@ def save_figure(fig, path) -> list[Path]:
     path = Path(path)
     paths = [path.with_suffix(".png"), path.with_suffix(".svg")]
     with matplotlib.rc_context({"svg.hashsalt": "renorm"}):
-        fig.savefig(paths[0])
-        fig.savefig(paths[1], metadata={"Date": None})
+        with atomic_file(paths[0]) as f:
+            fig.savefig(f, format="png")
+        with atomic_file(paths[1]) as f:
+            fig.savefig(f, format="svg", metadata={"Date": None})
     plt.close(fig)
     return paths
 
 
 def write_report(out) -> dict[str, object]:
+    """Aggregate the logs in ``out`` and write the report (:data:`renorm_repro.runs.REPORT_FILES`): the figures,
+    then ``summary.md``, then ``summary.json``, each whole (a report cut short is found by
+    :func:`renorm_repro.runs.report_problem` and rewritten on ``--resume``)."""
     agg = aggregate(out)
-    text = write_summary(agg, out)
     figs = plot(agg, out)
+    text = write_summary(agg, out)
     return {"summary": text, "figures": figs, "aggregate": agg}
 
 

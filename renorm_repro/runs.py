@@ -13,7 +13,8 @@ Layout of an experiment's output folder ``OUT``::
         tensorboard/             TensorBoard event files: the log's columns and each layer's clip
                                  diagnostics, at the log's steps (renorm_repro.tensorboard_log)
         done.json                written last; a run without it is incomplete
-    OUT/summary.md, summary.json, accuracy.png, accuracy.svg   (from the logs only)
+    OUT/accuracy.png, accuracy.svg, summary.md, summary.json   the report, from the logs only, written in
+                                 this order, each whole; checked by report_problem
     OUT/.lock                    who runs the experiment now (pid, host, start); see ExperimentLock
 
 What a crash (``kill -9``, power loss) can leave, and what resuming does about it:
@@ -32,10 +33,15 @@ What a crash (``kill -9``, power loss) can leave, and what resuming does about i
 - The TensorBoard events are written with each row, after it and before the
   checkpoint; on resume the points after the checkpoint's step are dropped
   the same way (:meth:`renorm_repro.tensorboard_log.EventLog.start`).
+- The report is complete only when :func:`report_problem` finds nothing (its
+  ``summary.json`` parses and matches the config and the runs, ``summary.md``
+  and the figures are there); otherwise a resume of complete runs rewrites it
+  from the logs, touching no run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -70,6 +76,10 @@ __all__ = [
     "write_experiment_record",
     "record_versions",
     "experiment_complete",
+    "runs_complete",
+    "report_problem",
+    "REPORT_FILES",
+    "atomic_file",
     "report_without_runs",
     "steps_extension_problem",
     "prepare_experiment_dir",
@@ -226,14 +236,28 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
+@contextlib.contextmanager
+def atomic_file(path):
+    """A binary file to write ``path`` through: a temporary file beside it, flushed to disk and renamed over
+    ``path`` when the block ends without an exception, so that a crash (or a full disk) leaves either the old
+    file or the new one, never a part; on an exception the temporary file is removed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -440,11 +464,60 @@ def write_experiment_record(out, cfg, mode: str) -> Path:
     return out
 
 
+#: The files of an experiment's report (:func:`renorm_repro.report.write_report`), in the order they are written:
+#: ``summary.json`` last, so that a report cut short leaves no ``summary.json`` that matches the runs.
+REPORT_FILES = ("accuracy.png", "accuracy.svg", "summary.md", "summary.json")
+
+
 def experiment_complete(out, cfg) -> bool:
-    """Whether every (arm, seed) of ``cfg`` in ``out`` is complete at ``cfg.steps`` and the report is written."""
+    """Whether every (arm, seed) of ``cfg`` in ``out`` is complete at ``cfg.steps`` and the report is a valid report
+    of them (:func:`report_problem`)."""
+    return runs_complete(out, cfg) and report_problem(out, cfg) is None
+
+
+def report_problem(out, cfg) -> str | None:
+    """Why the report in ``out`` is not the report of ``cfg``'s complete runs, in a few words; None when it is.
+
+    It is when ``summary.json`` parses and lists the config's arms, each with the config's seeds, every one
+    of them complete at ``cfg.steps`` (none left out as unfinished), ``summary.md`` is not empty and the
+    figures exist and are not empty. A report written before the last run finished (``--stop-after``, a kill
+    between the runs and the report), cut short by a kill or a full disk, truncated or deleted is not.
+    """
     out = Path(out)
-    if not all((out / name).is_file() for name in ("summary.md", "summary.json")):
-        return False
+    try:
+        agg = json.loads((out / "summary.json").read_bytes())
+    except FileNotFoundError:
+        return "summary.json is missing"
+    except (OSError, ValueError) as e:
+        return f"summary.json does not parse ({type(e).__name__})"
+    if not isinstance(agg, dict) or not isinstance(agg.get("arms"), dict):
+        return "summary.json holds no arms"
+    if agg.get("steps") != cfg.steps:
+        return f"summary.json is of a {agg.get('steps')}-step experiment, the config has {cfg.steps} steps"
+    if sorted(agg["arms"]) != sorted(cfg.arms):
+        return f"summary.json lists the arms {', '.join(sorted(agg['arms']))}, the config {', '.join(sorted(cfg.arms))}"
+    for arm, a in agg["arms"].items():
+        seeds = a.get("seeds") if isinstance(a, dict) else None
+        if seeds != sorted(cfg.seeds):
+            return f"summary.json lists the seeds {seeds} for arm {arm}, the config {sorted(cfg.seeds)}"
+        if (
+            a.get("complete_runs") != len(seeds)
+            or a.get("unfinished_runs_left_out")
+            or a.get("final_step") != cfg.steps
+        ):
+            return f"summary.json was written before every run of arm {arm} was complete"
+    for name in REPORT_FILES[:-1]:
+        try:
+            if (out / name).stat().st_size == 0:
+                return f"{name} is empty"
+        except OSError:
+            return f"{name} is missing"
+    return None
+
+
+def runs_complete(out, cfg) -> bool:
+    """Whether every (arm, seed) of ``cfg`` in ``out`` is complete at ``cfg.steps`` (its ``done.json`` says so)."""
+    out = Path(out)
     for arm in cfg.arms:
         for seed in cfg.seeds:
             try:

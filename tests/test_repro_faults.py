@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,11 +30,13 @@ from renorm_repro import data as D  # noqa: E402
 from renorm_repro.cli import main  # noqa: E402
 from renorm_repro.runs import (  # noqa: E402
     METRIC_COLUMNS,
+    REPORT_FILES,
     MetricsLog,
     RunDirError,
     metric_columns,
     read_experiment_config,
     read_metrics,
+    report_problem,
 )
 
 STEPS = 12
@@ -82,11 +85,17 @@ def _one_line(err):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
-    """The rows of an uninterrupted run (elapsed_s left out)."""
+def reference_out(tmp_path_factory, cache):
+    """The folder of an uninterrupted run, its report written (tests copy it; none changes it)."""
     out = tmp_path_factory.mktemp("reference") / "out"
     assert main(_args(out, cache)) == 0
-    rows = _rows(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_out):
+    """The rows of an uninterrupted run (elapsed_s left out)."""
+    rows = _rows(reference_out)
     assert [int(r["step"]) for r in rows] == list(range(2, STEPS + 1, 2))
     return rows
 
@@ -543,3 +552,148 @@ def test_a_damaged_done_json_resumes_from_the_checkpoint(tmp_path, cache, capsys
     assert f"{done} is damaged or names another length" in log, log
     assert json.loads(done.read_text())["final_step"] == STEPS
     assert _rows(out) == reference
+
+
+# ------------------------------------------------------------- issue 33: complete means a valid report
+def _report(out):
+    """The report's files (bytes; None where missing)."""
+    return {n: (Path(out) / n).read_bytes() if (Path(out) / n).is_file() else None for n in REPORT_FILES}
+
+
+def _run_files(out):
+    """Every file under runs/ (bytes) and its modification time: what a report rewrite must never touch."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted((Path(out) / "runs").rglob("*")) if p.is_file()}
+
+
+def _resume_rewrites_the_report(out, cache, capsys, why):
+    """``--resume`` of a folder whose runs are complete and whose report is not: one line naming ``why``, the
+    report rewritten from the logs (what ``plot`` writes), no run file touched, and a second resume a no-op."""
+    cfg = read_experiment_config(out)
+    assert why in report_problem(out, cfg)
+    runs = _run_files(out)
+    line = _one_line(_resume(out, cache, capsys).out)
+    assert line.startswith(f"{out}: every run is complete but the report was not ({why}"), line
+    assert "rewrote summary.md, summary.json and the figures from the logs; no run changed." in line
+    assert report_problem(out, cfg) is None
+    assert _run_files(out) == runs
+    assert not list(Path(out).glob("*.tmp"))
+    report = _report(out)
+    assert main(["plot", "--out", str(out)]) == 0  # what the logs give, written again: the same bytes
+    capsys.readouterr()
+    assert _report(out) == report
+    assert "nothing to do, no file changed" in _one_line(_resume(out, cache, capsys).out)
+    return report
+
+
+def _stale(path):
+    """summary.json as a report written at --stop-after 9 says (brn at step 8, its run unfinished)."""
+    agg = json.loads(path.read_text())
+    agg["arms"]["brn"].update(final_step=8, complete_runs=0)
+    path.write_text(json.dumps(agg, indent=2) + "\n")
+
+
+DAMAGE = {
+    "torn summary.json": (lambda out: _truncate(out / "summary.json"), "summary.json does not parse"),
+    "empty summary.md": (lambda out: (out / "summary.md").write_bytes(b""), "summary.md is empty"),
+    "deleted figures": (
+        lambda out: [(out / n).unlink() for n in ("accuracy.png", "accuracy.svg")],
+        "accuracy.png is missing",
+    ),
+    "stale summary.json": (
+        lambda out: _stale(out / "summary.json"),
+        "summary.json was written before every run of arm brn",
+    ),
+}
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_report_is_not_complete_and_resume_rewrites_it(reference_out, tmp_path, cache, capsys, damage):
+    """Before: --resume answered 'complete ... nothing to do, no file changed' and left the report damaged."""
+    out = tmp_path / "out"
+    shutil.copytree(reference_out, out)
+    original = _report(out)
+    harm, why = DAMAGE[damage]
+    harm(out)
+    assert _resume_rewrites_the_report(out, cache, capsys, why) == original
+
+
+_KILL_AFTER = """
+import contextlib, os, signal, sys
+from renorm_repro import report
+from renorm_repro.cli import main
+
+real, target = report.atomic_file, sys.argv[1]
+
+
+@contextlib.contextmanager
+def write_then_die(path):  # the file is written whole, then the process is killed (kill -9)
+    with real(path) as f:
+        yield f
+    if os.path.basename(str(path)) == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+report.atomic_file = write_then_die
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_kill_during_the_report_then_resume_rewrites_it(reference_out, tmp_path, cache, capsys):
+    """kill -9 while the report is written (the run's, then a resume's rewrite): --resume finishes the report."""
+    out = tmp_path / "out"
+    for target, args, present in (
+        ("accuracy.svg", _args(out, cache), {"accuracy.png", "accuracy.svg"}),  # the run's report: figures only
+        ("summary.md", _args(out, cache, "--resume"), {"accuracy.png", "accuracy.svg", "summary.md"}),
+    ):
+        res = subprocess.run([sys.executable, "-c", _KILL_AFTER, target, *args], capture_output=True, timeout=600)
+        assert res.returncode == -signal.SIGKILL, res.stderr.decode()
+        assert {n for n, b in _report(out).items() if b is not None} == present
+        assert (_rdir(out) / "done.json").is_file()
+    assert _rows(out) == _rows(reference_out)
+    report = _resume_rewrites_the_report(out, cache, capsys, "summary.json is missing")
+    for name in ("summary.md", "summary.json"):  # the report of an uninterrupted run
+        assert report[name] == _report(reference_out)[name].replace(str(reference_out).encode(), str(out).encode())
+
+
+def test_a_full_disk_while_the_figures_are_written_then_resume_writes_them(tmp_path, cache, capsys, monkeypatch):
+    """Before: 'once fixed, continue with --resume', then --resume said 'complete' and the figures stayed missing."""
+    import matplotlib.figure
+
+    out = tmp_path / "out"
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def no_space(self, fname, *args, **kwargs):
+        if kwargs.get("format") == "svg":
+            raise OSError(28, "No space left on device", getattr(fname, "name", str(fname)))
+        return real_savefig(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_space)
+    assert main(_args(out, cache)) == 1
+    err = _one_line(capsys.readouterr().err)
+    assert err == (
+        f"renorm-repro: error: No space left on device: {out / 'accuracy.svg.tmp'}; once fixed, continue with --resume"
+    )
+    assert (_rdir(out) / "done.json").is_file()
+    assert {n for n, b in _report(out).items() if b is not None} == {"accuracy.png"}  # no part file, no summary
+    assert not list(out.glob("*.tmp"))
+    monkeypatch.undo()
+    _resume_rewrites_the_report(out, cache, capsys, "summary.json is missing")
+
+
+def test_stop_after_before_the_first_evaluation_exits_0_and_resumes(tmp_path, cache, capsys, reference):
+    """Before: exit 1, 'nothing to aggregate'. The runs are resumable: exit 0 with a line that says so."""
+    out = tmp_path / "out"
+    assert main(_args(out, cache, "--stop-after", "1")) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert captured.out.splitlines()[-1] == (
+        "stopped early (--stop-after 1) before the first evaluation: nothing logged yet, so no report; the runs "
+        "continue with --resume"
+    )
+    assert {n for n, b in _report(out).items() if b is not None} == set()
+    _resume(out, cache, capsys)
+    assert _rows(out) == reference and report_problem(out, read_experiment_config(out)) is None
