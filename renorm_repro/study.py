@@ -49,7 +49,8 @@ POOLABLE_KEYS = ("seeds", "arms")
 
 
 def sign_test_p(wins: int, n: int) -> float:
-    """Exact two-sided sign test: P(a split at least as uneven as ``wins`` of ``n``) under a fair coin.
+    """Exact two-sided sign test (``scipy.stats.binomtest`` with p = 1/2): P(a split at least as uneven as
+    ``wins`` of ``n``) under a fair coin.
 
     Ties (a difference of exactly 0) should be left out of ``n`` by the caller. 5 of 5 gives 0.0625.
     """
@@ -57,9 +58,9 @@ def sign_test_p(wins: int, n: int) -> float:
         raise ValueError(f"`wins` must be an integer in [0, n], got wins={wins!r}, n={n!r}.")
     if n == 0:
         return 1.0
-    k = min(wins, n - wins)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return min(1.0, 2 * tail)
+    from scipy import stats
+
+    return float(stats.binomtest(wins, n, 0.5).pvalue)
 
 
 def _paired(a: dict[int, float], b: dict[int, float]) -> dict:
