@@ -50,7 +50,6 @@ import pickle
 import struct
 import subprocess
 import tarfile
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -307,46 +306,38 @@ def download_cifar100(
 
 
 def _download(url: str, target: Path, md5: str | None, hint: str) -> None:
-    """Download ``url`` to ``target`` through a ``.part`` file, checked against ``md5`` before the rename.
+    """Download ``url`` to ``target`` with ``keras.utils.get_file`` (progress bar, MD5 check), through a ``.part``
+    file renamed only once the download is complete and its MD5 (when given) matches.
 
-    An interrupted or corrupt download never leaves a file that looks complete;
-    failures are a :class:`DataError` ending with ``hint`` (what to do instead).
+    The ``.part`` file and the rename stay here: ``get_file`` writes straight to the name it is given and, when
+    the hash does not match, leaves the bad file there, so a download cut short by ``kill -9`` or a corrupt one
+    would otherwise sit in the cache under the name that marks a good file. ``force_download`` because a
+    ``.part`` left by a killed run must never be taken for the file (``get_file`` trusts an existing file
+    when no hash is given). Failures are a :class:`DataError` ending with ``hint`` (what to do instead).
     """
+    from keras.utils import get_file
+
     part = target.with_name(target.name + ".part")
+    # Absolute: with a relative folder get_file falls back to /tmp/.keras when the folder is not writable.
+    folder = str(part.parent.resolve())
     try:
-        with urllib.request.urlopen(url) as response, open(part, "wb") as f:  # noqa: S310 - user-chosen URL
-            total = int(response.headers.get("Content-Length") or 0)
-            bar = _progress(total, f"downloading {url}")
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                f.write(chunk)
-                bar.update(len(chunk))
-            bar.close()
-    except OSError as e:
+        got = get_file(
+            fname=part.name,
+            origin=url,
+            file_hash=md5,
+            hash_algorithm="md5",
+            cache_dir=folder,
+            cache_subdir=folder,
+            force_download=True,
+        )
+    except Exception as e:  # noqa: BLE001 - get_file re-raises a failed fetch as a bare Exception
+        corrupt = md5 is not None and isinstance(e, ValueError) and part.is_file()
+        got = md5sum(part) if corrupt else None
         part.unlink(missing_ok=True)
+        if corrupt:
+            raise DataError(f"The download from {url} is truncated or corrupt: MD5 {got}, expected {md5}.") from e
         raise DataError(f"Could not download {target.name} from {url} ({e!r}). {hint}") from e
-    if md5 is not None:
-        got = md5sum(part)
-        if got != md5:
-            part.unlink(missing_ok=True)
-            raise DataError(f"The download from {url} is truncated or corrupt: MD5 {got}, expected {md5}.")
-    part.replace(target)
-
-
-def _progress(total, desc):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total or None, unit="B", unit_scale=True, desc=desc, leave=False)
-    except ImportError:  # pragma: no cover - tqdm is in the repro extra
-
-        class _Null:
-            def update(self, n):
-                pass
-
-            def close(self):
-                pass
-
-        return _Null()
+    Path(got).replace(target)
 
 
 # ------------------------------------------------------------------------ digits

@@ -546,3 +546,20 @@ def test_cli_compare_writes_table_and_figure(tmp_path, capsys):
     rc = main(["compare", "--a", str(tmp_path / "const"), "--b", str(tmp_path / "cos"), "--arms", "keras_brn"])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "are not in both" in err
+
+
+def test_a_download_cut_short_is_never_taken_for_the_file(tmp_path):
+    """keras.utils.get_file downloads (file:// here, no network); a .part file left by a killed download is
+    downloaded again, with or without a checksum, and only a complete, checked file gets the final name."""
+    sums = write_small_fashion(tmp_path / "mirror")
+    url = (tmp_path / "mirror").as_uri()
+    folder = tmp_path / "cache" / "fashion-mnist"
+    folder.mkdir(parents=True)
+    stems = [f[0] for f in D.FASHION_MNIST_FILES.values()]
+    good = {s: (tmp_path / "mirror" / (s + ".gz")).read_bytes() for s in stems}
+    for s in stems:  # what kill -9 in the middle of each download leaves
+        (folder / (s + ".gz.part")).write_bytes(good[s][: len(good[s]) // 2])
+    assert D.download_fashion_mnist(tmp_path / "cache", url=url, check=False) == folder
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {s + ".gz": good[s] for s in stems}
+    ds = D.load_fashion_mnist(folder, checksums=sums, shapes=SMALL)
+    assert len(ds.y_train) == SMALL["train_labels"][0]
