@@ -39,6 +39,8 @@ import os
 import statistics
 import time
 
+from benchmarks.common import machine_info
+
 RESULTS = "benchmarks/results/crossq_torch.json"
 SCRATCH = "benchmarks/results/scratch/crossq_torch.json"
 LAYERS = ("sb3-contrib", "renorm.torch")
@@ -165,7 +167,8 @@ def _write(out: str, full: bool, settings: dict, runs: list, complete: bool) -> 
         "env": "Pendulum-v1",
         "runs": runs,
         "summary": summarize(runs),
-        "note": "2-core CPU shared with other jobs; small networks (see the module docstring)",
+        "machine": machine_info(),  # the processor, cores and load averages when this was written
+        "note": "small networks (see the module docstring)",
     }
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp"

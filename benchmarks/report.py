@@ -2,8 +2,8 @@
 
     python -m benchmarks.report [--results benchmarks/results]
 
-Reads ``layers_tf.json``, ``layers_jax.json``, ``step_tf.json`` and
-``step_jax.json`` (whichever exist) and prints one Markdown table per suite:
+Reads ``layers_tf.json``, ``layers_jax.json``, ``layers_keras_jax.json``,
+``step_tf.json`` and ``step_jax.json`` (whichever exist) and prints one Markdown table per suite:
 every figure is a ratio of medians of paired, interleaved timings from one
 run (``benchmarks/common.py``). Only full runs are reported: a file from a
 partial run (``--quick``, ``--shapes``, ...; ``"full"`` not true) is skipped
@@ -83,6 +83,29 @@ def layers_jax(data) -> str:
     return "\n".join(lines)
 
 
+def layers_keras_jax(data) -> str:
+    """The Keras layer on the JAX backend against ``keras.layers.BatchNormalization`` (docs/keras.md, Speed)."""
+    rows = _rows(data)
+    shapes = list(dict.fromkeys(r["shape"] for r in data["rows"]))
+    lines = [
+        "| shape | train: renorm / Keras BN | autodiff / Keras BN | mb=4 / whole | mb=2 / whole | "
+        "infer: renorm / Keras BN |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in shapes:
+
+        def g(mode, cand, key="vs_baseline"):
+            r = rows.get((s, mode, cand))
+            return None if r is None else r.get(key)
+
+        lines.append(
+            f"| {s} | {_fmt(g('train', 'renorm mb=None'))} | {_fmt(g('train', 'renorm autodiff'))} | "
+            f"{_fmt(g('train', 'renorm mb=4', 'vs_whole'))} | {_fmt(g('train', 'renorm mb=2', 'vs_whole'))} | "
+            f"{_fmt(g('infer', 'renorm'))} |"
+        )
+    return "\n".join(lines)
+
+
 def step(data, baseline: str) -> str:
     batches = list(dict.fromkeys(r["batch"] for r in data["rows"]))
     cands = list(dict.fromkeys(r["candidate"] for r in data["rows"]))
@@ -112,6 +135,7 @@ def main(argv=None):
     parts = {
         "layers_tf": ("TensorFlow layer suite (no XLA unless stated)", layers_tf),
         "layers_jax": ("JAX layer suite (jitted)", layers_jax),
+        "layers_keras_jax": ("Keras layer on the JAX backend (jitted)", layers_keras_jax),
         "step_tf": ("TensorFlow training step of the reproduction's convnet", lambda d: step(d, "the fused BN op")),
         "step_jax": ("JAX (Flax) training step of the same convnet", lambda d: step(d, "flax.linen.BatchNorm")),
     }

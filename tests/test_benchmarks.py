@@ -160,3 +160,16 @@ def test_committed_results_are_full_runs():
     for suite in SUITES:
         data = json.loads((REPO / f"benchmarks/results/{suite}.json").read_text())
         assert data["full"] is True, suite
+
+
+def test_report_reads_the_keras_on_jax_suite(tmp_path, capsys):
+    """benchmarks.report prints the table of docs/keras.md (Speed) from layers_keras_jax.json."""
+    from benchmarks import report
+
+    (tmp_path / "layers_keras_jax.json").write_text((REPO / "benchmarks/results/layers_keras_jax.json").read_text())
+    report.main(["--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "#### Keras layer on the JAX backend (jitted)" in out
+    assert "`python -m benchmarks.layers_keras_jax` on" in out
+    assert "| (1600, 32, 32, 64) | 1.00x | 0.92x | 0.96x | 0.98x | 0.93x |" in out
+    assert "| (4096, 1024) | 0.76x | 1.38x | 2.19x | 5.92x | 0.63x |" in out

@@ -88,3 +88,14 @@ def test_only_a_full_run_writes_the_committed_file_and_threads_are_checked(fake,
         crossq_torch.main(["--threads", "0", "--out", str(tmp_path / "c.json")])
     assert "--threads must be >= 1, got 0" in capsys.readouterr().err
     assert fake == []
+
+
+def test_the_results_record_the_machine_and_its_load(fake, tmp_path):
+    """Not a fixed sentence about the load: benchmarks.common.machine_info() when the file is written."""
+    import os
+
+    out = tmp_path / "c.json"
+    crossq_torch.main(["--seeds", "0", "--steps", "50", "--out", str(out)])
+    machine = json.loads(out.read_text())["machine"]
+    assert machine["cpu_count"] == os.cpu_count() and len(machine["load_average"]) == 3
+    assert "shared with other jobs" not in out.read_text()

@@ -379,3 +379,20 @@ def test_summary_states_the_finding_first_with_intervals_bounded_to_accuracies(t
 def test_the_run_ends_with_the_finding_in_the_terminal(finished):
     last = (finished.parent / "stdout.txt").read_text().strip().splitlines()[-1]
     assert last.startswith("Finding (Batch Renorm") and "final accuracy" in last, last
+
+
+def test_the_multiworker_error_points_at_a_section_that_exists(monkeypatch):
+    """strategy=multiworker without TF_CONFIG names docs/distributed.md and its sections (the README's moved there)."""
+    pytest.importorskip("tensorflow")
+    import re
+
+    from renorm_repro import train
+    from renorm_repro.runs import RunDirError
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.setattr(train, "_MULTIWORKER", [])
+    with pytest.raises(RunDirError) as e:
+        train._strategy("multiworker")
+    page, section, paragraph = re.search(r"see (\S+), '([^']+)', '([^']+)'", str(e.value)).groups()
+    text = (ROOT / page).read_text()
+    assert f"\n## {section}\n" in text and f"**{paragraph}.**" in text.split(f"\n## {section}\n")[1].split("\n## ")[0]
