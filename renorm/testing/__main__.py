@@ -112,7 +112,7 @@ def _plan(backend, adapter, dtypes):
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from renorm.testing.adapters import BACKENDS, adapter_for
-    from renorm.testing.peers import PEERS, peer_adapters
+    from renorm.testing.peers import PEERS, WARMUP_CASES, peer_adapters
 
     backends, peers = args.backend or [], args.peer or []
     if not backends and not peers:
@@ -127,7 +127,8 @@ def main(argv=None) -> int:
         mod, how = PEERS[name]
         if not _installed(mod):
             _usage_error(f"--peer {name} needs {mod}, which is not installed: {how}")
-    if any(b in ("linen", "nnx") for b in backends) and (args.dtype is None or "float64" in args.dtype):
+    uses_jax = any(b in ("linen", "nnx") for b in backends) or "sbx" in peers
+    if uses_jax and (args.dtype is None or "float64" in args.dtype):
         import jax
 
         jax.config.update("jax_enable_x64", True)  # float64 parity needs it; float32 arrays stay float32
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
     for name in peers:
         for a in peer_adapters(name, device=args.device):
             for d in [d for d in dtypes if d in ("float64", "float32")] or ["float32"]:
-                jobs.append((name, a, PEER_CASES, d))
+                jobs.append((name, a, PEER_CASES + WARMUP_CASES, d))  # an adapter without a warm-up skips its case
 
     total = sum(len(cases) for _, _, cases, _ in jobs)
     progress = _Progress(

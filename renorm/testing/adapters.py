@@ -716,8 +716,8 @@ class TorchAdapter(Adapter):
             m = fwd = torch.export.export(m, (example,)).module()
         self.last_module = m
 
-        def np_(t):
-            return t.detach().to("cpu", torch.float64).numpy()
+        def np_(t):  # a copy: .numpy() of a float64 CPU tensor shares the module's buffer
+            return t.detach().to("cpu", torch.float64).numpy().copy()
 
         class Layer:
             def train(self, x, dy, mask=None):
