@@ -73,6 +73,7 @@ with _interrupts.exit_now("before anything was written; run the command again"):
         PRESETS_BY_EXPERIMENT,
         ConfigError,
         dumps,
+        field_metadata,
         get_config,
         optional_inner,
         parse_override_tokens,
@@ -104,73 +105,11 @@ def _value_text(v) -> str:
     return str(v) if v != "" else "''"
 
 
-#: One line of help per config field (every field of every experiment has one; tests/test_repro_cli.py checks).
-FIELD_HELP = {
-    "dataset": "the data",
-    "data_dir": "cifar100: the extracted folder or the tarball; fashion_mnist: the folder of IDX files",
-    "val_examples": "training examples held out for validation (0: none; val_* is then the test split)",
-    "cache_dir": "where downloaded and synthetic data are kept (default $RENORM_DATA or ~/.cache/renorm_repro)",
-    "synthetic_train": "synthetic data only: training examples",
-    "synthetic_test": "synthetic data only: test examples",
-    "synthetic_classes": "synthetic data only: classes",
-    "arms": "the arms to train, comma-separated",
-    "seeds": "the seeds (same seed: same initial weights and data order in every arm)",
-    "batch_size": "examples per training step",
-    "momentum": "moving-average momentum (the statistics move by 1 - momentum per step)",
-    "epsilon": "added to the variance (inside the moving stddev)",
-    "rmax": "final clipping limit of r (Batch Renorm arms)",
-    "dmax": "final clipping limit of d (Batch Renorm arms)",
-    "schedule_base": "breakpoints not given: the paper's scaled to steps, or unscaled",
-    "warmup_steps": "steps of plain batch norm before clipping opens (none: from schedule_base)",
-    "warmup_time_constants": "the warm-up in 1/(1 - momentum)-step time constants (not with --warmup-steps)",
-    "rmax_steps": "step at which rmax is reached (0: no ramp; none: from schedule_base)",
-    "dmax_steps": "step at which dmax is reached (0: no ramp; none: from schedule_base)",
-    "gn_groups": "groups of the gn arm's GroupNormalization layers (must divide width)",
-    "width": "channels of the first convolution (then 2x, 4x, 8x)",
-    "optimizer": "the optimizer",
-    "learning_rate": "the (initial) learning rate",
-    "lr_schedule": "constant; cosine to 0 at steps; step (x lr_decay_factor at lr_decay_at)",
-    "lr_decay_at": "step schedule: fractions of the run at which the rate is multiplied",
-    "lr_decay_factor": "step schedule: the factor",
-    "steps": "training steps per run",
-    "ema_decay": "EMA of the weights for evaluation (0: raw weights)",
-    "eval_every": "steps between evaluations (one metrics.csv row each, and the last step)",
-    "eval_batch_size": "examples per evaluation batch",
-    "eval_train_examples": "training accuracy in inference mode on this many fixed examples (0: off)",
-    "eval_batch_stats": "also validate with batch statistics on minibatches built like the training ones",
-    "eval_lag_examples": "log the moving statistics' lag against this many fixed training examples (0: off)",
-    "log_clip_means": "log r/d clipped fractions averaged over every step since the previous evaluation",
-    "precise_bn_batches": "also evaluate with population statistics recomputed on this many fixed i.i.d. training "
-    "batches (precise BN; 0: off)",
-    "checkpoint_every": "steps between checkpoints (and the last step)",
-    "threshold": "accuracy for 'steps to reach' in the summary (a fraction)",
-    "jit_compile": "XLA-compile the steps (needs --deterministic false)",
-    "precision": "float32 or mixed precision",
-    "strategy": "tf.distribute strategy (multiworker reads TF_CONFIG)",
-    "deterministic": "deterministic TensorFlow ops",
-    "microbatch_size": "k: examples per normalization group of the micro-batch arms",
-    "bn_group": "group size of the bn_32 arm",
-    "labels_per_batch": "labels drawn (with replacement) per minibatch",
-    "per_label": "distinct images per drawn label",
-    "split_groups": "parts of the minibatch the bn_split arm normalizes separately",
-}
-
-
 def _allowed(name: str, cls):
-    """The allowed values of a field with a fixed set of them, else None."""
-    from renorm_repro.config import DATASETS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, SCHEDULE_BASES, STRATEGIES
-
-    known = {
-        "dataset": tuple(DATASETS),
-        "optimizer": OPTIMIZERS,
-        "precision": PRECISIONS,
-        "strategy": STRATEGIES,
-        "lr_schedule": LR_SCHEDULES,
-        "schedule_base": SCHEDULE_BASES,
-    }
+    """The allowed values of a field with a fixed set of them (its ``choices``; the experiment's arms), else None."""
     if name == "arms":
         return tuple(cls().arm_specs_template())
-    return known.get(name)
+    return field_metadata(cls, name).get("choices")
 
 
 def _fields_epilog(experiment: str, preset=None) -> str:
@@ -197,7 +136,7 @@ def _fields_epilog(experiment: str, preset=None) -> str:
         if f.name == "experiment":
             continue
         value = _value_text(getattr(shown, f.name))
-        text = FIELD_HELP.get(f.name, "")
+        text = field_metadata(cls, f.name).get("help", "")
         allowed = _allowed(f.name, cls)
         if allowed:
             text += " {" + ", ".join(allowed) + "}"

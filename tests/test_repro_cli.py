@@ -396,3 +396,38 @@ def test_the_multiworker_error_points_at_a_section_that_exists(monkeypatch):
     page, section, paragraph = re.search(r"see (\S+), '([^']+)', '([^']+)'", str(e.value)).groups()
     text = (ROOT / page).read_text()
     assert f"\n## {section}\n" in text and f"**{paragraph}.**" in text.split(f"\n## {section}\n")[1].split("\n## ")[0]
+
+
+def test_a_new_config_field_is_one_declaration(tmp_path, capsys, monkeypatch):
+    """Issue 33: a field declared with config_field (and nothing else) has its --help line (type, value, help,
+    allowed values), its override (parsed and checked by its type and choices), its place in show and in
+    config.json, and reads back from it."""
+    import dataclasses
+
+    from renorm_repro.runs import write_experiment_record
+
+    @dataclasses.dataclass(frozen=True)
+    class Extended(C.IidConfig):
+        experiment: str = "iid_extended"
+        new_knob: int = C.config_field(3, "a knob this test adds")
+        new_mode: str = C.config_field("a", "a mode this test adds", ("a", "b"))
+
+    monkeypatch.setitem(C.EXPERIMENTS, "iid_extended", Extended)
+    monkeypatch.setitem(C.PRESETS_BY_EXPERIMENT, "iid_extended", C.PRESETS_BY_EXPERIMENT["iid"])
+    with pytest.raises(SystemExit):
+        main(["run", "--experiment", "iid_extended", "--preset", "smoke", "--help"])
+    text = capsys.readouterr().out
+    assert "  --new-knob                 INT        3                a knob this test adds\n" in text
+    assert "  --new-mode                 STR        a                a mode this test adds {a, b}\n" in text
+    show = ["show", "--experiment", "iid_extended", "--preset", "smoke"]
+    assert main([*show, "--new-knob", "7", "--new-mode", "b"]) == 0
+    config = json.loads(capsys.readouterr().out)["config"]
+    assert (config["new_knob"], config["new_mode"], config["steps"]) == (7, "b", 6)  # the smoke preset's steps
+    assert main([*show, "--new-knob", "x"]) == 2
+    assert "--new-knob expects an integer, got 'x'" in _one_line(capsys.readouterr().err)
+    assert main([*show, "--new-mode", "c"]) == 2
+    assert "`new_mode` must be one of ('a', 'b'), got new_mode='c'" in _one_line(capsys.readouterr().err)
+    cfg = C.get_config("smoke", "iid_extended", {"new_knob": "5"})
+    out = write_experiment_record(tmp_path / "out", cfg, "new")
+    stored = json.loads((out / "config.json").read_text())["config"]
+    assert stored["new_knob"] == 5 and C.config_from_dict(stored) == cfg
