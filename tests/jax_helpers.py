@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from renorm import testing
 from renorm.jax import BatchRenorm
-from renorm.numpy_ref import BatchRenormReference
 
 
 def linen_module(case, momentum, epsilon=1e-5, param_dtype=jnp.float32, **kw):
@@ -25,16 +25,7 @@ def linen_module(case, momentum, epsilon=1e-5, param_dtype=jnp.float32, **kw):
 
 
 def oracle(case, momentum, p, epsilon=1e-5, dtype=np.float64):
-    return BatchRenormReference(
-        case.num_features,
-        momentum=momentum,
-        epsilon=epsilon,
-        center=case.center,
-        scale=case.scale,
-        dtype=dtype,
-        **case.layer_kwargs(),
-        **p,
-    )
+    return testing.oracle(case, momentum=momentum, epsilon=epsilon, params=p, dtype=dtype)
 
 
 def variables(case, p, param_dtype):

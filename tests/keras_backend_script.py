@@ -40,6 +40,7 @@ from parity import (  # noqa: E402
 
 from renorm.keras import BatchRenormalization, convert_batch_norm, export_batch_norm  # noqa: E402
 from renorm.numpy_ref import BatchRenormReference  # noqa: E402
+from renorm.testing import oracle  # noqa: E402
 from renorm.testing.adapters import KerasAdapter  # noqa: E402
 
 BACKEND = keras.backend.backend()
@@ -65,16 +66,7 @@ def make_pair(case, seed, *, momentum, dtype, epsilon=1e-3, explicit_gradient=Tr
     for name, key in (("gamma", "gamma"), ("beta", "beta"), ("moving_mean", "mean"), ("moving_stddev", "stddev")):
         if getattr(layer, name) is not None:
             getattr(layer, name).assign(p[key])
-    ref = BatchRenormReference(
-        case.num_features,
-        momentum=momentum,
-        epsilon=epsilon,
-        center=case.center,
-        scale=case.scale,
-        dtype=np.float64,
-        **case.layer_kwargs(),
-        **p,
-    )
+    ref = oracle(case, momentum=momentum, epsilon=epsilon, params=p)
     return layer, ref
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 from parity import assert_matches_oracle, make_params
 
-from renorm.numpy_ref import BatchRenormReference
+from renorm.testing import oracle
 from renorm.testing.adapters import KerasAdapter
 from renorm.tf import BatchRenormalization
 
@@ -30,16 +29,7 @@ def make_pair(case, seed, *, momentum, epsilon=1e-3, dtype="float64", explicit_g
         layer.beta.assign(p["beta"])
     layer.moving_mean.assign(p["mean"])
     layer.moving_stddev.assign(p["stddev"])
-    ref = BatchRenormReference(
-        case.num_features,
-        momentum=momentum,
-        epsilon=epsilon,
-        center=case.center,
-        scale=case.scale,
-        dtype=np.float64,
-        **case.layer_kwargs(),
-        **p,
-    )
+    ref = oracle(case, momentum=momentum, epsilon=epsilon, params=p)
     return layer, ref
 
 

@@ -13,7 +13,7 @@ is built.
 True
 """
 
-from renorm.testing._driver import QUANTITIES, Adapter, CaseResult, Failure, Report, check
+from renorm.testing._driver import QUANTITIES, Adapter, CaseResult, Failure, Report, check, oracle
 from renorm.testing._registry import (
     CASES,
     CONFIG_ERRORS,
@@ -51,6 +51,7 @@ __all__ = [
     "make_masks",
     "make_params",
     "make_steps",
+    "oracle",
     "rel_err",
     "round_to",
     "tolerance",

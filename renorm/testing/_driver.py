@@ -21,7 +21,7 @@ from renorm.testing._registry import (
     tolerance,
 )
 
-__all__ = ["Adapter", "CaseResult", "Failure", "Report", "QUANTITIES", "check"]
+__all__ = ["Adapter", "CaseResult", "Failure", "Report", "QUANTITIES", "check", "oracle"]
 
 # What the driver compares, in report order, and how: relative norm at the value or gradient tolerance, exact
 # (the step counter), or within one clip decision (the clip fractions).
@@ -233,7 +233,15 @@ def _move(a, case: Case, layout: str, back: bool = False):
     return np.moveaxis(a, dest, src) if back else np.moveaxis(a, src, dest)
 
 
-def _oracle(case: Case, momentum: float, epsilon: float, params: dict, dtype=np.float64):
+def oracle(case: Case, *, momentum: float, epsilon: float, params: dict, dtype=np.float64):
+    """The oracle (:class:`renorm.numpy_ref.BatchRenormReference`) configured for ``case``, starting from ``params``
+    (``gamma``, ``beta``, ``mean``, ``stddev``, as :func:`make_params` draws them).
+
+    >>> from renorm.testing import make_params
+    >>> ref = oracle(CASES[0], momentum=0.9, epsilon=1e-3, params=make_params(CASES[0], 0))
+    >>> ref.train(make_steps(CASES[0], 0)[0][0]).shape, ref.step
+    ((8, 5), 1)
+    """
     from renorm.numpy_ref import BatchRenormReference
 
     return BatchRenormReference(
@@ -261,10 +269,14 @@ def _check_case(adapter: Adapter, case: Case, *, dtype, momentum, epsilon, seed,
     x_eval = round_to(x_eval, dtype)
     params = {k: None if v is None else round_to(v, param_dtype) for k, v in make_params(case, seed).items()}
     masks = make_masks(case, seed, per_feature=masked == "per_feature") if masked else [None] * case.steps
-    ref = _oracle(case, momentum, epsilon, params)
+    ref = oracle(case, momentum=momentum, epsilon=epsilon, params=params)
     # On groups of 2 values dL/dx is ill-conditioned (docs/SPEC.md, sections 6 and 9): below float64 a port may be
     # at most 3x less accurate than the float32 oracle on the same step.
-    ref32 = None if dtype == "float64" else _oracle(case, momentum, epsilon, params, dtype=np.float32)
+    ref32 = (
+        None
+        if dtype == "float64"
+        else oracle(case, momentum=momentum, epsilon=epsilon, params=params, dtype=np.float32)
+    )
     groups = 1 if case.microbatch_size is None else case.shape[0] // case.microbatch_size
     clip_slack = CLIP_SLACK if dtype == "float64" else 1.0 / (groups * case.num_features) + CLIP_SLACK
     tol = {
