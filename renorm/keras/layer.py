@@ -1,14 +1,19 @@
 """``BatchRenormalization``: one Keras 3 layer for every Keras backend, drop-in for ``keras.layers.BatchNormalization``.
 
-The math is written once in ``keras.ops`` (:mod:`renorm.keras.ops`) and runs
-on JAX and PyTorch; on the TensorFlow backend the layer calls the fused
-TensorFlow kernels of :mod:`renorm.tf.ops` instead (its fast path, the same
-numbers). TensorFlow is imported only on the TensorFlow backend.
+The layer owns its variables and their one state update; the computation of
+a step is picked per Keras backend in :data:`_COMPUTATIONS`: the math written
+once in ``keras.ops`` (:mod:`renorm.keras.ops`) on JAX and PyTorch, the fused
+TensorFlow kernels of :mod:`renorm.tf.ops` on TensorFlow (its fast path, the
+same numbers). TensorFlow is imported only on the TensorFlow backend.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import keras
 from keras import constraints, initializers, ops, regularizers
@@ -101,6 +106,70 @@ def batch_norm_config_to_renorm(config):
             initializers.Constant(float(math.sqrt(value + epsilon)))
         )
     return config
+
+
+class _Computation(NamedTuple):
+    """What the layer runs on one Keras backend: a row of :data:`_COMPUTATIONS`.
+
+    ``batch_renorm``: the step, :func:`renorm.tf.batch_renorm`'s signature (the limits taken as
+    valid), returning ``y``, the new moving statistics, the clip fractions and ``empty``. ``read``:
+    a variable's value as a tensor. ``clip`` and ``limit_dtype`` (of the input's dtype): how the
+    schedule is evaluated on the ``step`` weight. ``after(y)``: a context in which the state is
+    assigned once ``y`` is computed. ``known(flag)``: a boolean's value where known when traced,
+    else ``None``. ``any_replica(advance)``: the step's increment for the global batch.
+    """
+
+    batch_renorm: Callable
+    read: Callable
+    clip: Callable
+    limit_dtype: Callable
+    after: Callable
+    known: Callable
+    any_replica: Callable
+
+
+def _tensorflow() -> _Computation:
+    """The fused TensorFlow kernels of :mod:`renorm.tf.ops`, with ``tf.distribute``'s rules for the state."""
+    import tensorflow as tf
+
+    from renorm.tf import ops as tf_ops
+
+    return _Computation(
+        batch_renorm=functools.partial(tf_ops.batch_renorm, check_limits=False),
+        read=tf.convert_to_tensor,
+        clip=tf.clip_by_value,
+        limit_dtype=lambda dtype: "float64",
+        after=lambda y: tf.control_dependencies([y]),
+        known=tf.get_static_value,
+        any_replica=tf_ops.any_replica,
+    )
+
+
+def _keras_ops() -> _Computation:
+    """:mod:`renorm.keras.ops`, on JAX and PyTorch: eager or traced, one replica, shapes known."""
+    return _Computation(
+        batch_renorm=kops.batch_renorm,
+        read=lambda variable: variable.value,
+        clip=ops.clip,
+        limit_dtype=kops.compute_dtype,
+        after=lambda y: contextlib.nullcontext(),
+        known=lambda flag: flag if isinstance(flag, bool) else None,
+        any_replica=lambda advance: advance,
+    )
+
+
+# The computation of each Keras backend; the others run keras.ops.
+_COMPUTATIONS = {"tensorflow": _tensorflow}
+
+
+@functools.cache
+def _computation_of(backend: str) -> _Computation:
+    return _COMPUTATIONS.get(backend, _keras_ops)()
+
+
+def _computation() -> _Computation:
+    """The row of :data:`_COMPUTATIONS` for the current Keras backend (built once per backend)."""
+    return _computation_of(keras.backend.backend())
 
 
 @keras.saving.register_keras_serializable(package="renorm")
@@ -341,68 +410,64 @@ class BatchRenormalization(keras.layers.Layer):
         s = self.schedule
         if s.warmup_steps == 0 and s.rmax_steps == 0 and s.dmax_steps == 0:
             return s.rmax, s.dmax  # constant: no need to read the step
-        if keras.backend.backend() == "tensorflow":
-            from renorm.tf.layer import tf_limits
-
-            return tf_limits(self)
-        t = ops.cast(ops.convert_to_tensor(self.step), dtype)
-        return s.limits(t, clip=ops.clip)
+        backend = _computation()
+        return s.limits(ops.cast(backend.read(self.step), dtype), clip=backend.clip)
 
     def call(self, inputs, training=None, mask=None):
         training = bool(training) and self.trainable
-        if keras.backend.backend() == "tensorflow":
-            from renorm.tf.layer import tf_call
-
-            return tf_call(self, inputs, training, mask)
+        backend = _computation()
         x = ops.convert_to_tensor(inputs)
-        info, mask = kops.check(
+        # The limits need no check: the schedule validated them at construction. The input errors
+        # of docs/SPEC.md, section 10, are raised by the computation before any op runs.
+        rmax, dmax = self.limits(backend.limit_dtype(x.dtype)) if training else (self.rmax, self.dmax)
+        read = backend.read
+        out = backend.batch_renorm(
             x,
-            axis=self.axis,
-            microbatch_size=self.microbatch_size,
-            num_features=self._num_features,
+            None if self.gamma is None else read(self.gamma),
+            None if self.beta is None else read(self.beta),
+            read(self.moving_mean),
+            read(self.moving_stddev),
             training=training,
-            mask=mask,
-        )
-        gamma = None if self.gamma is None else self.gamma.value
-        beta = None if self.beta is None else self.beta.value
-        mean, stddev = self.moving_mean.value, self.moving_stddev.value
-        if not training:
-            return ops.cast(kops.infer(x, gamma, beta, mean, stddev, axis=info.axis), self.compute_dtype)
-        rmax, dmax = self.limits(kops.compute_dtype(x.dtype))
-        out = kops.train(
-            x,
-            gamma,
-            beta,
-            mean,
-            stddev,
             rmax=rmax,
             dmax=dmax,
             momentum=self.momentum,
             epsilon=self.epsilon,
-            axis=info.axis,
+            axis=self.axis,
             microbatch_size=self.microbatch_size,
+            synchronized=self.synchronized,
             explicit_gradient=self.explicit_gradient,
+            fused=self.fused,
             mask=mask,
         )
-        self._update(out)
+        if training:
+            self._update(out, backend)
         return ops.cast(out.y, self.compute_dtype)
 
-    def _update(self, out):
-        """Assign the new state of a training step; an empty batch keeps step and diagnostics."""
-        self.moving_mean.assign(out.moving_mean)
-        self.moving_stddev.assign(out.moving_stddev)
-        r_frac = ops.cast(out.r_clipped_fraction, self._r_clipped.dtype)
-        d_frac = ops.cast(out.d_clipped_fraction, self._d_clipped.dtype)
-        if out.empty is True:
-            return
-        if out.empty is False:
+    def _update(self, out, backend):
+        """Assign the new state of a training step: the layer's one state update.
+
+        Every variable is assigned (a mirrored assignment is a synchronization
+        point), an empty batch (``out.empty``) its old step and diagnostics.
+        The assignments wait for the output, so that a failed run-time check
+        of a graph changes nothing. ``step`` counts the steps of the global
+        batch: it advances when any replica had examples (``docs/SPEC.md``,
+        section 11; ``only_first_replica`` takes each worker's own first
+        replica under ``MultiWorkerMirroredStrategy``, so a worker whose
+        replica got 0 examples would otherwise fall one step behind).
+        """
+        with backend.after(out.y):
+            self.moving_mean.assign(out.moving_mean)
+            self.moving_stddev.assign(out.moving_stddev)
+            r_frac = ops.cast(out.r_clipped_fraction, self._r_clipped.dtype)
+            d_frac = ops.cast(out.d_clipped_fraction, self._d_clipped.dtype)
+            advance = ops.ones((), self.step.dtype)
+            if backend.known(out.empty) is not False:  # possibly empty: keep the step and diagnostics
+                r_frac = ops.where(out.empty, backend.read(self._r_clipped), r_frac)
+                d_frac = ops.where(out.empty, backend.read(self._d_clipped), d_frac)
+                advance = backend.any_replica(ops.cast(ops.logical_not(out.empty), self.step.dtype))
             self._r_clipped.assign(r_frac)
             self._d_clipped.assign(d_frac)
-            self.step.assign(self.step.value + ops.ones((), self.step.dtype))
-            return
-        self._r_clipped.assign(ops.where(out.empty, self._r_clipped.value, r_frac))
-        self._d_clipped.assign(ops.where(out.empty, self._d_clipped.value, d_frac))
-        self.step.assign(self.step.value + ops.cast(ops.logical_not(out.empty), self.step.dtype))
+            self.step.assign_add(advance)
 
     # ---------------------------------------------------------------- config
     @classmethod

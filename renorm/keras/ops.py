@@ -16,7 +16,7 @@ from keras import ops
 
 from renorm.config import check_input, check_mask
 
-__all__ = ["KerasRenormOutput", "compute_dtype", "infer", "train"]
+__all__ = ["KerasRenormOutput", "batch_renorm", "compute_dtype", "infer", "train"]
 
 
 class KerasRenormOutput(NamedTuple):
@@ -65,6 +65,73 @@ def check(x, *, axis, microbatch_size, num_features, training, mask=None):
         if mname != "bool":
             mask = ops.not_equal(mask, ops.zeros((), mname))
     return info, mask
+
+
+def batch_renorm(
+    x,
+    gamma,
+    beta,
+    moving_mean,
+    moving_stddev,
+    *,
+    training,
+    rmax,
+    dmax,
+    momentum,
+    epsilon,
+    axis,
+    microbatch_size,
+    synchronized=False,
+    explicit_gradient=True,
+    fused=None,
+    mask=None,
+) -> KerasRenormOutput:
+    """One call of the layer in ``keras.ops``: the input checks, then :func:`train` or :func:`infer`.
+
+    The arguments are :func:`renorm.tf.batch_renorm`'s, so that the layer calls either the same way;
+    ``rmax`` and ``dmax`` are taken as valid (the layer's schedule validated them), and
+    ``synchronized`` and ``fused``, which need TensorFlow, must be off (the layer refuses them at
+    construction on the other backends). In inference the state is returned as it is, with clip
+    fractions 0 and ``empty`` False.
+
+    >>> ones, zeros = ops.ones((3,)), ops.zeros((3,))
+    >>> out = batch_renorm(ops.ones((4, 3)), ones, zeros, zeros, ones, training=False, rmax=3.0, dmax=5.0,
+    ...                    momentum=0.99, epsilon=1e-3, axis=-1, microbatch_size=None)
+    >>> tuple(out.y.shape), out.empty
+    ((4, 3), False)
+    """
+    if synchronized or fused:
+        raise ValueError(
+            f"synchronized={synchronized!r} and fused={fused!r} need the TensorFlow computation "
+            "(renorm.tf.batch_renorm); keras.ops has neither."
+        )
+    info, mask = check(
+        x,
+        axis=axis,
+        microbatch_size=microbatch_size,
+        num_features=int(moving_mean.shape[0]),
+        training=training,
+        mask=mask,
+    )
+    if not training:
+        zero = ops.zeros((), "float32")
+        y = infer(x, gamma, beta, moving_mean, moving_stddev, axis=info.axis)
+        return KerasRenormOutput(y, moving_mean, moving_stddev, zero, zero, False)
+    return train(
+        x,
+        gamma,
+        beta,
+        moving_mean,
+        moving_stddev,
+        rmax=rmax,
+        dmax=dmax,
+        momentum=momentum,
+        epsilon=epsilon,
+        axis=info.axis,
+        microbatch_size=microbatch_size,
+        explicit_gradient=explicit_gradient,
+        mask=mask,
+    )
 
 
 def _fshape(nd, ax, c):

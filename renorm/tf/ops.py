@@ -1,9 +1,12 @@
-"""Batch Renormalization as a TensorFlow function (the core of the Keras layer).
+"""Batch Renormalization as a TensorFlow function: the computation of the Keras layer on the TensorFlow backend.
 
 Ioffe, arXiv:1702.03275, Algorithm 1, with micro-batches, masks and cross-replica pooling, computed
 as ``docs/SPEC.md`` states it (sections 2-6 and 11; dtypes and the two-pass variance: section 8,
-"Numerics and precision"). :func:`_batch_renorm` takes one of four routes (inference, a statically
-empty batch, the fused kernels, the generic grouped path), each documented where it is written.
+"Numerics and precision"). Tensors in, a :class:`BatchRenormOutput` out: nothing here knows a layer
+or touches a variable; :class:`renorm.keras.BatchRenormalization` owns its variables and their
+update, and picks :func:`batch_renorm` on the TensorFlow backend. :func:`_batch_renorm` takes one of
+four routes (inference, a statically empty batch, the fused kernels, the generic grouped path), each
+documented where it is written.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from renorm.config import (
     too_few_values_message,
 )
 
-__all__ = ["BatchRenormOutput", "batch_renorm", "compute_dtype", "fused_eligible"]
+__all__ = ["BatchRenormOutput", "any_replica", "batch_renorm", "compute_dtype", "fused_eligible"]
 
 
 class BatchRenormOutput(NamedTuple):
@@ -181,6 +184,25 @@ def _cross_replica() -> bool:
     """Whether this runs in a replica context of a strategy with more than one replica."""
     ctx = tf.distribute.get_replica_context()
     return ctx is not None and ctx.num_replicas_in_sync > 1
+
+
+def any_replica(advance):
+    """``advance`` (0 or 1, an integer scalar tensor) as 1 on every replica where any replica's is 1.
+
+    A step counter counts the steps of the global batch (``docs/SPEC.md``,
+    section 11): a replica whose batch held no example still advances when
+    another one had examples. In a replica context of a ``tf.distribute``
+    strategy with more than one replica this is one all-reduce (every
+    replica must call it); elsewhere ``advance`` itself.
+
+    >>> int(any_replica(tf.constant(1, tf.int64)))  # outside a strategy: advance itself
+    1
+    """
+    if not _cross_replica():
+        return advance
+    ctx = tf.distribute.get_replica_context()
+    seen = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(advance, tf.float32))
+    return tf.cast(seen > 0, advance.dtype)
 
 
 def _pooled_moments(xg, red, wg=None):
@@ -342,6 +364,7 @@ def batch_renorm(
     explicit_gradient: bool = True,
     fused: bool | None = None,
     mask=None,
+    check_limits: bool = True,
 ) -> BatchRenormOutput:
     """Batch Renormalization of ``x``, a pure function (no variable is touched).
 
@@ -375,6 +398,11 @@ def batch_renorm(
         numeric (nonzero selects). In training the statistics of each group
         are those of its selected positions (``docs/SPEC.md``, section 3); in
         inference it is checked and ignored. Not with ``fused=True``.
+      check_limits: check ``rmax`` and ``dmax`` (default). ``False`` leaves
+        them unchecked, and adds no assertion to the graph: for limits
+        already known to be valid, such as those of a
+        :class:`renorm.ClipSchedule` (which validates itself), which
+        :class:`renorm.keras.BatchRenormalization` passes.
 
     Returns:
       :class:`BatchRenormOutput` ``(y, moving_mean, moving_stddev,
@@ -388,7 +416,7 @@ def batch_renorm(
     >>> tuple(out.y.shape), float(out.d_clipped_fraction)  # every d was clipped: the mean is 2 moving sigmas off
     ((8, 3), 1.0)
     """
-    limit_checks = _limit_checks(rmax, dmax, graph=training is True)
+    limit_checks = _limit_checks(rmax, dmax, graph=training is True) if check_limits else ()
     return _batch_renorm(
         x,
         gamma,
@@ -432,8 +460,7 @@ def _batch_renorm(
 ) -> BatchRenormOutput:
     """:func:`batch_renorm` with limits already checked (``limit_checks``: graph assertions to run first).
 
-    The layer calls it directly: its limits, numbers or tensors of its
-    schedule, were validated at construction. After the checks, one of four
+    After the checks, one of four
     routes: :func:`_inference_step`, :func:`_empty_step` (a batch known to
     hold no example when traced), :func:`_fused_step` or
     :func:`_grouped_step`; the last two end in the state update of
