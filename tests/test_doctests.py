@@ -4,8 +4,8 @@ Two tests. ``test_every_public_name_has_an_example`` reads each package's ``__al
 ``renorm.keras``, ``renorm.tf``, ``renorm.jax`` with ``linen``, ``nnx`` and ``convert``, ``renorm.torch``) and
 checks that each class, function and module it names has an example in its own docstring.
 ``test_docstring_examples`` runs every example of every module of ``renorm`` with ``doctest``, one test per
-module, in the module's namespace. ``renorm.numpy_ref`` and ``renorm.testing`` keep their own examples and are
-left out here. A module whose framework is not installed is skipped, saying which.
+module, in the module's namespace (the private modules of ``renorm.testing``, whose objects the package re-exports,
+included). A module whose framework is not installed is skipped, saying which.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "renorm"
-LEFT_OUT = ("renorm.numpy_ref", "renorm.testing")
+# Private modules whose objects a public package re-exports: their examples run too.
+RE_EXPORTED = ("renorm.testing._driver", "renorm.testing._registry")
 # The packages whose __all__ is the public API that needs examples.
 PUBLIC = ("renorm", "renorm.keras", "renorm.tf", "renorm.jax", "renorm.jax.linen", "renorm.jax.nnx")
-PUBLIC += ("renorm.jax.convert", "renorm.torch")
+PUBLIC += ("renorm.jax.convert", "renorm.torch", "renorm.numpy_ref", "renorm.testing")
 # The framework each subpackage needs; pytest.importorskip names it when it is missing.
 FRAMEWORK = {"renorm.keras": "keras", "renorm.tf": "tensorflow", "renorm.jax": "flax", "renorm.torch": "torch"}
 
@@ -36,7 +37,7 @@ def _module_names() -> list[str]:
         if parts[-1] == "__init__":
             parts = parts[:-1]
         name = ".".join(parts)
-        if any(part.startswith("_") for part in parts) or name.startswith(LEFT_OUT):
+        if any(part.startswith("_") for part in parts) and name not in RE_EXPORTED:
             continue
         names.append(name)
     return names

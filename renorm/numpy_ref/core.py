@@ -1,30 +1,17 @@
 """The NumPy oracle: Batch Renormalization forward, explicit backward, inference.
 
-Pure functions of arrays; no state is mutated. Everything follows
-``docs/SPEC.md`` (Ioffe, 2017, arXiv:1702.03275, Algorithm 1, extended with
-micro-batches). Notation, per normalization group ``g`` (``G`` groups of ``k``
-consecutive examples; the whole batch when ``microbatch_size is None``) and
-feature ``c``, with ``m`` values per feature in a group::
+Pure functions of arrays; no state is mutated. They are the specification (``docs/SPEC.md``: the groups of
+section 2, the training step and its masks of section 3, inference of section 4, the explicit backward of section
+6, the precision of section 8) written as directly as NumPy allows, in float64 for float64 input and in float32
+for every narrower float, so that every port is compared with the same numbers. :class:`BatchRenormReference`
+wraps them into a layer with state.
 
-    mu_g    = mean(x)                                 over the group
-    sigma_g = sqrt(mean((x - mu_g)**2) + epsilon)     biased, two-pass
-    r_g     = clip(sigma_g / stddev, 1/rmax, rmax)    constant for the gradient
-    d_g     = clip((mu_g - mean) / stddev, -dmax, dmax)   constant for the gradient
-    xhat    = (x - mu_g) / sigma_g * r_g + d_g
-    y       = gamma * xhat + beta
-
-Masks (``docs/SPEC.md``, section 3): with a ``mask`` (broadcastable to ``x``,
-nonzero = selected) the statistics of a group and feature are those of its
-selected values only (``m`` is then their count). Every value, selected or not,
-is normalized with its group's statistics. A group and feature with no
-selected value is normalized with the moving statistics (``r = 1``,
-``d = 0``: the inference output), takes no part in the update of that
-feature's moving statistics, nor in the clip fractions; a call with no
-selected value at all leaves the state as it was.
-
-Precision: statistics and normalization run in float64 for float64 input and
-in float32 for every narrower float (float32, float16, bfloat16); the output
-has the input's dtype, the returned state the dtype of the state passed in.
+>>> import numpy as np
+>>> x = np.random.default_rng(0).normal(2.0, 3.0, size=(8, 4))
+>>> res = train_forward(x, None, None, np.zeros(4), np.ones(4), rmax=3.0, dmax=5.0, momentum=0.9, epsilon=1e-3)
+>>> dx, dgamma, dbeta = train_backward(np.ones_like(x), res.cache)
+>>> res.y.shape, bool(np.allclose(dx, 0.0))   # dL/dx of sum(y) is 0: each group's gradient sums to 0
+((8, 4), True)
 """
 
 from __future__ import annotations
@@ -52,13 +39,21 @@ __all__ = [
 
 
 def is_floating_dtype(dtype: DTypeLike) -> bool:
-    """True for NumPy floats and the ml_dtypes ones (bfloat16, ...)."""
+    """True for NumPy floats and the ml_dtypes ones (bfloat16, ...).
+
+    >>> is_floating_dtype(np.float16), is_floating_dtype(np.int32)
+    (True, False)
+    """
     dtype = np.dtype(dtype)
     return bool(np.issubdtype(dtype, np.floating) or dtype.name.startswith(("bfloat", "float")))
 
 
 def compute_dtype(dtype: DTypeLike) -> np.dtype:
-    """float64 stays float64; every narrower float is computed in float32."""
+    """float64 stays float64; every narrower float is computed in float32.
+
+    >>> compute_dtype(np.float16), compute_dtype(np.float64)
+    (dtype('float32'), dtype('float64'))
+    """
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.floating) and dtype.itemsize >= 8:
         return dtype
@@ -71,6 +66,9 @@ def group_view(x: np.ndarray, axis: int, microbatch_size: int | None) -> np.ndar
     ``axis`` is the non-negative feature axis (not 0). The feature axis moves
     last; examples ``[g*k, (g+1)*k)`` and all their other positions form row
     ``g``. :func:`ungroup` is the inverse.
+
+    >>> group_view(np.zeros((8, 3, 5)), axis=2, microbatch_size=2).shape   # 4 groups of 2 x 3 values, 5 features
+    (4, 6, 5)
     """
     xt = np.moveaxis(x, axis, -1)
     if x.shape[0] == 0:  # no example, no group
@@ -81,7 +79,12 @@ def group_view(x: np.ndarray, axis: int, microbatch_size: int | None) -> np.ndar
 
 
 def ungroup(xg: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray:
-    """Inverse of :func:`group_view` for an input of shape ``shape``."""
+    """Inverse of :func:`group_view` for an input of shape ``shape``.
+
+    >>> x = np.arange(24.0).reshape(4, 3, 2)
+    >>> bool(np.array_equal(ungroup(group_view(x, 1, 2), x.shape, 1), x))
+    True
+    """
     moved = list(shape)
     moved.append(moved.pop(axis))
     return np.moveaxis(xg.reshape(moved), -1, axis)
@@ -93,6 +96,10 @@ def moments(xg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     The variance is ``mean((x - mu)**2)``, never ``E[x^2] - E[x]^2``, which
     cancels to 0 on offset data such as ``1000 + 0.01 * noise`` in float32.
     Returns ``mu`` and ``var`` of shape ``(G, C)``.
+
+    >>> mu, var = moments(np.array([[[1.0], [3.0]]]))   # one group of two values, one feature
+    >>> float(mu[0, 0]), float(var[0, 0])
+    (2.0, 1.0)
     """
     mu = xg.mean(axis=1)
     var = np.square(xg - mu[:, None, :]).mean(axis=1)
@@ -107,6 +114,11 @@ def masked_moments(xg: np.ndarray, wg: np.ndarray) -> tuple[np.ndarray, np.ndarr
     feature. Unselected values do not enter, even NaN or Inf ones. Returns
     ``mu``, ``var`` and ``n`` of shape ``(G, C)``; where ``n = 0``, ``mu`` and
     ``var`` are 0 (there is no statistic: the caller decides).
+
+    >>> xg = np.array([[[1.0], [3.0], [100.0]]])
+    >>> mu, var, n = masked_moments(xg, np.array([[[True], [True], [False]]]))
+    >>> float(mu[0, 0]), float(var[0, 0]), int(n[0, 0])
+    (2.0, 1.0, 2)
     """
     n = wg.sum(axis=1)
     div = np.maximum(n, 1).astype(xg.dtype)
@@ -140,6 +152,11 @@ def corrections(
     and ``d`` are NaN, so that the output of that group and feature is NaN too:
     the clip would otherwise turn ``sigma_g = inf`` into ``r = rmax`` and give a
     finite-looking constant output. Such entries do not count as clipped.
+
+    >>> mu_g, sigma_g = np.array([[4.0]]), np.array([[8.0]])
+    >>> r, d, r_clipped, d_clipped = corrections(mu_g, sigma_g, np.zeros(1), np.ones(1), 3.0, 5.0)
+    >>> float(r[0, 0]), float(d[0, 0]), r_clipped, d_clipped   # r = 8 clipped to 3; d = 4 within 5
+    (3.0, 4.0, 1.0, 0.0)
     """
     ok = np.isfinite(mu_g) & np.isfinite(sigma_g)
     with np.errstate(invalid="ignore"):
@@ -158,7 +175,12 @@ def corrections(
 
 
 class TrainCache(NamedTuple):
-    """What :func:`train_backward` needs from :func:`train_forward`."""
+    """What :func:`train_backward` needs from :func:`train_forward` (``train_forward(...).cache``).
+
+    >>> res = train_forward(np.eye(4), None, None, np.zeros(4), np.ones(4), rmax=3, dmax=5, momentum=0.9, epsilon=1e-3)
+    >>> res.cache.shape, res.cache.axis
+    ((4, 4), 1)
+    """
 
     xc: np.ndarray  # (G, m, C) x - mu_g
     sigma_g: np.ndarray  # (G, C)
@@ -174,7 +196,13 @@ class TrainCache(NamedTuple):
 
 
 class TrainResult(NamedTuple):
-    """Output of :func:`train_forward`."""
+    """Output of :func:`train_forward`: ``y``, the updated ``mean`` and ``stddev``, the backward ``cache``, the
+    group statistics, the corrections and the clip fractions.
+
+    >>> res = train_forward(np.eye(4), None, None, np.zeros(4), np.ones(4), rmax=3, dmax=5, momentum=0.9, epsilon=1e-3)
+    >>> res.y.shape, res.mean.shape, res.r.shape, res.finite
+    ((4, 4), (4,), (1, 4), True)
+    """
 
     y: np.ndarray
     mean: np.ndarray  # updated moving mean
@@ -321,6 +349,12 @@ def train_forward(
     (see the module docstring for a group and feature with none; their
     ``mu_g``/``sigma_g`` are then the moving statistics). ``count`` in the
     result holds the number of selected values per group and feature.
+
+    >>> x = np.random.default_rng(0).normal(size=(8, 3))
+    >>> res = train_forward(x, None, None, np.zeros(3), np.ones(3), rmax=3, dmax=5, momentum=0.9, epsilon=1e-3,
+    ...                     microbatch_size=4)
+    >>> res.y.shape, res.mu_g.shape   # two groups of 4 examples
+    ((8, 3), (2, 3))
     """
     x = np.asarray(x)
     check_config(momentum=momentum, epsilon=epsilon, microbatch_size=microbatch_size, rmax=rmax, dmax=dmax)
@@ -382,6 +416,12 @@ def train_backward(dy: ArrayLike, cache: TrainCache) -> tuple[np.ndarray, np.nda
     run over every value of the group (each output depends on the group's
     statistics). Where a group and feature has no selected value, ``dL/dx`` is
     ``g / stddev`` (the inference gradient).
+
+    >>> x = np.random.default_rng(0).normal(size=(8, 3))
+    >>> res = train_forward(x, None, None, np.zeros(3), np.ones(3), rmax=3, dmax=5, momentum=0.9, epsilon=1e-3)
+    >>> dx, dgamma, dbeta = train_backward(np.ones_like(x), res.cache)
+    >>> dx.shape, dbeta.tolist()   # dbeta: the sum of dL/dy
+    ((8, 3), [8.0, 8.0, 8.0])
     """
     if np.shape(dy) != tuple(cache.shape):
         raise ValueError(f"dy has shape {np.shape(dy)}, expected the training input's {tuple(cache.shape)}")
@@ -415,6 +455,9 @@ def inference_forward(
 
     Only the moving statistics are used (``stddev`` already includes epsilon),
     so each example's output is independent of the rest of the batch.
+
+    >>> inference_forward(np.array([[3.0, 5.0]]), None, None, mean=np.array([1.0, 1.0]), stddev=np.array([2.0, 4.0]))
+    array([[1., 1.]])
     """
     x = np.asarray(x)
     info = check_input(

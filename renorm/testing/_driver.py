@@ -109,7 +109,11 @@ class Adapter:
 
 @dataclasses.dataclass
 class Failure:
-    """The first quantity and step that failed in a case."""
+    """The first quantity and step that failed in a case; ``str()`` says it in one line.
+
+    >>> str(Failure("dense", "float32", "dx", 2, 3e-3, 1e-4))
+    'dense (float32): dx at step 2: relative error 3.0e-03 > 1e-04'
+    """
 
     case: str
     dtype: str
@@ -135,7 +139,14 @@ class Failure:
 
 @dataclasses.dataclass
 class CaseResult:
-    """One case in one dtype: ``errors`` is the largest error per quantity over the steps (``None``: not exposed)."""
+    """One case in one dtype: ``errors`` is the largest error per quantity over the steps (``None``: not exposed),
+    ``steps`` the errors at each training step and then at inference; ``passed`` is ``None`` for a skipped case.
+
+    >>> from renorm.testing import OracleAdapter
+    >>> result = check(OracleAdapter(), CASES[:1], dtype="float64").results[0]
+    >>> result.case, result.passed, len(result.steps), result.errors["step"]
+    ('dense', True, 6, 0.0)
+    """
 
     case: str
     dtype: str
@@ -154,7 +165,14 @@ class CaseResult:
 
 @dataclasses.dataclass
 class Report:
-    """What :func:`check` found: one :class:`CaseResult` per case and dtype."""
+    """What :func:`check` found: one :class:`CaseResult` per case and dtype.
+
+    >>> from renorm.testing import OracleAdapter
+    >>> report = check(OracleAdapter(), CASES[:2], dtype="float64")
+    >>> report.passed, report.failures, report.largest_errors()["dx"]
+    (True, [], 0.0)
+    >>> report.assert_passed()   # raises the first failure, if any, as an AssertionError
+    """
 
     implementation: str
     settings: dict
