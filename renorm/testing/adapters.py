@@ -233,6 +233,18 @@ class KerasAdapter(Adapter):
         return Layer()
 
 
+def _torch_device_name(device: str | None) -> str:
+    """PyTorch's name for ``device``: ``gpu`` and ``gpu:N`` are ``cuda`` and ``cuda:N``; the default is the CPU.
+
+    >>> _torch_device_name("gpu:1"), _torch_device_name(None)
+    ('cuda:1', 'cpu')
+    """
+    if device in (None, "", "default"):
+        return "cpu"
+    kind, sep, index = device.partition(":")
+    return ("cuda" if kind == "gpu" else kind) + sep + index
+
+
 def _keras_device_name(device: str | None) -> str | None:
     """``cuda``, ``cuda:N``, ``gpu``, ``cpu`` as Keras's ``keras.device`` names them (``gpu:0``, ``cpu:0``)."""
     if device in (None, "", "default"):
@@ -672,7 +684,7 @@ class TorchAdapter(Adapter):
         return {"renorm": _renorm_version(), "torch": _version("torch")}
 
     def device(self):
-        return self._device or "cpu"
+        return _torch_device_name(self._device)
 
     def supports(self, case, dtype):
         if dtype == "float64" and (self._device or "cpu").startswith("mps"):
@@ -686,7 +698,7 @@ class TorchAdapter(Adapter):
 
         tdt = getattr(torch, dtype)
         pdt = torch.float64 if dtype == "float64" else torch.float32
-        dev = torch.device(self._device or "cpu")
+        dev = torch.device(_torch_device_name(self._device))
         cls = {2: BatchRenorm1d, 3: BatchRenorm1d, 4: BatchRenorm2d, 5: BatchRenorm3d}.get(len(case.shape), BatchRenorm)
         kw = {k: v for k, v in case.layer_kwargs().items() if k != "axis"}
         m = cls(
