@@ -60,6 +60,9 @@ README_ONLY = {
     "-0.41 [-0.94, 0.12]": (MAIN, "width 8 minus width 16: batch norm's non-i.i.d. loss"),
     "+0.17 [-0.07, 0.41]": (MAIN, "long run: short-run schedule minus the paper's, Batch Renorm"),
     "+2.03 [1.47, 2.59]": (MAIN, "Welch: gain at 40000 steps (seeds 0-4) minus gain at 4000 (seeds 20-24), width 8"),
+    "+0.16 [-0.13, 0.45]": (MAIN, "long run: warm-up 125 minus warm-up 2000 (both 1.5/0.5), Batch Renorm"),
+    "+0.11 [-0.06, 0.27]": (MAIN, "long run: warm-up 125 (3/5) minus the paper's unscaled schedule, Batch Renorm"),
+    "-0.22 [-0.49, 0.04]": (MAIN, "long run, warm-up 125: limits 3/5 minus 1.5/0.5, Batch Renorm"),
 }
 
 
@@ -222,6 +225,7 @@ def readme_comparisons():
             - arm("noniid-constant-lr-2000steps-seeds5-9", "brn", range(5, 10)),
         ]
     )
+    w125 = {v: np.array([last4(f"long/noniid-w8-warmup125-{v}", "brn", s) for s in s0]) for v in ("r1.5-d0.5", "r3-d5")}
     paired = {
         "+1.19 [-1.12, 3.50]": k10,
         "-1.76 [-2.25, -1.26]": w8["bn_iid"] - w16["bn_iid"],
@@ -230,6 +234,9 @@ def readme_comparisons():
         "+0.26 [0.07, 0.46]": (w8["brn"] - w8["bn"]) - (w16["brn"] - w16["bn"]),
         "-0.41 [-0.94, 0.12]": (w8["bn"] - w8["bn_iid"]) - (w16["bn"] - w16["bn_iid"]),
         "+0.17 [-0.07, 0.41]": short_sched - long["brn"],
+        "+0.16 [-0.13, 0.45]": w125["r1.5-d0.5"] - short_sched,
+        "+0.11 [-0.06, 0.27]": w125["r3-d5"] - long["brn"],
+        "-0.22 [-0.49, 0.04]": w125["r3-d5"] - w125["r1.5-d0.5"],
     }
     out = [(f"README: {README_ONLY[k][1]}", d, k) for k, d in paired.items()]
     welch = welch_t(short_sched - long["bn"], w8["brn"] - w8["bn"])
