@@ -41,6 +41,8 @@ COLUMNS = {  # summary.md / pool column headers -> scalar
     "moving-mean lag, 2nd half (std)": "lag_late",
     "test_last4": "test_last4",
     "val_last4": "val_last4",
+    "test, precise BN, mean of last 4 evals (%)": "test_precise_last4",
+    "val., precise BN, mean of last 4 evals (%)": "val_precise_last4",
 }
 MAIN = "test_last4"
 PREFIX = "results/fashion-mnist"
@@ -63,6 +65,9 @@ README_ONLY = {
     "+0.16 [-0.13, 0.45]": (MAIN, "long run: warm-up 125 minus warm-up 2000 (both 1.5/0.5), Batch Renorm"),
     "+0.11 [-0.06, 0.27]": (MAIN, "long run: warm-up 125 (3/5) minus the paper's unscaled schedule, Batch Renorm"),
     "-0.22 [-0.49, 0.04]": (MAIN, "long run, warm-up 125: limits 3/5 minus 1.5/0.5, Batch Renorm"),
+    "+0.15 [0.02, 0.28]": (MAIN, "Figure 3 final: batch norm with recomputed statistics minus batch norm"),
+    "+0.39 [0.33, 0.45]": (MAIN, "Figure 3 final: Batch Renorm minus batch norm with recomputed statistics"),
+    "-1.91 [-2.15, -1.67]": (MAIN, "Figure 3 final: batch norm with recomputed statistics minus i.i.d. batch norm"),
 }
 
 
@@ -135,11 +140,12 @@ def read_readme(paired, means):
 # --- the logs
 
 
-def last4(folder: str, arm: str, seed: int) -> float:
-    """The mean of a run's last 4 test evaluations, from its metrics.csv (percent)."""
+def last4(folder: str, arm: str, seed: int, column: str = "test_accuracy") -> float:
+    """The mean of a run's last 4 test evaluations, from its metrics.csv (percent); ``column``
+    ``test_accuracy_precise``: with recomputed population statistics."""
     with open(HERE / folder / "runs" / arm / f"seed{seed}" / "metrics.csv") as f:
         rows = sorted(csv.DictReader(f), key=lambda r: int(r["step"]))
-    return 100.0 * float(np.mean([float(r["test_accuracy"]) for r in rows[-4:]]))
+    return 100.0 * float(np.mean([float(r[column]) for r in rows[-4:]]))
 
 
 def arm(folder: str, name: str, seeds) -> np.ndarray:
@@ -226,7 +232,11 @@ def readme_comparisons():
         ]
     )
     w125 = {v: np.array([last4(f"long/noniid-w8-warmup125-{v}", "brn", s) for s in s0]) for v in ("r1.5-d0.5", "r3-d5")}
+    precise = np.array([last4("final/noniid-bn-precise", "bn", s, "test_accuracy_precise") for s in s20])
     paired = {
+        "+0.15 [0.02, 0.28]": precise - w16["bn"],
+        "+0.39 [0.33, 0.45]": w16["brn"] - precise,
+        "-1.91 [-2.15, -1.67]": precise - w16["bn_iid"],
         "+1.19 [-1.12, 3.50]": k10,
         "-1.76 [-2.25, -1.26]": w8["bn_iid"] - w16["bn_iid"],
         "-2.17 [-2.49, -1.84]": w8["bn"] - w16["bn"],
