@@ -104,6 +104,37 @@ def test_an_adapter_that_raises_is_a_failure_not_a_crash():
     assert not report.passed and "raised at inference: ZeroDivisionError" in str(report.failures[0])
 
 
+@pytest.mark.parametrize(
+    ("dtype", "reported", "message"),
+    [
+        ("float32", {"y": "float32", "dx": "float32", "mean": "float32", "stddev": "float32"}, None),
+        ("float64", {"y": "float64", "dx": "float64", "mean": "float64", "variance": "float64"}, None),
+        ("bfloat16", {"y": "bfloat16", "dx": "bfloat16", "mean": "float32", "stddev": "float32"}, None),
+        ("float32", {"y": "float64"}, "y is float64, not the input's float32"),
+        ("float32", {"dx": "float16"}, "dx is float16, not the input's float32"),
+        ("bfloat16", {"mean": "bfloat16"}, "moving mean is bfloat16, not float32"),
+        ("float64", {"stddev": "float32"}, "moving stddev is float32, not float64"),
+    ],
+)
+def test_the_dtype_rules_are_checked_on_what_the_adapter_reports(dtype, reported, message):
+    class Reporting(OracleAdapter):  # bfloat16 runs the oracle in float32, well inside bfloat16's tolerances
+        def supports(self, case, dtype):
+            return None
+
+        def build(self, case, **kw):
+            layer = super().build(case, **kw)
+            train = layer.train
+            layer.train = lambda x, dy, mask=None: {**train(x, dy, mask), "dtypes": reported}
+            return layer
+
+    report = check(Reporting("float32" if dtype == "bfloat16" else None), CASES[:1], dtype=dtype)
+    if message is None:
+        assert report.passed, report.failures
+    else:
+        assert not report.passed
+        assert report.failures[0].quantity == "dtype" and message in str(report.failures[0])
+
+
 def test_check_refuses_bad_arguments_in_one_line():
     with pytest.raises(ValueError, match="dtype='float8'"):
         check(OracleAdapter(), CASES[:1], dtype="float8")
