@@ -223,3 +223,17 @@ def test_exported_model_loads_without_renorm(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_an_error_in_a_later_module_leaves_the_earlier_ones_unconverted():
+    """A conversion that stops part-way would leave a model half batch norm, half renorm: none is replaced."""
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.Sequential(nn.BatchNorm1d(3)), nn.BatchNorm1d(3, momentum=0.0))
+    with pytest.raises(ValueError, match=r"^Module '2' \(BatchNorm1d\)"):
+        convert_batch_norm(model)
+    assert [type(m) for m in (model[0], model[1][0], model[2])] == [nn.BatchNorm1d] * 3
+    renormed = nn.Sequential(BatchRenorm1d(3), BatchRenorm1d(3))
+    with torch.no_grad():
+        renormed[1].running_std.fill_(1e-4)  # below sqrt(eps): no batch-norm equivalent
+    with pytest.raises(ValueError, match="Layer '1'"):
+        export_batch_norm(renormed)
+    assert [type(m) for m in renormed] == [BatchRenorm1d, BatchRenorm1d]

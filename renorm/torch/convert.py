@@ -30,16 +30,27 @@ _TO_RENORM = {nn.BatchNorm1d: BatchRenorm1d, nn.BatchNorm2d: BatchRenorm2d, nn.B
 _TO_NORM = {BatchRenorm1d: nn.BatchNorm1d, BatchRenorm2d: nn.BatchNorm2d, BatchRenorm3d: nn.BatchNorm3d}
 
 
-def _replace(module: nn.Module, make, prefix: str = "", function: str = "") -> nn.Module:
-    if not prefix and not isinstance(module, nn.Module):
+def _replace(module: nn.Module, make, function: str) -> nn.Module:
+    """Every replacement is made before any is applied: an error in one module leaves ``module`` untouched."""
+    if not isinstance(module, nn.Module):
         raise TypeError(f"{function}() takes a torch.nn.Module as `module`, got {type(module).__name__}.")
-    out = make(module, prefix or type(module).__name__)
-    if out is not None:
-        return out
-    for name, child in module.named_children():
-        new = _replace(child, make, f"{prefix}.{name}" if prefix else name, function)
-        if new is not child:
-            module.add_module(name, new)
+    root = make(module, type(module).__name__)
+    if root is not None:
+        return root
+    planned = []  # (parent, child name, replacement)
+
+    def walk(parent: nn.Module, prefix: str) -> None:
+        for name, child in parent.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            new = make(child, path)
+            if new is None:
+                walk(child, path)
+            else:
+                planned.append((parent, name, new))
+
+    walk(module, "")
+    for parent, name, new in planned:
+        parent.add_module(name, new)
     return module
 
 
@@ -74,10 +85,11 @@ def convert_batch_norm(module: nn.Module, **renorm_options) -> nn.Module:
     schedule, ``microbatch_size``, ``explicit_backward``) go to every new
     module. A negative or non-finite ``running_var`` is a ``ValueError``
     naming the module, and so is a batch norm setting that batch renorm
-    refuses (``momentum=0``, ``eps=0``); a wrong renorm option is refused
-    before any module is touched, and a ``module`` that is not a
-    ``torch.nn.Module`` is a ``TypeError``. Modules are replaced in place;
-    the result is ``module`` itself unless ``module`` is a norm.
+    refuses (``momentum=0``, ``eps=0``); every error leaves ``module``
+    untouched (the replacements are all made before any is applied), and a
+    ``module`` that is not a ``torch.nn.Module`` is a ``TypeError``. Modules
+    are replaced in place; the result is ``module`` itself unless ``module``
+    is a norm.
 
     Example:
 
@@ -119,7 +131,7 @@ def convert_batch_norm(module: nn.Module, **renorm_options) -> nn.Module:
                 new.running_std.copy_(torch.from_numpy(std))
         return _like(new, bn)
 
-    return _replace(module, make, function="convert_batch_norm")
+    return _replace(module, make, "convert_batch_norm")
 
 
 def export_batch_norm(module: nn.Module, *, negative_variance: str = "raise") -> nn.Module:
@@ -132,7 +144,8 @@ def export_batch_norm(module: nn.Module, *, negative_variance: str = "raise") ->
     a ``ValueError`` naming the module, ``"clamp"`` writes variance 0 there
     and warns. A synchronized :class:`BatchRenorm` becomes ``SyncBatchNorm``;
     any other :class:`BatchRenorm` of unspecified rank is a ``TypeError``
-    naming the module (torch has no rank-free batch norm). The renorm options
+    naming the module (torch has no rank-free batch norm); every error leaves
+    ``module`` untouched. The renorm options
     (``rmax``, ...) have no batch-norm equivalent and are dropped.
 
     Example:
@@ -178,4 +191,4 @@ def export_batch_norm(module: nn.Module, *, negative_variance: str = "raise") ->
                 new.num_batches_tracked.copy_(layer.num_batches_tracked)
         return _like(new, layer)
 
-    return _replace(module, make, function="export_batch_norm")
+    return _replace(module, make, "export_batch_norm")
