@@ -127,3 +127,24 @@ def test_every_relative_link_points_at_a_file(path):
 def test_the_link_check_sees_links():
     text = "[a](docs/SPEC.md) ![b](x.png#y) [c](https://e.org) `[d](no.md)` [e](#anchor)\n```\n[f](no.md)\n```\n"
     assert _relative_links(text) == ["docs/SPEC.md", "x.png"]
+
+
+def test_the_keras_speed_table_is_the_committed_benchmark():
+    """docs/keras.md's JAX-backend table, cell by cell, from benchmarks/results/layers_keras_jax.json."""
+    import json
+
+    doc = (DOCS / "keras.md").read_text()
+    rows = json.loads((ROOT / "benchmarks" / "results" / "layers_keras_jax.json").read_text())["rows"]
+    ratio = {(r["shape"], r["mode"], r["candidate"]): r for r in rows}
+    columns = [  # (mode, candidate, ratio) per column of the table
+        ("train", "renorm mb=None", "vs_baseline"),
+        ("train", "renorm autodiff", "vs_baseline"),
+        ("train", "renorm mb=4", "vs_whole"),
+        ("train", "renorm mb=2", "vs_whole"),
+        ("infer", "renorm", "vs_baseline"),
+    ]
+    shapes = sorted({r["shape"] for r in rows})
+    assert len(shapes) == 4
+    for shape in shapes:
+        cells = " | ".join(f"{ratio[(shape, m, c)][k]:.2f}x" for m, c, k in columns)
+        assert f"| {shape} | {cells} |" in doc, shape
