@@ -116,6 +116,17 @@ SCOPE_OPTIONS = ("quick", "shapes", "batches", "width", "no_xla")
 SCRATCH = "scratch"
 
 
+def device_results(path: str, platform: str) -> str:
+    """The committed results of a suite run on ``platform`` (``cpu``, ``gpu``, ...): a GPU's never replace the CPU's.
+
+    >>> device_results("benchmarks/results/layers_jax.json", "gpu")
+    'benchmarks/results/layers_jax-gpu.json'
+    >>> device_results("benchmarks/results/layers_jax.json", "cpu")
+    'benchmarks/results/layers_jax.json'
+    """
+    return path if platform == "cpu" else path.removesuffix(".json") + f"-{platform}.json"
+
+
 def scratch_path(default_out: str) -> str:
     """Where a partial run of the suite whose full results are ``default_out`` writes."""
     return os.path.join(os.path.dirname(default_out), SCRATCH, os.path.basename(default_out))

@@ -18,7 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import machine_info, markdown_table, measure, parse_args, summarize, write_results
+from benchmarks.common import (
+    device_results,
+    machine_info,
+    markdown_table,
+    measure,
+    parse_args,
+    summarize,
+    write_results,
+)
 
 SHAPE, K = (4096, 1024), 2
 MODES = ["plain", "no clip", "jnp.clip", "minimum/maximum", "where", "abs formula"]
@@ -80,4 +88,8 @@ def run(args):
 
 
 if __name__ == "__main__":
-    run(parse_args(__doc__.splitlines()[0], "benchmarks/results/jax_clip_fusion.json"))
+    run(
+        parse_args(
+            __doc__.splitlines()[0], device_results("benchmarks/results/jax_clip_fusion.json", jax.default_backend())
+        )
+    )

@@ -18,7 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from benchmarks.common import machine_info, markdown_table, measure, parse_args, summarize, write_results
+from benchmarks.common import (
+    device_results,
+    machine_info,
+    markdown_table,
+    measure,
+    parse_args,
+    summarize,
+    write_results,
+)
 from renorm.jax import BatchRenorm
 
 SHAPES = [(1600, 32, 32, 64), (1600, 16, 16, 128), (1600, 8, 8, 256), (4096, 1024)]
@@ -99,4 +107,6 @@ def run(args):
 
 
 if __name__ == "__main__":
-    run(parse_args(__doc__.splitlines()[0], "benchmarks/results/layers_jax.json"))
+    run(
+        parse_args(__doc__.splitlines()[0], device_results("benchmarks/results/layers_jax.json", jax.default_backend()))
+    )

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from benchmarks.common import parse_args, run_step_suite, step_suite_args
+from benchmarks.common import device_results, parse_args, run_step_suite, step_suite_args
 from renorm.jax import BatchRenorm
 
 
@@ -97,4 +97,10 @@ def run(args):
 
 
 if __name__ == "__main__":
-    run(parse_args(__doc__.splitlines()[0], "benchmarks/results/step_jax.json", extra=step_suite_args))
+    run(
+        parse_args(
+            __doc__.splitlines()[0],
+            device_results("benchmarks/results/step_jax.json", jax.default_backend()),
+            extra=step_suite_args,
+        )
+    )

@@ -51,3 +51,59 @@ def test_only_full_runs_write_the_committed_results():
     for partial in (["--quick"], ["--no-compile"], ["--shapes", "8,4"]):
         args = parse(partial)
         assert not args.full and args.out.endswith("scratch/layers_torch.json"), partial
+
+
+def test_a_gpu_run_has_results_of_its_own_and_a_bad_device_one_line(monkeypatch):
+    import pytest
+    import torch
+
+    from benchmarks.layers_torch import GPU_RESULTS, RESULTS, parse
+
+    assert parse(["--device", "cpu"]).out == RESULTS
+    with pytest.raises(SystemExit, match=r"^layers_torch: --device must be cpu, cuda or cuda:N, got --device 'tpu'$"):
+        parse(["--device", "tpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"--device cuda:1: this PyTorch sees no CUDA device$"):
+            parse(["--device", "cuda:1"])
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert parse(["--device", "cuda"]).out == GPU_RESULTS
+    assert parse(["--device", "cuda", "--quick"]).out.endswith("scratch/layers_torch-gpu.json")
+
+
+def test_a_suite_run_on_a_gpu_never_replaces_the_cpu_results():
+    import doctest
+
+    import benchmarks.common as common
+
+    assert doctest.testmod(common).failed == 0  # device_results' examples
+    for suite in ("layers_jax", "step_jax", "jax_clip_fusion"):
+        text = (REPO / "benchmarks" / f"{suite}.py").read_text()
+        assert f'device_results("benchmarks/results/{suite}.json", jax.default_backend())' in text, suite
+
+
+def test_the_prepared_gpu_run_issues_each_step_and_reports_a_failed_one(tmp_path):
+    """benchmarks/gpu.sh with stand-ins for python and nvidia-smi: which commands, where they write, the exit code."""
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (
+        ("python", 'echo "PY $*"; case "$*" in *layers_torch*) exit 3;; esac'),
+        ("nvidia-smi", "echo H100"),
+    ):
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu.sh"), str(out)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1, done.stdout + done.stderr  # the PyTorch suite's stand-in failed
+    calls = [line[3:] for line in done.stdout.splitlines() if line.startswith("PY -m ")]
+    assert calls == [
+        "-m renorm.testing --backend torch --backend linen --backend nnx --device gpu --no-progress "
+        f"--json {out}/testing-gpu.json",
+        f"-m benchmarks.layers_torch --device cuda --out {out}/layers_torch-gpu.json",
+        f"-m benchmarks.layers_jax --out {out}/layers_jax-gpu.json",  # run although the step before failed
+    ]
+    assert "== exit 3" in done.stdout and (out / "gpu.txt").read_text().startswith("H100")
