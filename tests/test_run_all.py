@@ -134,16 +134,21 @@ def test_each_precise_bn_rerun_differs_from_its_committed_final_only_by_the_opti
         assert _config_diff(committed, _config(runs[final])) == {}, final
 
 
+GN_FINALS = {  # folder -> (its setting's batch-norm final, seeds)
+    "final/noniid-gn": ("final/noniid-bn", "20,21,22,23,24"),
+    "final/mbk2-gn-seeds20-22": ("final/mbk2-bn", "20,21,22"),
+    "final/mbk2-gn-seeds23-24": ("final/mbk2-bn", "23,24"),
+}
+
+
 def test_the_group_norm_entries_differ_from_the_batch_norm_finals_only_by_arm_groups_and_seeds(tmp_path):
     from renorm_repro.runs import _config_diff
 
-    sweep = [f"sweep/gn-{s}-g{g}" for s in ("noniid", "mbk2") for g in (2, 4, 8)]
-    names = [*sweep, "final/noniid-gn", "final/mbk2-gn", "final/noniid-bn", "final/mbk2-bn"]
-    runs = {k: dict(zip(v[::2], v[1::2])) for k, v in _entries(tmp_path, *names).items()}
+    sweep = {f"sweep/gn-{s}-g{g}": (f"final/{s}-bn", "10,11") for s in ("noniid", "mbk2") for g in (2, 4, 8)}
+    entries = {**sweep, **GN_FINALS}
+    runs = {k: dict(zip(v[::2], v[1::2])) for k, v in _entries(tmp_path, *entries, *PRECISE.values()).items()}
     assert [runs[n]["--gn-groups"] for n in sweep] == ["2", "4", "8"] * 2
-    for name in names[:-2]:
-        final = "final/noniid-bn" if "noniid" in name else "final/mbk2-bn"
-        seeds = "10,11" if name.startswith("sweep/") else "20,21,22,23,24"
+    for name, (final, seeds) in entries.items():
         opts, bn = runs[name], runs[final]
         assert opts["--arms"] == "gn" and opts["--seeds"] == seeds
         assert {k: v for k, v in opts.items() if k not in ("--arms", "--seeds", "--gn-groups")} == {
@@ -154,6 +159,20 @@ def test_the_group_norm_entries_differ_from_the_batch_norm_finals_only_by_arm_gr
         assert set(diff) <= {"arms", "seeds", "gn_groups"} and "arms" in diff, name  # renorm-repro pool pairs them
     # The group counts divide the convnet's widths (16, 32, 64, 128 at the presets' width 16).
     _config(["--experiment", "noniid", "--preset", "fashion", "--arms", "gn", "--gn-groups", "8"])
+
+
+def test_each_gn_final_uses_its_sweeps_validation_choice(tmp_path):
+    """The group count of a GN final is the one with the highest mean val_last4 over its setting's committed sweep."""
+    import json
+
+    runs = {k: dict(zip(v[::2], v[1::2])) for k, v in _entries(tmp_path, *GN_FINALS).items()}
+    for name in GN_FINALS:
+        setting = "noniid" if "noniid" in name else "mbk2"
+        val = {}
+        for g in (2, 4, 8):
+            summary = ROOT / "results" / "fashion-mnist" / "sweep" / f"gn-{setting}-g{g}" / "summary.json"
+            val[g] = json.loads(summary.read_text())["arms"]["gn"]["scalars"]["val_last4"]["mean"]
+        assert runs[name]["--gn-groups"] == str(max(val, key=val.get)), (name, val)
 
 
 def test_the_gn_sweep_queue_names_stand_for_their_folders(tmp_path):
