@@ -82,3 +82,26 @@ def test_weight_norms_stops_with_one_line_without_checkpoints(tmp_path):
     wn = _script("weight_norms")
     with pytest.raises(SystemExit, match="no finished run with a checkpoint"):
         wn.main([str(tmp_path)])
+
+
+def test_the_multiplicity_count_holds_against_the_committed_logs():
+    """results/fashion-mnist/multiplicity.py on the committed folders: every interval either README quotes is
+    accounted for, and every main-score one recomputes from the runs' metrics.csv as printed (it exits otherwise)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("reads the committed tables with git ls-files")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "results" / "fashion-mnist" / "multiplicity.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.splitlines()[0]
+    # The bar the results README states is the one the script computes.
+    bar = first.split("|t| > ")[1].split()[0]
+    readme = (ROOT / "results" / "fashion-mnist" / "README.md").read_text()
+    assert first in readme and f"(|t| > {bar})" in readme, first

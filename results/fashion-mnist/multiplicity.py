@@ -10,7 +10,8 @@ main score (test accuracy, mean of the last 4 evaluations) asks p < 0.05 / n, i.
    2-seed ``minus reference`` columns. The same comparison printed twice counts once.
 2. It reads the README: an interval there that is no table's paired interval or arm mean (to the
    README's rounding) must be in :data:`README_ONLY`, which says what it compares; any other stops the
-   script, so the count cannot miss one.
+   script, so the count cannot miss one. Every interval the repository's README quotes must be one of
+   this README's.
 3. It recomputes every main-score comparison from ``metrics.csv`` (the mean of a run's last 4 test
    evaluations), checks that the per-seed differences equal the ones the pooled JSONs hold and that the
    interval prints as the table or README prints it, and lists |t| and p against the bar.
@@ -68,6 +69,8 @@ README_ONLY = {
     "+0.15 [0.02, 0.28]": (MAIN, "Figure 3 final: batch norm with recomputed statistics minus batch norm"),
     "+0.39 [0.33, 0.45]": (MAIN, "Figure 3 final: Batch Renorm minus batch norm with recomputed statistics"),
     "-1.91 [-2.15, -1.67]": (MAIN, "Figure 3 final: batch norm with recomputed statistics minus i.i.d. batch norm"),
+    "+0.12 [0.02, 0.22]": (MAIN, "Figure 1 final: batch norm with recomputed statistics minus batch norm"),
+    "-0.22 [-0.41, -0.03]": (MAIN, "Figure 1 final: Batch Renorm minus batch norm with recomputed statistics"),
 }
 
 
@@ -233,7 +236,10 @@ def readme_comparisons():
     )
     w125 = {v: np.array([last4(f"long/noniid-w8-warmup125-{v}", "brn", s) for s in s0]) for v in ("r1.5-d0.5", "r3-d5")}
     precise = np.array([last4("final/noniid-bn-precise", "bn", s, "test_accuracy_precise") for s in s20])
+    iid_precise = np.array([last4("final/iid-bn-precise", "bn", s, "test_accuracy_precise") for s in s20])
     paired = {
+        "+0.12 [0.02, 0.22]": iid_precise - arm("final/iid-bn", "bn", s20),
+        "-0.22 [-0.41, -0.03]": arm("final/iid-brn", "brn", s20) - iid_precise,
         "+0.15 [0.02, 0.28]": precise - w16["bn"],
         "+0.39 [0.33, 0.45]": w16["brn"] - precise,
         "-1.91 [-2.15, -1.67]": precise - w16["bn_iid"],
@@ -269,6 +275,11 @@ def main() -> int:
         print(f"README line {line}: {text} is in no table and not in README_ONLY", file=sys.stderr)
     check(not unknown, "README intervals unaccounted for (above)")
     check(used == set(README_ONLY), f"README_ONLY entries no longer in the README: {set(README_ONLY) - used}")
+    # The repository's README quotes the study: each of its intervals must be one this folder reports.
+    ours = {key(*m.groups()) for m in IV.finditer((HERE / "README.md").read_text())}
+    top = (HERE.parents[1] / "README.md").read_text()
+    stray = [m.group(0) for m in IV.finditer(top) if key(*m.groups()) not in ours]
+    check(not stray, f"README.md (the repository's) quotes intervals this folder does not report: {stray}")
     five = {k: v for k, v in paired.items() if v[0][2] == 5}
     table_main = [k for k in five if k[0] == MAIN]
     readme_main = [k for k in README_ONLY if README_ONLY[k][0] == MAIN]
