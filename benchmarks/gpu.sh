@@ -8,11 +8,16 @@
 #
 # Writes OUT/gpu.txt (the device and versions), OUT/testing-gpu.json, OUT/layers_torch-gpu.json and
 # OUT/layers_jax-gpu.json; each step has its own time limit (GPU_TIMEOUT seconds, default 240) and a failed step does
-# not stop the next. Exits 0 when every step passed, 1 otherwise. The CPU reports are never replaced.
+# not stop the next. Exits 0 when every step passed, 1 otherwise, 2 (before any step) where PyTorch or JAX sees no GPU.
+# The CPU reports are never replaced.
 set -u
 OUT="${1:-benchmarks/results}"
 LIMIT="${GPU_TIMEOUT:-240}"
 export PYTHONUNBUFFERED=1
+if ! python -c "import jax, torch; assert torch.cuda.is_available() and jax.default_backend() == 'gpu'" 2>/dev/null; then
+  echo "benchmarks/gpu.sh: PyTorch or JAX sees no GPU here; run it on a GPU machine (the CPU suites: docs/benchmarks.md)" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 status=0
 step() {

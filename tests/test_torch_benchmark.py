@@ -107,3 +107,14 @@ def test_the_prepared_gpu_run_issues_each_step_and_reports_a_failed_one(tmp_path
         f"-m benchmarks.layers_jax --out {out}/layers_jax-gpu.json",  # run although the step before failed
     ]
     assert "== exit 3" in done.stdout and (out / "gpu.txt").read_text().startswith("H100")
+    # Where the frameworks see no GPU: one line, exit 2, no step run (the JAX suite would time the CPU otherwise).
+    (bin_dir / "python").write_text('#!/usr/bin/env bash\ncase "$*" in -c*) exit 1;; esac\necho "PY $*"\n')
+    done = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu.sh"), str(tmp_path / "none")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "PY" not in done.stdout and not (tmp_path / "none").exists()
+    assert done.stderr.strip().startswith("benchmarks/gpu.sh: PyTorch or JAX sees no GPU here")
