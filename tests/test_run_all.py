@@ -118,19 +118,29 @@ def _config(tokens):
     return get_config(opts.pop("preset"), opts.pop("experiment"), opts)
 
 
-PRECISE = {"final/iid-bn-precise": "final/iid-bn", "final/mbk2-bn-precise": "final/mbk2-bn"}
-PRECISE["final/noniid-bn-precise"] = "final/noniid-bn"
+PRECISE = {  # folder -> (its committed final, the seeds it reruns; None: all of them)
+    "final/iid-bn-precise": ("final/iid-bn", None),
+    "final/noniid-bn-precise": ("final/noniid-bn", None),
+    "final/mbk2-bn-precise-seeds20-22": ("final/mbk2-bn", "20,21,22"),
+    "final/mbk2-bn-precise-seeds23-24": ("final/mbk2-bn", "23,24"),
+}
 
 
 def test_each_precise_bn_rerun_differs_from_its_committed_final_only_by_the_option(tmp_path):
     from renorm_repro.runs import _config_diff
 
-    runs = _entries(tmp_path, *PRECISE, *PRECISE.values())
-    for precise, final in PRECISE.items():
-        assert runs[precise] == runs[final] + ["--precise-bn-batches", "100"], precise
+    finals = sorted({final for final, _ in PRECISE.values()})
+    runs = _entries(tmp_path, *PRECISE, *finals)
+    for precise, (final, seeds) in PRECISE.items():
+        expected = list(runs[final])
+        if seeds is not None:  # a part of the final's seeds: the same options but --seeds
+            expected[expected.index("--seeds") + 1] = seeds
+        assert runs[precise] == expected + ["--precise-bn-batches", "100"], precise
         committed = ROOT / "results" / "fashion-mnist" / final / "config.json"
         # The committed folder's config is the rerun's but for the option (the rerun trains alike, bit for bit).
-        assert _config_diff(committed, _config(runs[precise])) == {"precise_bn_batches": (None, 100)}, precise
+        diff = _config_diff(committed, _config(runs[precise]))
+        assert diff.pop("precise_bn_batches") == (None, 100), precise
+        assert set(diff) == (set() if seeds is None else {"seeds"}), (precise, diff)
         assert _config_diff(committed, _config(runs[final])) == {}, final
 
 
@@ -146,7 +156,7 @@ def test_the_group_norm_entries_differ_from_the_batch_norm_finals_only_by_arm_gr
 
     sweep = {f"sweep/gn-{s}-g{g}": (f"final/{s}-bn", "10,11") for s in ("noniid", "mbk2") for g in (2, 4, 8)}
     entries = {**sweep, **GN_FINALS}
-    runs = {k: dict(zip(v[::2], v[1::2])) for k, v in _entries(tmp_path, *entries, *PRECISE.values()).items()}
+    runs = {k: dict(zip(v[::2], v[1::2])) for k, v in _entries(tmp_path, *entries, *{f for f, _ in PRECISE.values()}).items()}
     assert [runs[n]["--gn-groups"] for n in sweep] == ["2", "4", "8"] * 2
     for name, (final, seeds) in entries.items():
         opts, bn = runs[name], runs[final]

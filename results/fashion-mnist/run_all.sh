@@ -134,7 +134,9 @@ CMD[final/mbk2-gn-seeds23-24]="${FINAL_MBK2/$FINAL_SEEDS/--seeds 23,24} --arms g
 # its moving averages rather than the training itself.
 PRECISE="--precise-bn-batches 100"
 CMD[final/iid-bn-precise]="${CMD[final/iid-bn]} $PRECISE"
-CMD[final/mbk2-bn-precise]="${CMD[final/mbk2-bn]} $PRECISE"
+# The k=2 rerun is two folders of seeds 20-22 and 23-24 (two queues at once, as the k=2 GN final; pool pairs by seed).
+CMD[final/mbk2-bn-precise-seeds20-22]="${FINAL_MBK2/$FINAL_SEEDS/--seeds 20,21,22} --arms bn_micro $PRECISE"
+CMD[final/mbk2-bn-precise-seeds23-24]="${FINAL_MBK2/$FINAL_SEEDS/--seeds 23,24} --arms bn_micro $PRECISE"
 CMD[final/noniid-bn-precise]="${CMD[final/noniid-bn]} $PRECISE"
 ORDER=(noniid noniid-constant-lr microbatch-k2 microbatch-k4 iid noniid-constant-lr-momentum0.9 noniid-constant-lr-2000steps
        noniid-constant-lr-2000steps-seeds5-9)
