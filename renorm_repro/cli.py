@@ -876,6 +876,10 @@ def _main(argv):
 
         if isinstance(e, (DataError, RunDirError)):
             return _fail(f"error: {e}", 1)
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] not in ("renorm", "renorm_repro"):
+            # A dependency of the reproduction (TensorFlow, Keras, Matplotlib, ...): the wheel installs this command
+            # without them; one line saying what to install, not a traceback.
+            return _fail(f"error: {e}; renorm-repro needs the [repro] extra: pip install 'renorm[repro]'", 2)
         text = _environment_error(e)
         if text is None:
             raise

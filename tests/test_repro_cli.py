@@ -89,6 +89,23 @@ def test_the_real_command_reports_a_typo_in_under_two_seconds(tmp_path):
     assert elapsed < 2.0, elapsed  # ~0.5 s here, on a loaded 2-core machine
 
 
+@pytest.mark.parametrize("argv", [["run", "--preset", "smoke", "--out", "{tmp}/o"], ["bench", "--preset", "smoke"]])
+def test_without_tensorflow_the_command_says_in_one_line_what_to_install(tmp_path, argv):
+    """Installed without the [repro] extra (TensorFlow hidden here): one line naming the extra, exit 2, nothing
+    written, no traceback (issue 34 item 5). The real command: ``main()`` reads sys.argv and leaves by os._exit."""
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    script = (
+        "import sys; sys.modules['tensorflow'] = None; sys.argv = ['renorm-repro'] + sys.argv[1:]; "
+        "from renorm_repro.cli import main; main()"
+    )
+    res = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    line = _one_line(res.stderr)
+    assert line.startswith("renorm-repro: error: ") and "tensorflow" in line, line
+    assert line.endswith("pip install 'renorm[repro]'"), line
+    assert not (tmp_path / "o").exists()
+
+
 # ------------------------------------------------------------- item 4: --help and show
 def test_run_help_gives_every_option_help_type_allowed_values_and_the_presets_value(capsys):
     with pytest.raises(SystemExit) as e:
