@@ -70,6 +70,7 @@ with _interrupts.exit_now("before anything was written; run the command again"):
 
     from renorm_repro.config import (
         EXPERIMENTS,
+        LOG_INTERVAL_S,
         PRESETS_BY_EXPERIMENT,
         ConfigError,
         dumps,
@@ -227,6 +228,14 @@ def _run_parser(sub, common, fields):
         help="stop each run after this many steps, without a final checkpoint (simulates a kill)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    run.add_argument(
+        "--log-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"at most one evaluation line every SECONDS a run, besides its last (default {LOG_INTERVAL_S:g}; "
+        "0: every evaluation; metrics.csv holds them all)",
+    )
     run.add_argument(
         "--no-tensorboard",
         action="store_true",
@@ -515,7 +524,7 @@ def _log_mode(out, cfg, mode, resume, log) -> None:
         )
 
 
-def _train_all(cfg, out, dataset, *, resume, stop_after, progress, tensorboard, log) -> bool:
+def _train_all(cfg, out, dataset, *, resume, stop_after, progress, tensorboard, log, log_interval) -> bool:
     """Every (seed, arm) run, seeds outermost; ``True`` if any run stopped early (``--stop-after``)."""
     from renorm_repro.runs import run_dir
     from renorm_repro.train import train_run
@@ -535,14 +544,20 @@ def _train_all(cfg, out, dataset, *, resume, stop_after, progress, tensorboard, 
                 progress=progress,
                 tensorboard=tensorboard,
                 log=log,
+                log_interval=log_interval,
             )
             stopped |= bool(res.get("stopped"))
     log(f"trained {len(cfg.arms)} arms x {len(cfg.seeds)} seeds in {time.perf_counter() - t0:.1f} s")
     return stopped
 
 
-def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, tensorboard=True, log=print):
+def run_experiment(
+    cfg, out, *, resume=False, stop_after=None, progress=True, tensorboard=True, log=print, log_interval=None
+):
     """Train every (arm, seed) of ``cfg`` into ``out``, then write the report. Returns the report.
+
+    ``log_interval`` (seconds; None: :data:`renorm_repro.config.LOG_INTERVAL_S`) throttles each run's
+    evaluation lines (:func:`renorm_repro.train.train_run`).
 
     Holds ``out``'s :class:`renorm_repro.runs.ExperimentLock` throughout. The
     data is loaded before anything is written, so a run whose data fails to
@@ -577,6 +592,7 @@ def run_experiment(cfg, out, *, resume=False, stop_after=None, progress=True, te
             progress=progress,
             tensorboard=tensorboard,
             log=log,
+            log_interval=LOG_INTERVAL_S if log_interval is None else log_interval,
         )
         try:
             with _interrupts.deferred():  # the report's files are written whole; a signal is honoured after them
@@ -924,6 +940,8 @@ def _config_command(args, rest, subparsers) -> int:
 
         if args.stop_after is not None and args.stop_after < 1:
             raise ConfigError(f"--stop-after must be >= 1, got {args.stop_after}.")
+        if args.log_interval is not None and not args.log_interval >= 0:
+            raise ConfigError(f"--log-interval must be >= 0 seconds, got {args.log_interval}.")
         mode = check_experiment_dir(args.out, cfg, resume=args.resume)
         if mode == "resume" and _finished(args.out, cfg, print):
             return 0
@@ -947,6 +965,7 @@ def _config_command(args, rest, subparsers) -> int:
         stop_after=args.stop_after,
         progress=not args.no_progress and sys.stderr.isatty(),
         tensorboard=not args.no_tensorboard,
+        log_interval=args.log_interval,
     )
     _interrupts.check()
     return 0

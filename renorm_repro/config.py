@@ -76,6 +76,10 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("default", "mirrored", "multiworker")
 LR_SCHEDULES = ("constant", "cosine", "step")
 SCHEDULE_BASES = ("paper_scaled", "paper")
+#: Default of ``log_interval`` (:func:`renorm_repro.train.train_run`, ``renorm-repro run --log-interval``): at most
+#: one evaluation line a minute a run, besides its last, so that the log of a long job stays readable (Keras's
+#: ``verbose=2`` convention: a line per epoch, not per step); ``metrics.csv`` holds every evaluation.
+LOG_INTERVAL_S = 60.0
 
 
 class ConfigError(ValueError):

@@ -64,6 +64,7 @@ from pathlib import Path
 import numpy as np
 
 from renorm_repro import interrupts
+from renorm_repro.config import LOG_INTERVAL_S
 from renorm_repro.data import Dataset
 from renorm_repro.runs import (
     Interrupted,
@@ -452,10 +453,10 @@ def _done_step(done: Path) -> int | None:
 class _RunCall:
     """What one :func:`train_run` call was asked: the run, its folder and the call's options."""
 
-    def __init__(self, cfg, arm, seed, rdir, dataset, *, resume, stop_after, progress, tensorboard, log):
+    def __init__(self, cfg, arm, seed, rdir, dataset, *, resume, stop_after, progress, tensorboard, log, log_interval):
         self.cfg, self.arm, self.seed, self.rdir, self.dataset = cfg, arm, seed, Path(rdir), dataset
         self.resume, self.stop_after, self.progress, self.tensorboard = resume, stop_after, progress, tensorboard
-        self.log = log
+        self.log, self.log_interval = log, log_interval
         self.label = f"[{arm} seed{seed}]"
         self.done = self.rdir / "done.json"
         self.ckpt_dir = self.rdir / "checkpoints"
@@ -1091,6 +1092,7 @@ def _train_loop(
         leave=False,
     )
     cur, stopped = start, False
+    logged = time.monotonic()  # when this run last wrote an evaluation line (or started)
     try:
         with interrupts.deferred():  # a signal is recorded, and raised between steps
             for x, y in data:
@@ -1104,7 +1106,9 @@ def _train_loop(
                 if cur % cfg.eval_every == 0 or cur == cfg.steps:
                     row = _evaluation_row(cfg, st, schedule, cur, evaluate(), clock)
                     _record_evaluation(st, row, metrics, events)
-                    bar.write(_log_line(run, row)) if run.progress else run.log(_log_line(run, row))
+                    if cur == cfg.steps or time.monotonic() - logged >= run.log_interval:
+                        bar.write(_log_line(run, row)) if run.progress else run.log(_log_line(run, row))
+                        logged = time.monotonic()
                     bar.set_postfix(val_acc=f"{row['val_accuracy']:.3f}")
                 if cur % cfg.checkpoint_every == 0 or cur == cfg.steps:
                     manager.save(checkpoint_number=cur)
@@ -1152,6 +1156,7 @@ def train_run(
     progress: bool = True,
     tensorboard: bool = True,
     log: Callable[[str], None] = print,
+    log_interval: float = LOG_INTERVAL_S,
 ) -> TrainResult:
     """Train ``arm`` with ``seed`` into ``rdir``; see the module docstring.
 
@@ -1162,10 +1167,15 @@ def train_run(
     Ctrl-C raises :class:`renorm_repro.runs.Interrupted` (the step reached
     and the last checkpoint). ``tensorboard`` writes TensorBoard event files
     into ``rdir/tensorboard`` (:mod:`renorm_repro.tensorboard_log`).
+    ``log`` gets the run's last evaluation line, and any other evaluation's
+    once ``log_interval`` seconds have passed since the previous line (``0``:
+    every evaluation); ``metrics.csv`` holds every evaluation either way.
     """
     import keras
     import tensorflow as tf
 
+    if not log_interval >= 0:  # NaN too
+        raise ValueError(f"log_interval must be >= 0 seconds, got {log_interval!r}.")
     run = _RunCall(
         cfg,
         arm,
@@ -1177,6 +1187,7 @@ def train_run(
         progress=progress,
         tensorboard=tensorboard,
         log=log,
+        log_interval=log_interval,
     )
     skipped = _prepare_run_dir(run)
     if skipped is not None:

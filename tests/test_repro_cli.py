@@ -41,6 +41,8 @@ BAD_COMMANDS = [
     (["run", "--preset", "smoke", "--out", "{tmp}/o", "--dataset", "mnist"], 2, "`dataset` must be one of"),
     (["run", "--preset", "smoke", "--out", "{tmp}/o", "--epsilon", "-1"], 2, "`epsilon` must be > 0"),
     (["run", "--preset", "smoke", "--out", "{tmp}/o", "--stop-after", "0"], 2, "--stop-after must be >= 1"),
+    (["run", "--preset", "smoke", "--out", "{tmp}/o", "--log-interval", "-1"], 2, "--log-interval must be >= 0"),
+    (["run", "--preset", "smoke", "--out", "{tmp}/o", "--log-interval", "nan"], 2, "--log-interval must be >= 0"),
     (["run", "--out", "{tmp}/o"], 2, "`run` needs --preset"),
     (["run", "--preset", "smoke", "--out", "{tmp}/o", "--resume"], 1, "does not exist, so there is nothing"),
     (["run", "--preset", "smoke", "--out", "{existing}"], 1, "already holds an experiment"),

@@ -1,6 +1,8 @@
 """renorm_repro end to end with TensorFlow: BN-arm equivalence, smoke preset, resume, run-folder safety, plot."""
 
+import contextlib
 import csv
+import io
 import json
 
 import numpy as np
@@ -64,11 +66,32 @@ def _rows(path):
 
 
 @pytest.fixture(scope="module")
-def smoke_out(tmp_path_factory):
+def smoke_run(tmp_path_factory):
+    """The smoke preset's run folder, its cache and what the command printed (stdout, not a terminal)."""
     out = tmp_path_factory.mktemp("smoke") / "out"
     cache = tmp_path_factory.mktemp("cache")
-    assert main(["run", "--preset", "smoke", "--out", str(out), "--cache-dir", str(cache), "--no-progress"]) == 0
-    return out, cache
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["run", "--preset", "smoke", "--out", str(out), "--cache-dir", str(cache), "--no-progress"]) == 0
+    return out, cache, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def smoke_out(smoke_run):
+    return smoke_run[:2]
+
+
+def test_piped_output_is_a_line_per_run_and_ends_with_the_finding(smoke_run):
+    """Not a terminal, runs shorter than --log-interval (60 s): each run's last evaluation only, not one line
+    per evaluation (issue 34 item 6); metrics.csv keeps them all; the finding is the last line."""
+    out, _, printed = smoke_run
+    cfg = C.get_config("smoke")
+    lines = printed.splitlines()
+    evaluations = [ln for ln in lines if " step " in ln and ln.startswith("[")]
+    assert evaluations == [ln for ln in evaluations if f" step {cfg.steps}/{cfg.steps} " in ln]
+    assert sorted(ln.split("]")[0] + "]" for ln in evaluations) == sorted(f"[{a} seed0]" for a in cfg.arms)
+    assert len(_rows(out / "runs" / "bn_micro" / "seed0" / "metrics.csv")) == cfg.steps // cfg.eval_every > 1
+    assert lines[-1].startswith("Finding (") and len(lines) < 60, printed  # the summary table before it
 
 
 def test_smoke_preset_end_to_end_writes_everything(smoke_out):
@@ -152,6 +175,8 @@ def test_resume_after_a_kill_ends_with_identical_metrics(tmp_path, capsys):
         "--checkpoint-every",
         "4",
         "--no-progress",
+        "--log-interval",
+        "0",  # every evaluation's line: the test reads them
     ]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(["run", "--out", str(full)] + common) == 0

@@ -142,7 +142,7 @@ def test_on_a_terminal_the_bar_is_drawn_and_no_message_shares_its_line(tmp_path)
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # tqdm draws nothing at 0 columns
     out = tmp_path / "out-tty"
-    proc = _start(out, stderr=slave)
+    proc = _start(out, "--log-interval", "0", stderr=slave)
     os.close(slave)
     chunks = []
 
