@@ -148,3 +148,18 @@ def test_the_keras_speed_table_is_the_committed_benchmark():
     for shape in shapes:
         cells = " | ".join(f"{ratio[(shape, m, c)][k]:.2f}x" for m, c, k in columns)
         assert f"| {shape} | {cells} |" in doc, shape
+
+
+def test_the_install_pages_extras_table_is_pyprojects():
+    """docs/install.md's table of extras names each extra of pyproject.toml and every package it installs."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    rows = re.findall(r"^\| `([a-z]+)` \| ([^|]+) \|", (ROOT / "docs" / "install.md").read_text(), re.M)
+    assert [name for name, _ in rows] == list(extras)
+    for name, adds in rows:
+        if name == "all":
+            continue
+        for req in extras[name]:
+            package = re.split(r"[<>=\[ ]", req)[0]
+            assert package.lower() in adds.lower().replace(" ", "-"), (name, package, adds)
