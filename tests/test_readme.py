@@ -63,3 +63,19 @@ def test_every_python_block_of_the_readme_runs(tmp_path):
 def test_python_blocks_are_found_with_their_lines():
     text = "a\n```python\nx = 1\n```\n```bash\nls\n```\n```python\ny = 2\n```\n"
     assert python_blocks(text) == [(3, "x = 1\n"), (9, "y = 2\n")]
+
+
+def test_the_readmes_main_job_is_the_first_committed_digits_command():
+    """The README's first command runs the experiment of results/microbatch-k2 (the figure and numbers it shows),
+    with the command results/commands.txt records; every committed result folder has its command there
+    (``pytest -m slow`` reruns each and requires the committed summary, tests/test_slow.py)."""
+    from digits_results import committed_commands
+
+    commands = committed_commands()
+    line = next(
+        ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith('pip install -e ".[all]" && ')
+    )
+    tokens = line.split("renorm-repro run", 1)[1].split()
+    assert tokens[:2] == ["--preset", "digits"] and tokens[2] == "--out" and len(tokens) == 4, tokens
+    assert commands["microbatch-k2"] == ["--preset", "digits"]
+    assert set(commands) == {p.parent.name for p in (ROOT / "results").glob("*/summary.json")}

@@ -6,23 +6,19 @@
   steps; these check that nothing drifts over a run, that the schedule
   crosses its breakpoints at larger step counts, and that one traced
   function is reused for all 200 steps.
-- A reproduction experiment end to end: the digits i.i.d. experiment
-  (Figure 1) with its committed preset, trained from scratch into a
-  temporary folder and compared with the committed ``results/iid/summary.json``.
-
-Measured on the shared 2-core CPU with a training job running in the
-background: the parity tests 11 s, the experiment 112 s (its committed
-summary was reproduced exactly: same seeds, same batches, deterministic ops).
+- The committed digits results (``results/*/``, the README's main job
+  among them), each rerun with its command from ``results/commands.txt``
+  into a temporary folder: its ``summary.json`` must equal the committed
+  one exactly.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 
-import numpy as np
 import pytest
+from digits_results import committed_commands
 from parity import Case
 
 pytestmark = pytest.mark.slow
@@ -75,56 +71,38 @@ def test_jax_module_matches_oracle_over_200_steps(case, dtype):
         run_parity(case, 0.99, dtype, seed=12)
 
 
-# ----------------------------------------------------------------- a reproduction experiment end to end
-# Tolerances against the committed summary, per arm (means over the 5 seeds).
-# The runs use deterministic ops, so the same code on the same kind of machine
-# gives the same numbers; what moves them is a change in the layer's numerics
-# at the rounding level, which grows over training. results/README.md records such a
-# change moving one arm's final accuracy by 0.56 points: 1 point allows for
-# that. Steps to 90% are evaluated every 20 steps: one evaluation of slack in
-# the mean. A real regression (Batch Renorm turned into batch norm, a wrong
-# momentum or epsilon) moves Batch Renorm's steps to 90% from 80 to about 136,
-# or the accuracies by more, and fails. The mean validation curve may move by
-# up to 3 points at any evaluation (early on the seeds spread by 10-18 points,
-# so a rounding-level change moves the mean most there).
-ACCURACY_TOL = 0.01
-STEPS_TOL = 20
-CURVE_TOL = 0.03
+# ----------------------------------------------------------------- the committed digits results, rerun
+COMMITTED = committed_commands()
 
 
-def test_digits_iid_experiment_reproduces_committed_summary(tmp_path):
+@pytest.mark.parametrize("name", sorted(COMMITTED))
+def test_committed_digits_result_reproduces_exactly(name, tmp_path):
+    """Each committed digits result, rerun at HEAD with its command from results/commands.txt (the README's main
+    job first among them), gives the committed summary.json, every number equal: the runs use deterministic ops
+    and the same seeds and batches, so the same code on the same kind of machine gives the same bits (four reruns
+    of the main job agreed exactly). A change of the code that moves any number fails here until the results
+    are regenerated (results/commands.txt says how) and the docs quoting them updated. 40-120 s each."""
     pytest.importorskip("tensorflow")
     pytest.importorskip("sklearn")
-    from renorm_repro.cli import run_experiment
-    from renorm_repro.config import config_from_dict, config_to_dict, get_config
+    from renorm_repro.cli import main
 
-    committed_dir = REPO / "results" / "iid"
-    committed_cfg = json.loads((committed_dir / "config.json").read_text())["config"]
-    cfg = get_config("digits", "iid")
-    # The preset is the one the committed results were made with (fields added
-    # since then are at their defaults, which reproduce the old behaviour).
-    assert config_to_dict(cfg) == config_to_dict(config_from_dict(committed_cfg)), (
-        "the digits iid preset no longer matches results/iid/config.json: rerun the experiment and commit it"
-    )
-    run_experiment(cfg, tmp_path / "iid", progress=False, log=lambda message: None)
-    new = json.loads((tmp_path / "iid" / "summary.json").read_text())
-    old = json.loads((committed_dir / "summary.json").read_text())
-    assert set(new["arms"]) == set(old["arms"]) == {"bn", "brn"}
-    for arm, o in old["arms"].items():
-        n = new["arms"][arm]
-        assert n["complete_runs"] == o["complete_runs"] == len(cfg.seeds)
-        for key in ("final_accuracy_mean", "best_accuracy_mean"):
-            assert abs(n[key] - o[key]) <= ACCURACY_TOL, (arm, key, n[key], o[key])
-        assert n["runs_reaching_threshold"] == o["runs_reaching_threshold"]
-        assert abs(n["steps_to_threshold_mean"] - o["steps_to_threshold_mean"]) <= STEPS_TOL, (
-            arm,
-            n["steps_to_threshold_mean"],
-            o["steps_to_threshold_mean"],
-        )
-        curve_new = np.asarray(n["curves"]["val_accuracy"]["mean"])
-        curve_old = np.asarray(o["curves"]["val_accuracy"]["mean"])
-        assert curve_new.shape == curve_old.shape and np.all(np.isfinite(curve_new))
-        assert np.max(np.abs(curve_new - curve_old)) <= CURVE_TOL, (arm, np.max(np.abs(curve_new - curve_old)))
-    # The result results/README.md (i.i.d. minibatches) calls robust: Batch Renorm reaches 90% sooner than batch norm.
-    steps = {arm: new["arms"][arm]["steps_to_threshold_mean"] for arm in ("bn", "brn")}
-    assert steps["brn"] < steps["bn"] and not math.isnan(steps["brn"]), steps
+    committed = REPO / "results" / name
+    out = tmp_path / name
+    assert main(["run", *COMMITTED[name], "--out", str(out), "--no-progress"]) == 0
+    new_cfg = json.loads((out / "config.json").read_text())["config"]
+    assert new_cfg == json.loads((committed / "config.json").read_text())["config"], "the preset changed"
+    new, old = (json.loads((d / "summary.json").read_text()) for d in (out, committed))
+    assert new == old, _first_difference(new, old)
+
+
+def _first_difference(a, b, path="summary"):
+    """Where two JSON values first differ (for the assertion message)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k, "<missing>") != b.get(k, "<missing>"):
+                return _first_difference(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{path}[{k!r}]")
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_difference(x, y, f"{path}[{i}]")
+    return f"{path}: {a!r} (rerun) != {b!r} (committed)"
