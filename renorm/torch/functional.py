@@ -67,6 +67,16 @@ def _dims(ndim: int):
 
 
 @torch.library.custom_op("renorm::snapshot", mutates_args=())
+def _snapshot_op(t: torch.Tensor) -> torch.Tensor:
+    """:func:`snapshot` under ``torch.compile``: an opaque copy that AOTAutograd saves instead of recomputing."""
+    return t.clone()
+
+
+@_snapshot_op.register_fake
+def _(t):
+    return torch.empty_like(t)
+
+
 def snapshot(t: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` that ``torch.compile`` cannot re-read later.
 
@@ -75,15 +85,24 @@ def snapshot(t: torch.Tensor) -> torch.Tensor:
     "recomputable": AOTAutograd's partitioner (torch 2.13) may then re-read
     the buffer in the backward, *after* the in-place update, and compute the
     gradient with the new statistics: silently wrong gradients
-    (pytorch/pytorch#197039, open). An opaque custom op is saved, not
-    recomputed; eagerly it is one ``clone`` of a ``(C,)`` vector.
+    (pytorch/pytorch#197039, open). Under ``torch.compile`` the copy is
+    therefore the opaque custom op ``renorm::snapshot``, which is saved, not
+    recomputed.
+
+    Eagerly it is a plain ``clone`` (the same values; nothing is recomputed
+    eagerly). Not the custom op: its first call imports ``torch._dynamo``
+    (``torch.library`` wraps the implementation in ``torch._disable_dynamo``),
+    which imports ``triton`` where it is installed (torch's CUDA wheels), and
+    ``import triton`` after ``import tensorflow`` (TF 2.20/2.21 wheels, loaded
+    with ``RTLD_GLOBAL``) crashes the process (tensorflow/tensorflow#124205):
+    an eager forward must not be what loads it.
+
+    >>> snapshot(torch.ones(2))
+    tensor([1., 1.])
     """
+    if torch.compiler.is_compiling():
+        return _snapshot_op(t)
     return t.clone()
-
-
-@snapshot.register_fake
-def _(t):
-    return torch.empty_like(t)
 
 
 def _count(shape, dims) -> int:
