@@ -527,10 +527,11 @@ def _log_mode(out, cfg, mode, resume, log) -> None:
 def _train_all(cfg, out, dataset, *, resume, stop_after, progress, tensorboard, log, log_interval) -> bool:
     """Every (seed, arm) run, seeds outermost; ``True`` if any run stopped early (``--stop-after``)."""
     from renorm_repro.runs import run_dir
-    from renorm_repro.train import train_run
+    from renorm_repro.train import RunCache, train_run
 
     t0 = time.perf_counter()
     stopped = False
+    cache = RunCache()  # each arm traced once, not once a seed
     for seed in cfg.seeds:
         for arm in cfg.arms:
             res = train_run(
@@ -545,6 +546,7 @@ def _train_all(cfg, out, dataset, *, resume, stop_after, progress, tensorboard, 
                 tensorboard=tensorboard,
                 log=log,
                 log_interval=log_interval,
+                cache=cache,
             )
             stopped |= bool(res.get("stopped"))
     log(f"trained {len(cfg.arms)} arms x {len(cfg.seeds)} seeds in {time.perf_counter() - t0:.1f} s")

@@ -491,11 +491,58 @@ class _RunState:
             ema={f"v{i}": e for i, e in enumerate(ema)},
         )
 
+    def variables(self) -> list:
+        """Every variable of the run, in a fixed order: the model's, the optimizer's, the step, the running
+        metrics, the EMA (what :class:`RunCache` copies from a fresh build)."""
+        return [*self.model.variables, *self.optimizer.variables, self.step, *self.acc_vars, *self.ema]
+
     def prep(self, x):
         """``uint8`` images to the network's input: to float, per-channel normalized (on the device)."""
         import tensorflow as tf
 
         return (tf.cast(x, tf.float32) / 255.0 - self.mean) / self.std
+
+
+class RunCache:
+    """The traced functions of each arm, kept across the runs (seeds) of one experiment in one process.
+
+    Tracing the training step and the evaluation of the convnet with its normalization layers costs about as
+    much as a few hundred steps of a small run, once per run. With a cache, a later run of an arm that was
+    already traced (same config but the seed, same dataset object, the default strategy) builds its model and
+    optimizer as before, from its own seed, copies every value into the first run's variables and reuses that
+    run's functions: the same initial values, the same graph, so the same numbers bit for bit
+    (``tests/test_repro_pipeline.py`` compares). :func:`renorm_repro.cli.run_experiment` passes one per command.
+    """
+
+    def __init__(self):
+        self._entries = {}
+
+    @staticmethod
+    def _key(run: _RunCall):
+        import dataclasses
+
+        if run.cfg.strategy != "default":
+            return None
+        return repr(dataclasses.replace(run.cfg, seeds=(run.cfg.seeds[0],))), run.arm, id(run.dataset)
+
+    def adopt(self, run: _RunCall, fresh: _RunState):
+        """``(state, train_step, evaluate)`` holding ``fresh``'s values if this arm was traced, else None."""
+        key = self._key(run)
+        entry = self._entries.get(key) if key is not None else None
+        if entry is None or entry["dataset"] is not run.dataset:
+            return None
+        st, new = entry["state"], fresh.variables()
+        old = st.variables()
+        if len(old) != len(new) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(old, new)):
+            return None  # not the same structure (cannot happen for one config): trace again
+        for a, b in zip(old, new):
+            a.assign(b.numpy())
+        return st, entry["train_step"], entry["evaluate"]
+
+    def keep(self, run: _RunCall, st: _RunState, train_step, evaluate) -> None:
+        key = self._key(run)
+        if key is not None:
+            self._entries[key] = {"dataset": run.dataset, "state": st, "train_step": train_step, "evaluate": evaluate}
 
 
 def _prepare_run_dir(run: _RunCall) -> TrainResult | None:
@@ -1157,6 +1204,7 @@ def train_run(
     tensorboard: bool = True,
     log: Callable[[str], None] = print,
     log_interval: float = LOG_INTERVAL_S,
+    cache: RunCache | None = None,
 ) -> TrainResult:
     """Train ``arm`` with ``seed`` into ``rdir``; see the module docstring.
 
@@ -1170,6 +1218,8 @@ def train_run(
     ``log`` gets the run's last evaluation line, and any other evaluation's
     once ``log_interval`` seconds have passed since the previous line (``0``:
     every evaluation); ``metrics.csv`` holds every evaluation either way.
+    ``cache`` (a :class:`RunCache` shared by the runs of one experiment)
+    reuses the traced functions of an earlier run of the same arm.
     """
     import keras
     import tensorflow as tf
@@ -1199,6 +1249,9 @@ def train_run(
     try:
         strategy = _strategy(cfg.strategy)
         st = _build_state(run, strategy)
+        reused = cache.adopt(run, st) if cache is not None else None
+        if reused is not None:
+            st = reused[0]
         agreed, skipped = _agree_across_workers(run, strategy)
         if skipped is not None:
             return skipped
@@ -1207,8 +1260,12 @@ def train_run(
         events = _start_logs(run, metrics, start, damaged_log)
         _write_run_record(run, strategy.num_replicas_in_sync)
         data = _input_pipeline(run, strategy, start)
-        train_step = _train_step(cfg, st, strategy)
-        evaluate = _Evaluator(run, st)
+        if reused is not None:
+            train_step, evaluate = reused[1:]
+        else:
+            train_step, evaluate = _train_step(cfg, st, strategy), _Evaluator(run, st)
+            if cache is not None:
+                cache.keep(run, st, train_step, evaluate)
         cur, stopped, clock = _train_loop(
             run,
             st,

@@ -201,6 +201,29 @@ def test_resume_after_a_kill_ends_with_identical_metrics(tmp_path, capsys):
     assert [r["step"] for r in _rows(rdir / "metrics.csv")] == ["2", "4", "6", "8", "10"]
 
 
+@pytest.mark.parametrize("extra", [[], ["--ema-decay", "0.9", "--log-clip-means", "true"]])
+def test_a_later_seed_reuses_its_arms_traced_step_and_trains_the_same_bits(tmp_path, monkeypatch, extra):
+    """RunCache: in one command each arm's step is traced once, and a later seed, trained through the first
+    seed's functions after its fresh values are copied in, logs what it logs alone (every column but the time)."""
+    import renorm_repro.train as T
+
+    traced = []
+    original = T._train_step
+    monkeypatch.setattr(T, "_train_step", lambda *a: traced.append(a[0].seeds) or original(*a))
+    common = ["--preset", "smoke", "--arms", "bn_micro,brn_micro", "--no-progress", *extra]
+    assert main(["run", *common, "--seeds", "3,4", "--out", str(tmp_path / "both")]) == 0
+    assert len(traced) == 2  # one a arm, not one a run
+    assert main(["run", *common, "--seeds", "4", "--out", str(tmp_path / "alone")]) == 0
+    for arm in ("bn_micro", "brn_micro"):
+        both, alone = (_rows(tmp_path / d / "runs" / arm / "seed4" / "metrics.csv") for d in ("both", "alone"))
+        for rows in (both, alone):
+            for r in rows:
+                r.pop("elapsed_s")
+        assert both == alone and len(both) > 1, arm
+    first = _rows(tmp_path / "both" / "runs" / "brn_micro" / "seed3" / "metrics.csv")
+    assert [r["train_loss"] for r in first] != [r["train_loss"] for r in both]  # the seeds differ
+
+
 def test_ema_and_rmsprop_options_run(tmp_path):
     cfg = C.get_config(
         "smoke",
