@@ -225,9 +225,21 @@ class EventLog:
             self._metadata = summary_pb2.SummaryMetadata(
                 plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
             )
+        import numpy as np
+        from tensorflow.core.framework import summary_pb2
+
+        # One event holding every tag of the row (TensorBoard reads each value as its own scalar): one op a
+        # row instead of one a tag, which cost a tenth of a small run's time.
+        summary = summary_pb2.Summary(
+            value=[
+                summary_pb2.Summary.Value(
+                    tag=tag, metadata=self._metadata, tensor=tf.make_tensor_proto(np.float32(value))
+                )
+                for tag, value in scalars.items()
+            ]
+        )
         with self._writer.as_default():
-            for tag, value in scalars.items():
-                tf.summary.write(tag, tf.constant(value, tf.float32), step=int(step), metadata=self._metadata)
+            tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=int(step))
         self._writer.flush()
 
     def close(self) -> None:
