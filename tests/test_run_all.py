@@ -156,7 +156,10 @@ def test_the_group_norm_entries_differ_from_the_batch_norm_finals_only_by_arm_gr
 
     sweep = {f"sweep/gn-{s}-g{g}": (f"final/{s}-bn", "10,11") for s in ("noniid", "mbk2") for g in (2, 4, 8)}
     entries = {**sweep, **GN_FINALS}
-    runs = {k: dict(zip(v[::2], v[1::2])) for k, v in _entries(tmp_path, *entries, *{f for f, _ in PRECISE.values()}).items()}
+    runs = {
+        k: dict(zip(v[::2], v[1::2]))
+        for k, v in _entries(tmp_path, *entries, *{f for f, _ in PRECISE.values()}).items()
+    }
     assert [runs[n]["--gn-groups"] for n in sweep] == ["2", "4", "8"] * 2
     for name, (final, seeds) in entries.items():
         opts, bn = runs[name], runs[final]
