@@ -19,7 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _RUNNER = textwrap.dedent(
     """
-    import json, sys, traceback
+    import importlib.util, json, sys, traceback
+    # The Keras block loads TensorFlow, the PyTorch block's optimizer then imports triton where torch's wheel
+    # ships it: after TensorFlow 2.21 that crashes the process (docs/torch.md, "With TensorFlow in the same
+    # process"); imported first, it does not. A reader runs the blocks in separate programs.
+    if all(importlib.util.find_spec(m) for m in ("triton", "tensorflow")):
+        import triton
     blocks = json.loads(sys.stdin.read())
     for line, source in blocks:
         try:
