@@ -4,7 +4,8 @@ One call of :func:`train_run` trains one (arm, seed) into its own run directory:
 
 - data: ``uint8`` arrays in memory; the batch of step ``t`` is
   ``cfg.train_batch_indices(labels, seed, t)`` (by default :func:`renorm_repro.data.batch_indices`,
-  a pure function, so a resumed run sees the same batches), fed by ``tf.data`` with prefetch; the
+  a pure function, so a resumed run sees the same batches), gathered in NumPy step by step (``tf.data``
+  with prefetch under the ``mirrored`` and ``multiworker`` strategies); the
   conversion to float and the per-channel normalization run on the device,
   inside the compiled step;
 - the step is a ``tf.function`` (``jit_compile`` optional), under a
@@ -714,8 +715,8 @@ def _write_run_record(run: _RunCall, replicas: int) -> None:
 def _input_pipeline(run: _RunCall, strategy, start: int):
     """The batches of steps ``start`` to ``cfg.steps`` (``uint8`` images, ``int64`` labels), as the strategy takes them.
 
-    ``mirrored`` splits each global batch into consecutive per-replica slices; under ``multiworker`` each
-    worker feeds its own replicas' slices (:func:`_worker_slices`).
+    ``default``: a generator of tensors; ``mirrored`` (through ``tf.data``) splits each global batch into consecutive
+    per-replica slices; under ``multiworker`` each worker feeds its own replicas' slices (:func:`_worker_slices`).
     """
     import tensorflow as tf
 
@@ -732,6 +733,11 @@ def _input_pipeline(run: _RunCall, strategy, start: int):
         return strategy.distribute_datasets_from_function(
             _worker_slices(batches, dataset.image_shape, strategy.num_replicas_in_sync, per_replica)
         )
+    if cfg.strategy == "default":
+        # One process, one device: the batch is a NumPy gather, handed to the step as it is. tf.data's
+        # from_generator ran the same generator in a thread of its own that took the GIL from the training loop at
+        # every step: a third of a small run's time (the digits main job), the same bits.
+        return ((tf.constant(xb), tf.constant(yb)) for xb, yb in batches())
     sig = (tf.TensorSpec((cfg.batch_size,) + dataset.image_shape, tf.uint8), tf.TensorSpec((cfg.batch_size,), tf.int64))
     ds = tf.data.Dataset.from_generator(batches, output_signature=sig).prefetch(tf.data.AUTOTUNE)
     opts = tf.data.Options()
