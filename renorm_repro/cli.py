@@ -948,6 +948,10 @@ def _config_command(args, rest, subparsers) -> int:
         if mode == "resume" and _finished(args.out, cfg, print):
             return 0
         _check_data_dir(cfg)
+    if cfg.threads:  # read by TensorFlow when it creates its context (and by OpenMP when it loads): before the import
+        from renorm_repro.runs import THREAD_VARIABLES
+
+        os.environ.update(dict.fromkeys(THREAD_VARIABLES, str(cfg.threads)))
     if not args.tf_logs and "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
         _quiet_tensorflow()
     with _interrupts.exit_now("before anything was written; run the command again"):

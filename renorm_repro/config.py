@@ -237,6 +237,13 @@ class ExperimentConfig:
     precision: str = config_field("float32", "float32 or mixed precision", PRECISIONS)
     strategy: str = config_field("default", "tf.distribute strategy (multiworker reads TF_CONFIG)", STRATEGIES)
     deterministic: bool = config_field(True, "deterministic TensorFlow ops")
+    # The threads of TensorFlow's CPU pools. Deterministic ops give the same bits for the same thread count only:
+    # 0 (TensorFlow's default, one per core) makes a CPU run's numbers depend on the machine's cores. The digits
+    # presets take 1: their convnet is small enough that one thread is also the fastest, and their committed
+    # results then reproduce on any number of cores (of the same instruction set).
+    threads: int = config_field(
+        0, "TensorFlow's intra- and inter-op CPU threads, set by `renorm-repro run` (0: TensorFlow's default)"
+    )
 
     #: Seed of the test minibatches of the batch-statistics evaluation: the same for every run.
     EVAL_SEED = 1_000_003
@@ -275,7 +282,7 @@ class ExperimentConfig:
         ):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
-        for key in ("val_examples", "eval_lag_examples", "precise_bn_batches"):
+        for key in ("val_examples", "eval_lag_examples", "precise_bn_batches", "threads"):
             if getattr(self, key) < 0:
                 bad(key, "must be >= 0 (0 turns it off)")
         full = DATASETS[self.dataset].resolve(self)["train_size"]
@@ -768,6 +775,7 @@ BASE_PRESETS: dict[str, dict] = {
     # Real data, offline, minutes on a laptop CPU: scikit-learn's 8x8 digits, 3 seeds, 300 steps.
     "quick": dict(
         dataset="digits",
+        threads=1,
         width=8,
         learning_rate=3e-3,
         steps=300,
@@ -782,6 +790,7 @@ BASE_PRESETS: dict[str, dict] = {
     # training set.
     "digits": dict(
         dataset="digits",
+        threads=1,
         width=4,
         learning_rate=3e-3,
         steps=600,

@@ -42,6 +42,7 @@ The non-i.i.d. sampler of the paper's section 4.3 is :func:`noniid_batch_indices
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import json
@@ -784,6 +785,14 @@ def load_dataset(
 
 
 # -------------------------------------------------------------------- data order
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of ``epoch``'s examples (read-only; kept for the steps of the epoch rather than drawn again)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    perm.flags.writeable = False
+    return perm
+
+
 def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     """Indices of the training batch at ``step``: a pure function of ``(seed, step)``.
 
@@ -799,7 +808,7 @@ def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> n
     filled = 0
     while filled < batch_size:
         epoch, offset = divmod(start + filled, num_examples)
-        perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+        perm = _epoch_permutation(num_examples, seed, epoch)
         take = min(batch_size - filled, num_examples - offset)
         out[filled : filled + take] = perm[offset : offset + take]
         filled += take

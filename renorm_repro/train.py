@@ -805,11 +805,11 @@ def _train_step(cfg, st: _RunState, strategy):
 
     distributed = cfg.strategy in ("mirrored", "multiworker")
 
-    @tf.function(jit_compile=cfg.jit_compile)
+    @tf.function(jit_compile=cfg.jit_compile, autograph=False)
     def _step_fn(x, y):
         _replica_step(cfg, st, x, y)
 
-    @tf.function
+    @tf.function(autograph=False)
     def train_step(x, y):
         if distributed:
             strategy.run(_step_fn, args=(x, y))
@@ -825,7 +825,7 @@ def _eval_step(cfg, st: _RunState, *, training: bool):
     import keras
     import tensorflow as tf
 
-    @tf.function(jit_compile=cfg.jit_compile)
+    @tf.function(jit_compile=cfg.jit_compile, autograph=False)
     def eval_batch(x, y):
         logits = st.model(st.prep(x), training=training)  # training: the caller restores the state
         per_ex = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
