@@ -105,3 +105,31 @@ def test_the_multiplicity_count_holds_against_the_committed_logs():
     bar = first.split("|t| > ")[1].split()[0]
     readme = (ROOT / "results" / "fashion-mnist" / "README.md").read_text()
     assert first in readme and f"(|t| > {bar})" in readme, first
+
+
+PRECISE_RERUNS = [  # (rerun, the committed folder it must have trained exactly as)
+    ("final/iid-bn-precise", "final/iid-bn"),
+    ("final/noniid-bn-precise", "final/noniid-bn"),
+    ("final/mbk2-bn-precise-seeds20-22", "final/mbk2-bn"),
+    ("final/mbk2-bn-precise-seeds23-24", "final/mbk2-bn"),
+]
+
+
+def test_the_precise_bn_reruns_trained_exactly_as_the_committed_finals(capsys):
+    """Every shared metrics.csv column but the wall time equal, every row, every run (the README says so)."""
+    same = _script("same_training")
+    folder = ROOT / "results" / "fashion-mnist"
+    args = [str(folder / d) for pair in PRECISE_RERUNS for d in pair]
+    assert same.main(args) == 0, capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 20 and all(ln.startswith("same ") for ln in lines), lines
+
+
+def test_same_training_names_the_first_difference(tmp_path, capsys):
+    same = _script("same_training")
+    for name, value in (("a", "0.5"), ("b", "0.25")):
+        run = tmp_path / name / "runs" / "bn" / "seed0"
+        run.mkdir(parents=True)
+        run.joinpath("metrics.csv").write_text(f"step,val_accuracy,elapsed_s\n10,0.9,1.0\n20,{value},{name}\n")
+    assert same.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    assert capsys.readouterr().out.strip() == "DIFFERS a/runs/bn/seed0: row 2, val_accuracy: 0.5 against 0.25"
