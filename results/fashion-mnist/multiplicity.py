@@ -71,6 +71,9 @@ README_ONLY = {
     "-1.91 [-2.15, -1.67]": (MAIN, "Figure 3 final: batch norm with recomputed statistics minus i.i.d. batch norm"),
     "+0.12 [0.02, 0.22]": (MAIN, "Figure 1 final: batch norm with recomputed statistics minus batch norm"),
     "-0.22 [-0.41, -0.03]": (MAIN, "Figure 1 final: Batch Renorm minus batch norm with recomputed statistics"),
+    "+0.37 [0.24, 0.49]": (MAIN, "k=2 final: batch norm with recomputed statistics minus batch norm"),
+    "+0.38 [0.27, 0.49]": (MAIN, "k=2 final: Batch Renorm minus batch norm with recomputed statistics"),
+    "-0.46 [-0.86, -0.07]": (MAIN, "k=2 final: batch norm with recomputed statistics minus groups of 32"),
 }
 
 
@@ -237,7 +240,18 @@ def readme_comparisons():
     w125 = {v: np.array([last4(f"long/noniid-w8-warmup125-{v}", "brn", s) for s in s0]) for v in ("r1.5-d0.5", "r3-d5")}
     precise = np.array([last4("final/noniid-bn-precise", "bn", s, "test_accuracy_precise") for s in s20])
     iid_precise = np.array([last4("final/iid-bn-precise", "bn", s, "test_accuracy_precise") for s in s20])
+    k2_precise = np.array(
+        [
+            last4(
+                f"final/mbk2-bn-precise-seeds{'20-22' if s < 23 else '23-24'}", "bn_micro", s, "test_accuracy_precise"
+            )
+            for s in s20
+        ]
+    )
     paired = {
+        "+0.37 [0.24, 0.49]": k2_precise - arm("final/mbk2-bn", "bn_micro", s20),
+        "+0.38 [0.27, 0.49]": arm("final/mbk2-brn", "brn_micro", s20) - k2_precise,
+        "-0.46 [-0.86, -0.07]": k2_precise - arm("final/mb-bn32", "bn_32", s20),
         "+0.12 [0.02, 0.22]": iid_precise - arm("final/iid-bn", "bn", s20),
         "-0.22 [-0.41, -0.03]": arm("final/iid-brn", "brn", s20) - iid_precise,
         "+0.15 [0.02, 0.28]": precise - w16["bn"],
