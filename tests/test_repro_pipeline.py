@@ -224,6 +224,39 @@ def test_a_later_seed_reuses_its_arms_traced_step_and_trains_the_same_bits(tmp_p
     assert [r["train_loss"] for r in first] != [r["train_loss"] for r in both]  # the seeds differ
 
 
+def test_a_later_seed_resumed_through_the_cache_ends_like_the_uninterrupted_run(tmp_path):
+    """Both seeds stopped mid-run, then one --resume: the second seed's run restores its checkpoint into the first
+    seed's cached variables (RunCache) and must end with the uninterrupted run's metrics, every column but the time."""
+    common = [
+        "--preset",
+        "smoke",
+        "--arms",
+        "brn_micro",
+        "--seeds",
+        "0,1",
+        "--steps",
+        "10",
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "4",
+        "--no-progress",
+        "--log-interval",
+        "0",
+    ]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["run", "--out", str(full)] + common) == 0
+    assert main(["run", "--out", str(cut), "--stop-after", "7"] + common) == 0
+    assert not any((cut / "runs" / "brn_micro" / f"seed{s}" / "done.json").exists() for s in (0, 1))
+    assert main(["run", "--out", str(cut), "--resume"] + common) == 0
+    for seed in (0, 1):
+        a, b = (_rows(d / "runs" / "brn_micro" / f"seed{seed}" / "metrics.csv") for d in (full, cut))
+        for rows in (a, b):
+            for r in rows:
+                r.pop("elapsed_s")
+        assert a == b and [r["step"] for r in b] == ["2", "4", "6", "8", "10"], seed
+
+
 def test_ema_and_rmsprop_options_run(tmp_path):
     cfg = C.get_config(
         "smoke",
