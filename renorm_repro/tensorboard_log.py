@@ -88,23 +88,28 @@ def _span(steps) -> str:
     return ", ".join(map(str, steps)) if len(steps) <= 4 else f"{steps[0]}..{steps[-1]}"
 
 
+def _scalar_summary(scalars: dict[str, float]):
+    """One ``Summary`` holding every ``{tag: value}`` as a float32 scalar (TensorBoard shows each on its own)."""
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+    return summary_pb2.Summary(
+        value=[
+            summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tf.make_tensor_proto(np.float32(v)))
+            for tag, v in scalars.items()
+        ]
+    )
+
+
 def _scalar_event(step: int, scalars: dict[str, float]) -> bytes:
     """One event record of ``{tag: value}`` at ``step``, as :meth:`EventLog.append` writes them."""
     import time
 
-    import numpy as np
-    import tensorflow as tf
-    from tensorflow.core.framework import summary_pb2
     from tensorflow.core.util import event_pb2
 
-    meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
-    values = [
-        summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tf.make_tensor_proto(np.float32(v)))
-        for tag, v in scalars.items()
-    ]
-    return event_pb2.Event(
-        wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
-    ).SerializeToString()
+    return event_pb2.Event(wall_time=time.time(), step=int(step), summary=_scalar_summary(scalars)).SerializeToString()
 
 
 class EventLog:
@@ -119,7 +124,6 @@ class EventLog:
         self.logdir = Path(logdir)
         self.enabled = bool(enabled)
         self._writer = None
-        self._metadata = None
         self.damage = None
 
     def start(self, resume_step: int = 0, rows=None) -> list[int]:
@@ -217,29 +221,13 @@ class EventLog:
         import tensorflow as tf
 
         if self._writer is None:
-            from tensorflow.core.framework import summary_pb2
-
             # Flushed by append() only (max_queue and flush_millis out of reach): a point reaches the
             # disk with its whole evaluation, after the log row.
             self._writer = tf.summary.create_file_writer(str(self.logdir), max_queue=1 << 20, flush_millis=1 << 30)
-            self._metadata = summary_pb2.SummaryMetadata(
-                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
-            )
-        import numpy as np
-        from tensorflow.core.framework import summary_pb2
-
-        # One event holding every tag of the row (TensorBoard reads each value as its own scalar): one op a
-        # row instead of one a tag, which cost a tenth of a small run's time.
-        summary = summary_pb2.Summary(
-            value=[
-                summary_pb2.Summary.Value(
-                    tag=tag, metadata=self._metadata, tensor=tf.make_tensor_proto(np.float32(value))
-                )
-                for tag, value in scalars.items()
-            ]
-        )
+        # One event holding every tag of the row: one op a row instead of one a tag, which cost a tenth of a small
+        # run's time.
         with self._writer.as_default():
-            tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=int(step))
+            tf.summary.experimental.write_raw_pb(_scalar_summary(scalars).SerializeToString(), step=int(step))
         self._writer.flush()
 
     def close(self) -> None:
