@@ -159,25 +159,22 @@ def test_plot_reads_only_the_logs(smoke_out, tmp_path):
     assert json.loads((copy / "summary.json").read_text()) == json.loads((out / "summary.json").read_text())
 
 
+# A short Batch Renorm run to kill and resume: checkpoints at steps 4 and 8, a log row every 2 steps, every
+# evaluation's line printed (the tests read them).
+RESUMABLE = ["--preset", "smoke", "--arms", "brn_micro", "--steps", "10", "--eval-every", "2"]
+RESUMABLE += ["--checkpoint-every", "4", "--no-progress", "--log-interval", "0"]
+
+
+def _rows_but_time(path):
+    """The rows of a metrics.csv without the wall-time column (the only one that differs between equal runs)."""
+    rows = _rows(path)
+    for r in rows:
+        r.pop("elapsed_s")
+    return rows
+
+
 def test_resume_after_a_kill_ends_with_identical_metrics(tmp_path, capsys):
-    cache = str(tmp_path / "cache")
-    common = [
-        "--preset",
-        "smoke",
-        "--cache-dir",
-        cache,
-        "--arms",
-        "brn_micro",
-        "--steps",
-        "10",
-        "--eval-every",
-        "2",
-        "--checkpoint-every",
-        "4",
-        "--no-progress",
-        "--log-interval",
-        "0",  # every evaluation's line: the test reads them
-    ]
+    common = [*RESUMABLE, "--cache-dir", str(tmp_path / "cache")]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(["run", "--out", str(full)] + common) == 0
     # Killed after 7 steps: the last checkpoint is at step 4, rows for 6 were logged after it.
@@ -190,12 +187,10 @@ def test_resume_after_a_kill_ends_with_identical_metrics(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "resumed from" in log and "ckpt-4 at step 4" in log  # continued, not restarted
     assert "step 2/10" not in log and "step 6/10" in log
-    a = _rows(full / "runs" / "brn_micro" / "seed0" / "metrics.csv")
-    b = _rows(rdir / "metrics.csv")
+    a = _rows_but_time(full / "runs" / "brn_micro" / "seed0" / "metrics.csv")
+    b = _rows_but_time(rdir / "metrics.csv")
     assert [r["step"] for r in b] == ["2", "4", "6", "8", "10"]
-    for ra, rb in zip(a, b):
-        ra.pop("elapsed_s"), rb.pop("elapsed_s")
-        assert ra == rb  # bit-identical values, as written
+    assert a == b  # bit-identical values, as written
     # A second --resume of a finished run changes nothing.
     assert main(["run", "--out", str(cut), "--resume"] + common) == 0
     assert [r["step"] for r in _rows(rdir / "metrics.csv")] == ["2", "4", "6", "8", "10"]
@@ -215,10 +210,7 @@ def test_a_later_seed_reuses_its_arms_traced_step_and_trains_the_same_bits(tmp_p
     assert len(traced) == 2  # one a arm, not one a run
     assert main(["run", *common, "--seeds", "4", "--out", str(tmp_path / "alone")]) == 0
     for arm in ("bn_micro", "brn_micro"):
-        both, alone = (_rows(tmp_path / d / "runs" / arm / "seed4" / "metrics.csv") for d in ("both", "alone"))
-        for rows in (both, alone):
-            for r in rows:
-                r.pop("elapsed_s")
+        both, alone = (_rows_but_time(tmp_path / d / "runs" / arm / "seed4" / "metrics.csv") for d in ("both", "alone"))
         assert both == alone and len(both) > 1, arm
     first = _rows(tmp_path / "both" / "runs" / "brn_micro" / "seed3" / "metrics.csv")
     assert [r["train_loss"] for r in first] != [r["train_loss"] for r in both]  # the seeds differ
@@ -227,33 +219,14 @@ def test_a_later_seed_reuses_its_arms_traced_step_and_trains_the_same_bits(tmp_p
 def test_a_later_seed_resumed_through_the_cache_ends_like_the_uninterrupted_run(tmp_path):
     """Both seeds stopped mid-run, then one --resume: the second seed's run restores its checkpoint into the first
     seed's cached variables (RunCache) and must end with the uninterrupted run's metrics, every column but the time."""
-    common = [
-        "--preset",
-        "smoke",
-        "--arms",
-        "brn_micro",
-        "--seeds",
-        "0,1",
-        "--steps",
-        "10",
-        "--eval-every",
-        "2",
-        "--checkpoint-every",
-        "4",
-        "--no-progress",
-        "--log-interval",
-        "0",
-    ]
+    common = [*RESUMABLE, "--seeds", "0,1"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(["run", "--out", str(full)] + common) == 0
     assert main(["run", "--out", str(cut), "--stop-after", "7"] + common) == 0
     assert not any((cut / "runs" / "brn_micro" / f"seed{s}" / "done.json").exists() for s in (0, 1))
     assert main(["run", "--out", str(cut), "--resume"] + common) == 0
     for seed in (0, 1):
-        a, b = (_rows(d / "runs" / "brn_micro" / f"seed{seed}" / "metrics.csv") for d in (full, cut))
-        for rows in (a, b):
-            for r in rows:
-                r.pop("elapsed_s")
+        a, b = (_rows_but_time(d / "runs" / "brn_micro" / f"seed{seed}" / "metrics.csv") for d in (full, cut))
         assert a == b and [r["step"] for r in b] == ["2", "4", "6", "8", "10"], seed
 
 
