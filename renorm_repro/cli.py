@@ -237,6 +237,14 @@ def _run_parser(sub, common, fields):
         "0: every evaluation; metrics.csv holds them all)",
     )
     run.add_argument(
+        "--jobs",
+        default="auto",
+        metavar="N",
+        help="train N runs at a time, each in its own process (their numbers are the same as one at a time); "
+        "default auto: one a CPU when the config pins each run's TensorFlow threads (threads > 0, as the digits "
+        "presets do), else 1",
+    )
+    run.add_argument(
         "--no-tensorboard",
         action="store_true",
         help="write no TensorBoard event files (by default each run writes every metrics.csv "
@@ -375,7 +383,7 @@ def _check_options(rest, parser, experiment: str) -> None:
         )
 
 
-def _quiet_tensorflow() -> None:
+def _quiet_tensorflow(signal_fd: int | None = None) -> None:
     """Import TensorFlow without its start-up log lines (oneDNN, CPU features, CUDA probing).
 
     Called only when the user set neither ``--tf-logs`` nor ``TF_CPP_MIN_LOG_LEVEL``.
@@ -383,7 +391,8 @@ def _quiet_tensorflow() -> None:
     but some lines are written while its libraries load, before that setting
     applies: the import, and the device probing that prints ``cuInit``
     failures, run with file descriptor 2 sent to a temporary file, which is
-    shown if the import fails.
+    shown if the import fails. A signal during the import ends the process with the command's line, written
+    to the real standard error or to ``signal_fd`` (a worker process writes it nowhere: its parent speaks).
     """
     if "tensorflow" in sys.modules:
         return
@@ -393,7 +402,9 @@ def _quiet_tensorflow() -> None:
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            with _interrupts.exit_now("before anything was written; run the command again", fd=saved):
+            with _interrupts.exit_now(
+                "before anything was written; run the command again", fd=saved if signal_fd is None else signal_fd
+            ):
                 import tensorflow as tf
 
                 tf.config.list_physical_devices()
@@ -524,12 +535,35 @@ def _log_mode(out, cfg, mode, resume, log) -> None:
         )
 
 
-def _train_all(cfg, out, dataset, *, resume, stop_after, progress, tensorboard, log, log_interval) -> bool:
-    """Every (seed, arm) run, seeds outermost; ``True`` if any run stopped early (``--stop-after``)."""
+def _train_all(cfg, out, dataset, *, resume, stop_after, progress, tensorboard, log, log_interval, jobs=1) -> bool:
+    """Every (seed, arm) run, seeds outermost, ``jobs`` at a time; ``True`` if any run stopped early
+    (``--stop-after``)."""
+    t0 = time.perf_counter()
+    if jobs > 1:
+        from renorm_repro.parallel import run_list, train_parallel
+
+        stopped = train_parallel(
+            cfg,
+            out,
+            dataset,
+            run_list(cfg),
+            jobs,
+            resume=resume,
+            stop_after=stop_after,
+            progress=progress,
+            tensorboard=tensorboard,
+            log=log,
+            log_interval=log_interval,
+            quiet_tf="tensorflow" not in sys.modules and os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "2",
+        )
+        log(
+            f"trained {len(cfg.arms)} arms x {len(cfg.seeds)} seeds in {time.perf_counter() - t0:.1f} s "
+            f"({min(jobs, len(cfg.arms) * len(cfg.seeds))} processes)"
+        )
+        return stopped
     from renorm_repro.runs import run_dir
     from renorm_repro.train import RunCache, train_run
 
-    t0 = time.perf_counter()
     stopped = False
     cache = RunCache()  # each arm traced once, not once a seed
     for seed in cfg.seeds:
@@ -554,9 +588,12 @@ def _train_all(cfg, out, dataset, *, resume, stop_after, progress, tensorboard, 
 
 
 def run_experiment(
-    cfg, out, *, resume=False, stop_after=None, progress=True, tensorboard=True, log=print, log_interval=None
+    cfg, out, *, resume=False, stop_after=None, progress=True, tensorboard=True, log=print, log_interval=None, jobs=1
 ):
     """Train every (arm, seed) of ``cfg`` into ``out``, then write the report. Returns the report.
+
+    ``jobs`` > 1 trains that many runs at a time, each in its own process (:mod:`renorm_repro.parallel`);
+    the runs' numbers are the same.
 
     ``log_interval`` (seconds; None: :data:`renorm_repro.config.LOG_INTERVAL_S`) throttles each run's
     evaluation lines (:func:`renorm_repro.train.train_run`).
@@ -595,6 +632,7 @@ def run_experiment(
             tensorboard=tensorboard,
             log=log,
             log_interval=LOG_INTERVAL_S if log_interval is None else log_interval,
+            jobs=jobs,
         )
         try:
             with _interrupts.deferred():  # the report's files are written whole; a signal is honoured after them
@@ -890,10 +928,13 @@ def _main(argv):
         return _fail(f"error: {e}", 2)
     except Exception as e:  # noqa: BLE001 - user-facing errors from data, run folders, files and the disk
         from renorm_repro.data import DataError
+        from renorm_repro.parallel import WorkerDied
         from renorm_repro.runs import RunDirError
 
         if isinstance(e, (DataError, RunDirError)):
             return _fail(f"error: {e}", 1)
+        if isinstance(e, WorkerDied):  # a worker was killed (out of memory, kill -9): its run resumes
+            return _fail(f"error: {e}; continue with --resume", 1)
         if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] not in ("renorm", "renorm_repro"):
             # A dependency of the reproduction (TensorFlow, Keras, Matplotlib, ...): the wheel installs this command
             # without them; one line saying what to install, not a traceback.
@@ -948,18 +989,24 @@ def _config_command(args, rest, subparsers) -> int:
         if mode == "resume" and _finished(args.out, cfg, print):
             return 0
         _check_data_dir(cfg)
+        jobs = _jobs(args.jobs, cfg)
     if cfg.threads:  # read by TensorFlow when it creates its context (and by OpenMP when it loads): before the import
         from renorm_repro.runs import THREAD_VARIABLES
 
         os.environ.update(dict.fromkeys(THREAD_VARIABLES, str(cfg.threads)))
+    in_workers = args.command == "run" and jobs > 1  # only the worker processes import TensorFlow
     if not args.tf_logs and "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
-        _quiet_tensorflow()
-    with _interrupts.exit_now("before anything was written; run the command again"):
-        import keras  # noqa: F401 - imported here, where a signal ends the process at once
-        import tensorflow  # noqa: F401
+        if in_workers:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # the workers see it and import quietly
+        else:
+            _quiet_tensorflow()
+    if not in_workers:
+        with _interrupts.exit_now("before anything was written; run the command again"):
+            import keras  # noqa: F401 - imported here, where a signal ends the process at once
+            import tensorflow  # noqa: F401
 
-        import renorm.tf  # noqa: F401
-        import renorm_repro.train  # noqa: F401
+            import renorm.tf  # noqa: F401
+            import renorm_repro.train  # noqa: F401
     _interrupts.check()  # a signal whose exception an import swallowed
     if args.command == "bench":
         benchmark(cfg, args.arm, args.bench_steps, args.gpu_tflops)
@@ -972,9 +1019,31 @@ def _config_command(args, rest, subparsers) -> int:
         progress=not args.no_progress and sys.stderr.isatty(),
         tensorboard=not args.no_tensorboard,
         log_interval=args.log_interval,
+        jobs=jobs,
     )
     _interrupts.check()
     return 0
+
+
+def _jobs(value: str, cfg) -> int:
+    """``--jobs``: a positive number, or ``auto`` (:func:`renorm_repro.parallel.auto_jobs`)."""
+    from renorm_repro.parallel import auto_jobs
+
+    runs = len(cfg.arms) * len(cfg.seeds)
+    if value == "auto":
+        return auto_jobs(cfg, runs)
+    try:
+        jobs = int(value)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be a positive number of processes or auto, got {value!r}.")
+    if jobs > 1 and cfg.strategy != "default":
+        raise ConfigError(
+            f"--jobs {jobs} trains runs in separate processes, which a tf.distribute strategy's devices cannot "
+            f"be shared between; got strategy={cfg.strategy}: use --jobs 1."
+        )
+    return min(jobs, runs)
 
 
 def _interrupted(e: KeyboardInterrupt, resumable: bool) -> int:
@@ -983,6 +1052,8 @@ def _interrupted(e: KeyboardInterrupt, resumable: bool) -> int:
 
     signum = getattr(e, "signum", None) or _interrupts.pending()
     word, code = _signal_word(signum), _interrupts.exit_code(signum)
+    if isinstance(e, Interrupted) and e.step is None:  # the runs of several processes, each named in e.run
+        return _fail(f"{word}: {e.run}; continue with --resume", code)
     if isinstance(e, Interrupted):
         ckpt = f"last checkpoint at step {e.checkpoint_step}" if e.checkpoint_step is not None else "no checkpoint yet"
         return _fail(f"{word} at step {e.step} ({e.run}, {ckpt}); continue with --resume", code)

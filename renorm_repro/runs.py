@@ -174,9 +174,13 @@ class RunDirError(RuntimeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during training: which run, at which step, and its last checkpoint."""
+    """Ctrl-C during training: which run, at which step, and its last checkpoint.
 
-    def __init__(self, run: str, step: int, checkpoint_step: int | None, signum: int | None = None):
+    ``step`` None: the runs of several processes (:mod:`renorm_repro.parallel`), ``run`` naming each with its
+    step and last checkpoint.
+    """
+
+    def __init__(self, run: str, step: int | None, checkpoint_step: int | None, signum: int | None = None):
         super().__init__(f"{run} interrupted at step {step}")
         self.run, self.step, self.checkpoint_step, self.signum = run, step, checkpoint_step, signum
 

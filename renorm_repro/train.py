@@ -1136,11 +1136,12 @@ def _train_loop(
     cfg, (metrics, events) = run.cfg, logs
     schedule = cfg.arm_spec(run.arm)["schedule"]
     clock = _Clock()
+    tick = run.progress if callable(run.progress) else None  # a parent's bar (renorm_repro.parallel)
     bar = tqdm(
         total=cfg.steps,
         initial=start,
         desc=f"{run.arm} seed{run.seed}",
-        disable=not run.progress,
+        disable=tick is not None or not run.progress,
         dynamic_ncols=True,
         leave=False,
     )
@@ -1153,6 +1154,8 @@ def _train_loop(
                 train_step(x, y)
                 cur += 1
                 bar.update(1)
+                if tick is not None:
+                    tick(cur)
                 if cur == start + 1 or cur == cfg.steps or cur % cfg.eval_every == 0:
                     st.step.numpy()  # wait for the device
                     clock.mark()
@@ -1160,7 +1163,7 @@ def _train_loop(
                     row = _evaluation_row(cfg, st, schedule, cur, evaluate(), clock)
                     _record_evaluation(st, row, metrics, events)
                     if cur == cfg.steps or time.monotonic() - logged >= run.log_interval:
-                        bar.write(_log_line(run, row)) if run.progress else run.log(_log_line(run, row))
+                        run.log(_log_line(run, row)) if bar.disable else bar.write(_log_line(run, row))
                         logged = time.monotonic()
                     bar.set_postfix(val_acc=f"{row['val_accuracy']:.3f}")
                 if cur % cfg.checkpoint_every == 0 or cur == cfg.steps:
@@ -1206,7 +1209,7 @@ def train_run(
     *,
     resume: bool = False,
     stop_after: int | None = None,
-    progress: bool = True,
+    progress: bool | Callable[[int], None] = True,
     tensorboard: bool = True,
     log: Callable[[str], None] = print,
     log_interval: float = LOG_INTERVAL_S,
@@ -1221,6 +1224,8 @@ def train_run(
     Ctrl-C raises :class:`renorm_repro.runs.Interrupted` (the step reached
     and the last checkpoint). ``tensorboard`` writes TensorBoard event files
     into ``rdir/tensorboard`` (:mod:`renorm_repro.tensorboard_log`).
+    ``progress``: a progress bar (``True``), none (``False``), or a function
+    called with the step reached after every step (and no bar).
     ``log`` gets the run's last evaluation line, and any other evaluation's
     once ``log_interval`` seconds have passed since the previous line (``0``:
     every evaluation); ``metrics.csv`` holds every evaluation either way.
