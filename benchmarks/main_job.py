@@ -4,10 +4,12 @@
 
 Runs the command as a user does (a fresh process: imports, data, 3 arms x 5 seeds, evaluations, the report) with
 this checkout's code and with the code of git revision ``--baseline`` (checked out into a temporary worktree),
-interleaved (A B B A ...), and gives each one's wall times, the median of the per-round ratios this / baseline
-(taken side by side, so load that lasts a round cancels) and the machine's load average before and after each
-run: a time taken while other work shared the cores is recorded as such, not presented as an idle machine's.
-The target (issue 34): at most 60 s on an idle 2-core machine.
+and with this checkout's code one run at a time (``--jobs 1``: what the worker processes of the default
+``--jobs auto`` add), interleaved (the order rotates each round), and gives each one's wall times, the medians of
+the per-round ratios this / baseline and this / one at a time (taken side by side, so load that lasts a round
+cancels) and the machine's load average before and after each run: a time taken while other work shared the
+cores is recorded as such, not presented as an idle machine's. The target (issue 34): at most 60 s on an idle
+2-core machine.
 
 ``--quick`` (one round, seed 0 only) checks that the suite runs and writes to the git-ignored scratch folder.
 """
@@ -35,10 +37,14 @@ def _extra(p):
     p.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare with (default: %(default)s)")
 
 
-def _run(src: Path, out: Path, quick: bool) -> dict:
+#: The variants timed each round: the source tree (this checkout or the baseline's) and extra arguments.
+VARIANTS = {"this": ("this", []), "this_jobs1": ("this", ["--jobs", "1"]), "baseline": ("baseline", [])}
+
+
+def _run(src: Path, out: Path, quick: bool, extra=()) -> dict:
     """One run of the main job from source tree ``src`` into ``out``: wall time and the load around it."""
     env = {**os.environ, "PYTHONPATH": str(src)}
-    argv = [sys.executable, "-m", "renorm_repro.cli", "run", *COMMAND, "--out", str(out)]
+    argv = [sys.executable, "-m", "renorm_repro.cli", "run", *COMMAND, *extra, "--out", str(out)]
     if quick:
         argv += ["--seeds", "0"]
     load_before = os.getloadavg()[0]
@@ -71,12 +77,14 @@ def main(argv=None) -> None:
             ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
         ).stdout.strip()
         try:
-            runs = {"this": [], "baseline": []}
+            runs = {name: [] for name in VARIANTS}
+            names = list(VARIANTS)
             for r in range(rounds):
-                order = ["this", "baseline"] if r % 2 == 0 else ["baseline", "this"]
+                order = names[r % len(names) :] + names[: r % len(names)]
                 for name in order:
-                    src = ROOT if name == "this" else base
-                    runs[name].append(_run(src, tmp / f"{name}-{r}", args.quick))
+                    tree, extra = VARIANTS[name]
+                    src = ROOT if tree == "this" else base
+                    runs[name].append(_run(src, tmp / f"{name}-{r}", args.quick, extra))
                     print(
                         f"round {r + 1}/{rounds} {name}: {runs[name][-1]['wall_s']:.1f} s "
                         f"(load {runs[name][-1]['load_before']} -> {runs[name][-1]['load_after']})",
@@ -84,15 +92,25 @@ def main(argv=None) -> None:
                     )
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], capture_output=True)
-    ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(runs["this"], runs["baseline"])]
+
+    def ratio(a, b):
+        return statistics.median(x["wall_s"] / y["wall_s"] for x, y in zip(runs[a], runs[b]))
+
     summary = {
-        name: {"median_s": statistics.median(r["wall_s"] for r in rs), "min_s": min(r["wall_s"] for r in rs)}
+        name: {
+            "median_s": statistics.median(r["wall_s"] for r in rs),
+            "min_s": min(r["wall_s"] for r in rs),
+            "max_s": max(r["wall_s"] for r in rs),
+        }
         for name, rs in runs.items()
     }
-    ratio = statistics.median(ratios)
     print(
-        f"this checkout: median {summary['this']['median_s']:.1f} s, baseline {args.baseline}: "
-        f"{summary['baseline']['median_s']:.1f} s; this / baseline {ratio:.2f} (median of {rounds} paired rounds)"
+        f"this checkout: median {summary['this']['median_s']:.1f} s, one at a time (--jobs 1) "
+        f"{summary['this_jobs1']['median_s']:.1f} s, "
+        f"baseline {args.baseline}: {summary['baseline']['median_s']:.1f} s; "
+        f"this / baseline {ratio('this', 'baseline'):.2f}, this / one at a time {ratio('this', 'this_jobs1'):.2f} "
+        f"(medians of {rounds} rounds); this and one at a time found the same: "
+        f"{ {r['finding'] for r in runs['this']} == {r['finding'] for r in runs['this_jobs1']} }"
     )
     write_results(
         args.out,
@@ -103,7 +121,9 @@ def main(argv=None) -> None:
             "baseline": args.baseline,
             "runs": runs,
             "summary": summary,
-            "ratio_this_over_baseline": ratio,
+            "ratio_this_over_baseline": ratio("this", "baseline"),
+            "ratio_this_over_jobs1": ratio("this", "this_jobs1"),
+            "same_finding_as_jobs1": {r["finding"] for r in runs["this"]} == {r["finding"] for r in runs["this_jobs1"]},
             "machine": machine_info(),
         },
         args,
