@@ -1027,7 +1027,7 @@ def _config_command(args, rest, subparsers) -> int:
 
 def _jobs(value: str, cfg) -> int:
     """``--jobs``: a positive number, or ``auto`` (:func:`renorm_repro.parallel.auto_jobs`)."""
-    from renorm_repro.parallel import auto_jobs
+    from renorm_repro.parallel import SUPPORTED, auto_jobs
 
     runs = len(cfg.arms) * len(cfg.seeds)
     if value == "auto":
@@ -1038,6 +1038,8 @@ def _jobs(value: str, cfg) -> int:
         jobs = 0
     if jobs < 1:
         raise ConfigError(f"--jobs must be a positive number of processes or auto, got {value!r}.")
+    if jobs > 1 and not SUPPORTED:
+        raise ConfigError(f"--jobs {jobs} needs POSIX signals, which this platform ({os.name}) lacks: use --jobs 1.")
     if jobs > 1 and cfg.strategy != "default":
         raise ConfigError(
             f"--jobs {jobs} trains runs in separate processes, which a tf.distribute strategy's devices cannot "

@@ -39,6 +39,8 @@ from renorm_repro import interrupts as _interrupts
 __all__ = ["WorkerDied", "WorkerFailed", "train_parallel", "auto_jobs"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Worker processes need POSIX signals (masks, SIGTERM between steps, SIGKILL): elsewhere runs train one at a time.
+SUPPORTED = os.name == "posix" and hasattr(signal, "pthread_sigmask")
 
 #: How often (seconds) the parent looks at its workers and its signals, and a worker at its parent.
 POLL_S = 0.2
@@ -63,8 +65,9 @@ def cpu_count() -> int:
 def auto_jobs(cfg, runs: int) -> int:
     """``--jobs auto``: one process a CPU when each run is pinned to one thread's worth of CPUs
     (``cfg.threads`` > 0) and runs on the default strategy; else 1 (TensorFlow's default pools already use
-    every core, and a distribution strategy owns its devices)."""
-    if cfg.threads <= 0 or cfg.strategy != "default":
+    every core, and a distribution strategy owns its devices; and 1 where worker processes are not
+    :data:`SUPPORTED`)."""
+    if not SUPPORTED or cfg.threads <= 0 or cfg.strategy != "default":
         return 1
     return max(1, min(runs, cpu_count() // cfg.threads))
 

@@ -235,6 +235,15 @@ def test_a_bad_jobs_value_is_an_error_naming_it(value):
         _jobs(value, C.get_config("smoke", "microbatch"))
 
 
+def test_without_posix_signals_auto_is_one_and_more_is_refused(monkeypatch):
+    import renorm_repro.parallel as P
+
+    monkeypatch.setattr(P, "SUPPORTED", False)
+    assert auto_jobs(C.get_config("digits", "microbatch"), 15) == 1
+    with pytest.raises(ConfigError, match=r"--jobs 2 needs POSIX signals.*use --jobs 1"):
+        _jobs("2", C.get_config("smoke", "microbatch"))
+
+
 def test_jobs_is_capped_at_the_runs_and_refused_with_a_strategy():
     cfg = C.get_config("smoke", "microbatch")
     assert _jobs("8", cfg) == len(cfg.arms) * len(cfg.seeds) == 3
