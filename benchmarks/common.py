@@ -132,8 +132,9 @@ def scratch_path(default_out: str) -> str:
     return os.path.join(os.path.dirname(default_out), SCRATCH, os.path.basename(default_out))
 
 
-def parse_args(description: str, default_out: str, argv=None, extra: Callable | None = None):
-    """The suites' command line.
+def parse_args(description: str, default_out: str, argv=None, extra: Callable | None = None, kernels: bool = True):
+    """The suites' command line (``kernels=False``: a suite that times whole commands, without ``--warmup`` and
+    ``--shapes``).
 
     ``default_out`` is the committed results file of the suite. Only a full
     run (every option of :data:`SCOPE_OPTIONS` at its default) writes there
@@ -152,16 +153,22 @@ def parse_args(description: str, default_out: str, argv=None, extra: Callable | 
     p.add_argument(
         "--rounds", type=int, default=DEFAULT_ROUNDS, help="interleaved timed rounds per group (default: %(default)s)"
     )
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs per candidate first (default: %(default)s)")
+    if kernels:
+        p.add_argument("--warmup", type=int, default=2, help="untimed runs per candidate first (default: %(default)s)")
     p.add_argument(
         "--quick", action="store_true", help="small shapes: a check that the suite runs (writes to the scratch folder)"
     )
-    p.add_argument(
-        "--shapes", default=None, help="only these shapes, e.g. '1600,8,8,256;4096,1024' (default: the suite's list)"
-    )
+    if kernels:
+        p.add_argument(
+            "--shapes",
+            default=None,
+            help="only these shapes, e.g. '1600,8,8,256;4096,1024' (default: the suite's list)",
+        )
     if extra:
         extra(p)
     args = p.parse_args(argv)
+    if not kernels:
+        args.shapes, args.warmup = None, 0
     if args.shapes:
         try:
             args.shapes = [tuple(int(d) for d in part.split(",")) for part in args.shapes.split(";") if part]

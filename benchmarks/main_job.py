@@ -63,7 +63,7 @@ def _run(src: Path, out: Path, quick: bool, extra=()) -> dict:
 
 
 def main(argv=None) -> None:
-    args = parse_args(__doc__.splitlines()[0], "benchmarks/results/main_job.json", argv, extra=_extra)
+    args = parse_args(__doc__.splitlines()[0], "benchmarks/results/main_job.json", argv, extra=_extra, kernels=False)
     rounds = 1 if args.quick else args.rounds
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -41,6 +41,18 @@ def test_markdown_table_and_args():
         parse_args("t", "out.json", ["--rounds", "0"])
 
 
+def test_a_suite_of_whole_commands_takes_no_kernel_options(capsys):
+    """benchmarks/main_job.py times a command: --shapes and --warmup would be accepted and ignored."""
+    from benchmarks.main_job import main
+
+    for option in (["--shapes", "8,4"], ["--warmup", "1"]):
+        with pytest.raises(SystemExit):
+            main(option)
+        assert f"unrecognized arguments: {' '.join(option)}" in capsys.readouterr().err
+    args = parse_args("t", "out.json", ["--rounds", "2"], kernels=False)
+    assert args.rounds == 2 and args.full and args.out == "out.json"
+
+
 def test_jax_layer_suite_runs(tmp_path):
     pytest.importorskip("jax")
     out = tmp_path / "layers_jax.json"
