@@ -181,7 +181,7 @@ class Interrupted(KeyboardInterrupt):
     """
 
     def __init__(self, run: str, step: int | None, checkpoint_step: int | None, signum: int | None = None):
-        super().__init__(f"{run} interrupted at step {step}")
+        super().__init__(f"{run} interrupted at step {step}" if step is not None else f"interrupted: {run}")
         self.run, self.step, self.checkpoint_step, self.signum = run, step, checkpoint_step, signum
 
 
