@@ -130,6 +130,23 @@ def test_two_processes_train_every_run_as_one_process_does(reference, cache, tmp
     assert _summary(tmp_path / "two") == _summary(reference)
 
 
+def test_stop_after_stops_every_run_and_resume_completes_them(reference, cache, tmp_path):
+    out = tmp_path / "stop-after"
+    res = _run(out, cache, "--jobs", "2", "--stop-after", "50")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "stopped early (--stop-after); continue with --resume"
+    for arm, _ in RUNS:  # each run stopped after its own 50 steps; rows are logged every 4 (eval_every)
+        assert [r["step"] for r in _metrics_of(out, arm)][-1] == "48", arm
+    res = _run(out, cache, "--resume", "--jobs", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _metrics(out) == _metrics(reference)
+
+
+def _metrics_of(out, arm):
+    with open(Path(out) / "runs" / arm / "seed0" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def test_a_signal_stops_both_workers_an_error_is_one_line_and_resume_ends_as_never_stopped(reference, cache, tmp_path):
     out = tmp_path / "cut"
     proc = _start(out, cache, "--jobs", "2")
