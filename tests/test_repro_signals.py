@@ -130,9 +130,15 @@ def test_sigint_during_the_import_phase_many_times(tmp_path):
         _check(name, sent, rc, out, err, signal.SIGINT)
 
 
-def test_on_a_terminal_the_bar_is_drawn_and_no_message_shares_its_line(tmp_path):
+@pytest.mark.parametrize(
+    "extra, steps",
+    [([], 12), (["--jobs", "2", "--steps", "400"], 400)],
+    ids=["one-process", "jobs2"],
+)
+def test_on_a_terminal_the_bar_is_drawn_and_no_message_shares_its_line(tmp_path, extra, steps):
     """stdout and stderr on a pseudo-terminal: a progress bar; log lines and the interrupt message each start on
-    a line of their own (the bar's line is cleared first); a SIGINT during training is still one line, 130."""
+    a line of their own (the bar's line is cleared first); a SIGINT during training is still one line, 130.
+    With ``--jobs 2`` the parent draws the bar and prints the workers' lines (renorm_repro/parallel.py)."""
     import fcntl
     import pty
     import struct
@@ -142,7 +148,7 @@ def test_on_a_terminal_the_bar_is_drawn_and_no_message_shares_its_line(tmp_path)
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # tqdm draws nothing at 0 columns
     out = tmp_path / "out-tty"
-    proc = _start(out, "--log-interval", "0", stderr=slave)
+    proc = _start(out, "--log-interval", "0", *extra, stderr=slave)
     os.close(slave)
     chunks = []
 
@@ -172,7 +178,7 @@ def test_on_a_terminal_the_bar_is_drawn_and_no_message_shares_its_line(tmp_path)
     text = b"".join(chunks).decode("utf-8", "replace")
     assert sent and proc.returncode == 130, text[-3000:]
     assert "it/s" in text or "s/it" in text, text[-3000:]  # the bar was drawn
-    for marker in ("renorm-repro: interrupted", "[bn_micro seed0] step 4/12"):
+    for marker in ("renorm-repro: interrupted", f"[bn_micro seed0] step 4/{steps}"):
         line = next(ln for ln in text.split("\n") if marker in ln)
         before = line[: line.index(marker)].rsplit("\r", 1)[-1]
         assert before.strip() == "", repr(line)  # nothing of the bar before it on its (visible) line
