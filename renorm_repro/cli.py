@@ -242,7 +242,7 @@ def _run_parser(sub, common, fields):
         metavar="N",
         help="train N runs at a time, each in its own process (their numbers are the same as one at a time); "
         "default auto: one a CPU when the config pins each run's TensorFlow threads (threads > 0, as the digits "
-        "presets do), else 1",
+        "presets do) and no GPU is visible, else 1",
     )
     run.add_argument(
         "--no-tensorboard",

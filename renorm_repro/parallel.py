@@ -62,12 +62,26 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+#: Device files of a GPU TensorFlow would use (NVIDIA, AMD ROCm).
+GPU_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/kfd")
+
+
+def gpu_visible() -> bool:
+    """Whether TensorFlow would see a GPU, told without importing it: a GPU's device file exists and
+    ``CUDA_VISIBLE_DEVICES`` does not hide every device."""
+    import glob
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return False
+    return any(glob.glob(pattern) for pattern in GPU_DEVICE_FILES)
+
+
 def auto_jobs(cfg, runs: int) -> int:
     """``--jobs auto``: one process a CPU when each run is pinned to one thread's worth of CPUs
-    (``cfg.threads`` > 0) and runs on the default strategy; else 1 (TensorFlow's default pools already use
-    every core, and a distribution strategy owns its devices; and 1 where worker processes are not
-    :data:`SUPPORTED`)."""
-    if not SUPPORTED or cfg.threads <= 0 or cfg.strategy != "default":
+    (``cfg.threads`` > 0), trains on the CPU and on the default strategy; else 1 (TensorFlow's default pools
+    already use every core; a GPU would be shared by every process, each starting its own context on it; a
+    distribution strategy owns its devices; and worker processes need :data:`SUPPORTED` signals)."""
+    if not SUPPORTED or cfg.threads <= 0 or cfg.strategy != "default" or gpu_visible():
         return 1
     return max(1, min(runs, cpu_count() // cfg.threads))
 
@@ -207,6 +221,8 @@ def train_parallel(
     from tqdm.auto import tqdm
 
     ctx = multiprocessing.get_context("spawn")
+    # Workers sharing a GPU (an explicit --jobs there): each takes memory as it needs it, not all of it at start.
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     todo = [tuple(r) for r in runs]
     jobs = min(jobs, len(todo))
     options = dict(

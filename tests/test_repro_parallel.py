@@ -234,7 +234,10 @@ def _alive(proc):
 # ------------------------------------------------------------- --jobs itself
 
 
-def test_auto_is_one_process_a_cpu_only_when_each_run_is_pinned_to_a_thread():
+def test_auto_is_one_process_a_cpu_only_when_each_run_is_pinned_to_a_thread(monkeypatch):
+    import renorm_repro.parallel as P
+
+    monkeypatch.setattr(P, "gpu_visible", lambda: False)
     pinned = C.get_config("digits", "microbatch")
     assert pinned.threads == 1 and len(pinned.arms) * len(pinned.seeds) == 15
     assert auto_jobs(pinned, 15) == min(15, cpu_count())
@@ -250,6 +253,24 @@ def test_auto_is_one_process_a_cpu_only_when_each_run_is_pinned_to_a_thread():
 def test_a_bad_jobs_value_is_an_error_naming_it(value):
     with pytest.raises(ConfigError, match=rf"--jobs must be a positive number of processes or auto, got '{value}'"):
         _jobs(value, C.get_config("smoke", "microbatch"))
+
+
+def test_auto_is_one_where_a_gpu_is_visible(monkeypatch, tmp_path):
+    """Told from the device files, without importing TensorFlow; CUDA_VISIBLE_DEVICES=-1 or empty hides them."""
+    import renorm_repro.parallel as P
+
+    (tmp_path / "nvidia0").write_text("")
+    monkeypatch.setattr(P, "GPU_DEVICE_FILES", (str(tmp_path / "nvidia[0-9]*"),))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert P.gpu_visible()
+    assert auto_jobs(C.get_config("digits", "microbatch"), 15) == 1
+    for hidden in ("-1", ""):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert not P.gpu_visible()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert P.gpu_visible()
+    monkeypatch.setattr(P, "GPU_DEVICE_FILES", (str(tmp_path / "none*"),))
+    assert not P.gpu_visible()
 
 
 def test_without_posix_signals_auto_is_one_and_more_is_refused(monkeypatch):
