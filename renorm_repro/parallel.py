@@ -179,7 +179,10 @@ class _Workers:
             self.termed = True
             for p in self.procs:
                 if p.is_alive():
-                    os.kill(p.pid, signal.SIGTERM)
+                    try:
+                        os.kill(p.pid, signal.SIGTERM)
+                    except ProcessLookupError:  # it exited since is_alive()
+                        pass
 
     def kill(self) -> None:
         self.killed = True
