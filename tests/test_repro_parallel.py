@@ -183,6 +183,39 @@ def test_a_signal_stops_both_workers_an_error_is_one_line_and_resume_ends_as_nev
     assert _summary(out) == _summary(reference)
 
 
+def test_a_second_signal_kills_workers_that_do_not_stop(cache, tmp_path):
+    """Workers that cannot take the forwarded SIGTERM (stopped here with SIGSTOP) are killed at the second
+    signal: the command still ends in one line, 130, and leaves no process behind. (A folder so left resumes as
+    after any kill: the next test.)"""
+    out = tmp_path / "second"
+    proc = _start(out, cache, "--jobs", "2")
+    proc.out = out
+    workers = []
+    try:
+        workers = _workers(proc)
+        for w in workers:
+            os.kill(w, signal.SIGSTOP)
+        os.kill(proc.pid, signal.SIGINT)
+        time.sleep(1.0)
+        assert proc.poll() is None, "the command did not wait for its workers"
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        gone = _gone(workers)  # before the clean-up below kills what is left
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for w in workers:  # stopped workers of a failed check would outlive the test
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == 130, err[-3000:]
+    line = _one_line(err)
+    assert line == "renorm-repro: interrupted; continue with --resume", line
+    assert gone, "a stopped worker outlived the command"
+
+
 def test_a_killed_worker_stops_the_other_with_one_line_and_its_run_resumes(reference, cache, tmp_path):
     out = tmp_path / "worker"
     proc = _start(out, cache, "--jobs", "2")
