@@ -538,52 +538,34 @@ def _log_mode(out, cfg, mode, resume, log) -> None:
 def _train_all(cfg, out, dataset, *, resume, stop_after, progress, tensorboard, log, log_interval, jobs=1) -> bool:
     """Every (seed, arm) run, seeds outermost, ``jobs`` at a time; ``True`` if any run stopped early
     (``--stop-after``)."""
+    from renorm_repro.parallel import run_list
+
     t0 = time.perf_counter()
+    runs = run_list(cfg)
+    options = dict(
+        resume=resume,
+        stop_after=stop_after,
+        progress=progress,
+        tensorboard=tensorboard,
+        log=log,
+        log_interval=log_interval,
+    )
     if jobs > 1:
-        from renorm_repro.parallel import run_list, train_parallel
+        from renorm_repro.parallel import train_parallel
 
-        stopped = train_parallel(
-            cfg,
-            out,
-            dataset,
-            run_list(cfg),
-            jobs,
-            resume=resume,
-            stop_after=stop_after,
-            progress=progress,
-            tensorboard=tensorboard,
-            log=log,
-            log_interval=log_interval,
-            quiet_tf="tensorflow" not in sys.modules and os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "2",
-        )
-        log(
-            f"trained {len(cfg.arms)} arms x {len(cfg.seeds)} seeds in {time.perf_counter() - t0:.1f} s "
-            f"({min(jobs, len(cfg.arms) * len(cfg.seeds))} processes)"
-        )
-        return stopped
-    from renorm_repro.runs import run_dir
-    from renorm_repro.train import RunCache, train_run
+        quiet = "tensorflow" not in sys.modules and os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "2"
+        stopped = train_parallel(cfg, out, dataset, runs, jobs, quiet_tf=quiet, **options)
+        how = f" ({min(jobs, len(runs))} processes)"
+    else:
+        from renorm_repro.runs import run_dir
+        from renorm_repro.train import RunCache, train_run
 
-    stopped = False
-    cache = RunCache()  # each arm traced once, not once a seed
-    for seed in cfg.seeds:
-        for arm in cfg.arms:
-            res = train_run(
-                cfg,
-                arm,
-                seed,
-                run_dir(out, arm, seed),
-                dataset,
-                resume=resume,
-                stop_after=stop_after,
-                progress=progress,
-                tensorboard=tensorboard,
-                log=log,
-                log_interval=log_interval,
-                cache=cache,
-            )
+        stopped, how = False, ""
+        cache = RunCache()  # each arm traced once, not once a seed
+        for seed, arm in runs:
+            res = train_run(cfg, arm, seed, run_dir(out, arm, seed), dataset, cache=cache, **options)
             stopped |= bool(res.get("stopped"))
-    log(f"trained {len(cfg.arms)} arms x {len(cfg.seeds)} seeds in {time.perf_counter() - t0:.1f} s")
+    log(f"trained {len(cfg.arms)} arms x {len(cfg.seeds)} seeds in {time.perf_counter() - t0:.1f} s{how}")
     return stopped
 
 

@@ -109,7 +109,7 @@ def _portable(e: BaseException) -> BaseException:
     return WorkerFailed(f"{type(e).__name__}: {e}\n\nThe worker's traceback:\n{text}")
 
 
-def _worker(index: int, parent: int, cfg, out: str, dataset, conn, options: dict) -> None:
+def _worker(index: int, parent: int, cfg, out: str, dataset, conn, options: dict, quiet_tf: bool) -> None:
     """One worker: train the runs the parent sends over ``conn`` (None: no more), reporting each step of the way
     on it; see the module docstring."""
     _watch_parent(parent)
@@ -119,7 +119,7 @@ def _worker(index: int, parent: int, cfg, out: str, dataset, conn, options: dict
     try:
         nowhere = os.open(os.devnull, os.O_WRONLY)
         with _interrupts.exit_now("", fd=nowhere):  # stopped while importing: nothing written, the parent speaks
-            if options.pop("quiet_tensorflow"):
+            if quiet_tf:
                 from renorm_repro.cli import _quiet_tensorflow
 
                 _quiet_tensorflow(signal_fd=nowhere)
@@ -172,7 +172,7 @@ class _Workers:
         self.procs, self.conns = procs, conns
         self.open = set(range(len(procs)))  # whose pipe has not reached its end
         self.running: dict[int, tuple] = {}
-        self.termed = self.killed = False
+        self.termed = False
 
     def term(self) -> None:
         if not self.termed:
@@ -185,7 +185,6 @@ class _Workers:
                         pass
 
     def kill(self) -> None:
-        self.killed = True
         for p in self.procs:
             if p.is_alive():
                 p.kill()
@@ -228,18 +227,12 @@ def train_parallel(
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     todo = [tuple(r) for r in runs]
     jobs = min(jobs, len(todo))
-    options = dict(
-        resume=resume,
-        stop_after=stop_after,
-        tensorboard=tensorboard,
-        log_interval=log_interval,
-        quiet_tensorflow=quiet_tf,
-    )
+    options = dict(resume=resume, stop_after=stop_after, tensorboard=tensorboard, log_interval=log_interval)
     pipes = [ctx.Pipe() for _ in range(jobs)]
     procs = [
         ctx.Process(
             target=_worker,
-            args=(i, os.getpid(), cfg, str(out), dataset, pipes[i][1], dict(options)),
+            args=(i, os.getpid(), cfg, str(out), dataset, pipes[i][1], options, quiet_tf),
             name=f"renorm-worker-{i}",
             daemon=True,
         )
