@@ -104,13 +104,14 @@ def main(argv=None) -> None:
         }
         for name, rs in runs.items()
     }
+    over_baseline, over_jobs1 = ratio("this", "baseline"), ratio("this", "this_jobs1")
+    same = {r["finding"] for r in runs["this"]} == {r["finding"] for r in runs["this_jobs1"]}
     print(
         f"this checkout: median {summary['this']['median_s']:.1f} s, one at a time (--jobs 1) "
         f"{summary['this_jobs1']['median_s']:.1f} s, "
         f"baseline {args.baseline}: {summary['baseline']['median_s']:.1f} s; "
-        f"this / baseline {ratio('this', 'baseline'):.2f}, this / one at a time {ratio('this', 'this_jobs1'):.2f} "
-        f"(medians of {rounds} rounds); this and one at a time found the same: "
-        f"{ {r['finding'] for r in runs['this']} == {r['finding'] for r in runs['this_jobs1']} }"
+        f"this / baseline {over_baseline:.2f}, this / one at a time {over_jobs1:.2f} "
+        f"(medians of {rounds} rounds); this and one at a time found the same: {same}"
     )
     write_results(
         args.out,
@@ -121,9 +122,9 @@ def main(argv=None) -> None:
             "baseline": args.baseline,
             "runs": runs,
             "summary": summary,
-            "ratio_this_over_baseline": ratio("this", "baseline"),
-            "ratio_this_over_jobs1": ratio("this", "this_jobs1"),
-            "same_finding_as_jobs1": {r["finding"] for r in runs["this"]} == {r["finding"] for r in runs["this_jobs1"]},
+            "ratio_this_over_baseline": over_baseline,
+            "ratio_this_over_jobs1": over_jobs1,
+            "same_finding_as_jobs1": same,
             "machine": machine_info(),
         },
         args,
