@@ -6,6 +6,7 @@ The real command, in its own session, on the micro-batch smoke preset (three run
 only to the processes these tests start, by pid.
 """
 
+import contextlib
 import csv
 import json
 import os
@@ -50,13 +51,14 @@ def _start(out, cache, *extra):
     )
 
 
+def _metrics_of(out, arm):
+    with open(Path(out) / "runs" / arm / "seed0" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _metrics(out):
     """Every run's metrics.csv rows without the wall time (the only column that differs between equal runs)."""
-    rows = {}
-    for arm, seed in RUNS:
-        with open(Path(out) / "runs" / arm / f"seed{seed}" / "metrics.csv", newline="") as f:
-            rows[arm, seed] = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in csv.DictReader(f)]
-    return rows
+    return {arm: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in _metrics_of(out, arm)] for arm, _ in RUNS}
 
 
 def _summary(out):
@@ -76,10 +78,10 @@ def _rows(out, arm):
         return -1
 
 
-def _workers(proc, timeout=120):
+def _workers(proc, out, timeout=120):
     """The pids of ``proc``'s worker processes once both are training (their runs have logged a row)."""
     t0 = time.monotonic()
-    while _rows(proc.out, "bn_micro") < 2 or _rows(proc.out, "brn_micro") < 2:
+    while _rows(out, "bn_micro") < 2 or _rows(out, "brn_micro") < 2:
         assert proc.poll() is None, f"the command ended early: {proc.communicate()}"
         assert time.monotonic() - t0 < timeout, "the workers did not start training"
         time.sleep(0.05)
@@ -104,6 +106,26 @@ def _state(pid):
         return next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("State:"))
     except (OSError, StopIteration):
         return "Z"
+
+
+@contextlib.contextmanager
+def _training(out, cache):
+    """``run --jobs 2`` into ``out``: yields ``(proc, workers)`` once both workers train. On the way out, a
+    command still running is killed, and so is any worker left (frozen or orphaned by a failed check)."""
+    proc = _start(out, cache, "--jobs", "2")
+    workers = []
+    try:
+        workers = _workers(proc, out)
+        yield proc, workers
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for w in workers:
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.fixture(scope="module")
@@ -142,29 +164,17 @@ def test_stop_after_stops_every_run_after_its_own_steps(cache, tmp_path):
         assert not (out / "runs" / arm / "seed0" / "done.json").exists()
 
 
-def _metrics_of(out, arm):
-    with open(Path(out) / "runs" / arm / "seed0" / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def test_a_signal_stops_both_workers_an_error_is_one_line_and_resume_ends_as_never_stopped(reference, cache, tmp_path):
     out = tmp_path / "cut"
-    proc = _start(out, cache, "--jobs", "2")
-    proc.out = out
-    try:
-        workers = _workers(proc)
+    with _training(out, cache) as (proc, workers):
         os.kill(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        assert _gone(workers), "a worker outlived the command"
     assert proc.returncode == 130, err[-3000:]
     line = _one_line(err)
     assert line.startswith("renorm-repro: interrupted: ") and line.endswith("continue with --resume"), line
     for arm in ("bn_micro", "brn_micro"):  # both runs in training, each with its step and last checkpoint
         assert f"{arm} seed0 at step " in line, line
-    assert _gone(workers), "a worker outlived the command"
     # A worker's error: a file where the third run's folder goes (that run had not started). The worker's
     # OSError, raised in the parent as itself, is the command's one line, and the others stop.
     blocker = out / "runs" / "bn_32" / "seed0"
@@ -188,11 +198,7 @@ def test_a_second_signal_kills_workers_that_do_not_stop(cache, tmp_path):
     signal: the command still ends in one line, 130, and leaves no process behind. (A folder so left resumes as
     after any kill: the next test.)"""
     out = tmp_path / "second"
-    proc = _start(out, cache, "--jobs", "2")
-    proc.out = out
-    workers = []
-    try:
-        workers = _workers(proc)
+    with _training(out, cache) as (proc, workers):
         for w in workers:
             os.kill(w, signal.SIGSTOP)
         os.kill(proc.pid, signal.SIGINT)
@@ -200,40 +206,23 @@ def test_a_second_signal_kills_workers_that_do_not_stop(cache, tmp_path):
         assert proc.poll() is None, "the command did not wait for its workers"
         os.kill(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)
-        gone = _gone(workers)  # before the clean-up below kills what is left
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        for w in workers:  # stopped workers of a failed check would outlive the test
-            try:
-                os.kill(w, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        assert _gone(workers), "a stopped worker outlived the command"  # before _training's clean-up
     assert proc.returncode == 130, err[-3000:]
     line = _one_line(err)
     assert line == "renorm-repro: interrupted; continue with --resume", line
-    assert gone, "a stopped worker outlived the command"
 
 
 def test_a_killed_worker_stops_the_other_with_one_line_and_its_run_resumes(reference, cache, tmp_path):
     out = tmp_path / "worker"
-    proc = _start(out, cache, "--jobs", "2")
-    proc.out = out
-    try:
-        workers = _workers(proc)
+    with _training(out, cache) as (proc, workers):
         os.kill(workers[0], signal.SIGKILL)
         _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        assert _gone(workers)
     assert proc.returncode == 1, err[-3000:]
     line = _one_line(err)
     assert line.startswith(f"renorm-repro: error: a worker process (pid {workers[0]}) ended with signal 9 while "
                            f"training "), line  # fmt: skip
     assert line.endswith("; continue with --resume"), line
-    assert _gone(workers)
     res = _run(out, cache, "--resume", "--jobs", "2")
     assert res.returncode == 0, res.stderr[-3000:]
     assert _metrics(out) == _metrics(reference)
@@ -242,26 +231,13 @@ def test_a_killed_worker_stops_the_other_with_one_line_and_its_run_resumes(refer
 @pytest.mark.slow
 def test_workers_leave_when_their_parent_is_killed_and_the_folder_resumes(reference, cache, tmp_path):
     out = tmp_path / "parent"
-    proc = _start(out, cache, "--jobs", "2")
-    proc.out = out
-    try:
-        workers = _workers(proc)
+    with _training(out, cache) as (proc, workers):
         os.kill(proc.pid, signal.SIGKILL)  # no handler, no cleanup: the workers notice on their own
         proc.communicate(timeout=60)
         assert _gone(workers, timeout=10), "an orphaned worker kept training into a folder whose lock was gone"
-    finally:
-        for p in _alive(proc):
-            os.kill(p, signal.SIGKILL)
     res = _run(out, cache, "--resume", "--jobs", "2")
     assert res.returncode == 0, res.stderr[-3000:]
     assert _metrics(out) == _metrics(reference)
-
-
-def _alive(proc):
-    try:
-        return [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 # ------------------------------------------------------------- --jobs itself
